@@ -1,0 +1,40 @@
+"""Structured linear layers: GBLR with Gaudi masks, hand-crafted baselines, surgery and export.
+
+Every family subclasses :class:`StructuredLinear` and is registered by name (``family_names()``);
+see the README's "Concepts" section for the math and the cost rule.
+"""
+from ._base import (
+    StructuredLinear,
+    create_linear,
+    dense_flops,
+    family_names,
+    get_family,
+    register_family,
+)
+from ._cost import component_costs, gblr_flops, interval_lengths
+from ._mask import boxcar_mask, gaudi_mask, gaudi_mask_reference
+from ._gblr import GBLRLinear
+from ._proximal import (
+    BudgetController,
+    ProjectFlops,
+    ProjectMeanWidth,
+    SigmaSchedule,
+    StopShrinkingAtTarget,
+    gblr_layers,
+    mean_width,
+    param_groups,
+    proximal_step,
+    set_sigma,
+)
+from ._surgery import ModelCost, linear_layers, model_cost, replace_linears, set_module
+from ._export import ExportedGBLR, export
+from ._serialize import load_structure, save_structure
+
+__all__ = [
+    "StructuredLinear", "create_linear", "dense_flops", "family_names", "get_family",
+    "register_family", "component_costs", "gblr_flops", "interval_lengths", "boxcar_mask",
+    "gaudi_mask", "gaudi_mask_reference", "GBLRLinear", "BudgetController", "ProjectFlops",
+    "ProjectMeanWidth", "SigmaSchedule", "StopShrinkingAtTarget", "gblr_layers", "mean_width",
+    "param_groups", "proximal_step", "set_sigma", "ModelCost", "linear_layers", "model_cost",
+    "replace_linears", "set_module", "ExportedGBLR", "export", "load_structure", "save_structure",
+]

@@ -1,0 +1,278 @@
+"""GBLRLinear: a generalized block-low-rank matrix learned with Gaudi masks.
+
+    W = sum_k (mR_k ⊙ U_k)(mC_k ⊙ V_k)^T,   U_k: out x r,  V_k: in x r
+    mR_k = gaudi_mask(widths[0, k], locations[0, k]; out),  mC_k = gaudi_mask(widths[1, k], locations[1, k]; in)
+
+Parameters
+- ``row_factors`` (K, r, out): U_k^T;  ``col_factors`` (K, r, in): V_k^T  (content, normal optimizer group)
+- ``widths``, ``locations`` (2, K): fractions in [0, 1]; row side (over ``out``) first, then the column
+  side (over ``in``).  Structural: their own optimizer group (Adam betas (0, 0.999), no weight decay),
+  see :meth:`GBLRLinear.structural_parameters` and :func:`gsmsearch.structured.param_groups`.
+
+Forward picks the cheaper of two exact evaluations each step:
+- factored: ``y = (x @ Vm^T) @ Um`` with the masked factors stacked to (K r, in) and (K r, out);
+- dense: build ``W = Um^T Vm`` once per step and run one GEMM (cheaper for few tokens).
+Components whose two intervals are both empty contribute nothing and receive no gradient, so they
+are dropped from the computation; a component with one side still open is kept, because the empty
+side's width gradient (bounded and non-zero at w = 0) is what lets it grow back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._base import StructuredLinear, register_family
+from ._cost import component_costs, gblr_flops, interval_lengths
+from ._mask import boxcar_mask, gaudi_mask
+
+__all__ = ["GBLRLinear"]
+
+
+def _dense_init_weight(out_features: int, in_features: int, generator=None) -> torch.Tensor:
+    """nn.Linear's default init (kaiming uniform, a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(out_features, in_features, generator=generator) * 2 - 1) * bound
+
+
+@register_family("gblr")
+class GBLRLinear(StructuredLinear):
+    """GBLR linear layer (``nn.Linear`` drop-in).
+
+    Args:
+        in_features, out_features: sizes, as for ``nn.Linear``.
+        rank_per_component: r, rank of each component (method default 1).
+        num_components: K; default ``min(in, out)`` (the method's setting).
+        bias: learn an additive bias.
+        sigma: Gaussian low-pass of the Gaudi masks; ``None`` = exact boxcar masks.  Trainers change
+            it over time with :class:`gsmsearch.structured.SigmaSchedule` (``layer.sigma = ...``).
+        init_width: starting mean width from scratch; default chooses widths so that the starting
+            cost equals the dense layer's (first quarter of the components full width, the rest a
+            common shorter width), locations spread evenly so the whole matrix is covered.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank_per_component: int = 1,
+        num_components: Optional[int] = None,
+        bias: bool = True,
+        sigma: Optional[float] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        if int(rank_per_component) < 1:
+            raise ValueError(f"rank_per_component must be >= 1, got {rank_per_component}")
+        K = int(num_components) if num_components is not None else min(in_features, out_features)
+        if K < 1:
+            raise ValueError(f"num_components must be >= 1, got {num_components}")
+        if sigma is not None and not sigma > 0:
+            raise ValueError(f"sigma must be positive or None, got {sigma}")
+        self.rank = int(rank_per_component)
+        self.num_components = K
+        self.sigma = sigma
+        self.row_factors = nn.Parameter(torch.empty(K, self.rank, out_features))  # U_k^T
+        self.col_factors = nn.Parameter(torch.empty(K, self.rank, in_features))  # V_k^T
+        self.widths = nn.Parameter(torch.ones(2, K))
+        self.locations = nn.Parameter(torch.zeros(2, K))
+        self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """From-scratch init (method.md 4): SVD of a dense init split into K rank-r components,
+        widths chosen so the starting cost equals the dense layer's."""
+        m, n, K, r = self.out_features, self.in_features, self.num_components, self.rank
+        weight = _dense_init_weight(m, n)
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # (m, q), (q,), (q, n)
+        q = S.shape[0]
+        root = S.sqrt()
+        row = torch.zeros(K * r, m)
+        col = torch.zeros(K * r, n)
+        take = min(q, K * r)
+        row[:take] = (U[:, :take] * root[:take]).T
+        col[:take] = root[:take, None] * Vh[:take]
+        # components beyond the SVD's rank get small random content so they can still learn
+        if K * r > take:
+            row[take:] = torch.randn(K * r - take, m) / math.sqrt(m)
+            col[take:] = torch.randn(K * r - take, n) / math.sqrt(n)
+        self.row_factors.copy_(row.view(K, r, m))
+        self.col_factors.copy_(col.view(K, r, n))
+        self.widths.copy_(self._widths_at_dense_cost())
+        self.locations.copy_((torch.arange(K, dtype=torch.float32) / K).expand(2, K))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(n)
+            self.bias.uniform_(-bound, bound)
+
+    def _widths_at_dense_cost(self) -> torch.Tensor:
+        """(2, K) widths: first quarter full, the rest a common width w, total cost ~ dense."""
+        m, n, K, r = self.out_features, self.in_features, self.num_components, self.rank
+        target = m * n
+        full = max(1, K // 4)
+        full_cost = r * (m + n)
+        while full > 0 and full * full_cost > target:
+            full -= 1
+        widths = torch.zeros(2, K)
+        widths[:, :full] = 1.0
+        rest = K - full
+        if rest > 0:
+            left = target - full * full_cost
+            # bisection on the common width of the remaining components
+            lo, hi = 0.0, 1.0
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                h = torch.tensor(round(mid * m))
+                c = torch.tensor(round(mid * n))
+                cost = rest * int(component_costs(h, c, r))
+                lo, hi = (mid, hi) if cost <= left else (lo, mid)
+            widths[:, full:] = lo
+        return widths
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        *,
+        budget: float,
+        rank_per_component: int = 1,
+        num_components: Optional[int] = None,
+        method: str = "greedy",
+        sigma: Optional[float] = None,
+        seed: int = 0,
+        **options,
+    ) -> "GBLRLinear":
+        """Fit a GBLR layer to a pre-trained ``weight`` (out x in) within ``budget`` (fraction of
+        the dense FLOPs).  ``method="greedy"`` (interval-restricted power iteration with refits)
+        finds planted block structure; ``method="reference"`` is the reference recipe (SVD, all
+        widths 1, masked Adam fit with a uniform width shift onto the budget)."""
+        from ._gblr_fit import fit_gblr
+
+        budget = cls._check_budget(budget)
+        weight = weight.detach()
+        m, n = weight.shape
+        fit = fit_gblr(
+            weight.float(),
+            budget,
+            rank_per_component=rank_per_component,
+            num_components=num_components,
+            method=method,
+            seed=seed,
+            **options,
+        )
+        K = fit.widths.shape[1]
+        layer = cls(
+            n, m, rank_per_component=rank_per_component, num_components=K,
+            bias=bias is not None, sigma=sigma,
+        )
+        with torch.no_grad():
+            layer.widths.copy_(fit.widths)
+            layer.locations.copy_(fit.locations)
+            layer.row_factors.copy_(fit.row_factors)
+            layer.col_factors.copy_(fit.col_factors)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer.to(weight.device, weight.dtype if weight.is_floating_point() else None)
+
+    def config(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank_per_component": self.rank,
+            "num_components": self.num_components,
+            "bias": self.bias is not None,
+            "sigma": self.sigma,
+        }
+
+    # -- structure -----------------------------------------------------------------------------
+    def structural_parameters(self):
+        return iter((self.widths, self.locations))
+
+    def interval_lengths(self) -> torch.Tensor:
+        """(2, K) integer interval lengths on the grid (rows first)."""
+        return interval_lengths(self.widths, (self.out_features, self.in_features))
+
+    def interval_starts(self) -> torch.Tensor:
+        """(2, K) integer interval starts on the grid (rows first), in [0, size)."""
+        size = torch.tensor([self.out_features, self.in_features], device=self.locations.device)
+        return torch.round(self.locations.detach() * size[:, None]).long().remainder(size[:, None])
+
+    def live_components(self) -> torch.Tensor:
+        """Indices of components with a non-empty interval on both sides (the ones that cost)."""
+        lengths = self.interval_lengths()
+        return torch.nonzero((lengths[0] > 0) & (lengths[1] > 0)).flatten()
+
+    def flops(self) -> int:
+        return gblr_flops(self.widths, (self.out_features, self.in_features), self.rank)
+
+    def mean_width(self) -> float:
+        return float(self.widths.detach().clamp(0, 1).mean())
+
+    def structure_summary(self) -> dict:
+        summary = super().structure_summary()
+        lengths = self.interval_lengths()
+        starts = self.interval_starts()
+        live = self.live_components()
+        summary.update(
+            rank_per_component=self.rank,
+            num_components=self.num_components,
+            live_components=int(live.numel()),
+            mean_width=self.mean_width(),
+            # per live component: [row_start, row_len, col_start, col_len]
+            intervals=torch.stack(
+                [starts[0, live], lengths[0, live], starts[1, live], lengths[1, live]], 1
+            ).tolist(),
+        )
+        return summary
+
+    # -- computation ---------------------------------------------------------------------------
+    def masks(self, sigma: Optional[float] = "layer"):
+        """(row masks (K, out), column masks (K, in)) at ``sigma`` (default: the layer's)."""
+        sigma = self.sigma if sigma == "layer" else sigma
+        return (
+            gaudi_mask(self.widths[0], self.locations[0], self.out_features, sigma),
+            gaudi_mask(self.widths[1], self.locations[1], self.in_features, sigma),
+        )
+
+    def _masked_factors(self, sigma="layer"):
+        """Stacked masked factors over the components that matter: (K' r, out), (K' r, in)."""
+        lengths = self.interval_lengths()
+        active = torch.nonzero((lengths[0] > 0) | (lengths[1] > 0)).flatten()
+        if active.numel() == self.num_components:
+            widths, locations = self.widths, self.locations
+            row_factors, col_factors = self.row_factors, self.col_factors
+        else:
+            widths, locations = self.widths[:, active], self.locations[:, active]
+            row_factors, col_factors = self.row_factors[active], self.col_factors[active]
+        sigma = self.sigma if sigma == "layer" else sigma
+        row_mask = gaudi_mask(widths[0], locations[0], self.out_features, sigma)  # (K', out)
+        col_mask = gaudi_mask(widths[1], locations[1], self.in_features, sigma)  # (K', in)
+        Um = (row_factors * row_mask[:, None, :]).reshape(-1, self.out_features)  # (K' r, out)
+        Vm = (col_factors * col_mask[:, None, :]).reshape(-1, self.in_features)  # (K' r, in)
+        return Um, Vm
+
+    def to_dense(self) -> torch.Tensor:
+        Um, Vm = self._masked_factors()
+        return Um.T @ Vm  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Um, Vm = self._masked_factors()  # (K' r, out), (K' r, in)
+        tokens = x.numel() // self.in_features
+        inner = Um.shape[0]
+        m, n = self.out_features, self.in_features
+        factored_cost = tokens * inner * (m + n)
+        dense_cost = inner * m * n + tokens * m * n
+        if factored_cost <= dense_cost:
+            y = (x @ Vm.T) @ Um  # (..., K' r) -> (..., out)
+        else:
+            y = x @ (Um.T @ Vm).T  # (..., in) @ (in, out)
+        return self._add_bias(y)
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", rank_per_component={self.rank}, num_components={self.num_components}, sigma={self.sigma}"
+        )

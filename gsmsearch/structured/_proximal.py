@@ -1,0 +1,237 @@
+"""Proximal structure learning: the soft-threshold step on widths, budget controllers, sigma schedule.
+
+The method trains GBLR widths with an L1 penalty ``lambda * sum(widths)`` handled by a proximal
+step after every optimizer step (method.md section 3):
+
+    widths    <- clamp(softshrink(widths, lambda * lr_width), 0, 1)
+    locations <- locations mod 1
+
+Budget controllers act on the whole model's GBLR layers together (a model has one budget, spread
+across layers by training):
+- :class:`StopShrinkingAtTarget`: the proximal step is skipped once the mean width is at or below
+  the target (the reference's ViT recipe);
+- :class:`ProjectMeanWidth`: after each step the widths are projected onto ``mean == target``
+  (Euclidean projection onto the box-constrained hyperplane: a uniform shift then a clamp, the
+  shift found by bisection; the reference's GPT-2 recipe);
+- :class:`ProjectFlops`: the same shift, chosen so the model's GBLR FLOPs are at most a target
+  fraction of their dense FLOPs (the budget a study states).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from ._base import StructuredLinear
+from ._cost import component_costs
+
+__all__ = [
+    "gblr_layers",
+    "proximal_step",
+    "mean_width",
+    "BudgetController",
+    "StopShrinkingAtTarget",
+    "ProjectMeanWidth",
+    "ProjectFlops",
+    "SigmaSchedule",
+    "set_sigma",
+    "param_groups",
+]
+
+
+def gblr_layers(model: nn.Module) -> List[nn.Module]:
+    """Every module of ``model`` (itself included) that has learnable widths and locations."""
+    from ._gblr import GBLRLinear
+
+    return [m for m in model.modules() if isinstance(m, GBLRLinear)]
+
+
+def mean_width(layers: Iterable[nn.Module]) -> float:
+    widths = [layer.widths.detach().flatten() for layer in layers]
+    return float(torch.cat(widths).mean()) if widths else float("nan")
+
+
+@torch.no_grad()
+def proximal_step(layers: Iterable[nn.Module], lam: float, lr_width: float) -> None:
+    """Soft-threshold widths by ``lam * lr_width``, clamp to [0, 1]; wrap locations into [0, 1)."""
+    threshold = float(lam) * float(lr_width)
+    if threshold < 0:
+        raise ValueError(f"lambda * lr_width must be >= 0, got {threshold}")
+    for layer in layers:
+        layer.widths.copy_(torch.nn.functional.softshrink(layer.widths, threshold).clamp_(0.0, 1.0))
+        layer.locations.remainder_(1.0)
+
+
+@torch.no_grad()
+def _clamp_all(layers) -> None:
+    for layer in layers:
+        layer.widths.clamp_(0.0, 1.0)
+        layer.locations.remainder_(1.0)
+
+
+def _bisect_shift(evaluate, target: float, iterations: int = 50) -> float:
+    """Smallest shift t >= 0 with evaluate(t) <= target (evaluate non-increasing in t)."""
+    if evaluate(0.0) <= target:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if evaluate(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class BudgetController:
+    """Called after every optimizer step with the model's GBLR layers and the step's lambda and
+    width learning rate; applies the proximal step (or not) and any projection."""
+
+    def step(self, layers: List[nn.Module], lam: float, lr_width: float) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class StopShrinkingAtTarget(BudgetController):
+    """Proximal step only while the mean width is above ``target_mean_width``."""
+
+    target_mean_width: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.target_mean_width <= 1.0:
+            raise ValueError(f"target_mean_width must be in [0, 1], got {self.target_mean_width}")
+
+    def step(self, layers, lam, lr_width):
+        if mean_width(layers) > self.target_mean_width:
+            proximal_step(layers, lam, lr_width)
+        else:
+            _clamp_all(layers)
+
+
+@dataclass
+class ProjectMeanWidth(BudgetController):
+    """Proximal step, then project the mean width onto ``target_mean_width`` from above."""
+
+    target_mean_width: float
+
+    def __post_init__(self):
+        if not 0.0 <= self.target_mean_width <= 1.0:
+            raise ValueError(f"target_mean_width must be in [0, 1], got {self.target_mean_width}")
+
+    @torch.no_grad()
+    def step(self, layers, lam, lr_width):
+        proximal_step(layers, lam, lr_width)
+        widths = torch.cat([layer.widths.flatten() for layer in layers])
+        shift = _bisect_shift(
+            lambda t: float((widths - t).clamp(0, 1).mean()), self.target_mean_width
+        )
+        if shift > 0:
+            for layer in layers:
+                layer.widths.sub_(shift).clamp_(0.0, 1.0)
+
+
+@dataclass
+class ProjectFlops(BudgetController):
+    """Proximal step, then shift all widths down until the GBLR layers' FLOPs are at most
+    ``target_relative_flops`` of their dense FLOPs."""
+
+    target_relative_flops: float
+
+    def __post_init__(self):
+        if not 0.0 < self.target_relative_flops <= 1.0:
+            raise ValueError(
+                f"target_relative_flops must be in (0, 1], got {self.target_relative_flops}"
+            )
+
+    @torch.no_grad()
+    def step(self, layers, lam, lr_width):
+        proximal_step(layers, lam, lr_width)
+        dense = sum(layer.in_features * layer.out_features for layer in layers)
+        target = self.target_relative_flops * dense
+
+        def flops_after(shift: float) -> float:
+            total = 0
+            for layer in layers:
+                w = (layer.widths - shift).clamp(0, 1)
+                h = torch.round(w[0] * layer.out_features).long()
+                c = torch.round(w[1] * layer.in_features).long()
+                total += int(component_costs(h, c, layer.rank).sum())
+            return total
+
+        shift = _bisect_shift(flops_after, target)
+        if shift > 0:
+            for layer in layers:
+                layer.widths.sub_(shift).clamp_(0.0, 1.0)
+
+
+@dataclass
+class SigmaSchedule:
+    """Gaussian low-pass of the Gaudi masks over training.
+
+    ``sigma_init`` until ``start_epoch``, then linear to ``sigma_final`` at ``end_epoch`` (epochs
+    may be fractional).  ``sigma_init=None`` means exact boxcar masks throughout.
+    The method's from-scratch setting: SigmaSchedule(1.0, 100.0, start_epoch=5, end_epoch=E).
+    """
+
+    sigma_init: Optional[float] = 1.0
+    sigma_final: Optional[float] = 100.0
+    start_epoch: float = 5.0
+    end_epoch: float = 100.0
+
+    def __post_init__(self):
+        if self.sigma_init is None:
+            return
+        if not self.sigma_init > 0 or self.sigma_final is None or not self.sigma_final > 0:
+            raise ValueError(
+                f"sigma_init and sigma_final must be positive (or sigma_init None for exact masks), "
+                f"got {self.sigma_init} and {self.sigma_final}"
+            )
+        if self.end_epoch < self.start_epoch:
+            raise ValueError(
+                f"end_epoch ({self.end_epoch}) must be >= start_epoch ({self.start_epoch})"
+            )
+
+    def __call__(self, epoch: float) -> Optional[float]:
+        if self.sigma_init is None:
+            return None
+        if epoch <= self.start_epoch or self.end_epoch == self.start_epoch:
+            return float(self.sigma_init) if epoch <= self.start_epoch else float(self.sigma_final)
+        t = min(1.0, (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch))
+        return float(self.sigma_init + t * (self.sigma_final - self.sigma_init))
+
+
+def set_sigma(model: nn.Module, sigma: Optional[float]) -> None:
+    for layer in gblr_layers(model):
+        layer.sigma = sigma
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    structure_lr: float,
+    weight_decay: float = 0.0,
+) -> List[dict]:
+    """Optimizer groups: content parameters (lr, weight_decay) and structural parameters
+    (structure_lr, Adam betas (0, 0.999), no weight decay).  Works for Adam and AdamW."""
+    structural = []
+    for module in model.modules():
+        if isinstance(module, StructuredLinear):
+            structural.extend(module.structural_parameters())
+    ids = {id(p) for p in structural}
+    content = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": content, "lr": lr, "weight_decay": weight_decay, "name": "content"}]
+    if structural:
+        groups.append(
+            {
+                "params": structural,
+                "lr": structure_lr,
+                "betas": (0.0, 0.999),
+                "weight_decay": 0.0,
+                "name": "structure",
+            }
+        )
+    return groups
