@@ -128,7 +128,9 @@ class GBLRLinear(StructuredLinear):
                 c = torch.tensor(round(mid * n))
                 cost = rest * int(component_costs(h, c, r))
                 lo, hi = (mid, hi) if cost <= left else (lo, mid)
-            widths[:, full:] = lo
+            # snap each side to its grid (a float32 width exactly half-way would round up)
+            widths[0, full:] = round(lo * m) / m
+            widths[1, full:] = round(lo * n) / n
         return widths
 
     @classmethod

@@ -72,11 +72,12 @@ def _clamp_all(layers) -> None:
         layer.locations.remainder_(1.0)
 
 
-def _bisect_shift(evaluate, target: float, iterations: int = 50) -> float:
-    """Smallest shift t >= 0 with evaluate(t) <= target (evaluate non-increasing in t)."""
-    if evaluate(0.0) <= target:
-        return 0.0
-    lo, hi = 0.0, 1.0
+def _bisect_shift(evaluate, target: float, iterations: int = 50, low: float = 0.0) -> float:
+    """Smallest shift t in [low, 1] with evaluate(t) <= target (evaluate non-increasing in t).
+    With ``low = 0`` widths are only ever lowered; ``low = -1`` allows raising them too."""
+    if evaluate(low) <= target:
+        return low
+    lo, hi = low, 1.0
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if evaluate(mid) <= target:
@@ -113,7 +114,8 @@ class StopShrinkingAtTarget(BudgetController):
 
 @dataclass
 class ProjectMeanWidth(BudgetController):
-    """Proximal step, then project the mean width onto ``target_mean_width`` from above."""
+    """Proximal step, then project the widths onto ``mean == target_mean_width`` (the Euclidean
+    projection onto that hyperplane within the [0, 1] box: one common shift, then a clamp)."""
 
     target_mean_width: float
 
@@ -126,9 +128,9 @@ class ProjectMeanWidth(BudgetController):
         proximal_step(layers, lam, lr_width)
         widths = torch.cat([layer.widths.flatten() for layer in layers])
         shift = _bisect_shift(
-            lambda t: float((widths - t).clamp(0, 1).mean()), self.target_mean_width
+            lambda t: float((widths - t).clamp(0, 1).mean()), self.target_mean_width, low=-1.0
         )
-        if shift > 0:
+        if shift != 0:
             for layer in layers:
                 layer.widths.sub_(shift).clamp_(0.0, 1.0)
 
