@@ -14,6 +14,13 @@ from ._base import (
 from ._cost import component_costs, gblr_flops, interval_lengths
 from ._mask import boxcar_mask, gaudi_mask, gaudi_mask_reference
 from ._gblr import GBLRLinear
+from ._dense import DenseLinear
+from ._lowrank import LowRankLinear
+from ._blockdiag import BlockDiagonalLinear
+from ._monarch import MonarchLinear
+from ._blocksparse import BlockSparseLinear
+from ._blocklowrank import BlockLowRankLinear
+from ._blast import BlastLinear
 from ._proximal import (
     BudgetController,
     ProjectFlops,
@@ -33,7 +40,8 @@ from ._serialize import load_structure, save_structure
 __all__ = [
     "StructuredLinear", "create_linear", "dense_flops", "family_names", "get_family",
     "register_family", "component_costs", "gblr_flops", "interval_lengths", "boxcar_mask",
-    "gaudi_mask", "gaudi_mask_reference", "GBLRLinear", "BudgetController", "ProjectFlops",
+    "gaudi_mask", "gaudi_mask_reference", "GBLRLinear", "DenseLinear", "LowRankLinear",
+    "BlockDiagonalLinear", "MonarchLinear", "BlockSparseLinear", "BlockLowRankLinear", "BlastLinear", "BudgetController", "ProjectFlops",
     "ProjectMeanWidth", "SigmaSchedule", "StopShrinkingAtTarget", "gblr_layers", "mean_width",
     "param_groups", "proximal_step", "set_sigma", "ModelCost", "linear_layers", "model_cost",
     "replace_linears", "set_module", "ExportedGBLR", "export", "load_structure", "save_structure",

@@ -1,0 +1,18 @@
+# The two commands of the README quickstart, and the benchmarks.
+#   make quickstart   set up .venv, run the CPU quickstart, print the result
+#   make test         set up .venv with test tools, run the whole test suite
+PY := .venv/bin/python
+
+.PHONY: quickstart test setup bench
+setup:
+	scripts/setup.sh
+
+quickstart: setup
+	scripts/quickstart.sh
+
+test:
+	scripts/setup.sh --test
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run.py

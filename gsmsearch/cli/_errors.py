@@ -1,0 +1,38 @@
+"""One place that maps exceptions to one-line messages (tracebacks only with GSMSEARCH_DEBUG=1)."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+__all__ = ["UsageError", "run_guarded"]
+
+
+class UsageError(Exception):
+    """A user mistake (bad argument, bad file): printed as one line, exit status 2."""
+
+
+def run_guarded(func, *args, **kwargs) -> int:
+    debug = os.environ.get("GSMSEARCH_DEBUG", "") not in ("", "0")
+    try:
+        result = func(*args, **kwargs)
+        return int(result or 0)
+    except KeyboardInterrupt:
+        print("gsmsearch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place that turns errors into messages
+        if debug:
+            traceback.print_exc()
+        from ..trainer import TrialFailed
+
+        if isinstance(error, UsageError):
+            kind, code = "error", 2
+        elif isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
+            kind, code = "error", 2
+        elif isinstance(error, TrialFailed):
+            kind, code = "trial failed", 1
+        else:
+            kind, code = f"unexpected {type(error).__name__}", 1
+        hint = "" if debug else " (set GSMSEARCH_DEBUG=1 for a traceback)"
+        print(f"gsmsearch: {kind}: {error}{hint if code == 1 else ''}", file=sys.stderr)
+        return code

@@ -1,0 +1,86 @@
+"""`gsmsearch train`: run one trial and print its result."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "train one model with one structure configuration and print the result"
+EXAMPLES = """examples:
+  gsmsearch train --workload digits-mlp --family gblr --budget 0.25 --epochs 20
+  gsmsearch train --workload digits-mlp --family lowrank --budget 0.25 --mode finetune --json
+  gsmsearch train --workload minilm-compress --family gblr --budget 0.5 --mode finetune --epochs 2
+"""
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error.msg})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _optional_float(text: str):
+    return None if text.lower() in ("none", "null", "exact") else float(text)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help=HELP, description=HELP, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="digits-mlp", help="registered workload name")
+    p.add_argument("--workload-options", type=_json_dict, default={}, metavar="JSON")
+    p.add_argument("--family", default="gblr", help="structured family, or 'dense'")
+    p.add_argument("--family-options", type=_json_dict, default={}, metavar="JSON")
+    p.add_argument("--budget", type=float, default=0.25, help="target relative FLOPs of the structured layers")
+    p.add_argument("--mode", choices=["scratch", "finetune"], default="scratch")
+    p.add_argument("--include", nargs="*", default=None, help="layer-name patterns to structure")
+    p.add_argument("--exclude", nargs="*", default=[], help="layer-name patterns to keep dense")
+    p.add_argument("--lam", type=float, default=0.0, help="L1 strength on GBLR widths")
+    p.add_argument("--budget-control", default="project-flops",
+                   choices=["project-flops", "project-mean-width", "stop-shrinking", "none"])
+    p.add_argument("--target-mean-width", type=float, default=None)
+    p.add_argument("--sigma-init", type=_optional_float, default=1.0, help="'exact' for boxcar masks")
+    p.add_argument("--sigma-final", type=_optional_float, default=100.0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--structure-lr", type=float, default=5e-3)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint each epoch here; resume if present")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..trainer import TrialConfig, run_trial
+
+    config = TrialConfig(
+        workload=args.workload, workload_options=args.workload_options, family=args.family,
+        family_options=args.family_options, budget=args.budget, mode=args.mode,
+        include=args.include, exclude=args.exclude, lam=args.lam,
+        budget_control=args.budget_control, target_mean_width=args.target_mean_width,
+        sigma_init=args.sigma_init, sigma_final=args.sigma_final, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, structure_lr=args.structure_lr,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        measure_latency=not args.no_latency,
+    )
+
+    def progress(report):
+        if not args.json:
+            val = ", ".join(f"{k} {v:.4f}" for k, v in report.val.items())
+            print(f"epoch {report.epoch}/{config.epochs}: train loss {report.train_loss:.4f}, {val}, "
+                  f"relative FLOPs {report.relative_flops:.3f}, {report.seconds:.1f}s", file=sys.stderr)
+
+    result = run_trial(config, on_epoch=progress, checkpoint_dir=args.checkpoint_dir)
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(result.summary())
+    return 0

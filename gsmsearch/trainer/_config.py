@@ -1,0 +1,89 @@
+"""The plain configuration of one trial (one model trained with one structure configuration)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS"]
+
+MODES = ("scratch", "finetune")
+BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "none")
+
+
+@dataclass
+class TrialConfig:
+    """Everything that determines a trial's result (the resolved form is stored with it)."""
+
+    # what to train
+    workload: str = "digits-mlp"
+    workload_options: Dict[str, Any] = field(default_factory=dict)
+    family: str = "gblr"  # a registered structured family, or "dense" for the reference model
+    budget: float = 0.25  # target FLOPs of the structured layers, as a fraction of their dense FLOPs
+    family_options: Dict[str, Any] = field(default_factory=dict)  # e.g. {"rank_per_component": 1}
+    include: Optional[List[str]] = None  # layer-name patterns to structure; None = the workload's
+    exclude: List[str] = field(default_factory=list)
+    mode: str = "scratch"  # scratch | finetune (start from the cached dense model)
+
+    # GBLR structure learning (ignored by the hand-crafted families)
+    lam: float = 0.0  # L1 strength on widths (proximal threshold lam * structure_lr); 0 = the budget alone decides
+    budget_control: str = "project-flops"
+    target_mean_width: Optional[float] = None  # for project-mean-width / stop-shrinking
+    budget_anneal_epochs: Optional[float] = None  # budget goes 1 -> budget over these; None = epochs/2
+    sigma_init: Optional[float] = 1.0  # None = exact boxcar masks throughout (the finetune default)
+    sigma_final: Optional[float] = 100.0
+    sigma_start_epoch: Optional[float] = None  # None = epochs / 4
+    sigma_end_epoch: Optional[float] = None  # None = epochs
+    fit_method: str = "greedy"  # GBLR.from_dense initialisation in finetune mode
+
+    # optimisation
+    epochs: int = 10
+    batch_size: Optional[int] = None  # None = the workload's default
+    lr: Optional[float] = None  # None = the workload's default
+    structure_lr: float = 5e-3
+    weight_decay: Optional[float] = None
+    seed: int = 0
+    device: str = "cpu"
+
+    # measurement
+    measure_latency: bool = True
+    latency_batch: int = 256
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.mode not in MODES:
+            errors.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.budget_control not in BUDGET_CONTROLS:
+            errors.append(
+                f"budget_control must be one of {', '.join(BUDGET_CONTROLS)}, got {self.budget_control!r}"
+            )
+        if not (0 < float(self.budget) <= 1):
+            errors.append(f"budget must be in (0, 1], got {self.budget!r}")
+        if int(self.epochs) < 1:
+            errors.append(f"epochs must be >= 1, got {self.epochs!r}")
+        if self.lam < 0:
+            errors.append(f"lam must be >= 0, got {self.lam!r}")
+        if self.budget_control in ("project-mean-width", "stop-shrinking") and self.target_mean_width is None:
+            errors.append(f"budget_control {self.budget_control!r} needs target_mean_width")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            errors.append(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrialConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown trial config key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def digest(self, *, exclude=("device", "measure_latency", "latency_batch")) -> str:
+        """A stable hash of the fields that determine training (checkpoints must match it)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,68 @@
+"""Dense models trained once per (workload, options, seed, code version) and cached on disk.
+
+Fine-tune trials start from the same dense model.  The first process to need it trains it while
+holding an exclusive file lock; others wait on the lock and then load the file, so two trials
+starting together never train it twice or read a half-written file (writes are atomic).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["default_cache_dir", "dense_cache_key", "cached_dense_state"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GSMSEARCH_CACHE", Path.home() / ".cache" / "gsmsearch"))
+
+
+def _code_version(workload) -> str:
+    """gsmsearch version + the source of the workload's module and of the training loop."""
+    import gsmsearch
+    from . import _loop
+
+    digest = hashlib.sha256(gsmsearch.__version__.encode())
+    for obj in (type(workload), _loop):
+        try:
+            digest.update(inspect.getsource(inspect.getmodule(obj)).encode())
+        except (OSError, TypeError):
+            pass
+    return digest.hexdigest()[:12]
+
+
+def dense_cache_key(workload, *, seed: int, recipe: dict) -> str:
+    payload = json.dumps(
+        {"workload": workload.name, "options": workload.options(), "seed": seed, "recipe": recipe},
+        sort_keys=True,
+        default=str,
+    )
+    return f"{workload.name}-s{seed}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}-{_code_version(workload)}"
+
+
+def cached_dense_state(
+    workload, *, seed: int, recipe: dict, train: Callable[[], nn.Module], cache_dir=None
+) -> dict:
+    """The dense model's state dict from the cache, training it with ``train()`` if absent."""
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = dense_cache_key(workload, seed=seed, recipe=recipe)
+    path = cache_dir / f"{key}.safetensors"
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.exists():
+            model = train()
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file(state, str(tmp), metadata={"key": key})
+            tmp.replace(path)
+    return load_file(str(path))

@@ -1,0 +1,213 @@
+"""The training loop shared by trials and dense pre-training.
+
+One epoch = one pass over the shuffled training split.  After every optimizer step the GBLR
+layers get the method's proximal step through a budget controller; the Gaudi masks' sigma follows
+a schedule per (fractional) epoch.  The loop checkpoints after every epoch (atomically) and can
+resume from such a checkpoint, so a preempted trial loses at most one epoch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..structured import (
+    BudgetController,
+    ProjectFlops,
+    SigmaSchedule,
+    gblr_layers,
+    mean_width,
+    param_groups,
+    set_sigma,
+)
+from ..workloads import move_to_device
+
+__all__ = ["TrialFailed", "EpochReport", "TrainingLoop", "seed_everything"]
+
+
+class TrialFailed(RuntimeError):
+    """A trial that cannot produce a result; ``reason`` is shown to the user and recorded."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based count of finished epochs
+    train_loss: float
+    val: Dict[str, float]
+    relative_flops: float  # of the structured layers, at this epoch
+    mean_width: Optional[float]
+    sigma: Optional[float]
+    seconds: float  # wall time of this epoch's training + validation
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclass
+class TrainingLoop:
+    """Trains ``model`` on ``workload``; see the module docstring."""
+
+    workload: Any
+    model: nn.Module
+    splits: Any
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    structure_lr: float = 5e-3
+    lam: float = 0.0
+    controller: Optional[BudgetController] = None
+    sigma_schedule: Optional[SigmaSchedule] = None
+    budget_schedule: Optional[Callable[[float], float]] = None  # epoch -> ProjectFlops target
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_path: Optional[Path] = None
+    checkpoint_tag: str = ""  # must match to resume (e.g. the trial config digest)
+    curves: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model.to(self.device)
+        self.layers = gblr_layers(self.model)
+        groups = param_groups(
+            self.model, lr=self.lr, structure_lr=self.structure_lr, weight_decay=self.weight_decay
+        )
+        self.optimizer = torch.optim.AdamW(groups)
+        self.start_epoch = 0
+        self.train_seconds = 0.0
+        if self.checkpoint_path is not None:
+            self._maybe_resume()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        path = Path(self.checkpoint_path)
+        if not path.exists():
+            return
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("tag") != self.checkpoint_tag:
+            return  # a checkpoint of another configuration: start afresh (it is overwritten)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"])
+        self.curves = list(state["curves"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        path = Path(self.checkpoint_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(
+            {
+                "tag": self.checkpoint_tag,
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "curves": self.curves,
+                "train_seconds": self.train_seconds,
+            },
+            tmp,
+        )
+        tmp.replace(path)
+
+    # -- training --------------------------------------------------------------------------
+    def _sigma(self, epoch: float) -> Optional[float]:
+        return self.sigma_schedule(epoch) if self.sigma_schedule is not None else None
+
+    def relative_flops(self) -> float:
+        """FLOPs of the structured layers as a fraction of their dense FLOPs (per token)."""
+        from ..structured import StructuredLinear
+
+        flops, dense = 0, 0
+        for module in self.model.modules():
+            if isinstance(module, StructuredLinear):
+                flops += module.flops()
+                dense += module.dense_flops()
+        return flops / dense if dense else 1.0
+
+    def run(self, on_epoch: Optional[Callable[[EpochReport], Optional[bool]]] = None) -> List[Dict]:
+        """Train the remaining epochs.  ``on_epoch`` gets each report; returning True stops."""
+        loader_batches = None
+        for epoch in range(self.start_epoch, self.epochs):
+            started = time.perf_counter()
+            # the order of each epoch depends only on (seed, epoch): resuming replays it exactly
+            loader = self.splits.loader(
+                "train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch
+            )
+            loader_batches = loader_batches or max(1, len(loader))
+            self.model.train()
+            total_loss, count = 0.0, 0
+            for step, batch in enumerate(loader):
+                progress = epoch + step / loader_batches
+                if self.layers:
+                    set_sigma(self.model, self._sigma(progress))
+                    if self.budget_schedule is not None and isinstance(self.controller, ProjectFlops):
+                        self.controller.target_relative_flops = self.budget_schedule(progress)
+                batch = move_to_device(batch, self.device)
+                output = self.workload.forward(self.model, batch)
+                loss = self.workload.loss(output, batch)
+                if not torch.isfinite(loss):
+                    raise TrialFailed(
+                        f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, step {step + 1}; "
+                        f"lower the learning rate (lr={self.lr}, structure_lr={self.structure_lr})"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if self.layers and self.controller is not None:
+                    self.controller.step(self.layers, self.lam, self.structure_lr)
+                total_loss += float(loss.detach()) * _batch_len(batch)
+                count += _batch_len(batch)
+            sigma = self._sigma(epoch + 1) if self.layers else None
+            if self.layers:
+                set_sigma(self.model, sigma)
+            val = self.workload.evaluate(self.model, self.splits.val, device=self.device,
+                                         collate_fn=self.splits.collate_fn)
+            if not all(math.isfinite(v) for v in val.values()):
+                raise TrialFailed(f"non-finite validation metrics at epoch {epoch + 1}: {val}")
+            seconds = time.perf_counter() - started
+            self.train_seconds += seconds
+            report = EpochReport(
+                epoch=epoch + 1,
+                train_loss=total_loss / max(count, 1),
+                val=val,
+                relative_flops=self.relative_flops(),
+                mean_width=mean_width(self.layers) if self.layers else None,
+                sigma=sigma,
+                seconds=seconds,
+            )
+            self.curves.append(report.to_dict())
+            self._save_checkpoint(epoch + 1)
+            if on_epoch is not None and on_epoch(report):
+                break
+        return self.curves
+
+
+def _batch_len(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return next(iter(batch.values())).shape[0]
+    return batch[0].shape[0]

@@ -1,0 +1,261 @@
+"""One trial: build the workload's model with the configured structure, train it, measure it."""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..structured import (
+    ProjectFlops,
+    ProjectMeanWidth,
+    SigmaSchedule,
+    StopShrinkingAtTarget,
+    StructuredLinear,
+    export,
+    get_family,
+    model_cost,
+    replace_linears,
+    set_sigma,
+)
+from ..workloads import get_workload, move_to_device
+from ._config import TrialConfig
+from ._dense_cache import cached_dense_state
+from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
+
+__all__ = ["TrialResult", "run_trial", "build_trial_model", "measure_latency"]
+
+
+@dataclass
+class TrialResult:
+    """What one trial measured (all JSON-able through :meth:`to_dict`)."""
+
+    config: Dict[str, Any]
+    quality: float  # the workload's quality metric on the test split (higher is better)
+    val_quality: float
+    test_metrics: Dict[str, float]
+    flops_per_sample: int  # multiply-adds, linear layers + the workload's non-linear costs
+    dense_flops_per_sample: int
+    relative_flops: float  # flops_per_sample / dense_flops_per_sample
+    relative_linear_flops: float  # structured + dense linear layers only
+    structured_relative_flops: float  # the structured layers only (what `budget` targets), per token
+    params: int
+    dense_params: int
+    latency_ms: Optional[float]  # exported model, median per batch of latency_batch samples
+    dense_latency_ms: Optional[float]
+    train_seconds: float
+    epochs_run: int
+    layers: Dict[str, Dict[str, Any]]  # per structured layer: family, flops, live components, ...
+    curves: List[Dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        latency = "" if self.latency_ms is None else (
+            f", latency {self.latency_ms:.2f} ms vs dense {self.dense_latency_ms:.2f} ms"
+        )
+        return (
+            f"{self.config['workload']} / {self.config['family']} @ budget {self.config['budget']}: "
+            f"quality {self.quality:.4f} (val {self.val_quality:.4f}), relative FLOPs "
+            f"{self.relative_flops:.3f} (linear {self.relative_linear_flops:.3f}), params "
+            f"{self.params}/{self.dense_params}, {self.epochs_run} epochs in {self.train_seconds:.1f}s{latency}"
+        )
+
+
+def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
+    epochs = int(config.epochs)
+    gblr = config.family == "gblr"
+    sigma_init = config.sigma_init if config.mode == "scratch" else None
+    return {
+        "batch_size": int(config.batch_size or workload.default_batch_size),
+        "lr": float(config.lr if config.lr is not None else workload.default_lr),
+        "weight_decay": float(
+            config.weight_decay if config.weight_decay is not None else workload.default_weight_decay
+        ),
+        "sigma": SigmaSchedule(
+            sigma_init,
+            config.sigma_final,
+            start_epoch=config.sigma_start_epoch if config.sigma_start_epoch is not None else epochs / 4,
+            end_epoch=config.sigma_end_epoch if config.sigma_end_epoch is not None else epochs,
+        ) if gblr else None,
+        "anneal": config.budget_anneal_epochs if config.budget_anneal_epochs is not None else epochs / 2,
+    }
+
+
+def _pretrain_recipe(workload) -> Dict[str, Any]:
+    return {
+        "epochs": workload.default_epochs,
+        "batch_size": workload.default_batch_size,
+        "lr": workload.default_lr,
+        "weight_decay": workload.default_weight_decay,
+    }
+
+
+def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> dict:
+    """The trained dense model of ``workload`` (from the cache, trained once if absent)."""
+    recipe = _pretrain_recipe(workload)
+
+    def train() -> nn.Module:
+        seed_everything(seed)
+        model = workload.build_model()
+        if getattr(workload, "pretrained", False):
+            return model  # a pre-trained checkpoint is the dense model
+        splits = workload.load_data(seed=seed)
+        TrainingLoop(
+            workload, model, splits, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
+            lr=recipe["lr"], weight_decay=recipe["weight_decay"], seed=seed, device=device,
+        ).run()
+        return model
+
+    if getattr(workload, "pretrained", False):
+        return {k: v for k, v in train().state_dict().items()}
+    return cached_dense_state(workload, seed=seed, recipe=recipe, train=train, cache_dir=cache_dir)
+
+
+def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Module:
+    """The workload's model with its candidate layers replaced by ``config.family``.
+
+    - scratch: a randomly initialised dense model; GBLR layers start at the dense cost (the
+      method's init) and shrink during training; hand-crafted families start as the projection
+      of that random dense init onto their structure at ``budget``.
+    - finetune: the cached trained dense model; every family starts from ``from_dense`` of the
+      trained weights at ``budget`` (GBLR: ``fit_method``).
+    """
+    seed_everything(config.seed)
+    model = workload.build_model()
+    if config.mode == "finetune":
+        model.load_state_dict(dense_state(workload, seed=config.seed, device=config.device,
+                                          cache_dir=cache_dir))
+    if config.family == "dense":
+        return model
+    get_family(config.family)  # a clear error for an unknown family before any work
+    include = config.include if config.include is not None else list(workload.candidate_patterns)
+    options = dict(config.family_options)
+    if config.family == "gblr":
+        if config.mode == "scratch":
+            replaced = replace_linears(model, "gblr", include=include, exclude=config.exclude,
+                                       from_dense=False, sigma=config.sigma_init, **options)
+        else:
+            replaced = replace_linears(model, "gblr", include=include, exclude=config.exclude,
+                                       budget=config.budget, method=config.fit_method,
+                                       seed=config.seed, **options)
+    else:
+        replaced = replace_linears(model, config.family, include=include, exclude=config.exclude,
+                                   budget=config.budget, **options)
+    if not replaced:
+        raise TrialFailed(
+            f"no linear layer matched include={include} exclude={config.exclude} in workload "
+            f"{workload.name!r}"
+        )
+    return model
+
+
+def _controller(config: TrialConfig):
+    if config.family != "gblr" or config.budget_control == "none":
+        return None
+    if config.budget_control == "project-flops":
+        return ProjectFlops(1.0)  # the target follows the budget schedule
+    if config.budget_control == "project-mean-width":
+        return ProjectMeanWidth(config.target_mean_width)
+    return StopShrinkingAtTarget(config.target_mean_width)
+
+
+def measure_latency(model: nn.Module, batch, forward: Callable, repeats: int = 7) -> float:
+    """Median wall time in ms of ``forward(model, batch)`` under no_grad (after one warm-up)."""
+    model.eval()
+    times = []
+    with torch.no_grad():
+        forward(model, batch)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(model, batch)
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def _latency_batch(workload, splits, size: int, device: str):
+    loader = splits.loader("test", size, shuffle=False)
+    return move_to_device(next(iter(loader)), device)
+
+
+def run_trial(
+    config: TrialConfig,
+    *,
+    on_epoch: Optional[Callable[[EpochReport], Optional[bool]]] = None,
+    checkpoint_dir: Optional[Path] = None,
+    cache_dir: Optional[Path] = None,
+) -> TrialResult:
+    """Train and measure one configuration; raises :class:`TrialFailed` with a reason."""
+    workload = get_workload(config.workload, **config.workload_options)
+    resolved = _resolved(config, workload)
+    splits = workload.load_data(seed=config.seed)
+    model = build_trial_model(config, workload, cache_dir=cache_dir)
+    anneal = resolved["anneal"]
+    budget = float(config.budget)
+
+    def budget_schedule(epoch: float) -> float:
+        if anneal <= 0:
+            return budget
+        return budget + (1.0 - budget) * max(0.0, 1.0 - epoch / anneal)
+
+    loop = TrainingLoop(
+        workload, model, splits,
+        epochs=int(config.epochs), batch_size=resolved["batch_size"], lr=resolved["lr"],
+        weight_decay=resolved["weight_decay"], structure_lr=config.structure_lr, lam=config.lam,
+        controller=_controller(config), sigma_schedule=resolved["sigma"],
+        budget_schedule=budget_schedule, seed=config.seed, device=config.device,
+        checkpoint_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None,
+        checkpoint_tag=config.digest(),
+    )
+    curves = loop.run(on_epoch)
+
+    # The deployed model: exact masks, exported to its mask-free execution plan.
+    set_sigma(model, None)
+    model.eval()
+    deployed = export(model)
+    collate = splits.collate_fn
+    val = workload.evaluate(deployed, splits.val, device=config.device, collate_fn=collate)
+    test = workload.evaluate(deployed, splits.test, device=config.device, collate_fn=collate)
+    if not all(math.isfinite(v) for v in test.values()):
+        raise TrialFailed(f"non-finite test metrics: {test}")
+
+    tokens = workload.layer_tokens_per_sample(model)
+    extra = getattr(workload, "nonlinear_flops_per_sample", lambda m: 0)
+    cost = model_cost(model, tokens=lambda name: tokens.get(name, 1), extra_flops=extra)
+    dense_model = workload.build_model()
+    latency = dense_latency = None
+    if config.measure_latency:
+        batch = _latency_batch(workload, splits, config.latency_batch, config.device)
+        latency = measure_latency(deployed, batch, workload.forward)
+        dense_latency = measure_latency(dense_model.to(config.device), batch, workload.forward)
+    layers = {
+        name: module.structure_summary()
+        for name, module in model.named_modules()
+        if isinstance(module, StructuredLinear)
+    }
+    return TrialResult(
+        config=config.to_dict(),
+        quality=float(test["quality"]),
+        val_quality=float(val["quality"]),
+        test_metrics={k: float(v) for k, v in test.items()},
+        flops_per_sample=int(cost.total),
+        dense_flops_per_sample=int(cost.dense_total),
+        relative_flops=float(cost.relative),
+        relative_linear_flops=float(cost.relative_linear),
+        structured_relative_flops=float(loop.relative_flops()),
+        params=sum(p.numel() for p in model.parameters()),
+        dense_params=sum(p.numel() for p in dense_model.parameters()),
+        latency_ms=latency,
+        dense_latency_ms=dense_latency,
+        train_seconds=loop.train_seconds,
+        epochs_run=len(curves),
+        layers=layers,
+        curves=curves,
+    )

@@ -1,0 +1,162 @@
+"""The trial trainer on tiny digits models: results, determinism, checkpoints, cache, failures."""
+import json
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gsmsearch.structured import GBLRLinear, StructuredLinear
+from gsmsearch.trainer import TrialConfig, TrialFailed, build_trial_model, run_trial
+from gsmsearch.trainer._dense_cache import cached_dense_state
+from gsmsearch.workloads import get_workload
+
+TINY = {"hidden_sizes": [32, 32]}
+
+
+def tiny(**overrides):
+    base = dict(workload="digits-mlp", workload_options=TINY, epochs=2, batch_size=64, lr=3e-3,
+                measure_latency=False)
+    base.update(overrides)
+    return TrialConfig(**base)
+
+
+def test_gblr_trial_result_is_complete_and_flops_add_up(tmp_path):
+    result = run_trial(tiny(family="gblr", budget=0.3, epochs=3), cache_dir=tmp_path)
+    assert 0.0 <= result.quality <= 1.0 and result.quality > 0.3  # learned something
+    assert result.epochs_run == 3 and len(result.curves) == 3
+    assert set(result.layers) == {"layers.0", "layers.1"}  # the 10-way head stays dense
+    # reported linear FLOPs = sum of the layers' flops() (one token per sample in an MLP)
+    head = 32 * 10
+    assert result.flops_per_sample == sum(layer["flops"] for layer in result.layers.values()) + head
+    assert result.dense_flops_per_sample == 64 * 32 + 32 * 32 + head
+    assert result.structured_relative_flops <= 0.3 * 1.001  # the budget controller held the budget
+    assert result.structured_relative_flops > 0.2  # ... without overshooting (lam = 0)
+    assert result.curves[-1]["relative_flops"] == pytest.approx(result.structured_relative_flops)
+    for layer in result.layers.values():
+        assert layer["family"] == "gblr" and layer["live_components"] <= layer["num_components"]
+    json.dumps(result.to_dict())  # JSON-able
+
+
+def test_same_seed_gives_the_same_result(tmp_path):
+    a = run_trial(tiny(family="gblr", budget=0.4, seed=3), cache_dir=tmp_path)
+    b = run_trial(tiny(family="gblr", budget=0.4, seed=3), cache_dir=tmp_path)
+    c = run_trial(tiny(family="gblr", budget=0.4, seed=4), cache_dir=tmp_path)
+    assert a.quality == b.quality and a.curves[-1]["train_loss"] == b.curves[-1]["train_loss"]
+    assert a.layers == b.layers
+    assert a.curves[-1]["train_loss"] != c.curves[-1]["train_loss"]
+
+
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
+    full = run_trial(tiny(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "full",
+                     cache_dir=tmp_path)
+    # a run interrupted after its first epoch ...
+    with pytest.raises(KeyboardInterrupt):
+        def stop(report):
+            if report.epoch == 1:
+                raise KeyboardInterrupt
+        run_trial(tiny(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "cut",
+                  cache_dir=tmp_path, on_epoch=stop)
+    seen = []
+    resumed = run_trial(tiny(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "cut",
+                        cache_dir=tmp_path, on_epoch=lambda r: seen.append(r.epoch))
+    assert seen == [2, 3]  # epoch 1 was not trained again
+    assert resumed.curves[0]["train_loss"] == full.curves[0]["train_loss"]  # kept from the checkpoint
+    assert resumed.curves[-1]["train_loss"] == pytest.approx(full.curves[-1]["train_loss"], rel=1e-5)
+    assert resumed.quality == pytest.approx(full.quality)
+    # a checkpoint of a different configuration is not resumed
+    other = []
+    run_trial(tiny(family="gblr", budget=0.5, epochs=3), checkpoint_dir=tmp_path / "cut",
+              cache_dir=tmp_path, on_epoch=lambda r: other.append(r.epoch))
+    assert other == [1, 2, 3]
+
+
+def test_nan_loss_fails_with_a_reason(tmp_path):
+    with pytest.raises(TrialFailed, match="non-finite training loss"):
+        run_trial(tiny(family="dense", lr=1e30, epochs=2), cache_dir=tmp_path)
+
+
+def test_finetune_starts_from_the_cached_dense_model(tmp_path):
+    workload = get_workload("digits-mlp", **TINY)
+    cfg = tiny(family="lowrank", budget=0.5, mode="finetune", epochs=1)
+    model = build_trial_model(cfg, workload, cache_dir=tmp_path)
+    cached = list(tmp_path.glob("digits-mlp-*.safetensors"))
+    assert len(cached) == 1
+    # the structured layers were fit to the trained dense weights (not to a random init)
+    from safetensors.torch import load_file
+
+    dense = load_file(str(cached[0]))
+    layer = model.get_submodule("layers.0")
+    assert isinstance(layer, StructuredLinear)
+    W = dense["layers.0.weight"]
+    err = (layer.to_dense() - W).norm() / W.norm()
+    assert err < 0.9
+    torch.manual_seed(0)
+    random_err = (layer.to_dense() - torch.randn_like(W) * W.std()).norm() / W.norm()
+    assert err < random_err
+
+
+def _train_counting(path, key, result_queue):
+    from gsmsearch.trainer._dense_cache import cached_dense_state as cache
+    from gsmsearch.workloads import get_workload as gw
+
+    calls = []
+
+    def train():
+        import time
+
+        calls.append(1)
+        time.sleep(1.0)  # long enough for the other process to be waiting on the lock
+        model = torch.nn.Linear(3, 2)
+        torch.nn.init.constant_(model.weight, float(key))
+        return model
+
+    state = cache(gw("digits-mlp", **TINY), seed=0, recipe={"k": key}, train=train, cache_dir=path)
+    result_queue.put((len(calls), float(state["weight"][0, 0])))
+
+
+def test_dense_cache_trains_once_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_train_counting, args=(tmp_path, 7, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    results = [queue.get(timeout=5) for _ in procs]
+    assert sorted(calls for calls, _ in results) == [0, 1]  # exactly one process trained
+    assert all(value == 7.0 for _, value in results)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrialConfig(mode="later")
+    with pytest.raises(ValueError, match="budget must be in"):
+        TrialConfig(budget=1.5)
+    with pytest.raises(ValueError, match="needs target_mean_width"):
+        TrialConfig(budget_control="stop-shrinking")
+    with pytest.raises(ValueError, match="unknown trial config key 'epoch'"):
+        TrialConfig.from_dict({"epoch": 3})
+
+
+def test_cli_train_json(tmp_path):
+    env = {"GSMSEARCH_CACHE": str(tmp_path)}
+    import os
+
+    env = {**os.environ, **env}
+    out = subprocess.run(
+        [sys.executable, "-m", "gsmsearch.cli", "train", "--workload", "digits-mlp",
+         "--workload-options", json.dumps(TINY), "--family", "gblr", "--budget", "0.3",
+         "--epochs", "1", "--no-latency", "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["config"]["family"] == "gblr" and result["structured_relative_flops"] <= 0.3 * 1.001
+    bad = subprocess.run(
+        [sys.executable, "-m", "gsmsearch.cli", "train", "--family", "nope", "--epochs", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert bad.returncode == 2
+    assert "unknown structured family 'nope'" in bad.stderr and "Traceback" not in bad.stderr
