@@ -22,6 +22,7 @@ from ..structured import (
     get_family,
     model_cost,
     replace_linears,
+    save_structure,
     set_sigma,
 )
 from ..workloads import get_workload, move_to_device
@@ -191,8 +192,12 @@ def run_trial(
     on_epoch: Optional[Callable[[EpochReport], Optional[bool]]] = None,
     checkpoint_dir: Optional[Path] = None,
     cache_dir: Optional[Path] = None,
+    structure_path: Optional[Path] = None,
 ) -> TrialResult:
-    """Train and measure one configuration; raises :class:`TrialFailed` with a reason."""
+    """Train and measure one configuration; raises :class:`TrialFailed` with a reason.
+
+    ``structure_path``: also save the trained model (learned structure included) there, in the
+    format of :func:`gsmsearch.structured.save_structure`."""
     workload = get_workload(config.workload, **config.workload_options)
     resolved = _resolved(config, workload)
     splits = workload.load_data(seed=config.seed)
@@ -219,6 +224,9 @@ def run_trial(
     # The deployed model: exact masks, exported to its mask-free execution plan.
     set_sigma(model, None)
     model.eval()
+    if structure_path is not None:
+        Path(structure_path).parent.mkdir(parents=True, exist_ok=True)
+        save_structure(model, structure_path, extra_metadata={"config": config.to_dict()})
     deployed = export(model)
     collate = splits.collate_fn
     val = workload.evaluate(deployed, splits.val, device=config.device, collate_fn=collate)

@@ -1,0 +1,402 @@
+"""`gsmsearch launch`: the driver of a study.
+
+The driver is the only process that writes to the study database.  It asks Optuna for trials
+(ask/tell), runs them on Ray worker actors, and tells Optuna the results.  What survives what:
+
+- a trial that fails (exception, worker crash, time limit) is retried up to ``retries`` times
+  from its last per-epoch checkpoint; after that it is recorded FAIL with its reason;
+- a killed driver leaves RUNNING trials behind: the next ``launch --resume`` marks them FAIL
+  ("stale") and re-enqueues their configurations, which resume from their checkpoints;
+- Ctrl-C stops the running trials, records them FAIL ("interrupted") and exits; ``--resume``
+  continues the same way;
+- transient database errors (a restarted PostgreSQL, a locked SQLite) are retried.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+from ._spec import SpecError, StudySpec, load_spec
+from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
+from ._study import front_records, study_hypervolume, study_records
+
+__all__ = ["launch", "LaunchSummary", "make_sampler", "study_paths"]
+
+DRIVER_STALE_SECONDS = 60.0
+RESULT_SCALARS = (
+    "quality", "val_quality", "flops_per_sample", "dense_flops_per_sample", "relative_flops",
+    "relative_linear_flops", "structured_relative_flops", "params", "dense_params", "latency_ms",
+    "dense_latency_ms", "train_seconds", "epochs_run",
+)
+
+
+@dataclass
+class LaunchSummary:
+    study_name: str
+    storage: str  # redacted
+    completed: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    front: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def make_sampler(spec: StudySpec):
+    import optuna
+
+    name, seed = spec.sampler.name, spec.sampler.seed
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def study_paths(spec: StudySpec, spec_path: Path) -> Dict[str, Path]:
+    spec_dir = Path(spec_path).resolve().parent
+    workdir = Path(spec.workdir) if spec.workdir else spec_dir / ".gsmsearch" / spec.name
+    if not workdir.is_absolute():
+        workdir = (spec_dir / workdir).resolve()
+    return {
+        "spec_dir": spec_dir,
+        "workdir": workdir,
+        "checkpoints": workdir / "checkpoints",
+        "cache": workdir / "cache",
+        "structures": workdir / "structures",
+    }
+
+
+class _Display:
+    """Progress lines: one per event, and a heartbeat line every ``interval`` seconds."""
+
+    def __init__(self, out: TextIO, total: int, interval: float = 30.0) -> None:
+        self.out, self.total, self.interval = out, total, interval
+        self.last = 0.0
+        self.durations: List[float] = []
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def status(self, study, spec: StudySpec, running: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval:
+            return
+        self.last = now
+        records = study_records(study)
+        done = sum(1 for r in records if _counts_as_done(r))
+        failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+        front = front_records(records, spec.directions)
+        hv = study_hypervolume(records, spec.metric_names, spec.directions)
+        remaining = max(0, self.total - done)
+        eta = ""
+        if self.durations and remaining:
+            per = sum(self.durations) / len(self.durations)
+            seconds = per * remaining / max(1, spec.concurrency)
+            eta = f", ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
+        hv_text = "" if hv != hv else f", hypervolume {hv:.4f}"
+        self.line(f"[{spec.name}] {done}/{self.total} done, {running} running, {failed} failed; "
+                  f"front {len(front)}{hv_text}{eta}")
+
+
+def _counts_as_done(record) -> bool:
+    return record.state == "COMPLETE" or (record.state == "FAIL" and record.user_attrs.get("final", True))
+
+
+@dataclass
+class _Running:
+    trial: Any
+    config: Dict[str, Any]
+    worker: Any
+    ref: Any
+    attempt: int
+    started: float
+
+
+def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
+    import optuna
+
+    names = [s.study_name for s in with_retries(storage.get_all_studies)]
+    sampler = make_sampler(spec)
+    if spec.name in names:
+        study = with_retries(lambda: optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler))
+        stored = study.user_attrs.get("spec_hash")
+        if stored != spec.digest() and not force:
+            raise SpecError(
+                f"study {spec.name!r} was launched with a different spec (hash {str(stored)[:12]} vs "
+                f"{spec.digest()[:12]}); pass --force to continue it with this spec, or rename the study"
+            )
+        if list(study.directions) != [
+            optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+            for d in spec.directions
+        ]:
+            raise SpecError(f"study {spec.name!r} has other objectives than this spec; rename the study")
+        has_trials = bool(study.get_trials(deepcopy=False))
+        if has_trials and not (resume or force):
+            raise SpecError(
+                f"study {spec.name!r} already has {len(study.get_trials(deepcopy=False))} trials; "
+                f"pass --resume to continue it"
+            )
+        driver = study.user_attrs.get("driver")
+        if driver and not force and time.time() - float(driver.get("heartbeat", 0)) < DRIVER_STALE_SECONDS:
+            raise SpecError(
+                f"another driver is running study {spec.name!r} (pid {driver.get('pid')} on "
+                f"{driver.get('host')}, seen {time.time() - float(driver['heartbeat']):.0f}s ago); "
+                f"wait for it or pass --force"
+            )
+    else:
+        study = with_retries(lambda: optuna.create_study(
+            study_name=spec.name, storage=storage, directions=spec.directions, sampler=sampler,
+            load_if_exists=True))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            with_retries(lambda: study.set_metric_names(spec.metric_names))
+    with_retries(lambda: study.set_user_attr("spec", spec.canonical()))
+    with_retries(lambda: study.set_user_attr("spec_hash", spec.digest()))
+    from .. import __version__
+
+    with_retries(lambda: study.set_user_attr("gsmsearch_version", __version__))
+    return study
+
+
+def _requeue_unfinished(study) -> int:
+    """Enqueue again the configurations of trials that stopped without a verdict (stale or
+    interrupted) and that no COMPLETE trial has run since; returns how many."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    completed = {t.user_attrs.get("config_digest") for t in trials if t.state == TrialState.COMPLETE}
+    queued = {json.dumps(t.system_attrs.get("fixed_params", {}), sort_keys=True)
+              for t in trials if t.state == TrialState.WAITING}
+    count = 0
+    for trial in trials:
+        if trial.state != TrialState.FAIL or trial.user_attrs.get("final", True):
+            continue
+        if trial.user_attrs.get("requeued") or trial.user_attrs.get("config_digest") in completed:
+            continue
+        key = json.dumps(trial.params, sort_keys=True)
+        if trial.params and key not in queued:
+            with_retries(lambda: study.enqueue_trial(trial.params, skip_if_exists=False))
+            queued.add(key)
+            count += 1
+        with_retries(lambda: study._storage.set_trial_user_attr(trial._trial_id, "requeued", True))
+    return count
+
+
+def _next_trial(study, spec: StudySpec):
+    """Ask for the next trial: a re-enqueued configuration first, else the least-tried family."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.WAITING for t in trials):
+        counts = {family: 0 for family in spec.families}
+        for t in trials:
+            family = t.params.get("family")
+            if family in counts and not (t.state == TrialState.FAIL and not t.user_attrs.get("final", True)):
+                counts[family] += 1
+        family = min(counts, key=lambda f: (counts[f], list(spec.families).index(f)))
+        with_retries(lambda: study.enqueue_trial({"family": family}, skip_if_exists=False))
+    return with_retries(study.ask)
+
+
+def launch(
+    spec_path,
+    *,
+    address: Optional[str] = None,
+    resume: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    out: TextIO = sys.stderr,
+    status_interval: float = 30.0,
+) -> LaunchSummary:
+    import optuna
+
+    from ..trainer import TrialConfig
+    from ._runner import make_worker, start_ray
+    from ._space import trial_config
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(spec_path)  # every spec error is raised here, before any write
+    paths = study_paths(spec, Path(spec_path))
+    url = resolve_storage_url(spec.storage, spec_dir=paths["spec_dir"], study_name=spec.name)
+    summary = LaunchSummary(study_name=spec.name, storage=redact(url))
+    device = "cuda" if spec.resources.gpus_per_trial > 0 else "cpu"
+
+    if dry_run:
+        preview = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
+        print(f"spec {spec_path}: valid (hash {spec.digest()[:12]})", file=out)
+        print(f"storage: {summary.storage}\nworkdir: {paths['workdir']}", file=out)
+        for family in list(spec.families)[: min(len(spec.families), spec.trials)]:
+            preview.enqueue_trial({"family": family})
+            config = trial_config(spec, preview.ask(), device=device)
+            print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=out)
+        return summary
+
+    storage = open_storage(url)
+    study = _open_study(spec, storage, resume=resume, force=force)
+    stale = fail_stale_trials(study, reason="stale: its driver stopped before the trial finished")
+    requeued = _requeue_unfinished(study)
+    if stale or requeued:
+        print(f"[{spec.name}] marked {len(stale)} stale RUNNING trial(s) FAIL; re-enqueued "
+              f"{requeued} unfinished configuration(s)", file=out)
+    where = start_ray(address or spec.executor.address, num_cpus=spec.executor.num_cpus)
+    print(f"[{spec.name}] storage {summary.storage}; {where}; up to {spec.concurrency} concurrent "
+          f"trial(s)", file=out)
+    for key in ("checkpoints", "cache", "structures"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+
+    display = _Display(out, spec.trials, status_interval)
+    running: Dict[Any, _Running] = {}
+    idle: List[Any] = []
+    driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
+    last_heartbeat = 0.0
+
+    def heartbeat(clear: bool = False) -> None:
+        nonlocal last_heartbeat
+        if clear:
+            with_retries(lambda: study.set_user_attr("driver", None))
+            return
+        if time.monotonic() - last_heartbeat > DRIVER_STALE_SECONDS / 4:
+            with_retries(lambda: study.set_user_attr("driver", {**driver_id, "heartbeat": time.time()}))
+            last_heartbeat = time.monotonic()
+
+    def done_count() -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False)
+                   if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and t.user_attrs.get("final", True)))
+
+    def submit(trial, config: Dict[str, Any], attempt: int) -> None:
+        worker = idle.pop() if idle else make_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+        digest = config["_digest"]
+        ref = worker.run.remote(
+            {k: v for k, v in config.items() if k != "_digest"},
+            str(paths["checkpoints"] / digest), str(paths["cache"]),
+            str(paths["structures"] / f"trial-{trial.number}.safetensors"),
+        )
+        running[ref] = _Running(trial, config, worker, ref, attempt, time.monotonic())
+
+    def record_failure(entry: _Running, reason: str, *, final: bool) -> None:
+        trial = entry.trial
+        with_retries(lambda: trial.set_user_attr("failure_reason", reason[:2000]))
+        with_retries(lambda: trial.set_user_attr("final", final))
+        with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
+        display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) FAILED: {reason}")
+
+    def record_result(entry: _Running, result: Dict[str, Any]) -> None:
+        trial = entry.trial
+        values = []
+        for metric in spec.metric_names:
+            value = result.get(metric)
+            if value is None or value != value:
+                record_failure(entry, f"metric {metric!r} missing from the trial's result", final=True)
+                return
+            values.append(float(value))
+        for constraint in spec.constraints:
+            value = float(result[constraint.metric])
+            violation = value - constraint.max if constraint.max is not None else constraint.min - value
+            trial.set_constraint(constraint.metric, violation)
+        attrs = {k: result[k] for k in RESULT_SCALARS if k in result}
+        attrs["test_metrics"] = result.get("test_metrics", {})
+        with_retries(lambda: trial.set_user_attr("result", attrs))
+        with_retries(lambda: trial.set_user_attr("layers", result.get("layers", {})))
+        with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))
+        with_retries(lambda: study.tell(trial, values, skip_if_finished=True))
+        display.durations.append(time.monotonic() - entry.started)
+        shown = ", ".join(f"{m} {v:.4g}" for m, v in zip(spec.metric_names, values))
+        display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) done: {shown}")
+
+    def retry_or_fail(entry: _Running, reason: str) -> None:
+        import ray
+
+        try:
+            ray.kill(entry.worker)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        if entry.attempt < spec.retries:
+            display.line(f"[{spec.name}] trial {entry.trial.number} attempt {entry.attempt + 1} failed "
+                         f"({reason}); retrying from its last checkpoint")
+            submit(entry.trial, entry.config, entry.attempt + 1)
+        else:
+            record_failure(entry, f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
+
+    import ray
+
+    try:
+        heartbeat()
+        launched_target = spec.trials
+        while True:
+            heartbeat()
+            in_flight = len(running)
+            while in_flight < spec.concurrency and done_count() + in_flight < launched_target:
+                trial = _next_trial(study, spec)
+                config = trial_config(spec, trial, device=device).to_dict()
+                digest = TrialConfig.from_dict(config).digest()
+                with_retries(lambda: trial.set_user_attr("config", config))
+                with_retries(lambda: trial.set_user_attr("config_digest", digest))
+                with_retries(lambda: trial.set_user_attr("family", config["family"]))
+                submit(trial, {**config, "_digest": digest}, attempt=0)
+                in_flight += 1
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                entry = running.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
+                    retry_or_fail(entry, f"worker died: {type(error).__name__}")
+                    continue
+                except ray.exceptions.RayTaskError as error:
+                    cause = error.cause if getattr(error, "cause", None) is not None else error
+                    retry_or_fail(entry, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
+                    continue
+                idle.append(entry.worker)
+                if outcome["ok"]:
+                    record_result(entry, outcome["result"])
+                else:
+                    record_failure(entry, outcome["reason"], final=True)
+                display.status(study, spec, len(running), force=True)
+            if spec.trial_timeout is not None:
+                now = time.monotonic()
+                for ref, entry in list(running.items()):
+                    if now - entry.started > spec.trial_timeout:
+                        running.pop(ref)
+                        retry_or_fail(entry, f"exceeded trial_timeout of {spec.trial_timeout:g}s")
+            display.status(study, spec, len(running))
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        for entry in running.values():
+            try:
+                ray.kill(entry.worker)
+            except Exception:  # noqa: BLE001
+                pass
+            record_failure(entry, "interrupted (Ctrl-C); `launch --resume` runs it again from its checkpoint",
+                           final=False)
+        print(f"[{spec.name}] stopped; continue with: gsmsearch launch {spec_path} --resume", file=out)
+    finally:
+        try:
+            heartbeat(clear=True)
+        except Exception:  # noqa: BLE001 - the database may be the thing that failed
+            pass
+        for worker in idle:
+            try:
+                ray.kill(worker)
+            except Exception:  # noqa: BLE001
+                pass
+
+    records = study_records(study)
+    summary.completed = sum(1 for r in records if r.state == "COMPLETE")
+    summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+    summary.front = [
+        {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values))}
+        for r in front_records(records, spec.directions)
+    ]
+    display.status(study, spec, 0, force=True)
+    return summary

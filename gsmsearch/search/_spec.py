@@ -1,0 +1,364 @@
+"""The study spec (``study.yaml``): typed, validated, canonicalised and hashed.
+
+Every error names the file, the key path and what was expected; validation happens before any
+database is touched, so a bad spec writes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "SpecError",
+    "StudySpec",
+    "load_spec",
+    "spec_from_dict",
+    "METRICS",
+    "FAMILY_KNOBS",
+]
+
+#: Result metrics a study may use as objectives or constraints, and their natural direction.
+METRICS = {
+    "quality": "maximize",
+    "relative_flops": "minimize",
+    "structured_relative_flops": "minimize",
+    "relative_linear_flops": "minimize",
+    "flops_per_sample": "minimize",
+    "params": "minimize",
+    "latency_ms": "minimize",
+    "train_seconds": "minimize",
+}
+
+#: Trial-config fields a family's search space may set (fixed value, choices or a range).
+FAMILY_KNOBS = (
+    "budget", "lam", "structure_lr", "sigma_init", "sigma_final", "sigma_start_epoch",
+    "sigma_end_epoch", "budget_control", "target_mean_width", "budget_anneal_epochs",
+    "fit_method", "lr", "weight_decay",
+)
+
+
+class SpecError(ValueError):
+    """A study spec that cannot be used; the message names file, key path and expectation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    """A numeric range to sample from: ``{low: 1e-4, high: 1e-1, log: true}``."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: Optional[float] = None
+    int: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined")
+        return self
+
+
+class Choices(_Strict):
+    """A categorical choice: ``{choices: [0.1, 0.2, 0.3]}``."""
+
+    choices: List[Union[float, int, str, bool, None]] = Field(min_length=1)
+
+
+Scalar = Union[float, int, str, bool, None]
+Param = Union[Range, Choices, Scalar]
+
+
+class FamilySpace(_Strict):
+    """The search space of one family: trial-config knobs and the family's own options."""
+
+    budget: Param = Choices(choices=[0.25])
+    lam: Optional[Param] = None
+    structure_lr: Optional[Param] = None
+    sigma_init: Optional[Param] = None
+    sigma_final: Optional[Param] = None
+    sigma_start_epoch: Optional[Param] = None
+    sigma_end_epoch: Optional[Param] = None
+    budget_control: Optional[Param] = None
+    target_mean_width: Optional[Param] = None
+    budget_anneal_epochs: Optional[Param] = None
+    fit_method: Optional[Param] = None
+    lr: Optional[Param] = None
+    weight_decay: Optional[Param] = None
+    options: Dict[str, Param] = Field(default_factory=dict)  # constructor options of the family
+
+    @field_validator(*FAMILY_KNOBS, mode="before")
+    @classmethod
+    def _parse(cls, value):
+        return _parse_param(value)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _parse_options(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of option names to values, got {value!r}")
+        return {key: _parse_param(v) for key, v in value.items()}
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_fraction(cls, value):
+        values = _param_values(value)
+        bad = [v for v in values if not isinstance(v, (int, float)) or not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"budgets are fractions of the dense FLOPs in (0, 1], got {bad[0]!r}")
+        return value
+
+
+def _parse_param(value):
+    """A number/string (fixed), a list (choices), {choices: [...]} or {low, high[, log, step, int]}."""
+    if isinstance(value, (Range, Choices)) or value is None or isinstance(value, (int, float, str, bool)):
+        return value
+    if isinstance(value, list):
+        return Choices(choices=value)
+    if isinstance(value, dict):
+        if "choices" in value:
+            return Choices(**value)
+        if "low" in value or "high" in value:
+            return Range(**value)
+    raise ValueError(
+        f"expected a value, a list of choices, {{choices: [...]}} or {{low: .., high: .., log: ..}}; got {value!r}"
+    )
+
+
+def _param_values(param) -> list:
+    if isinstance(param, Range):
+        return [param.low, param.high]
+    if isinstance(param, Choices):
+        return list(param.choices)
+    return [param]
+
+
+class WorkloadSpec(_Strict):
+    name: str
+    options: Dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["scratch", "finetune"] = "scratch"
+    epochs: int = Field(10, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    include: Optional[List[str]] = None
+    exclude: List[str] = Field(default_factory=list)
+    seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _known_workload(cls, name):
+        from ..workloads import workload_names
+
+        if name not in workload_names():
+            raise ValueError(f"unknown workload {name!r}; expected one of: {', '.join(workload_names())}")
+        return name
+
+
+class Objective(_Strict):
+    metric: str
+    direction: Optional[Literal["maximize", "minimize"]] = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; expected one of: {', '.join(METRICS)}")
+        return metric
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or METRICS[self.metric]
+
+
+class Constraint(_Strict):
+    """``metric <= max`` or ``metric >= min`` (recorded with Optuna's set_constraint)."""
+
+    metric: str
+    max: Optional[float] = None
+    min: Optional[float] = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric):
+        return Objective._known_metric(metric)
+
+    @model_validator(mode="after")
+    def _one_bound(self):
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of max or min")
+        return self
+
+
+class Sampler(_Strict):
+    name: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    seed: Optional[int] = 0
+
+
+class Resources(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+
+
+class Executor(_Strict):
+    address: Optional[str] = None  # None: a local Ray; "auto" or "ray://host:port": a cluster
+    num_cpus: Optional[int] = Field(None, ge=1)  # size of a local Ray (default: all cores)
+
+
+class StudySpec(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    storage: Optional[str] = None  # None: an SQLite file beside the spec
+    workdir: Optional[str] = None  # checkpoints and caches; None: beside the spec
+    workload: WorkloadSpec
+    objectives: List[Objective] = Field(
+        default_factory=lambda: [Objective(metric="quality"), Objective(metric="relative_flops")],
+        min_length=1,
+    )
+    constraints: List[Constraint] = Field(default_factory=list)
+    families: Dict[str, FamilySpace] = Field(min_length=1)
+    sampler: Sampler = Sampler()
+    trials: int = Field(ge=1)
+    concurrency: int = Field(1, ge=1)
+    resources: Resources = Resources()
+    retries: int = Field(1, ge=0)
+    trial_timeout: Optional[float] = Field(None, gt=0)  # seconds per trial attempt
+    executor: Executor = Executor()
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, name):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(
+                f"study names use letters, digits, '.', '_' and '-', starting with a letter or digit; got {name!r}"
+            )
+        return name
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, families):
+        from ..structured import family_names
+
+        known = ["dense"] + [f for f in family_names() if f != "dense"]
+        for name in families:
+            if name not in known:
+                raise ValueError(f"unknown family {name!r}; expected one of: {', '.join(known)}")
+        return families
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url):
+        if url is None:
+            return url
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            parsed = make_url(os.path.expandvars(url))
+        except ArgumentError:
+            raise ValueError(f"not a database URL: {url!r} (expected e.g. sqlite:///study.db or "
+                             "postgresql+psycopg://user@host/db)") from None
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql", "mysql"):
+            raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
+        if parsed.password is not None and "${" not in url:
+            raise ValueError(
+                "do not write a password into the spec; use ${ENV_VAR} in the URL, PGPASSWORD or ~/.pgpass"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _objectives_distinct(self):
+        metrics = [o.metric for o in self.objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"objectives repeat a metric: {metrics}")
+        return self
+
+    # -- derived ----------------------------------------------------------------------------
+    def canonical(self) -> Dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def digest(self) -> str:
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def directions(self) -> List[str]:
+        return [o.resolved_direction for o in self.objectives]
+
+    @property
+    def metric_names(self) -> List[str]:
+        return [o.metric for o in self.objectives]
+
+
+def _format_location(loc) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("Range", "Choices", "float", "int", "str", "bool", "none", "function-after[_check(), Range]"):
+            continue
+        elif "[" in str(item) or "function" in str(item):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines, seen = [], set()
+    for item in error.errors():
+        where = _format_location(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the README's study.yaml reference)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and item["type"] not in ("value_error",):
+            message += f" (got {item['input']!r})"
+        # a union reports one failure per branch: keep the first per key path
+        if where in seen:
+            continue
+        seen.add(where)
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_errors(source, error)) from None
+
+
+def load_spec(path: Union[str, Path]) -> StudySpec:
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as error:
+        raise SpecError(f"{path}: cannot read the file ({error.__class__.__name__}: {error})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise SpecError(f"{path}: not valid YAML at {where}: {getattr(error, 'problem', error)}") from None
+    return spec_from_dict(data, str(path))

@@ -1,0 +1,127 @@
+"""Where a study lives: storage URLs, engines that survive restarts, stale-trial recovery.
+
+- The default storage is an SQLite file beside the spec (``<spec dir>/<name>.db``).
+- ``${VAR}`` in a URL is expanded from the environment when the storage is opened (never stored);
+  PostgreSQL passwords can also come from PGPASSWORD or ~/.pgpass (libpq reads them).
+- Engines use ``pool_pre_ping`` (PostgreSQL/MySQL: a connection lost to a server restart is
+  replaced instead of failing a write) and a long SQLite busy timeout.
+- Only the driver writes to the database (workers return results to it), so SQLite is safe.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+__all__ = [
+    "resolve_storage_url",
+    "redact",
+    "open_storage",
+    "with_retries",
+    "fail_stale_trials",
+]
+
+T = TypeVar("T")
+
+
+def resolve_storage_url(url: Optional[str], *, spec_dir: Path, study_name: str) -> str:
+    """The storage URL as written (``${VAR}`` unexpanded); default: SQLite beside the spec."""
+    if url is None:
+        return f"sqlite:///{(Path(spec_dir) / f'{study_name}.db').resolve()}"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        # relative SQLite paths are relative to the spec, not to the working directory
+        relative = url[len("sqlite:///"):]
+        return f"sqlite:///{(Path(spec_dir) / relative).resolve()}"
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL for messages and logs: password hidden, ${VAR} left as written."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - never let a message fail
+        return "<unparseable storage URL>"
+
+
+def _expand(url: str) -> str:
+    missing = [name for name in _env_names(url) if name not in os.environ]
+    if missing:
+        raise ValueError(f"storage URL {redact(url)} uses ${{{missing[0]}}}, which is not set")
+    return os.path.expandvars(url)
+
+
+def _env_names(url: str):
+    import re
+
+    return re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", url)
+
+
+def open_storage(url: str, *, must_exist: bool = False):
+    """An Optuna RDBStorage for ``url`` with engine settings that survive restarts and locks."""
+    import optuna
+
+    expanded = _expand(url)
+    if expanded.startswith("sqlite:"):
+        path = expanded.split("sqlite:///", 1)[-1]
+        if must_exist and not Path(path).exists():
+            raise FileNotFoundError(f"no study database at {path}")
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}
+    try:
+        return with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs))
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _transient(error: Exception) -> bool:
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    text = str(error).lower()
+    if isinstance(error, OperationalError):
+        return True
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return any(s in text for s in ("database is locked", "server closed the connection",
+                                   "connection refused", "could not connect", "terminating connection"))
+
+
+def with_retries(action: Callable[[], T], *, attempts: int = 8, first_delay: float = 0.5) -> T:
+    """Run ``action``, retrying transient database errors with exponential backoff (~1 min)."""
+    import optuna
+
+    delay = first_delay
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001
+            cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+            if attempt == attempts - 1 or not (_transient(error) or (cause and _transient(cause))):
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def fail_stale_trials(study, *, reason: str) -> list:
+    """Mark every RUNNING trial of ``study`` FAIL (their driver is gone).  Returns their params.
+
+    Only call this when no other driver runs the study (launch holds the study lock)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    stale = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "failure_reason", reason)
+        study._storage.set_trial_user_attr(trial._trial_id, "final", False)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        stale.append(trial)
+    return stale

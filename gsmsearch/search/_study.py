@@ -1,0 +1,76 @@
+"""Reading studies back: trial records, fronts and summaries (used by status/export/dashboard)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ._pareto import hypervolume_2d, pareto_front
+
+__all__ = ["TrialRecord", "study_records", "front_records", "default_reference", "study_hypervolume"]
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    family: Optional[str]
+    values: Optional[List[float]]
+    params: Dict[str, Any]
+    user_attrs: Dict[str, Any]
+    constraints: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints.values())
+
+    @property
+    def failure_reason(self) -> Optional[str]:
+        return self.user_attrs.get("failure_reason")
+
+
+def study_records(study) -> List[TrialRecord]:
+    records = []
+    for trial in study.get_trials(deepcopy=False):
+        constraints = {
+            key.split(":", 1)[1]: float(value)
+            for key, value in trial.system_attrs.items()
+            if key.startswith("constraints:")
+        }
+        family = trial.params.get("family") or trial.user_attrs.get("family")
+        records.append(TrialRecord(
+            number=trial.number, state=trial.state.name, family=family,
+            values=list(trial.values) if trial.values is not None else None,
+            params=dict(trial.params), user_attrs=dict(trial.user_attrs), constraints=constraints,
+        ))
+    return records
+
+
+def front_records(records: List[TrialRecord], directions: List[str]) -> List[TrialRecord]:
+    """The feasible, complete, non-dominated records."""
+    candidates = [r for r in records if r.state == "COMPLETE" and r.values is not None and r.feasible]
+    return [candidates[i] for i in pareto_front([r.values for r in candidates], directions)]
+
+
+def default_reference(metric_names: List[str], directions: List[str], records) -> List[float]:
+    """A reference point for hypervolume: quality 0, relative costs 1 (dense), else the worst
+    observed value."""
+    reference = []
+    for index, (metric, direction) in enumerate(zip(metric_names, directions)):
+        if metric == "quality" and direction == "maximize":
+            reference.append(0.0)
+        elif metric.startswith("relative") or metric == "structured_relative_flops":
+            reference.append(1.0)
+        else:
+            observed = [r.values[index] for r in records if r.values is not None]
+            worst = (max if direction == "minimize" else min)(observed) if observed else 0.0
+            reference.append(worst * 1.1 if direction == "minimize" else worst * 0.9)
+    return reference
+
+
+def study_hypervolume(records, metric_names, directions, reference=None) -> float:
+    if len(directions) != 2:
+        return math.nan
+    front = front_records(records, directions)
+    reference = reference or default_reference(metric_names, directions, records)
+    return hypervolume_2d([r.values for r in front], directions, reference)
