@@ -1,0 +1,315 @@
+"""The :class:`Workload` interface (a named task: data, model, loss, metric) and its registry.
+
+A workload is everything the trainer needs to know about one task:
+
+* :meth:`Workload.load_data` -- train/val/test splits, fixed by a seed;
+* :meth:`Workload.build_model` -- the model, built with a *linear factory*
+  ``linear_factory(in_features, out_features, bias=True) -> nn.Module`` (default ``nn.Linear``)
+  that constructs every linear layer that is a candidate for structure;
+* :meth:`Workload.forward` / :meth:`Workload.loss` -- one training step's maths;
+* :meth:`Workload.evaluate` -- metrics on a split, always with ``"quality"`` (higher is better).
+
+Workloads are registered under a name with :func:`register_workload` and built with
+:func:`get_workload`, which passes keyword options to the workload's constructor.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import fnmatch
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "LinearFactory",
+    "DataSplits",
+    "Workload",
+    "register_workload",
+    "get_workload",
+    "workload_names",
+    "move_to_device",
+]
+
+#: ``linear_factory(in_features, out_features, bias=True) -> nn.Module``; ``nn.Linear`` fits.
+LinearFactory = Callable[..., nn.Module]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def move_to_device(batch: Any, device: Optional[torch.device]) -> Any:
+    """``batch`` (a tensor, or a tuple/list/dict of them, nested) with every tensor on ``device``."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """The three splits of a workload's data, and how to batch them.
+
+    ``collate_fn`` is ``None`` for the default collation (tuples of stacked tensors).
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    collate_fn: Optional[Callable[[list], Any]] = None
+
+    def __getitem__(self, split: str) -> Dataset:
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLIT_NAMES)}")
+        return getattr(self, split)
+
+    def sizes(self) -> Dict[str, int]:
+        return {name: len(self[name]) for name in SPLIT_NAMES}
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: Optional[int] = None,
+        drop_last: bool = False,
+        num_workers: int = 0,
+    ) -> DataLoader:
+        """A DataLoader over ``split``; with ``shuffle`` the order is fixed by ``seed``."""
+        generator = None
+        if shuffle and seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        return DataLoader(
+            self[split],
+            batch_size=int(batch_size),
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            collate_fn=self.collate_fn,
+        )
+
+
+class Workload(abc.ABC):
+    """A named task: data, model (built through a linear factory), loss and quality metric.
+
+    Subclasses set the class attributes below, implement :meth:`load_data`, :meth:`build_model`,
+    :meth:`example_batch` and :meth:`evaluate`, and usually keep the classification defaults of
+    :meth:`forward` (``model(batch[0])``) and :meth:`loss` (cross-entropy on ``batch[1]``).
+    Constructor options are keyword-only and validated on entry.
+    """
+
+    name: str = ""  # set by @register_workload
+    #: fnmatch patterns of the qualified names of the layers built through the linear factory.
+    candidate_patterns: Tuple[str, ...] = ()
+    default_epochs: int = 10
+    default_batch_size: int = 64
+    default_lr: float = 1e-3
+    default_weight_decay: float = 0.0
+
+    # -- data -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def load_data(self, seed: int = 0) -> DataSplits:
+        """Train/val/test splits; the same ``seed`` always gives the same disjoint splits."""
+
+    @abc.abstractmethod
+    def example_batch(self, batch_size: int = 2, seed: int = 0) -> Any:
+        """A small synthetic batch in the format of the loaders' batches (no data files read)."""
+
+    # -- model ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_model(self, linear_factory: LinearFactory = nn.Linear) -> nn.Module:
+        """The model; every candidate linear layer is ``linear_factory(in, out, bias=...)``."""
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's output on ``batch`` (what :meth:`loss` takes)."""
+        return model(batch[0])
+
+    def loss(self, model_output: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The scalar training loss."""
+        return nn.functional.cross_entropy(model_output, batch[1])
+
+    # -- metrics --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluate(
+        self,
+        model: nn.Module,
+        split: Dataset,
+        *,
+        batch_size: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        collate_fn: Optional[Callable[[list], Any]] = None,
+    ) -> Dict[str, float]:
+        """Metrics of ``model`` on ``split``; always has ``"quality"`` (higher is better)."""
+
+    # -- cost accounting ------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def tokens_per_sample(self) -> int:
+        """How many tokens (rows) each token-wise linear layer processes per sample.
+
+        Exact for every candidate layer of MLPs, ViTs and transformers.  Models whose layers
+        see different counts (MLP-Mixer's token-mixing layers) are described exactly by
+        :meth:`layer_tokens_per_sample`.
+        """
+
+    def layer_tokens_per_sample(self, model: nn.Module) -> Dict[str, float]:
+        """Qualified name -> rows processed per sample, for every module with ``in_features``.
+
+        Measured with forward hooks on :meth:`example_batch`, so it holds for any layer type
+        (``nn.Linear`` or a structured drop-in); the per-sample FLOPs of a layer are its
+        per-token FLOPs times this number.
+        """
+        batch_size = 2
+        counts: Dict[str, float] = {}
+        handles = []
+        for name, module in model.named_modules():
+            in_features = getattr(module, "in_features", None)
+            if not isinstance(in_features, int) or name == "":
+                continue
+
+            def hook(mod, inputs, output, name=name, in_features=in_features):
+                rows = inputs[0].numel() // in_features
+                counts[name] = counts.get(name, 0.0) + rows / batch_size
+
+            handles.append(module.register_forward_hook(hook))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.forward(model, self.example_batch(batch_size))
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        return counts
+
+    def candidate_layer_names(self, model: nn.Module) -> List[str]:
+        """Qualified names in ``model`` that match :attr:`candidate_patterns`."""
+        return [
+            name
+            for name, _ in model.named_modules()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.candidate_patterns)
+        ]
+
+    def options(self) -> Dict[str, Any]:
+        """The resolved constructor options (JSON-able), for trial records."""
+        return dict(getattr(self, "_options", {}))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{key}={value!r}" for key, value in self.options().items())
+        return f"{type(self).__name__}(name={self.name!r}{', ' if opts else ''}{opts})"
+
+    # -- helpers for subclasses -----------------------------------------------------------
+    def _loader_for_eval(
+        self, split: Dataset, batch_size: Optional[int], collate_fn: Optional[Callable]
+    ) -> DataLoader:
+        return DataLoader(
+            split, batch_size=int(batch_size or self.default_batch_size), collate_fn=collate_fn
+        )
+
+
+def classification_metrics(
+    workload: Workload,
+    model: nn.Module,
+    loader: DataLoader,
+    device: Optional[torch.device],
+) -> Dict[str, float]:
+    """``{"quality": accuracy, "accuracy": ..., "loss": mean cross-entropy}`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                batch = move_to_device(batch, device)
+                logits = workload.forward(model, batch)  # (B, classes)
+                labels = batch[1]
+                loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(dim=-1) == labels).sum().item()
+                total += labels.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    accuracy = correct / total
+    return {"quality": accuracy, "accuracy": accuracy, "loss": loss_sum / total}
+
+
+class ClassificationWorkload(Workload):
+    """Base for image/feature classification: batches are ``(inputs, labels)``."""
+
+    def evaluate(self, model, split, *, batch_size=None, device=None, collate_fn=None):
+        loader = self._loader_for_eval(split, batch_size, collate_fn)
+        return classification_metrics(self, model, loader, device)
+
+
+_WORKLOADS: Dict[str, Type[Workload]] = {}
+
+
+def register_workload(name: str) -> Callable[[Type[Workload]], Type[Workload]]:
+    """Class decorator: register a :class:`Workload` subclass under ``name``."""
+
+    def decorator(cls: Type[Workload]) -> Type[Workload]:
+        if name in _WORKLOADS and _WORKLOADS[name] is not cls:
+            raise ValueError(f"workload {name!r} is already registered")
+        cls.name = name
+        _WORKLOADS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_workload(name: str, **options: Any) -> Workload:
+    """The workload registered as ``name``, constructed with ``options``."""
+    try:
+        cls = _WORKLOADS[name]
+    except KeyError:
+        known = ", ".join(sorted(_WORKLOADS))
+        raise ValueError(f"unknown workload {name!r}; expected one of: {known}") from None
+    accepted = [
+        param.name
+        for param in inspect.signature(cls).parameters.values()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"workload {name!r} has no option {unknown[0]!r}; "
+            f"its options are: {', '.join(accepted) or '(none)'}"
+        )
+    return cls(**options)
+
+
+def workload_names() -> List[str]:
+    return sorted(_WORKLOADS)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or a ValueError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_fractions(name: str, value: Sequence[float]) -> Tuple[float, float, float]:
+    """Three positive split fractions summing to 1."""
+    try:
+        fractions = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be three numbers (train, val, test), got {value!r}") from None
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"{name} must be three positive fractions summing to 1, got {value!r}")
+    return fractions  # type: ignore[return-value]
+
+
+def record_options(workload: Workload, options: Mapping[str, Any]) -> None:
+    workload._options = dict(options)  # type: ignore[attr-defined]
