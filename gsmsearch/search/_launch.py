@@ -29,6 +29,7 @@ from ._study import front_records, study_hypervolume, study_records
 __all__ = ["launch", "LaunchSummary", "make_sampler", "study_paths"]
 
 DRIVER_STALE_SECONDS = 60.0
+DUPLICATES_IN_A_ROW = 8  # a family whose sampler repeats finished configurations this often is exhausted
 RESULT_SCALARS = (
     "quality", "val_quality", "flops_per_sample", "dense_flops_per_sample", "relative_flops",
     "relative_linear_flops", "structured_relative_flops", "params", "dense_params", "latency_ms",
@@ -119,6 +120,21 @@ class _Running:
     started: float
 
 
+def _driver_alive(driver: Dict[str, Any]) -> bool:
+    """Whether the driver recorded on the study may still be running: its heartbeat is recent
+    and, when it ran on this host, its process still exists."""
+    if time.time() - float(driver.get("heartbeat", 0)) >= DRIVER_STALE_SECONDS:
+        return False
+    if driver.get("host") == socket.gethostname():
+        try:
+            os.kill(int(driver["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, KeyError):
+            return True
+    return True
+
+
 def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
     import optuna
 
@@ -144,7 +160,7 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
                 f"pass --resume to continue it"
             )
         driver = study.user_attrs.get("driver")
-        if driver and not force and time.time() - float(driver.get("heartbeat", 0)) < DRIVER_STALE_SECONDS:
+        if driver and not force and _driver_alive(driver):
             raise SpecError(
                 f"another driver is running study {spec.name!r} (pid {driver.get('pid')} on "
                 f"{driver.get('host')}, seen {time.time() - float(driver['heartbeat']):.0f}s ago); "
@@ -169,38 +185,51 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
 
 def _requeue_unfinished(study) -> int:
     """Enqueue again the configurations of trials that stopped without a verdict (stale or
-    interrupted) and that no COMPLETE trial has run since; returns how many."""
+    interrupted) and that no COMPLETE trial has run since; returns how many.  A re-enqueued trial
+    carries ``requeued_from`` (finished trials cannot be updated, so the mark is on the new one)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     completed = {t.user_attrs.get("config_digest") for t in trials if t.state == TrialState.COMPLETE}
-    queued = {json.dumps(t.system_attrs.get("fixed_params", {}), sort_keys=True)
-              for t in trials if t.state == TrialState.WAITING}
+    requeued = {t.user_attrs.get("requeued_from") for t in trials}
     count = 0
     for trial in trials:
         if trial.state != TrialState.FAIL or trial.user_attrs.get("final", True):
             continue
-        if trial.user_attrs.get("requeued") or trial.user_attrs.get("config_digest") in completed:
+        if trial.number in requeued or trial.user_attrs.get("config_digest") in completed:
             continue
-        key = json.dumps(trial.params, sort_keys=True)
-        if trial.params and key not in queued:
-            with_retries(lambda: study.enqueue_trial(trial.params, skip_if_exists=False))
-            queued.add(key)
-            count += 1
-        with_retries(lambda: study._storage.set_trial_user_attr(trial._trial_id, "requeued", True))
+        if not trial.params:
+            continue
+        with_retries(lambda: study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number},
+                                                 skip_if_exists=False))
+        count += 1
     return count
 
 
-def _next_trial(study, spec: StudySpec):
-    """Ask for the next trial: a re-enqueued configuration first, else the least-tried family."""
+def _known_digests(study, running) -> Dict[str, int]:
+    """config digest -> trial number, for COMPLETE trials and those running now."""
+    known = {}
+    for t in study.get_trials(deepcopy=False):
+        digest = t.user_attrs.get("config_digest")
+        if digest and (t.state.name == "COMPLETE" or t.state.name == "RUNNING"):
+            known[digest] = t.number
+    return known
+
+
+def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int]):
+    """Ask for the next trial: a re-enqueued configuration first, else the least-tried family
+    among those whose space is not exhausted (``exhausted``: family -> duplicates in a row)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.WAITING for t in trials):
-        counts = {family: 0 for family in spec.families}
+        counts = {family: 0 for family in spec.families if exhausted.get(family, 0) < DUPLICATES_IN_A_ROW}
+        if not counts:
+            return None
         for t in trials:
             family = t.params.get("family")
-            if family in counts and not (t.state == TrialState.FAIL and not t.user_attrs.get("final", True)):
+            if family in counts and t.state in (TrialState.COMPLETE, TrialState.RUNNING) or (
+                    family in counts and t.state == TrialState.FAIL and t.user_attrs.get("final", True)):
                 counts[family] += 1
         family = min(counts, key=lambda f: (counts[f], list(spec.families).index(f)))
         with_retries(lambda: study.enqueue_trial({"family": family}, skip_if_exists=False))
@@ -328,6 +357,8 @@ def launch(
 
     import ray
 
+    exhausted: Dict[str, int] = {}
+    exhausted_reported = False
     try:
         heartbeat()
         launched_target = spec.trials
@@ -335,9 +366,26 @@ def launch(
             heartbeat()
             in_flight = len(running)
             while in_flight < spec.concurrency and done_count() + in_flight < launched_target:
-                trial = _next_trial(study, spec)
+                trial = _next_trial(study, spec, exhausted)
+                if trial is None:
+                    if not exhausted_reported:
+                        display.line(f"[{spec.name}] every family's search space is exhausted "
+                                     f"(the samplers only propose configurations already run)")
+                        exhausted_reported = True
+                    launched_target = done_count() + in_flight
+                    break
                 config = trial_config(spec, trial, device=device).to_dict()
                 digest = TrialConfig.from_dict(config).digest()
+                known = _known_digests(study, running)
+                if digest in known:
+                    # never run a configuration twice: record the proposal as pruned and ask again
+                    with_retries(lambda: trial.set_user_attr("duplicate_of", known[digest]))
+                    with_retries(lambda: trial.set_user_attr("family", config["family"]))
+                    with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.PRUNED,
+                                                    skip_if_finished=True))
+                    exhausted[config["family"]] = exhausted.get(config["family"], 0) + 1
+                    continue
+                exhausted[config["family"]] = 0
                 with_retries(lambda: trial.set_user_attr("config", config))
                 with_retries(lambda: trial.set_user_attr("config_digest", digest))
                 with_retries(lambda: trial.set_user_attr("family", config["family"]))

@@ -1,0 +1,133 @@
+"""End-to-end studies on a real local Ray (loopback) with SQLite and PostgreSQL storages."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+
+from gsmsearch.cli import main
+from gsmsearch.search import launch, pareto_front
+
+from .conftest import TINY_SPEC
+from .test_pareto import brute_front
+
+
+def check_study(storage_url, name="tiny", expected=4):
+    study = optuna.load_study(study_name=name, storage=storage_url)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == expected
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    assert study.metric_names == ["quality", "relative_flops"]
+    families = set()
+    for t in complete:
+        assert len(t.values) == 2 and 0 <= t.values[0] <= 1 and 0 < t.values[1] <= 1
+        assert t.params["family"] == t.user_attrs["family"] == t.user_attrs["config"]["family"]
+        families.add(t.params["family"])
+        # the constraint is recorded (Optuna 5 set_constraint) and consistent with the value
+        assert t.system_attrs["constraints:relative_flops"] == pytest.approx(t.values[1] - 0.35)
+        assert t.user_attrs["result"]["relative_flops"] == t.values[1]
+        assert t.user_attrs["layers"]  # per-layer structure summary
+    assert families == {"gblr", "lowrank"}  # both arms ran (balanced allocation)
+    # the study's front = brute-force non-dominated filter of the feasible trials
+    feasible = [t for t in complete if t.system_attrs["constraints:relative_flops"] <= 0]
+    expected_front = {feasible[i].number for i in brute_front([t.values for t in feasible],
+                                                              ["maximize", "minimize"])}
+    assert {t.number for t in study.best_trials} == expected_front
+    return study
+
+
+def test_study_on_sqlite_end_to_end(write_spec, tmp_path, capsys):
+    spec = write_spec()
+    assert main(["launch", str(spec), "--status-interval", "5"]) == 0
+    out = capsys.readouterr()
+    assert "Pareto front" in out.out and "4 complete" in out.out
+    study = check_study(f"sqlite:///{tmp_path / 'tiny.db'}")
+    assert study.user_attrs["spec_hash"]
+    assert list((tmp_path / ".gsmsearch" / "tiny" / "structures").glob("trial-*.safetensors"))
+    # status / list / export read it back
+    assert main(["status", str(spec)]) == 0
+    assert "Pareto front (feasible trials)" in capsys.readouterr().out
+    assert main(["list", "--storage", f"sqlite:///{tmp_path / 'tiny.db'}"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    for fmt in ("csv", "parquet"):
+        out_file = tmp_path / f"trials.{fmt}"
+        assert main(["export", str(spec), "--format", fmt, "-o", str(out_file)]) == 0
+        import pandas as pd
+
+        frame = pd.read_csv(out_file) if fmt == "csv" else pd.read_parquet(out_file)
+        assert len(frame) == 4 and {"values_quality", "values_relative_flops", "params_family"} <= set(frame.columns)
+    # the optuna CLI reads our database as a standard study
+    optuna_cli = os.path.join(os.path.dirname(sys.executable), "optuna")
+    cli = subprocess.run([optuna_cli, "best-trials", "--study-name", "tiny",
+                          "--storage", f"sqlite:///{tmp_path / 'tiny.db'}", "-f", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert {t["number"] for t in json.loads(cli.stdout)} == {t.number for t in study.best_trials}
+    # relaunching with a different spec refuses; --resume on a finished study runs nothing new
+    changed = write_spec({"trials": 5}, name="changed.yaml")
+    assert main(["launch", str(changed), "--resume"]) == 2
+    assert "different spec" in capsys.readouterr().err
+    assert main(["launch", str(spec)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["launch", str(spec), "--resume"]) == 0
+    check_study(f"sqlite:///{tmp_path / 'tiny.db'}")
+
+
+def test_study_on_postgres_end_to_end(write_spec, postgres_url):
+    spec = write_spec({"storage": postgres_url})
+    summary = launch(spec, status_interval=5)
+    assert summary.completed == 4 and not summary.interrupted
+    check_study(postgres_url)
+
+
+def test_killed_driver_then_resume_keeps_every_finished_trial(write_spec, tmp_path):
+    spec = write_spec({"trials": 6, "workload": {**TINY_SPEC["workload"], "epochs": 12}})
+    db = f"sqlite:///{tmp_path / 'tiny.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "gsmsearch", "launch", str(spec),
+                               "--status-interval", "2"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"))
+    finished_before = {}
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(1.0)
+            if not (tmp_path / "tiny.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="tiny", storage=db).get_trials()
+            except Exception:  # noqa: BLE001 - the study may not exist yet
+                continue
+            done = [t for t in trials if t.state.name == "COMPLETE"]
+            if len(done) >= 2 and any(t.state.name == "RUNNING" for t in trials):
+                finished_before = {t.number: (t.values, t.user_attrs["config_digest"]) for t in done}
+                break
+        assert finished_before, "the driver never got two trials done:\n" + (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait(30)
+    time.sleep(1.0)
+    study = optuna.load_study(study_name="tiny", storage=db)
+    assert any(t.state.name == "RUNNING" for t in study.get_trials())  # left behind by the kill
+
+    summary = launch(spec, resume=True, status_interval=5)
+    assert not summary.interrupted
+    trials = optuna.load_study(study_name="tiny", storage=db).get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 6
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    # every trial finished before the kill is still there, unchanged
+    for number, (values, digest) in finished_before.items():
+        assert trials[number].state.name == "COMPLETE" and trials[number].values == values
+    # the killed trials were marked stale and their configurations re-run, never a finished one twice
+    stale = [t for t in trials if t.state.name == "FAIL"]
+    assert stale and all(t.user_attrs["failure_reason"].startswith("stale") for t in stale)
+    digests = [t.user_attrs["config_digest"] for t in complete]
+    assert len(digests) == len(set(digests))
+    assert {t.user_attrs["config_digest"] for t in stale} <= set(digests)

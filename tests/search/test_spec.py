@@ -1,0 +1,95 @@
+"""Study specs: the malformed-spec corpus gets clear errors and writes nothing."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsmsearch.cli import main
+from gsmsearch.search import SpecError, load_spec, spec_from_dict
+
+from .conftest import TINY_SPEC
+
+BAD = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
+
+
+def expected_message(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), path
+    return first[len("# expect: "):]
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_malformed_spec_is_rejected_naming_file_and_key(path, tmp_path, capsys, monkeypatch):
+    spec = tmp_path / path.name
+    spec.write_text(path.read_text())
+    monkeypatch.chdir(tmp_path)
+    code = main(["launch", str(spec)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(spec) in err  # the file is named
+    assert re.search(expected_message(path), err), err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing written
+
+
+def test_bad_spec_writes_nothing_to_postgres(tmp_path, postgres_url, capsys):
+    import sqlalchemy
+
+    spec = {**TINY_SPEC, "storage": postgres_url, "trials": "many"}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["launch", str(path)]) == 2
+    assert "trials: Input should be a valid integer" in capsys.readouterr().err
+    engine = sqlalchemy.create_engine(postgres_url)
+    assert sqlalchemy.inspect(engine).get_table_names() == []  # not even Optuna's tables
+    engine.dispose()
+
+
+def test_missing_and_unreadable_files(tmp_path, capsys):
+    assert main(["launch", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+    (tmp_path / "dir.yaml").mkdir()
+    assert main(["launch", str(tmp_path / "dir.yaml")]) == 2
+    assert "dir.yaml: cannot read the file" in capsys.readouterr().err
+
+
+def test_cli_exit_status_in_a_real_process(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text((Path(__file__).parent / "bad_specs" / "unknown_key.yaml").read_text())
+    out = subprocess.run([sys.executable, "-m", "gsmsearch", "launch", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"{path}: concurency: unknown key" in out.stderr
+
+
+def test_spec_canonical_hash_ignores_formatting_but_not_content():
+    a = spec_from_dict(TINY_SPEC)
+    b = spec_from_dict(yaml.safe_load(yaml.safe_dump(TINY_SPEC, default_flow_style=True)))
+    assert a.digest() == b.digest()
+    c = spec_from_dict({**TINY_SPEC, "trials": 5})
+    assert c.digest() != a.digest()
+    # defaults are part of the canonical form: writing a default explicitly changes nothing
+    d = spec_from_dict({**TINY_SPEC, "retries": 1})
+    assert d.digest() == a.digest()
+
+
+def test_shorthands_for_parameters():
+    spec = spec_from_dict({**TINY_SPEC, "families": {"gblr": {
+        "budget": [0.1, 0.2], "lam": {"low": 1e-4, "high": 1e-1, "log": True}, "structure_lr": 0.01,
+        "options": {"rank_per_component": [1, 2]}}}})
+    space = spec.families["gblr"]
+    assert space.budget.choices == [0.1, 0.2]
+    assert space.lam.log and space.lam.low == 1e-4
+    assert space.structure_lr == 0.01
+    assert space.options["rank_per_component"].choices == [1, 2]
+
+
+def test_example_studies_are_valid():
+    root = Path(__file__).resolve().parents[2] / "studies"
+    specs = sorted(root.glob("*.yaml"))
+    assert len(specs) >= 5
+    for path in specs:
+        load_spec(path)  # raises SpecError with the reason if not
