@@ -158,6 +158,22 @@ class WorkloadSpec(_Strict):
     exclude: List[str] = Field(default_factory=list)
     seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
 
+    @model_validator(mode="after")
+    def _known_options(self):
+        """Option names are checked against the workload's constructor (values are checked when
+        a trial builds the workload: data paths of cluster studies need not exist here)."""
+        import inspect
+
+        from ..workloads._registry import _WORKLOADS
+
+        accepted = [p.name for p in inspect.signature(_WORKLOADS[self.name]).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        for option in self.options:
+            if option not in accepted:
+                raise ValueError(f"workload {self.name!r} has no option {option!r}; its options are: "
+                                 f"{', '.join(accepted) or '(none)'}")
+        return self
+
     @field_validator("name")
     @classmethod
     def _known_workload(cls, name):

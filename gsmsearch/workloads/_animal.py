@@ -18,6 +18,7 @@ from torch import nn
 
 from ._mixer import MixerConfig, MlpMixer
 from ._registry import (
+    attention_flops,
     ClassificationWorkload,
     DataSplits,
     check_fractions,
@@ -117,6 +118,9 @@ class AnimalMnistViT(_AnimalMnistWorkload):
     @property
     def tokens_per_sample(self) -> int:
         return self.config.num_tokens
+
+    def nonlinear_flops_per_sample(self, model) -> int:
+        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)
 
 
 @register_workload("animal-mnist-mixer")

@@ -8,6 +8,7 @@ from torch import nn
 
 from ._mlp import MLP
 from ._registry import (
+    attention_flops,
     ClassificationWorkload,
     DataSplits,
     check_fractions,
@@ -131,3 +132,6 @@ class DigitsViT(ClassificationWorkload):
     @property
     def tokens_per_sample(self) -> int:
         return self.config.num_tokens
+
+    def nonlinear_flops_per_sample(self, model) -> int:
+        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)

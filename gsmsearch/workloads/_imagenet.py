@@ -16,6 +16,7 @@ from torch import nn
 
 from ._image_folder import ImageFolder, list_image_folder
 from ._registry import (
+    attention_flops,
     ClassificationWorkload,
     DataSplits,
     check_positive_int,
@@ -60,6 +61,7 @@ class ViTB16ImageNet(ClassificationWorkload):
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ValueError(f"checkpoint {str(checkpoint)!r} is not a file")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.pretrained = self.checkpoint is not None
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         self.val_fraction = float(val_fraction)
@@ -107,6 +109,9 @@ class ViTB16ImageNet(ClassificationWorkload):
     @property
     def tokens_per_sample(self) -> int:
         return self.config.num_tokens
+
+    def nonlinear_flops_per_sample(self, model) -> int:
+        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:

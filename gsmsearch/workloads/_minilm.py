@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ._bert import BertConfig, load_bert_sentence_encoder
 from ._registry import (
+    attention_flops,
     DataSplits,
     Workload,
     check_fractions,
@@ -95,6 +96,7 @@ class MiniLMCompress(Workload):
     default_epochs = 5
     default_batch_size = 32
     default_lr = 1e-4
+    pretrained = True  # build_model() loads the shipped all-MiniLM-L6-v2 weights
 
     def __init__(
         self,
@@ -227,6 +229,9 @@ class MiniLMCompress(Workload):
         loss = self.loss(student, {"teacher": teacher}).item()
         return {"quality": cosine.mean().item(), "mean_cosine": cosine.mean().item(),
                 "min_cosine": cosine.min().item(), "retrieval_top1": retrieval, "loss": loss}
+
+    def nonlinear_flops_per_sample(self, model) -> int:
+        return attention_flops(self.config.num_hidden_layers, self.tokens_per_sample, self.config.hidden_size)
 
     @property
     def tokens_per_sample(self) -> int:

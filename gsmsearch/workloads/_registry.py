@@ -114,6 +114,9 @@ class Workload(abc.ABC):
     default_batch_size: int = 64
     default_lr: float = 1e-3
     default_weight_decay: float = 0.0
+    #: True when :meth:`build_model` returns trained weights (a checkpoint): fine-tuning then
+    #: starts from it instead of from a dense model the trainer pre-trains and caches.
+    pretrained: bool = False
 
     # -- data -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -160,6 +163,11 @@ class Workload(abc.ABC):
         see different counts (MLP-Mixer's token-mixing layers) are described exactly by
         :meth:`layer_tokens_per_sample`.
         """
+
+    def nonlinear_flops_per_sample(self, model: nn.Module) -> int:
+        """Multiply-adds per sample that no linear structure changes (attention scores and the
+        attention-weighted sum); counted in both a model's cost and its dense cost.  0 here."""
+        return 0
 
     def layer_tokens_per_sample(self, model: nn.Module) -> Dict[str, float]:
         """Qualified name -> rows processed per sample, for every module with ``in_features``.
@@ -215,6 +223,11 @@ class Workload(abc.ABC):
         return DataLoader(
             split, batch_size=int(batch_size or self.default_batch_size), collate_fn=collate_fn
         )
+
+
+def attention_flops(layers: int, tokens: int, width: int) -> int:
+    """Multiply-adds per sample of softmax attention: Q K^T and A V, each tokens^2 * width."""
+    return 2 * int(layers) * int(tokens) ** 2 * int(width)
 
 
 def classification_metrics(

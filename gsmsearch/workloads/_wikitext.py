@@ -21,7 +21,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ._gpt2 import GPT2Config, load_gpt2
-from ._registry import DataSplits, Workload, check_positive_int, move_to_device, record_options, register_workload
+from ._registry import (
+    DataSplits, Workload, attention_flops, check_positive_int, move_to_device, record_options,
+    register_workload,
+)
 
 __all__ = ["GPT2WikiText", "load_gpt2_tokenizer"]
 
@@ -53,6 +56,7 @@ class GPT2WikiText(Workload):
     default_epochs = 1
     default_batch_size = 8
     default_lr = 1e-4
+    pretrained = True  # build_model() loads the local GPT-2 checkpoint
 
     def __init__(
         self,
@@ -129,3 +133,6 @@ class GPT2WikiText(Workload):
     @property
     def tokens_per_sample(self) -> int:
         return self.context_length
+
+    def nonlinear_flops_per_sample(self, model) -> int:
+        return attention_flops(self.config.n_layer, self.context_length, self.config.n_embd)
