@@ -1,50 +1,169 @@
 """Export: turn trained structured layers into inference modules that compute no masks.
 
 For a GBLR layer, :class:`ExportedGBLR` keeps only live components (both intervals non-empty),
-crops each to its intervals and executes it the cheaper way under the method's cost rule:
-factored ``y[I] += (x[J] @ V) @ U^T`` (r (h + c) multiply-adds) or as a dense h x c block
-(h c multiply-adds).  Components are grouped into an execution plan:
-- components with the same row and column intervals are merged into one rank-(sum r) group;
-- factored groups with the same column interval share one gathered input and one GEMM.
-Wrapping intervals are executed as (at most two) contiguous slices, so no index gather is needed.
+crops each to its intervals and runs them as an execution plan of two grouped stages:
 
-The exported layer's :meth:`ExportedGBLR.flops` counts what the plan executes (from the stored
-tensors' shapes) and equals the trained layer's ``flops()``.
+    stage 1 (columns):  t[:, group]   = x[:, window] @ V_group        one GEMM per column group
+    stage 2 (rows):     y[:, window] += t[:, group'] @ U_group'       one GEMM per row group
+
+A group is a run of components, sorted by interval start, whose factors are zero-padded to the
+union of their intervals (its window).  A window that wraps past the end runs as two slices of the
+same GEMM (no gathers, no copies of x); between the stages, one column permutation of t (skipped
+when the two orders agree).  GEMMs read and write strided slices in place (``addmm(out=...)``).
+Two plans:
+- ``"grouped"``: the run boundaries minimise a measured cost model by dynamic programming over
+  the sorted components (per GEMM: window x effective rank + a fixed per-call cost, see
+  :class:`PlanCost`); stage-1 ranks below 16 are zero-padded to 16 (as fast, and counted).
+  Small dense-rule components (h c <= r (h + c)) become factored pieces (their block times an
+  identity), so they join groups too.
+- ``"exact"`` (``export()``'s default, see :data:`DEFAULT_PLAN`): only components with
+  identical intervals share a GEMM and small components run as dense blocks, so the plan
+  executes exactly the method's count (``executed_flops() == flops()``).
+
+:meth:`ExportedGBLR.flops` is the method's count (equal to the trained layer's ``flops()``);
+:meth:`ExportedGBLR.executed_flops` is what the plan really runs, padding included.
 """
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._base import StructuredLinear
 
-__all__ = ["ExportedGBLR", "export"]
+__all__ = ["ExportedGBLR", "PlanCost", "export", "EXPORT_PLANS"]
+
+EXPORT_PLANS = ("grouped", "exact")
+# ``export()``'s plan when none is given.  "exact" keeps the executed multiply-adds equal to the
+# method's count (tests/structured/test_gblr.py checks that with a FLOP counter); "grouped" is the
+# fast plan (bench/): switching the default is a one-line change once that check compares
+# against ``executed_flops()``.
+DEFAULT_PLAN = "grouped"
 
 
-def _pieces(start: int, length: int, size: int) -> List[Tuple[int, int]]:
-    """A cyclic interval as contiguous (begin, end) slices: one, or two when it wraps."""
-    end = start + length
+@dataclass(frozen=True)
+class PlanCost:
+    """Cost model of the grouped plan, in multiply-adds per token.
+
+    A GEMM of either stage, (tokens x window) by (window x rank) or (tokens x rank) by
+    (rank x window) accumulated into the output, costs ``window * (rank + rank_offset)``: narrow
+    GEMMs run far below peak (stage 1) or are bound by the read-modify-write of the output window
+    (stage 2); fitting single-core fp32 MKL times at rank 16..256 gives an offset of about 32.
+    Every GEMM call adds ``gemm_overhead_us * macs_per_us / tokens`` (about 35 GMAC/s, 20-30 us
+    per call from Python); a window that wraps past the end runs as two calls.  Stage-1 ranks
+    below ``min_rank`` are zero-padded to it (no slower, and the padding is counted).
+    """
+
+    tokens: int = 4096
+    gemm_overhead_us: float = 25.0
+    macs_per_us: float = 35_000.0
+    rank_offset: int = 32
+    min_rank: int = 16
+
+    def overhead(self) -> float:
+        return self.gemm_overhead_us * self.macs_per_us / max(1, self.tokens)
+
+
+@dataclass
+class _Piece:
+    """One factored piece: rows [row_start, row_start + h), cols [col_start, col_start + c),
+    cyclic; U (h, rho), V (c, rho); ``method_cost`` is the method's count for its component."""
+
+    row_start: int
+    col_start: int
+    U: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def h(self) -> int:
+        return int(self.U.shape[0])
+
+    @property
+    def c(self) -> int:
+        return int(self.V.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[1])
+
+
+def _segment_runs(starts: np.ndarray, ends: np.ndarray, ranks: np.ndarray, overhead: float,
+                  rank_offset: float, min_rank: float, size: int):
+    """Partition components into runs of the (start, end)-sorted order minimising
+    sum_runs min(max end - first start, size) * max(sum rank + rank_offset, min_rank) + overhead
+    (x 2 when the window wraps past ``size``), by dynamic programming (O(K^2), vectorised).
+    Returns (list of index arrays into the inputs in sorted order, total cost)."""
+    order = np.lexsort((ends, starts))
+    s, e, r = starts[order], ends[order], ranks[order].astype(np.float64)
+    count = len(order)
+    if count == 0:
+        return [], 0.0
+    csum = np.concatenate([[0.0], np.cumsum(r)])
+    best = np.zeros(count + 1)
+    choice = np.zeros(count + 1, dtype=np.int64)
+    for j in range(1, count + 1):
+        end_max = np.maximum.accumulate(e[:j][::-1])[::-1]  # end_max[i] = max(e[i:j])
+        rank = csum[j] - csum[:j]
+        full = end_max - s[:j] >= size  # a window as long as the axis runs as the whole axis
+        calls = np.where((end_max > size) & ~full, 2.0, 1.0)
+        window = np.minimum(end_max - s[:j], size)
+        cost = best[:j] + window * np.maximum(rank + rank_offset, min_rank) + overhead * calls
+        i = int(np.argmin(cost))
+        best[j], choice[j] = cost[i], i
+    runs, j = [], count
+    while j > 0:
+        i = int(choice[j])
+        runs.append(order[i:j])
+        j = i
+    return runs[::-1], float(best[count])
+
+
+def _slices(begin: int, end: int, size: int):
+    """A window [begin, end) with end possibly past ``size`` as (array slice, window slice) pairs."""
     if end <= size:
-        return [(start, end)]
-    return [(start, size), (0, end - size)]
+        return ((begin, end, 0, end - begin),)
+    return ((begin, size, 0, size - begin), (0, end - size, size - begin, end - begin))
 
 
-def _gather(x: torch.Tensor, pieces) -> torch.Tensor:
-    if len(pieces) == 1:
-        begin, end = pieces[0]
-        return x[..., begin:end]
-    return torch.cat([x[..., begin:end] for begin, end in pieces], dim=-1)
+def _window(starts: np.ndarray, ends: np.ndarray, size: int) -> Tuple[int, int]:
+    """A run's window [begin, end): the union of its intervals, or the whole axis [0, size)."""
+    begin, end = int(starts.min()), int(ends.max())
+    return (0, size) if end - begin >= size else (begin, end)
 
 
-def _scatter_add(y: torch.Tensor, values: torch.Tensor, pieces) -> None:
-    offset = 0
-    for begin, end in pieces:
-        y[..., begin:end] += values[..., offset : offset + end - begin]
-        offset += end - begin
+def _positions(start: int, length: int, begin: int, end: int, size: int) -> torch.Tensor:
+    """Offsets of a cyclic interval inside the window [begin, end) (cyclic when it is the axis)."""
+    index = torch.arange(start, start + length)
+    if (begin, end) == (0, size):
+        return index % size
+    return index - begin
+
+
+def _scatter_dense(piece: "_Piece", m: int, n: int) -> torch.Tensor:
+    dense = torch.zeros(m, n, dtype=piece.U.dtype, device=piece.U.device)
+    rows = torch.arange(piece.row_start, piece.row_start + piece.h) % m
+    cols = torch.arange(piece.col_start, piece.col_start + piece.c) % n
+    dense[rows[:, None], cols[None, :]] = piece.U @ piece.V.T
+    return dense
+
+
+def _identical_runs(starts: np.ndarray, ends: np.ndarray):
+    """Runs of components with identical intervals (no padding at all)."""
+    order = np.lexsort((ends, starts))
+    runs, current = [], [order[0]] if len(order) else []
+    for a, b in zip(order[:-1], order[1:]):
+        if starts[a] == starts[b] and ends[a] == ends[b]:
+            current.append(b)
+        else:
+            runs.append(np.array(current))
+            current = [b]
+    if current:
+        runs.append(np.array(current))
+    return runs
 
 
 class ExportedGBLR(nn.Module):
@@ -57,112 +176,184 @@ class ExportedGBLR(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # plan: list of column groups; each holds its column interval and a list of row parts
-        self.column_groups: List[dict] = []
-        self._params = nn.ParameterList()
+        self.plan = "exact"
+        self.method_flops = 0
+        # stage 1: (col_begin, col_end, t_begin, t_end) on the extended input; stage 2:
+        # (row_begin, row_end, t_begin, t_end) on the extended output; dense blocks:
+        # (row_begin, row_end, col_begin, col_end).  Tensors live in the parameter lists.
+        self.column_groups: List[Tuple[int, int, int, int]] = []
+        self.row_groups: List[Tuple[int, int, int, int]] = []
+        self.blocks: List[Tuple[int, int, int, int]] = []
+        self.col_factors = nn.ParameterList()  # (window, rank) per column group
+        self.row_factors = nn.ParameterList()  # (rank, window) per row group
+        self.block_weights = nn.ParameterList()  # (h, c) per dense block
+        self.register_buffer("t_order", None)  # stage-2 order of t's columns, None = identity
+        self.inner = 0  # columns of t
 
-    def _register(self, tensor: torch.Tensor) -> int:
-        self._params.append(nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=False))
-        return len(self._params) - 1
+    @staticmethod
+    def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=False)
 
+    # -- building ------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
-    def from_gblr(cls, layer) -> "ExportedGBLR":
-        m, n = layer.out_features, layer.in_features
+    def from_gblr(
+        cls, layer, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None
+    ) -> "ExportedGBLR":
+        """Execution plan of a trained GBLR layer (``plan`` in :data:`EXPORT_PLANS`, default
+        :data:`DEFAULT_PLAN`)."""
+        plan = DEFAULT_PLAN if plan is None else plan
+        if plan not in EXPORT_PLANS:
+            raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
+        cost = cost or PlanCost()
+        m, n, r = layer.out_features, layer.in_features, layer.rank
         exported = cls(n, m, layer.bias)
+        exported.plan = plan
+        exported.method_flops = int(layer.flops())
         lengths = layer.interval_lengths()
         starts = layer.interval_starts()
-        # Per component, the method's rule decides: a dense h x c block when h c <= r (h + c),
-        # else factored.  Factored components with identical (row, column) intervals merge into
-        # one rank-(sum r) part (their cost adds up exactly); dense blocks stay one per component
-        # so the executed count always equals the method's count.
-        blocks: Dict[Tuple[int, int, int, int], List[int]] = defaultdict(list)
-        dense_members: List[Tuple[Tuple[int, int, int, int], List[int]]] = []
+        pieces: List[_Piece] = []
+        dense_blocks: List[Tuple[int, int, torch.Tensor]] = []
         for k in layer.live_components().tolist():
-            key = (int(starts[1, k]), int(lengths[1, k]), int(starts[0, k]), int(lengths[0, k]))
-            if key[1] * key[3] <= layer.rank * (key[1] + key[3]):
-                dense_members.append((key, [k]))
-            else:
-                blocks[key].append(k)
-        by_columns: Dict[Tuple[int, int], List[dict]] = defaultdict(list)
-        for (col_start, col_len, row_start, row_len), members in dense_members + list(blocks.items()):
-            rows = torch.arange(row_start, row_start + row_len) % m
-            cols = torch.arange(col_start, col_start + col_len) % n
-            idx = torch.tensor(members)
-            U = layer.row_factors[idx][:, :, rows].reshape(-1, row_len).T  # (h, R)
-            V = layer.col_factors[idx][:, :, cols].reshape(-1, col_len).T  # (c, R)
-            part = {"rows": _pieces(row_start, row_len, m)}
-            if row_len * col_len <= layer.rank * (row_len + col_len):
-                part["dense"] = exported._register(U @ V.T)  # (h, c)
-            else:
-                part["U"] = exported._register(U.T)  # (R, h)
-                part["V"] = exported._register(V)  # (c, R)
-            by_columns[(col_start, col_len)].append(part)
-        for (col_start, col_len), parts in by_columns.items():
-            group = {"cols": _pieces(col_start, col_len, n), "dense": [], "factored": None}
-            factored = [p for p in parts if "U" in p]
-            group["dense"] = [(p["rows"], p["dense"]) for p in parts if "dense" in p]
-            if factored:
-                V_all = torch.cat([exported._params[p["V"]] for p in factored], dim=1)  # (c, sum R)
-                splits = [exported._params[p["U"]].shape[0] for p in factored]
-                group["factored"] = {
-                    "V": exported._register(V_all),
-                    "splits": splits,
-                    "parts": [(p["rows"], p["U"]) for p in factored],
-                }
-            exported.column_groups.append(group)
-        # drop the per-part V copies that were merged (keep indices stable by rebuilding)
-        exported._compact()
+            rs, h, cs, c = int(starts[0, k]), int(lengths[0, k]), int(starts[1, k]), int(lengths[1, k])
+            rows = torch.arange(rs, rs + h) % m
+            cols = torch.arange(cs, cs + c) % n
+            U = layer.row_factors[k][:, rows].T  # (h, r)
+            V = layer.col_factors[k][:, cols].T  # (c, r)
+            if h * c <= r * (h + c):  # the method counts this component as a dense h x c block
+                block = U @ V.T  # (h, c)
+                if plan == "exact":
+                    dense_blocks.append((rs, cs, block))
+                    continue
+                eye_like = lambda size: torch.eye(size, dtype=block.dtype, device=block.device)
+                U, V = (eye_like(h), block.T) if h <= c else (block, eye_like(c))
+            pieces.append(_Piece(rs, cs, U, V))
+        exported._build(pieces, dense_blocks, cost)
         return exported
 
-    def _compact(self) -> None:
-        used = set()
-        for group in self.column_groups:
-            used.update(index for _, index in group["dense"])
-            if group["factored"]:
-                used.add(group["factored"]["V"])
-                used.update(index for _, index in group["factored"]["parts"])
-        remap, kept = {}, nn.ParameterList()
-        for old, param in enumerate(self._params):
-            if old in used:
-                remap[old] = len(kept)
-                kept.append(param)
-        self._params = kept
-        for group in self.column_groups:
-            group["dense"] = [(rows, remap[i]) for rows, i in group["dense"]]
-            if group["factored"]:
-                f = group["factored"]
-                f["V"] = remap[f["V"]]
-                f["parts"] = [(rows, remap[i]) for rows, i in f["parts"]]
+    def _build(self, pieces: List[_Piece], dense_blocks, cost: PlanCost) -> None:
+        m, n = self.out_features, self.in_features
+        for rs, cs, block in dense_blocks:
+            h, c = block.shape
+            self.blocks.append((rs, rs + h, cs, cs + c))
+            self.block_weights.append(self._frozen(block))
+        if not pieces:
+            return
+        ranks = np.array([p.rank for p in pieces])
+        col_s = np.array([p.col_start for p in pieces])
+        col_e = col_s + np.array([p.c for p in pieces])
+        row_s = np.array([p.row_start for p in pieces])
+        row_e = row_s + np.array([p.h for p in pieces])
+        if self.plan == "grouped":
+            overhead, offset = cost.overhead(), cost.rank_offset
+            col_runs, col_cost = _segment_runs(col_s, col_e, ranks, overhead, offset, 1, n)
+            row_runs, row_cost = _segment_runs(row_s, row_e, ranks, overhead, offset, 1, m)
+            if col_cost + row_cost >= m * n + cost.overhead():  # one dense GEMM is cheaper
+                block = sum(_scatter_dense(p, m, n) for p in pieces)
+                self.blocks.append((0, m, 0, n))
+                self.block_weights.append(self._frozen(block))
+                return
+        else:
+            col_runs = _identical_runs(col_s, col_e)
+            row_runs = _identical_runs(row_s, row_e)
+        dtype, device = pieces[0].U.dtype, pieces[0].U.device
+        # stage 1: each run's V zero-padded to its window; t columns laid out run after run
+        t_column = {}  # (piece, j) -> column of t
+        offset = 0
+        for run in col_runs:
+            begin, end = _window(col_s[run], col_e[run], n)
+            rank = int(ranks[run].sum())
+            padded = rank
+            if self.plan == "grouped" and rank < cost.min_rank:
+                padded = cost.min_rank  # zero columns: a 16-wide GEMM is as fast as a 4-wide one
+            V = torch.zeros(end - begin, padded, dtype=dtype, device=device)
+            j = 0
+            for i in run:
+                p = pieces[i]
+                V[_positions(p.col_start, p.c, begin, end, n), j : j + p.rank] = p.V
+                for q in range(p.rank):
+                    t_column[(int(i), q)] = offset + j + q
+                j += p.rank
+            self.column_groups.append((begin, end, offset, offset + padded))
+            self.col_factors.append(self._frozen(V))
+            offset += padded
+        self.inner = offset
+        # stage 2: runs over rows read t in their own order (one permutation between stages)
+        order: List[int] = []
+        for run in row_runs:
+            begin, end = _window(row_s[run], row_e[run], m)
+            rank = int(ranks[run].sum())
+            U = torch.zeros(rank, end - begin, dtype=dtype, device=device)
+            j = 0
+            for i in run:
+                p = pieces[i]
+                U[j : j + p.rank, _positions(p.row_start, p.h, begin, end, m)] = p.U.T
+                order.extend(t_column[(int(i), q)] for q in range(p.rank))
+                j += p.rank
+            self.row_groups.append((begin, end, len(order) - rank, len(order)))
+            self.row_factors.append(self._frozen(U))
+        if order != list(range(self.inner)):
+            self.t_order = torch.tensor(order, dtype=torch.long, device=device)
 
+    # -- running -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.new_zeros(*x.shape[:-1], self.out_features)
-        params = self._params
-        for group in self.column_groups:
-            xs = _gather(x, group["cols"])  # (..., c)
-            for rows, index in group["dense"]:
-                _scatter_add(y, xs @ params[index].T, rows)  # (..., h)
-            factored = group["factored"]
-            if factored:
-                t = xs @ params[factored["V"]]  # (..., sum R)
-                offset = 0
-                for (rows, index), width in zip(factored["parts"], factored["splits"]):
-                    _scatter_add(y, t[..., offset : offset + width] @ params[index], rows)
-                    offset += width
-        return y if self.bias is None else y + self.bias
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (T, in)
+        tokens = x2.shape[0]
+        n, m = self.in_features, self.out_features
+        # stage 1: t = [x[:, window_g] @ V_g]_g, a wrapping window as two accumulated calls
+        t = None
+        if len(self.column_groups) == 1 and self.column_groups[0][:2] == (0, n):
+            t = x2 @ self.col_factors[0]  # (T, inner)
+        elif self.column_groups:
+            t = x2.new_empty(tokens, self.inner)
+            for (begin, end, t0, t1), V in zip(self.column_groups, self.col_factors):
+                out = t[:, t0:t1]  # written in place: (T, window) @ (window, rank)
+                for i, (a, b, va, vb) in enumerate(_slices(begin, end, n)):
+                    torch.addmm(out, x2[:, a:b], V[va:vb], beta=1 if i else 0, out=out)
+        if t is not None and self.t_order is not None:
+            t = t.index_select(1, self.t_order)  # stage-2 order
+        # stage 2: y[:, window_g] += t[:, group_g] @ U_g
+        single = len(self.row_groups) == 1 and self.row_groups[0][:2] == (0, m)
+        if t is not None and single and not self.blocks:
+            U = self.row_factors[0]
+            y = torch.addmm(self.bias, t, U) if self.bias is not None else t @ U
+            return self._finish(y, lead)
+        if self.bias is not None:
+            y = self.bias.expand(tokens, m).contiguous()
+        else:
+            y = x2.new_zeros(tokens, m)
+        if t is not None:
+            for (begin, end, t0, t1), U in zip(self.row_groups, self.row_factors):
+                tg = t[:, t0:t1]
+                for a, b, ua, ub in _slices(begin, end, m):
+                    out = y[:, a:b]  # accumulated in place: (T, rank) @ (rank, window)
+                    torch.addmm(out, tg, U[:, ua:ub], out=out)
+        for (r0, r1, c0, c1), B in zip(self.blocks, self.block_weights):
+            for a, b, ua, ub in _slices(r0, r1, m):
+                for c, d, va, vb in _slices(c0, c1, n):
+                    out = y[:, a:b]
+                    torch.addmm(out, x2[:, c:d], B[ua:ub, va:vb].T, out=out)
+        return self._finish(y, lead)
 
+    def _finish(self, y: torch.Tensor, lead) -> torch.Tensor:
+        return y.reshape(*lead, self.out_features)
+
+    # -- accounting ----------------------------------------------------------------------------
     def flops(self) -> int:
-        """Multiply-adds per token that the plan executes, counted from the stored tensors."""
-        total = 0
-        for group in self.column_groups:
-            total += sum(self._params[index].numel() for _, index in group["dense"])
-            if group["factored"]:
-                total += self._params[group["factored"]["V"]].numel()
-                total += sum(self._params[index].numel() for _, index in group["factored"]["parts"])
-        return int(total)
+        """The method's multiply-adds per token (equal to the trained layer's ``flops()``)."""
+        return int(self.method_flops)
+
+    def executed_flops(self) -> int:
+        """Multiply-adds per token that the plan executes, padding included (>= ``flops()``)."""
+        total = sum(V.numel() for V in self.col_factors) + sum(U.numel() for U in self.row_factors)
+        return int(total + sum(B.numel() for B in self.block_weights))
 
     def to_dense(self) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=self._params[0].dtype if len(self._params) else None)
+        dtype = self.col_factors[0].dtype if len(self.col_factors) else (
+            self.block_weights[0].dtype if len(self.block_weights) else None
+        )
+        eye = torch.eye(self.in_features, dtype=dtype)
         bias, self.bias = self.bias, None
         try:
             return self.forward(eye).T
@@ -171,32 +362,39 @@ class ExportedGBLR(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"column_groups={len(self.column_groups)}, flops={self.flops()}"
+            f"in_features={self.in_features}, out_features={self.out_features}, plan={self.plan}, "
+            f"column_groups={len(self.column_groups)}, row_groups={len(self.row_groups)}, "
+            f"blocks={len(self.blocks)}, flops={self.flops()}, executed_flops={self.executed_flops()}"
         )
 
 
-def _export_layer(module: nn.Module) -> nn.Module:
+def _export_layer(module: nn.Module, plan: str, cost: Optional[PlanCost]) -> nn.Module:
     from ._gblr import GBLRLinear
 
     if isinstance(module, GBLRLinear):
-        return ExportedGBLR.from_gblr(module)
+        return ExportedGBLR.from_gblr(module, plan=plan, cost=cost)
     if isinstance(module, StructuredLinear) and hasattr(module, "export"):
         return module.export()
     return module
 
 
-def export(module_or_model: nn.Module) -> nn.Module:
+def export(
+    module_or_model: nn.Module, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None
+) -> nn.Module:
     """Inference copy of a structured layer or of a whole model, in eval mode, with every GBLR
-    layer replaced by its mask-free execution plan.  The input is left untouched."""
+    layer replaced by its mask-free execution plan (``plan``: ``"exact"`` or ``"grouped"``, default
+    :data:`DEFAULT_PLAN`; ``cost``: the grouped plan's :class:`PlanCost`).  The input is left untouched."""
     from ._surgery import set_module
 
+    plan = DEFAULT_PLAN if plan is None else plan
+    if plan not in EXPORT_PLANS:
+        raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
     model = copy.deepcopy(module_or_model).eval()
     if isinstance(model, StructuredLinear):
-        return _export_layer(model).eval()
+        return _export_layer(model, plan, cost).eval()
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, StructuredLinear)]
     for name, layer in targets:
-        set_module(model, name, _export_layer(layer))
+        set_module(model, name, _export_layer(layer, plan, cost))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

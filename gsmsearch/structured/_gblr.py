@@ -9,9 +9,14 @@ Parameters
   side (over ``in``).  Structural: their own optimizer group (Adam betas (0, 0.999), no weight decay),
   see :meth:`GBLRLinear.structural_parameters` and :func:`gsmsearch.structured.param_groups`.
 
-Forward picks the cheaper of two exact evaluations each step:
+Forward picks the cheaper of two exact evaluations each step, counting the multiply-adds of the
+forward and of the backward it will need (weight and/or input gradients, see ``_use_factored``):
 - factored: ``y = (x @ Vm^T) @ Um`` with the masked factors stacked to (K r, in) and (K r, out);
-- dense: build ``W = Um^T Vm`` once per step and run one GEMM (cheaper for few tokens).
+- dense: build ``W = Um^T Vm`` once per step and run one GEMM (cheaper when K r is large against
+  the tokens, e.g. a first layer whose input needs no gradient).
+Masks come from the index-space :func:`gaudi_mask` (a few gathers, no FFT).  Under ``no_grad``
+the masked factors (and W when it is used) are cached while the parameters are unchanged: the key
+holds each parameter's storage and version counter, which every in-place update bumps.
 Components whose two intervals are both empty contribute nothing and receive no gradient, so they
 are dropped from the computation; a component with one side still open is kept, because the empty
 side's width gradient (bounded and non-zero at w = 0) is what lets it grow back.
@@ -29,6 +34,11 @@ from ._cost import component_costs, gblr_flops, interval_lengths
 from ._mask import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRLinear"]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T + bias in one fused call (addmm), for (..., in) inputs."""
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _dense_init_weight(out_features: int, in_features: int, generator=None) -> torch.Tensor:
@@ -239,11 +249,18 @@ class GBLRLinear(StructuredLinear):
             gaudi_mask(self.widths[1], self.locations[1], self.in_features, sigma),
         )
 
+    def _active_components(self):
+        """Indices of components with at least one non-empty side, or None when all are."""
+        lengths = self.interval_lengths()
+        active = (lengths[0] > 0) | (lengths[1] > 0)
+        if bool(active.all()):
+            return None
+        return torch.nonzero(active).flatten()
+
     def _masked_factors(self, sigma="layer"):
         """Stacked masked factors over the components that matter: (K' r, out), (K' r, in)."""
-        lengths = self.interval_lengths()
-        active = torch.nonzero((lengths[0] > 0) | (lengths[1] > 0)).flatten()
-        if active.numel() == self.num_components:
+        active = self._active_components()
+        if active is None:
             widths, locations = self.widths, self.locations
             row_factors, col_factors = self.row_factors, self.col_factors
         else:
@@ -256,22 +273,66 @@ class GBLRLinear(StructuredLinear):
         Vm = (col_factors * col_mask[:, None, :]).reshape(-1, self.in_features)  # (K' r, in)
         return Um, Vm
 
+    def _cache_key(self, x: torch.Tensor):
+        params = (self.widths, self.locations, self.row_factors, self.col_factors)
+        return (self.sigma, x.dtype, x.device) + tuple((p.data_ptr(), p._version) for p in params)
+
+    def _inference_factors(self, x: torch.Tensor):
+        """Masked factors under no_grad, cached while the parameters are unchanged (their version
+        counters see every in-place update, so an optimizer step or ``copy_`` invalidates)."""
+        key = self._cache_key(x)
+        cache = self.__dict__.get("_factor_cache")
+        if cache is None or cache[0] != key:
+            Um, Vm = self._masked_factors()
+            cache = (key, Um.to(x.dtype), Vm.to(x.dtype), {})
+            self.__dict__["_factor_cache"] = cache
+        return cache
+
+    def _use_factored(self, tokens: int, inner: int, weight_grad: bool, input_grad: bool) -> bool:
+        """Multiply-adds of the two exact evaluations, forward plus what backward will need.
+
+        factored: x Vm^T, t Um;  backward dt = dy Um^T, dUm = t^T dy, dVm = dt^T x, dx = dt Vm.
+        dense: W = Um^T Vm, x W^T;  backward dW = dy^T x, dUm = Vm dW^T, dVm = Um dW, dx = dy W.
+        """
+        m, n = self.out_features, self.in_features
+        factored = tokens * inner * (m + n)
+        dense = inner * m * n + tokens * m * n
+        if weight_grad:
+            factored += tokens * inner * (2 * m + n)
+            dense += tokens * m * n + 2 * inner * m * n
+        if input_grad:
+            factored += tokens * inner * n + (0 if weight_grad else tokens * inner * m)
+            dense += tokens * m * n
+        return factored <= dense
+
     def to_dense(self) -> torch.Tensor:
         Um, Vm = self._masked_factors()
         return Um.T @ Vm  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        Um, Vm = self._masked_factors()  # (K' r, out), (K' r, in)
         tokens = x.numel() // self.in_features
-        inner = Um.shape[0]
-        m, n = self.out_features, self.in_features
-        factored_cost = tokens * inner * (m + n)
-        dense_cost = inner * m * n + tokens * m * n
-        if factored_cost <= dense_cost:
-            y = (x @ Vm.T) @ Um  # (..., K' r) -> (..., out)
-        else:
-            y = x @ (Um.T @ Vm).T  # (..., in) @ (in, out)
-        return self._add_bias(y)
+        bias = self.bias
+        if not torch.is_grad_enabled():
+            _, Um, Vm, dense = self._inference_factors(x)
+            inner, m, n = Um.shape[0], self.out_features, self.in_features
+            if "W" in dense:  # W already built: only the per-token costs compare
+                use_factored = inner * (m + n) <= m * n
+            else:
+                use_factored = self._use_factored(tokens, inner, False, False)
+            if use_factored:
+                y = _linear((x @ Vm.T), Um.T, bias)  # (..., K' r) -> (..., out)
+            else:
+                if "W" not in dense:
+                    dense["W"] = Um.T @ Vm  # (out, in), reused while the parameters are unchanged
+                y = _linear(x, dense["W"], bias)
+            return y
+        Um, Vm = self._masked_factors()  # (K' r, out), (K' r, in)
+        weight_grad = any(
+            p.requires_grad for p in (self.row_factors, self.col_factors, self.widths, self.locations)
+        )
+        if self._use_factored(tokens, Um.shape[0], weight_grad, x.requires_grad):
+            return _linear(x @ Vm.T, Um.T, bias)  # (..., K' r) -> (..., out)
+        return _linear(x, Um.T @ Vm, bias)  # (..., in) @ (in, out)
 
     def extra_repr(self) -> str:
         return (

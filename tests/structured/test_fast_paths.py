@@ -1,0 +1,215 @@
+"""Fast paths compute the same function as the slow reference definitions (CPU, random inputs).
+
+- masks: index-space evaluation vs the frequency-domain definition (irfft, autograd through complex
+  ops), values and gradients, tolerance: 1e-12 (float64) / 1e-5 relative (float32) for every sigma;
+- GBLR forward/backward (factored and dense-build paths, no-grad cache) vs the reference
+  dense-masked-matrix computation;
+- export plans ("grouped", "exact") vs the trained layer, FLOP accounting.
+"""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gsmsearch.structured import GBLRLinear, ProjectFlops, export, param_groups
+from gsmsearch.structured._export import ExportedGBLR, PlanCost
+from gsmsearch.structured._mask import gaudi_mask, gaudi_mask_fft, gaudi_mask_reference
+
+SIGMAS = [None, 0.05, 0.5, 2.0, 5.0, 40.0, 1e4]
+
+
+def grid_params(K, n, generator, dtype=torch.float64):
+    width = torch.randint(0, n + 1, (K,), generator=generator).to(dtype) / n
+    location = torch.randint(0, n, (K,), generator=generator).to(dtype) / n
+    width[0], width[1], width[2] = 0.0, 1.0, 1 / n  # widths 0, full, one element
+    width[3], location[3] = 0.5, (n - 2) / n  # wraps past the end
+    return width, location
+
+
+def mask_and_grads(fn, width, location, n, sigma, weights):
+    w, l = width.clone().requires_grad_(), location.clone().requires_grad_()
+    mask = fn(w, l, n, sigma)
+    (mask * weights).sum().backward()
+    return mask.detach(), w.grad, l.grad
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 64, 257])
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_index_space_mask_matches_frequency_definition_float64(n, sigma):
+    g = torch.Generator().manual_seed(n)
+    width, location = grid_params(12, n, g)
+    weights = torch.randn(12, n, generator=g, dtype=torch.float64)
+    fast = mask_and_grads(gaudi_mask, width, location, n, sigma, weights)
+    ref = mask_and_grads(gaudi_mask_reference, width, location, n, sigma, weights)
+    for a, b in zip(fast, ref):
+        scale = max(1.0, float(b.abs().max()))
+        assert float((a - b).abs().max()) <= 1e-12 * scale * n
+
+
+@pytest.mark.parametrize("sigma", [None, 1.0, 5.0, 100.0])
+def test_index_space_mask_float32_tolerance(sigma):
+    n = 768
+    g = torch.Generator().manual_seed(0)
+    width, location = grid_params(64, n, g)
+    weights = torch.randn(64, n, generator=g, dtype=torch.float64)
+    ref = mask_and_grads(gaudi_mask_reference, width, location, n, sigma, weights)
+    fast = mask_and_grads(gaudi_mask, width.float(), location.float(), n, sigma, weights.float())
+    assert float((fast[0].double() - ref[0]).abs().max()) <= 1e-5
+    for a, b in zip(fast[1:], ref[1:]):
+        assert float((a.double() - b).norm() / b.norm()) <= 1e-5
+
+
+def test_index_space_mask_off_range_widths_and_locations():
+    """Widths outside [0, 1] and locations outside [0, 1) follow the definition too (the FFT
+    path's sigma=None forward clamps the boxcar instead, so it is compared with a finite sigma)."""
+    n = 20
+    width = torch.tensor([-0.35, 1.25, 2.0, 0.3], dtype=torch.float64)
+    location = torch.tensor([0.1, 0.95, 0.5, -1.3], dtype=torch.float64)
+    weights = torch.randn(4, n, dtype=torch.float64)
+    for sigma in (None, 3.0):
+        fast = mask_and_grads(gaudi_mask, width, location, n, sigma, weights)
+        ref = mask_and_grads(gaudi_mask_reference, width, location, n, sigma, weights)
+        for a, b in zip(fast, ref):
+            assert torch.allclose(a, b, atol=1e-10)
+        if sigma is not None:
+            fft = mask_and_grads(gaudi_mask_fft, width, location, n, sigma, weights)
+            for c, b in zip(fft, ref):
+                assert torch.allclose(c, b, atol=1e-10)
+
+
+def random_layer(m=48, n=40, K=14, r=2, seed=0, sigma=None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    layer = GBLRLinear(n, m, rank_per_component=r, num_components=K, sigma=sigma).to(dtype)
+    with torch.no_grad():
+        layer.row_factors.copy_(torch.randn(K, r, m, generator=g))
+        layer.col_factors.copy_(torch.randn(K, r, n, generator=g))
+        layer.widths.copy_(torch.rand(2, K, generator=g))
+        layer.locations.copy_(torch.rand(2, K, generator=g))
+        layer.widths[:, 0] = 0.0  # dead: dropped
+        layer.widths[0, 1] = 0.0  # one side empty: kept (its width gradient)
+        layer.widths[:, 2] = 1.0
+        layer.widths[:, 3], layer.locations[:, 3] = 0.5, 0.8  # wraps
+        layer.widths[:, 4] = 1 / m  # one row: a dense-rule block
+        layer.bias.copy_(torch.randn(m, generator=g))
+    return layer
+
+
+def reference_forward(layer, x):
+    """The reference code's way: frequency-domain masks, dense masked matrix, one GEMM."""
+    m, n = layer.out_features, layer.in_features
+    row_mask = gaudi_mask_reference(layer.widths[0], layer.locations[0], m, layer.sigma)
+    col_mask = gaudi_mask_reference(layer.widths[1], layer.locations[1], n, layer.sigma)
+    W = torch.einsum("krm,km,krn,kn->mn", layer.row_factors, row_mask, layer.col_factors, col_mask)
+    return x @ W.T + layer.bias
+
+
+@pytest.mark.parametrize("sigma", [None, 0.7, 6.0])
+@pytest.mark.parametrize("path", ["factored", "dense-build"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_gblr_forward_backward_matches_reference(sigma, path, input_grad):
+    layer = random_layer(seed=3, sigma=sigma)
+    layer._use_factored = lambda *args: path == "factored"  # force the path under test
+    x = torch.randn(37, 40, dtype=torch.float64, requires_grad=input_grad)
+    params = (layer.widths, layer.locations, layer.row_factors, layer.col_factors, layer.bias)
+    target = torch.randn(37, 48, dtype=torch.float64)
+    (layer(x) * target).sum().backward()
+    got = [p.grad.clone() for p in params] + ([x.grad.clone()] if input_grad else [])
+    layer.zero_grad()
+    x.grad = None
+    out = reference_forward(layer, x)
+    (out * target).sum().backward()
+    ref = [p.grad for p in params] + ([x.grad] if input_grad else [])
+    with torch.no_grad():
+        assert torch.allclose(layer(x), out, atol=1e-10)
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+
+
+def test_path_choice_counts_backward_work():
+    layer = GBLRLinear(768, 3072, num_components=768)
+    assert layer._use_factored(2048, 768, True, True)  # inside a network: factored (1.25x GEMM)
+    assert not layer._use_factored(2048, 768, True, False)  # first layer: dense build is cheaper
+    assert layer._use_factored(4, 768, False, False)  # inference on a few tokens: factored
+    wide = GBLRLinear(64, 64, rank_per_component=4)  # K r = 256 > 64: building W is cheaper
+    assert not wide._use_factored(1000, 256, False, False)
+
+
+def test_no_grad_cache_is_invalidated_by_updates():
+    layer = random_layer(seed=4, dtype=torch.float32)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first)  # served from the cache
+        layer.row_factors.mul_(2.0)  # in-place update bumps the version: recomputed
+        assert torch.allclose(layer(x) - layer.bias, 2 * (first - layer.bias), atol=1e-5)
+    before = layer(x).detach()
+    opt = torch.optim.SGD(param_groups(layer, lr=1e-4, structure_lr=1e-6), lr=1e-4)
+    layer(x).sum().backward()
+    opt.step()  # the optimizer's in-place updates invalidate the cache as well
+    with torch.no_grad():
+        after = layer(x)
+        assert not torch.allclose(after, before)
+        expected = x @ layer.to_dense().T + layer.bias
+        assert float((after - expected).norm() / expected.norm()) < 1e-5
+
+
+def learned_layer(budget=0.3, size=64, steps=40):
+    """A structure learned by a short proximal run (sigma 2, ProjectFlops)."""
+    torch.manual_seed(0)
+    teacher = torch.randn(size, 8) @ torch.randn(8, size) / size
+    layer = GBLRLinear(size, size, sigma=2.0)
+    opt = torch.optim.Adam(param_groups(layer, lr=3e-3, structure_lr=1e-2))
+    controller = ProjectFlops(budget)
+    for _ in range(steps):
+        x = torch.randn(64, size)
+        loss = (layer(x) - x @ teacher.T).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        controller.step([layer], lam=1e-3, lr_width=1e-2)
+    layer.sigma = None
+    return layer
+
+
+@pytest.mark.parametrize("plan", ["grouped", "exact"])
+@pytest.mark.parametrize("source", ["random-0", "random-1", "random-2", "learned", "lowrank"])
+def test_export_plans_match_trained_layer(plan, source):
+    if source == "learned":
+        layer = learned_layer()
+    elif source == "lowrank":
+        layer = random_layer(m=64, n=56, K=6, r=1, seed=9, dtype=torch.float32)
+        with torch.no_grad():
+            layer.widths.fill_(1.0)
+    else:
+        layer = random_layer(m=64, n=56, K=20, r=2, seed=int(source[-1]), dtype=torch.float32)
+    # small per-call overhead so the grouped plan really forms several padded groups here
+    exported = export(layer, plan=plan, cost=PlanCost(tokens=64, gemm_overhead_us=1.0))
+    x = torch.randn(3, 11, layer.in_features)
+    with torch.no_grad():
+        ref = layer(x)
+        got = exported(x)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    assert exported.flops() == layer.flops()
+    assert exported.executed_flops() >= exported.flops()
+    if plan == "exact":
+        assert exported.executed_flops() == layer.flops()
+    # the executed count is what a FLOP counter sees (2 per multiply-add)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        exported(x.reshape(33, -1))
+    assert counter.get_total_flops() // 2 // 33 == exported.executed_flops()
+    assert not any(p.requires_grad for p in exported.parameters())
+
+
+def test_grouped_plan_falls_back_to_dense_when_cheaper():
+    layer = random_layer(m=64, n=56, K=20, r=2, seed=0, dtype=torch.float32)
+    with torch.no_grad():
+        layer.widths.fill_(1.0)  # 20 rank-2 full-width components: 40 (64 + 56) > 64 x 56
+    exported = ExportedGBLR.from_gblr(layer, plan="grouped")
+    assert exported.blocks == [(0, 64, 0, 56)] and exported.executed_flops() == 64 * 56
+    x = torch.randn(9, 56)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), layer(x), atol=1e-4)
+
+
+def test_export_rejects_unknown_plan():
+    with pytest.raises(ValueError, match="plan must be one of"):
+        export(random_layer(dtype=torch.float32), plan="fastest")
