@@ -13,7 +13,7 @@ from ._errors import run_guarded
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = ("_launch", "_studies", "_train")
+COMMANDS = ("_launch", "_studies", "_train", "_dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,160 @@
+"""`gsmsearch dashboard` (live web app) and `gsmsearch report` (one static HTML file).
+
+Both read studies read-only (the database connections refuse writes) and show the same views:
+Pareto fronts per family, GBLR against each hand-crafted family, hypervolume, best quality at
+budgets, the trial table and each trial's learned structure.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import sys
+from pathlib import Path
+
+from ._errors import UsageError
+
+_TARGET_HELP = ("a dashboard spec (dashboards/NAME.yaml), a study spec (studies/NAME.yaml), or a study "
+                "name with --storage")
+_STORAGE_HELP = ("storage URL (e.g. sqlite:///studies/quickstart.db); alone: every study in it; with a spec: "
+                 "replaces the studies' storage")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "dashboard", help="live Pareto dashboard of running or finished studies (web app on 127.0.0.1)",
+        description="Serve the Pareto dashboard: fronts per family, GBLR against the hand-crafted families, "
+                    "hypervolume, best quality at budgets, trials and their learned structures. The study "
+                    "database is read-only for the dashboard; the page refreshes while studies run.",
+        epilog="examples:\n  gsmsearch dashboard dashboards/quickstart.yaml\n"
+               "  gsmsearch dashboard studies/quickstart.yaml --port 8051\n"
+               "  gsmsearch dashboard --storage sqlite:///studies/quickstart.db\n"
+               "  gsmsearch dashboard dashboards/quickstart.yaml --host 0.0.0.0 --allow-remote",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", nargs="?", default=None, metavar="SPEC|STUDY", help=_TARGET_HELP)
+    p.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    p.add_argument("--study", action="append", default=None, metavar="NAME",
+                   help="with --storage alone: show only this study (repeatable)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; anything but loopback needs --allow-remote)")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host: anyone who reaches it can read the studies")
+    p.add_argument("--refresh", type=float, default=None, metavar="SECONDS",
+                   help="re-read the studies this often (default: the spec's refresh_seconds, 10)")
+    p.set_defaults(run=run_dashboard)
+
+    p = subparsers.add_parser(
+        "report", help="write the dashboard's views as one self-contained HTML file (works offline)",
+        description="Write a static HTML report (plotly.js inlined, no network needed, opens from disk) with "
+                    "the dashboard's views, for CI artifacts and batch jobs.",
+        epilog="examples:\n  gsmsearch report studies/quickstart.yaml -o quickstart-report.html\n"
+               "  gsmsearch report quickstart --storage sqlite:///studies/quickstart.db\n"
+               "  gsmsearch report dashboards/quickstart.yaml -o report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="STUDY", help=_TARGET_HELP)
+    p.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    p.add_argument("-o", "--output", default=None, help="output file (default: NAME-report.html)")
+    p.add_argument("--max-details", type=int, default=80,
+                   help="trial details kept in the report: every completed trial up to this many, else the "
+                        "families' front trials (default 80)")
+    p.set_defaults(run=run_report)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_target(target, storage, studies=None):
+    """(dashboard spec, study sources, default output stem) for the command line's arguments."""
+    from ..dashboard import dashboard_spec_from_dict, load_dashboard_spec, resolve_sources, sources_in_storage
+    from ..dashboard._source import StudySource
+
+    if target is None:
+        if not storage:
+            raise UsageError("give a dashboard or study spec, or --storage URL")
+        sources = sources_in_storage(storage, studies)
+        from ..search import redact
+
+        spec = dashboard_spec_from_dict({"title": f"Studies in {redact(storage)}", "storage": storage,
+                                         "studies": [{"study": s.name} for s in sources]},
+                                        "--storage", from_command_line=True)
+        return spec, sources, "studies"
+    if studies:
+        raise UsageError("--study goes with --storage alone (a spec names its studies)")
+    path = Path(target)
+    if target.endswith((".yaml", ".yml")) or path.is_file():
+        spec = load_dashboard_spec(path)
+        sources = resolve_sources(spec, path.resolve().parent)
+        if storage:
+            sources = [StudySource(s.name, storage, s.label) for s in sources]
+        return spec, sources, path.stem
+    if not storage:
+        raise UsageError(f"{target!r} is not a spec file; give --storage URL with a study name")
+    sources = sources_in_storage(storage, [target])
+    spec = dashboard_spec_from_dict({"title": f"Study {target}", "storage": storage, "studies": [{"study": target}]},
+                                    "command line", from_command_line=True)
+    return spec, sources, target
+
+
+def run_dashboard(args) -> int:
+    import logging
+
+    if not _is_loopback(args.host) and not args.allow_remote:
+        raise UsageError(f"--host {args.host} would serve the studies beyond this machine; pass --allow-remote "
+                         f"as well if that is intended (default: 127.0.0.1)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.refresh is not None and not 1 <= args.refresh <= 3600:
+        raise UsageError(f"--refresh must be between 1 and 3600 seconds, got {args.refresh:g}")
+    spec, sources, _ = load_target(args.target, args.storage, args.study)
+    if args.refresh is not None:
+        spec = spec.model_copy(update={"refresh_seconds": args.refresh})
+    from ..dashboard import DataCache, create_app
+
+    cache = DataCache(sources, max_age=min(2.0, spec.refresh_seconds / 2))
+    for view in cache.views():
+        if view.error:
+            print(f"gsmsearch: warning: {view.error}", file=sys.stderr)
+    app = create_app(spec, cache)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    if not _is_loopback(args.host):
+        print(f"gsmsearch: warning: serving on {args.host}: anyone who can reach it can read these studies",
+              file=sys.stderr)
+    print(f"gsmsearch dashboard: http://{shown}:{args.port}/ ({len(sources)} stud{'y' if len(sources) == 1 else 'ies'}, "
+          f"read-only; Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        app.run(host=args.host, port=args.port, debug=False)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {shown}:{args.port}: {error.strerror or error}") from None
+    except SystemExit as error:  # werkzeug exits when the port is taken
+        if error.code:
+            raise UsageError(f"cannot listen on {shown}:{args.port} (is the port in use? try --port)") from None
+    return 0
+
+
+def run_report(args) -> int:
+    from ..dashboard import DataCache, write_report
+
+    if args.max_details < 0:
+        raise UsageError(f"--max-details must be >= 0, got {args.max_details}")
+    spec, sources, stem = load_target(args.target, args.storage)
+    views = DataCache(sources).views()
+    for view in views:
+        if view.error:
+            print(f"gsmsearch: warning: {view.error}", file=sys.stderr)
+    if all(view.error for view in views):
+        raise UsageError("none of the studies could be read; no report written")
+    safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "study"
+    output = Path(args.output or f"{safe_stem}-report.html")
+    size = write_report(views, spec, output, max_details=args.max_details)
+    trials = sum(len(v.records) for v in views)
+    print(f"wrote {output} ({size / 1e6:.1f} MB, {len(views)} stud{'y' if len(views) == 1 else 'ies'}, "
+          f"{trials} trials); open it in a browser, no network needed")
+    return 0

@@ -1,0 +1,270 @@
+"""Pure computations behind the dashboard views (no plotting, no I/O).
+
+Everything takes :class:`~gsmsearch.search.TrialRecord` lists (or a StudyView holding them), and
+an x (cost, minimised) / y (quality, maximised) pair of metrics:
+
+- :func:`metric_value`: a trial's value of a metric (its objective value, else its result);
+- :func:`family_points`: per family, every trial with both values, marked front / dominated /
+  infeasible (the front is per family, over feasible COMPLETE trials);
+- :func:`family_hypervolumes` and :func:`hypervolume_history`: the area each family's front
+  dominates up to one shared reference point, and how it grew trial after trial;
+- :func:`budget_table`: at each budget, each family's best quality with x <= budget;
+- :func:`coverage_counts`: how many GBLR components cover each weight entry, from the recorded
+  intervals (exact, or block-averaged for big layers);
+- :func:`layer_budget`: how a trial's FLOPs are spread over its layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..search._pareto import best_within_budget, hypervolume_2d, pareto_front
+
+__all__ = [
+    "Point", "metric_value", "trial_families", "family_points", "family_hypervolumes",
+    "hypervolume_history", "budget_table", "coverage_counts", "layer_budget", "trial_rows",
+    "config_summary", "FAMILY_ORDER",
+]
+
+#: GBLR first, then the hand-crafted families, dense last (unknown families after, sorted)
+FAMILY_ORDER = ("gblr", "lowrank", "blockdiag", "monarch", "blocksparse", "blocklowrank", "blast", "dense")
+
+_DIRECTIONS = ("maximize", "minimize")  # (y, x)
+
+
+@dataclass(frozen=True)
+class Point:
+    number: int
+    family: str
+    x: float
+    y: float
+    status: str  # "front", "dominated" or "infeasible"
+
+
+def _finite(value) -> Optional[float]:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def metric_value(record, metric: str, metric_names: Sequence[str]) -> Optional[float]:
+    """The trial's objective value for ``metric`` if it is an objective, else its recorded result
+    value; None when missing or not finite."""
+    if record.values is not None and metric in metric_names:
+        index = list(metric_names).index(metric)
+        if index < len(record.values):
+            return _finite(record.values[index])
+    result = record.user_attrs.get("result")
+    if isinstance(result, dict):
+        return _finite(result.get(metric))
+    return None
+
+
+def family_sort_key(family: str):
+    return (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), family)
+
+
+def trial_families(records, families: Optional[Sequence[str]] = None) -> List[str]:
+    """The families present in ``records`` (restricted to ``families`` when given), GBLR first."""
+    found = {r.family for r in records if r.family}
+    if families is not None:
+        found &= set(families)
+    return sorted(found, key=family_sort_key)
+
+
+def _complete_xy(records, x: str, y: str, metric_names) -> List[Tuple[Any, float, float]]:
+    out = []
+    for r in records:
+        if r.state != "COMPLETE":
+            continue
+        xv, yv = metric_value(r, x, metric_names), metric_value(r, y, metric_names)
+        if xv is not None and yv is not None:
+            out.append((r, xv, yv))
+    return out
+
+
+def family_points(records, x: str, y: str, metric_names, families=None) -> Dict[str, List[Point]]:
+    """family -> its COMPLETE trials with finite x and y, each marked "front" (non-dominated among
+    the family's feasible trials), "dominated" (feasible, not on the front) or "infeasible"."""
+    out: Dict[str, List[Point]] = {}
+    for family in trial_families(records, families):
+        rows = _complete_xy([r for r in records if r.family == family], x, y, metric_names)
+        feasible = [row for row in rows if row[0].feasible]
+        front = {id(feasible[i][0]) for i in pareto_front([(yv, xv) for _, xv, yv in feasible], _DIRECTIONS)}
+        points = []
+        for r, xv, yv in rows:
+            status = "infeasible" if not r.feasible else "front" if id(r) in front else "dominated"
+            points.append(Point(r.number, family, xv, yv, status))
+        out[family] = points
+    return out
+
+
+def _hypervolume(points: Iterable[Tuple[float, float]], reference: Tuple[float, float]) -> float:
+    """Area dominated by (x, y) points: x minimised, y maximised, bounded by reference (x, y)."""
+    return hypervolume_2d([(yv, xv) for xv, yv in points], _DIRECTIONS, (reference[1], reference[0]))
+
+
+def family_hypervolumes(records, x: str, y: str, metric_names, reference: Tuple[float, float],
+                        families=None) -> Dict[str, float]:
+    """family -> hypervolume of its feasible COMPLETE trials, all against the same ``reference``
+    (x, y)."""
+    out = {}
+    for family in trial_families(records, families):
+        rows = _complete_xy([r for r in records if r.family == family and r.feasible], x, y, metric_names)
+        out[family] = _hypervolume([(xv, yv) for _, xv, yv in rows], reference)
+    return out
+
+
+def hypervolume_history(records, x: str, y: str, metric_names, reference: Tuple[float, float],
+                        families=None) -> Dict[str, List[Tuple[int, float]]]:
+    """family -> [(trial number, hypervolume of the family's feasible COMPLETE trials numbered up
+    to it)], one entry per such trial, in trial order; "all" holds the same over every family."""
+    out: Dict[str, List[Tuple[int, float]]] = {}
+    chosen = trial_families(records, families)
+    rows = sorted(_complete_xy([r for r in records if r.feasible and r.family in chosen], x, y, metric_names),
+                  key=lambda row: row[0].number)
+    for family in chosen + ["all"]:
+        mine = [row for row in rows if family == "all" or row[0].family == family]
+        history, seen = [], []
+        for r, xv, yv in mine:
+            seen.append((xv, yv))
+            history.append((r.number, _hypervolume(seen, reference)))
+        out[family] = history
+    return out
+
+
+def budget_table(records, x: str, y: str, metric_names, budgets: Sequence[float],
+                 families=None) -> Dict[str, Dict[float, Optional[Point]]]:
+    """family -> {budget: the feasible COMPLETE trial with the highest y among those with
+    x <= budget (ties: the cheaper, then the lower trial number), or None}."""
+    out: Dict[str, Dict[float, Optional[Point]]] = {}
+    for family in trial_families(records, families):
+        rows = sorted(_complete_xy([r for r in records if r.family == family and r.feasible], x, y, metric_names),
+                      key=lambda row: row[0].number)
+        best = best_within_budget([yv for _, _, yv in rows], [xv for _, xv, _ in rows], list(budgets))
+        out[family] = {
+            budget: None if index is None else Point(rows[index][0].number, family, rows[index][1],
+                                                     rows[index][2], "front")
+            for budget, index in best.items()
+        }
+    return out
+
+
+def _cyclic_cover(start: int, length: int, size: int) -> np.ndarray:
+    """0/1 vector of the cyclic interval [start, start + length) on ``size`` cells."""
+    cover = np.zeros(size)
+    length = max(0, min(int(length), size))
+    if length:
+        cover[(int(start) + np.arange(length)) % size] = 1.0
+    return cover
+
+
+def _block_edges(size: int, cells: int) -> np.ndarray:
+    """Edges of ``cells`` near-equal blocks over ``size`` entries."""
+    return np.unique(np.linspace(0, size, cells + 1).round().astype(int))
+
+
+def coverage_counts(intervals: Sequence[Sequence[int]], out_features: int, in_features: int,
+                    max_cells: Optional[int] = 128) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How many components cover each weight entry.
+
+    ``intervals``: per component [row_start, row_len, col_start, col_len], cyclic over
+    ``out_features`` rows and ``in_features`` columns.  Returns (counts, row_edges, col_edges):
+    counts is (out, in) when both sides fit in ``max_cells``; otherwise each side is cut into at
+    most ``max_cells`` near-equal blocks and counts holds the exact mean count over each block
+    (the cover of a component is a product of a row and a column indicator, so the block mean is
+    the product of the row and column block means).  Block i spans rows row_edges[i]:row_edges[i+1].
+    """
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"layer sizes must be positive, got out={out_features}, in={in_features}")
+    rows = _block_edges(out_features, min(out_features, max_cells or out_features))
+    cols = _block_edges(in_features, min(in_features, max_cells or in_features))
+    row_cover = np.zeros((len(intervals), len(rows) - 1))  # (K, row blocks)
+    col_cover = np.zeros((len(intervals), len(cols) - 1))  # (K, col blocks)
+    for k, interval in enumerate(intervals):
+        if len(interval) != 4:
+            raise ValueError(f"an interval is [row_start, row_len, col_start, col_len], got {interval!r}")
+        row_start, row_len, col_start, col_len = (int(v) for v in interval)
+        row = _cyclic_cover(row_start, row_len, out_features)
+        col = _cyclic_cover(col_start, col_len, in_features)
+        row_cover[k] = np.add.reduceat(row, rows[:-1]) / np.diff(rows)
+        col_cover[k] = np.add.reduceat(col, cols[:-1]) / np.diff(cols)
+    counts = row_cover.T @ col_cover  # (row blocks, col blocks)
+    return counts, rows, cols
+
+
+def layer_budget(layers: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per structured layer: name, family, flops, dense_flops, its share of the layers' total
+    FLOPs and its own relative FLOPs (flops / dense_flops), in the recorded order."""
+    rows = []
+    for name, layer in (layers or {}).items():
+        if not isinstance(layer, dict):
+            continue
+        flops, dense = _finite(layer.get("flops")) or 0.0, _finite(layer.get("dense_flops")) or 0.0
+        rows.append({"layer": str(name), "family": str(layer.get("family", "")), "flops": flops,
+                     "dense_flops": dense, "relative": flops / dense if dense else math.nan})
+    total = sum(row["flops"] for row in rows)
+    for row in rows:
+        row["share"] = row["flops"] / total if total else math.nan
+    return rows
+
+
+#: trial-config keys that are the same for every trial of a study (left out of hover text)
+_CONFIG_SKIP = {"family", "workload", "workload_options", "include", "exclude", "device", "measure_latency",
+                "latency_batch", "mode", "epochs", "batch_size"}
+
+
+def config_summary(record) -> Dict[str, Any]:
+    """The trial's configuration as shown on hover: sampled params, then the set config knobs."""
+    out: Dict[str, Any] = {}
+    for key, value in record.params.items():
+        if key != "family":
+            out[key.split(".", 1)[-1]] = value
+    config = record.user_attrs.get("config")
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in _CONFIG_SKIP or key in out or value in (None, {}, []):
+                continue
+            out[key] = value
+    return out
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    if isinstance(value, (int, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
+    """One flat row per trial (every state) for the trials table: study, number, state, family,
+    feasible, front, the objectives and axes, the sampled parameters and the failure reason."""
+    points = family_points(view.records, x, y, view.metric_names, families)
+    status = {(p.family, p.number): p.status for ps in points.values() for p in ps}
+    metrics = list(dict.fromkeys(list(view.metric_names) + [y, x]))
+    chosen = set(trial_families(view.records, families))
+    rows = []
+    for r in view.records:
+        if families is not None and r.family not in chosen:
+            continue
+        row = {"id": f"{view.key}:{r.number}", "study": view.label, "number": r.number, "state": r.state,
+               "family": r.family or "",
+               "feasible": ("yes" if r.feasible else "no") if r.state == "COMPLETE" else "",
+               "front": "yes" if status.get((r.family, r.number)) == "front" else ""}
+        for metric in metrics:
+            row[metric] = _cell(metric_value(r, metric, view.metric_names))
+        for key, value in r.params.items():
+            if key != "family":
+                row[f"param {key}"] = _cell(value)
+        reason = r.failure_reason
+        if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None:
+            reason = f"duplicate of trial {r.user_attrs['duplicate_of']}"
+        row["failure reason"] = "" if reason is None else str(reason)
+        rows.append(row)
+    return rows

@@ -1,0 +1,350 @@
+"""Plotly figures for the dashboard and the report, built from :mod:`._data`.
+
+Every string that comes from a study (names, families, parameters, failure messages) passes
+through :func:`esc` before it reaches a figure: plotly renders a subset of HTML in labels and
+hover text, and escaped text is shown literally.  Points carry ``customdata = [study key, trial
+number]`` so a click can open the trial.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import _data
+
+__all__ = ["esc", "family_color", "pareto_figure", "comparison_figure", "hypervolume_figure",
+           "layer_flops_figure", "coverage_figure", "hover_text", "empty_figure", "METRIC_LABELS"]
+
+_COLORS = {"gblr": "#d62728", "lowrank": "#1f77b4", "blockdiag": "#2ca02c", "monarch": "#9467bd",
+           "blocksparse": "#8c564b", "blocklowrank": "#e377c2", "blast": "#17becf", "dense": "#111111"}
+_OTHER_COLORS = ("#ff7f0e", "#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a")
+METRIC_LABELS = {
+    "quality": "quality (test)", "relative_flops": "relative FLOPs (vs dense)",
+    "structured_relative_flops": "relative FLOPs of the structured layers",
+    "relative_linear_flops": "relative FLOPs of the linear layers", "flops_per_sample": "FLOPs per sample",
+    "params": "parameters", "latency_ms": "latency (ms)", "train_seconds": "training time (s)",
+}
+_HOVER = dict(align="left", font_size=11)
+
+
+def esc(value: Any) -> str:
+    """Text from a study, safe inside plotly labels (which render a subset of HTML)."""
+    return html.escape(str(value), quote=False)
+
+
+def family_color(family: str) -> str:
+    if family in _COLORS:
+        return _COLORS[family]
+    return _OTHER_COLORS[sum(map(ord, family)) % len(_OTHER_COLORS)]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, default=str)[:200]
+    return str(value)
+
+
+def hover_text(record, point, x: str, y: str) -> str:
+    lines = [f"<b>trial {record.number}</b> ({esc(point.family)}, {point.status})",
+             f"{esc(y)}: {point.y:.4g}", f"{esc(x)}: {point.x:.4g}"]
+    for key, value in _data.config_summary(record).items():
+        lines.append(f"{esc(key)}: {esc(_fmt(value))}")
+    return "<br>".join(lines[:24])
+
+
+def empty_figure(message: str, height: int = 260):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_annotation(text=esc(message), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(template="plotly_white", height=height, xaxis_visible=False, yaxis_visible=False,
+                      margin=dict(l=20, r=20, t=30, b=20))
+    return fig
+
+
+def _axis_title(metric: str) -> str:
+    return esc(METRIC_LABELS.get(metric, metric))
+
+
+def _dense_line(fig, spec, **where) -> None:
+    if spec.axes.x.startswith("relative") or spec.axes.x == "structured_relative_flops":
+        fig.add_vline(x=1.0, line_dash="dot", line_color="#888", **where)
+
+
+def _references(fig, spec, showlegend: bool = True, **where) -> None:
+    if not spec.references:
+        return
+    import plotly.graph_objects as go
+
+    fig.add_trace(go.Scatter(
+        x=[r.x for r in spec.references], y=[r.y for r in spec.references], mode="markers+text",
+        name="reference points", text=[esc(r.label) for r in spec.references], textposition="top left",
+        marker=dict(symbol="diamond", size=11, color="#444"), hovertemplate="%{text}<extra></extra>",
+        showlegend=showlegend, legendgroup="references"), **where)
+
+
+_STYLE = {
+    "front": dict(opacity=1.0, size=9, symbol="circle"),
+    "dominated": dict(opacity=0.25, size=7, symbol="circle"),
+    "infeasible": dict(opacity=0.25, size=8, symbol="x"),
+}
+
+
+def _family_traces(view, family: str, points: List[_data.Point], spec, *, statuses=("front", "dominated", "infeasible"),
+                   showlegend: bool = True):
+    """Scatter traces of one family: its front (markers joined as the attainment staircase),
+    then dominated and infeasible trials, dimmed.  Empty groups add no trace."""
+    import plotly.graph_objects as go
+
+    records = {r.number: r for r in view.records}
+    color = family_color(family)
+    if family == "dense":
+        # the dense model is the reference every structure is measured against: always drawn in
+        # full, whatever the study's constraints say about it
+        group = sorted(points, key=lambda p: (p.x, p.y))
+        return [go.Scatter(
+            x=[p.x for p in group], y=[p.y for p in group], mode="markers", name="dense model",
+            marker=dict(color=color, size=14, symbol="star"), legendgroup="dense", showlegend=showlegend,
+            text=[hover_text(records[p.number], p, spec.axes.x, spec.axes.y) for p in group],
+            customdata=[[view.key, p.number] for p in group],
+            hovertemplate="%{text}<extra></extra>", hoverlabel=_HOVER)] if group else []
+    traces = []
+    for status in statuses:
+        group = sorted((p for p in points if p.status == status), key=lambda p: (p.x, p.y))
+        if not group:
+            continue
+        style = _STYLE[status]
+        symbol = style["symbol"]
+        traces.append(go.Scatter(
+            x=[p.x for p in group], y=[p.y for p in group],
+            mode="lines+markers" if status == "front" else "markers",
+            line=dict(color=color, width=2, shape="hv"),
+            marker=dict(color=color, size=style["size"], symbol=symbol,
+                        opacity=style["opacity"], line=dict(width=0)),
+            name=f"{esc(family)} {status}" if status != "front" else esc(family),
+            legendgroup=esc(family), showlegend=showlegend,
+            text=[hover_text(records[p.number], p, spec.axes.x, spec.axes.y) for p in group],
+            customdata=[[view.key, p.number] for p in group],
+            hovertemplate="%{text}<extra></extra>", hoverlabel=_HOVER,
+        ))
+    return traces
+
+
+def pareto_figure(view, spec, height: int = 460):
+    """Every family's trials on quality vs cost: fronts bright, dominated and infeasible dimmed,
+    the dense cost as a dotted line, the spec's reference points as diamonds."""
+    import plotly.graph_objects as go
+
+    if view.error:
+        return empty_figure(view.error)
+    points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
+    if not any(points.values()):
+        return empty_figure(f"{view.label}: no completed trials yet")
+    fig = go.Figure()
+    for family, family_pts in points.items():
+        for trace in _family_traces(view, family, family_pts, spec):
+            fig.add_trace(trace)
+    _references(fig, spec)
+    _dense_line(fig, spec)
+    fig.update_layout(
+        template="plotly_white", height=height, title=dict(text=f"Pareto fronts: {esc(view.label)}", x=0.01),
+        xaxis=dict(title=_axis_title(spec.axes.x), type="log" if spec.axes.log_x else "linear"),
+        yaxis=dict(title=_axis_title(spec.axes.y)), legend=dict(groupclick="togglegroup"),
+        margin=dict(l=60, r=20, t=50, b=50), uirevision=f"pareto-{view.key}", clickmode="event",
+    )
+    return fig
+
+
+def comparison_figure(view, spec, height: int = 360):
+    """GBLR's front against each hand-crafted family's front, one panel per family (shared axes),
+    with the dense trials and the dense cost in every panel."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if view.error:
+        return empty_figure(view.error)
+    points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
+    others = [f for f in points if f not in ("gblr", "dense") and points[f]]
+    if not points.get("gblr") or not others:
+        return empty_figure(f"{view.label}: the comparison needs completed GBLR trials and at least one "
+                            f"hand-crafted family")
+    fig = make_subplots(rows=1, cols=len(others), shared_yaxes=True, shared_xaxes=True,
+                        subplot_titles=[f"gblr vs {esc(f)}" for f in others], horizontal_spacing=0.03)
+    for column, family in enumerate(others, start=1):
+        first = column == 1
+        for name in ("gblr", family, "dense"):
+            if not points.get(name):
+                continue
+            for trace in _family_traces(view, name, points[name], spec, statuses=("front", "dominated"),
+                                        showlegend=first or name == family):
+                fig.add_trace(trace, row=1, col=column)
+        _references(fig, spec, showlegend=first, row=1, col=column)
+        _dense_line(fig, spec, row=1, col=column)
+    fig.update_xaxes(type="log" if spec.axes.log_x else "linear")
+    fig.update_xaxes(title_text=_axis_title(spec.axes.x), row=1, col=1)
+    fig.update_yaxes(title_text=_axis_title(spec.axes.y), row=1, col=1)
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
+                      title=dict(text=f"GBLR against each hand-crafted family: {esc(view.label)}", x=0.01),
+                      uirevision=f"compare-{view.key}")
+    return fig
+
+
+def hypervolume_figure(view, spec, height: int = 340):
+    """Left: each family's hypervolume (same reference point for all); right: how it grew."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if view.error:
+        return empty_figure(view.error)
+    reference = (spec.reference.x, spec.reference.y)
+    volumes = _data.family_hypervolumes(view.records, spec.axes.x, spec.axes.y, view.metric_names, reference,
+                                        spec.families)
+    history = _data.hypervolume_history(view.records, spec.axes.x, spec.axes.y, view.metric_names, reference,
+                                        spec.families)
+    if not volumes:
+        return empty_figure(f"{view.label}: no trials yet")
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.1,
+                        subplot_titles=["hypervolume per family", "hypervolume over trials"])
+    families = list(volumes)
+    fig.add_trace(go.Bar(x=[esc(f) for f in families], y=[volumes[f] for f in families],
+                         marker_color=[family_color(f) for f in families], name="hypervolume",
+                         showlegend=False, hovertemplate="%{x}: %{y:.4g}<extra></extra>"), row=1, col=1)
+    for family in families + ["all"]:
+        steps = history.get(family) or []
+        if not steps:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[n for n, _ in steps], y=[v for _, v in steps], mode="lines+markers",
+            line=dict(shape="hv", color=family_color(family) if family != "all" else "#999",
+                      dash="dash" if family == "all" else "solid"),
+            marker=dict(size=5), name=esc(family) if family != "all" else "all families",
+            hovertemplate="trial %{x}: %{y:.4g}<extra>" + esc(family) + "</extra>"), row=1, col=2)
+    fig.update_xaxes(title_text="trial number", row=1, col=2)
+    fig.update_yaxes(title_text=f"hypervolume (ref. x={reference[0]:g}, y={reference[1]:g})", row=1, col=1)
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
+                      title=dict(text=f"Hypervolume: {esc(view.label)}", x=0.01), uirevision=f"hv-{view.key}")
+    return fig
+
+
+def layer_flops_figure(record, height: int = 300):
+    """How the trial's FLOPs are spread over its structured layers (bars), against each layer's
+    dense FLOPs (outlined)."""
+    import plotly.graph_objects as go
+
+    rows = _data.layer_budget(record.user_attrs.get("layers") or {})
+    if not rows:
+        return empty_figure("this trial recorded no structured layers", height=160)
+    names = [esc(r["layer"]) for r in rows]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=names, y=[r["dense_flops"] for r in rows], name="dense FLOPs",
+                         marker=dict(color="rgba(0,0,0,0)", line=dict(color="#888", width=1.5)),
+                         hovertemplate="%{x}: dense %{y:,.0f} FLOPs<extra></extra>"))
+    fig.add_trace(go.Bar(
+        x=names, y=[r["flops"] for r in rows], name="structured FLOPs",
+        marker_color=[family_color(r["family"]) for r in rows],
+        text=[f"{r['share']:.0%} of total" if math.isfinite(r["share"]) else "" for r in rows],
+        textposition="outside",
+        customdata=[[esc(r["family"]), r["relative"]] for r in rows],
+        hovertemplate="%{x} (%{customdata[0]}): %{y:,.0f} FLOPs, %{customdata[1]:.1%} of dense, "
+                      "%{text}<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=height, barmode="overlay", bargap=0.3,
+                      title=dict(text="FLOPs per layer (budget spread)", x=0.01),
+                      yaxis_title="FLOPs per sample", margin=dict(l=60, r=20, t=50, b=80))
+    return fig
+
+
+def coverage_figure(name: str, layer: Dict[str, Any], max_cells: int = 128, height: int = 320):
+    """The learned GBLR structure of one layer: how many components cover each weight entry
+    (rows = outputs, columns = inputs), block-averaged when the layer is larger than max_cells."""
+    import plotly.graph_objects as go
+
+    out_features, in_features = int(layer["out_features"]), int(layer["in_features"])
+    counts, rows, cols = _data.coverage_counts(layer.get("intervals") or [], out_features, in_features, max_cells)
+    exact = len(rows) - 1 == out_features and len(cols) - 1 == in_features
+    fig = go.Figure(go.Heatmap(
+        z=counts.round(3).tolist(), x=((cols[:-1] + cols[1:] - 1) / 2).tolist(),
+        y=((rows[:-1] + rows[1:] - 1) / 2).tolist(), colorscale="Viridis", zmin=0,
+        colorbar=dict(title=dict(text="components" if exact else "mean<br>components"), thickness=12),
+        hovertemplate=("row %{y:.0f}, column %{x:.0f}: %{z} component(s)" if exact else
+                       "rows ~%{y:.0f}, columns ~%{x:.0f}: %{z:.2f} components (block mean)") + "<extra></extra>",
+    ))
+    live = layer.get("live_components", len(layer.get("intervals") or []))
+    flops, dense = layer.get("flops"), layer.get("dense_flops")
+    cost = f", {flops:,} of {dense:,} FLOPs ({flops / dense:.1%})" if isinstance(flops, (int, float)) and dense else ""
+    size = max(1.0, out_features / max(in_features, 1))
+    fig.update_layout(
+        template="plotly_white", height=int(min(520, max(height, 200 * min(size, 2.5)))),
+        title=dict(text=f"{esc(name)}: {out_features}x{in_features}, {live} live component(s){cost}", x=0.01,
+                   font_size=13),
+        xaxis=dict(title="input (column)", range=[-0.5, in_features - 0.5], constrain="domain"),
+        yaxis=dict(title="output (row)", autorange="reversed", scaleanchor="x", constrain="domain"),
+        margin=dict(l=60, r=20, t=50, b=50),
+    )
+    return fig
+
+
+def structure_layers(record) -> List[tuple]:
+    """(name, layer summary) of the trial's layers that have recorded intervals (GBLR)."""
+    layers = record.user_attrs.get("layers") or {}
+    return [(name, layer) for name, layer in layers.items()
+            if isinstance(layer, dict) and isinstance(layer.get("intervals"), list)
+            and layer.get("out_features") and layer.get("in_features")]
+
+
+def interval_rows(layer: Dict[str, Any], limit: int = 64) -> List[Dict[str, Any]]:
+    """The component intervals as table rows (rows/columns as half-open, cyclic ranges)."""
+    out_features, in_features = int(layer["out_features"]), int(layer["in_features"])
+    rows = []
+    for k, (row_start, row_len, col_start, col_len) in enumerate((layer.get("intervals") or [])[:limit]):
+        def span(start, length, size):
+            end = (start + length) % size
+            wrap = " (wraps)" if start + length > size else ""
+            return f"{start}..{end if end or not length else size}{wrap}"
+
+        rows.append({"component": k, "rows": span(int(row_start), int(row_len), out_features),
+                     "row length": int(row_len), "columns": span(int(col_start), int(col_len), in_features),
+                     "column length": int(col_len), "entries": int(row_len) * int(col_len)})
+    return rows
+
+
+def figure_json(fig) -> str:
+    """A figure as JSON safe to embed in an HTML <script type=application/json> element."""
+    import plotly.io as pio
+
+    text = pio.to_json(fig, validate=False, pretty=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def budget_rows(view, spec) -> List[Dict[str, Any]]:
+    """Rows of the "best quality at budget" table: one per family, a cell per budget."""
+    table = _data.budget_table(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.budgets,
+                               spec.families)
+    rows = []
+    for family, cells in table.items():
+        row = {"family": family}
+        for budget in spec.budgets:
+            best = cells.get(budget)
+            row[f"<= {budget:g}"] = None if best is None else (best.y, best.x, best.number)
+        rows.append(row)
+    return rows
+
+
+def budget_cell_text(cell: Optional[tuple]) -> str:
+    if cell is None:
+        return "-"
+    y, x, number = cell
+    return f"{y:.4f} (trial {number}, x={x:.3g})"
+
+
+def best_cells(rows: Sequence[Dict[str, Any]], budgets) -> Dict[str, Optional[str]]:
+    """budget column -> family with the best quality in it (None if no family has a trial)."""
+    out = {}
+    for budget in budgets:
+        column = f"<= {budget:g}"
+        cells = [(row[column][0], row["family"]) for row in rows if row.get(column)]
+        out[column] = max(cells)[1] if cells else None
+    return out

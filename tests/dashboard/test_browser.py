@@ -1,0 +1,222 @@
+"""The dashboard and the report in real Chromium (Debian's package, driven by Playwright).
+
+A server is started by the test on 127.0.0.1 (a free port) over a seeded SQLite study; the tests
+check that every view renders with the expected traces and points and no console errors, that
+clicking a trial opens its structure heatmaps, that hostile study names and failure messages show
+as text, that the database is not changed by serving, that the page follows a study as it grows,
+and that the static report works from a file URL with every network request refused.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import (HOSTILE_NAME, HOSTILE_REASONS, MAIN_POINTS, MAIN_TRACES, SECOND_TRACES, SECOND_TRIALS,
+                       free_port)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found; scripts/test-services.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    page.on("dialog", lambda dialog: (errors.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    page.errors = errors
+    yield page
+    context.close()
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest(), os.stat(path).st_mtime_ns
+
+
+@pytest.fixture(scope="module")
+def server(seeded_db, tmp_path_factory):
+    """`gsmsearch dashboard --storage ...` in a subprocess on 127.0.0.1, over a copy of the
+    seeded database (the last test adds a trial to it)."""
+    db = tmp_path_factory.mktemp("served") / "studies.db"
+    shutil.copy(seeded_db[0], db)
+    url = f"sqlite:///{db}"
+    before = _digest(db)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gsmsearch", "dashboard", "--storage", url, "--port", str(port), "--refresh", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the dashboard exited: {process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(address, timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.terminate()
+            pytest.fail("the dashboard did not answer within 60 s")
+        time.sleep(0.2)
+    yield {"address": address, "db": db, "url": url, "before": before, "process": process}
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _count(page, selector: str) -> int:
+    return page.eval_on_selector_all(selector, "els => els.length")
+
+
+def _wait_count(page, selector: str, expected: int) -> None:
+    page.wait_for_function("([s, n]) => document.querySelectorAll(s).length === n", arg=[selector, expected])
+
+
+def test_every_view_renders_with_the_expected_traces_and_points(page, server):
+    page.goto(server["address"])
+    page.wait_for_selector("#pareto-0 .js-plotly-plot .trace")
+    _wait_count(page, "#pareto-0 .scatterlayer .trace", MAIN_TRACES)
+    assert _count(page, "#pareto-0 .scatterlayer .point") == MAIN_POINTS
+    # the second study, side by side
+    _wait_count(page, "#pareto-1 .scatterlayer .trace", SECOND_TRACES)
+    assert _count(page, "#pareto-1 .scatterlayer .point") == len(SECOND_TRIALS)
+    # GBLR against lowrank and monarch: gblr front + dominated, the family's traces, the dense star
+    _wait_count(page, "#compare-0 .scatterlayer .trace", (2 + 2 + 1) + (2 + 1 + 1))
+    assert _count(page, "#compare-0 .subplot") >= 2
+    _wait_count(page, "#compare-1 .scatterlayer .trace", 2)
+    # hypervolume: one bar per family; history lines for gblr, lowrank, monarch and all families
+    _wait_count(page, "#hypervolume-0 .barlayer .point", 4)
+    assert _count(page, "#hypervolume-0 .scatterlayer .trace") == 4
+    # best quality at budget: one table per study, one row per family
+    _wait_count(page, ".budget-table", 2)
+    assert _count(page, ".budget-table >> nth=0 >> tbody tr") == 4
+    # the trial table: every trial of both studies (16 + 4) on its first page
+    _wait_count(page, 'td[data-dash-column="number"]', 20)
+    assert page.errors == []
+
+
+def test_hostile_names_and_failure_messages_render_as_text(page, server):
+    page.goto(server["address"])
+    page.wait_for_selector("#pareto-0 .js-plotly-plot .trace")
+    page.wait_for_selector('td[data-dash-column="failure reason"]')
+    assert HOSTILE_NAME in page.inner_text("#studies")
+    title = page.text_content("#pareto-0 .gtitle")
+    assert HOSTILE_NAME in title
+    reasons = page.eval_on_selector_all('td[data-dash-column="failure reason"]', "els => els.map(e => e.innerText)")
+    for reason in HOSTILE_REASONS:
+        assert reason in reasons
+    assert page.evaluate("() => window.__xss") is None
+    assert _count(page, "img") == 0
+    assert page.errors == []
+
+
+def test_clicking_a_trial_opens_its_structure(page, server):
+    page.goto(server["address"])
+    page.wait_for_selector("#pareto-0 .scatterlayer .trace .point")
+    # the first point of GBLR's front (lowest cost: trial 0)
+    box = page.locator("#pareto-0 .scatterlayer .trace").first.locator(".point").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#pareto-0 .hoverlayer .hovertext")
+    assert "trial 0" in page.text_content("#pareto-0 .hoverlayer")
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#detail-title")
+    assert "trial 0 (gblr)" in page.inner_text("#detail-title")
+    _wait_count(page, ".structure-heatmap .heatmaplayer .hm", 2)  # one heatmap per GBLR layer
+    _wait_count(page, "#detail-flops .barlayer .point", 4)  # 2 layers x (structured, dense)
+    # a row of the table opens a hand-crafted trial: no heatmap, its per-layer FLOPs
+    page.locator('td[data-dash-column="number"]', has_text="7").first.click()
+    page.wait_for_function("t => document.querySelector('#detail-title').innerText.includes(t)",
+                           arg="trial 7 (lowrank)")
+    assert _count(page, ".structure-heatmap") == 0
+    _wait_count(page, "#detail-flops .barlayer .point", 4)
+    assert page.errors == []
+
+
+def test_serving_does_not_change_the_database(server):
+    assert _digest(server["db"]) == server["before"]
+
+
+def test_the_page_follows_a_running_study(page, server):
+    import warnings
+
+    import optuna
+
+    page.goto(server["address"])
+    _wait_count(page, "#pareto-0 .scatterlayer .point", MAIN_POINTS)
+    from .conftest import _complete
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name=HOSTILE_NAME, storage=server["url"])
+        study.add_trial(_complete("gblr", 0.05, 0.83, 99))
+    _wait_count(page, "#pareto-0 .scatterlayer .point", MAIN_POINTS + 1)
+    assert page.errors == []
+
+
+def test_static_report_works_from_a_file_url_without_network(page, seeded_db, tmp_path):
+    _, url, _, _ = seeded_db
+    output = tmp_path / "report.html"
+    subprocess.run([sys.executable, "-m", "gsmsearch", "report", "--storage", url, HOSTILE_NAME, "-o", str(output)],
+                   check=True, capture_output=True)
+    refused = []
+
+    def only_files(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_files)
+    page.goto(output.as_uri())
+    page.wait_for_selector(".js-plotly-plot .trace")
+    _wait_count(page, "#pareto-0 .scatterlayer .trace", MAIN_TRACES)
+    assert _count(page, "#pareto-0 .scatterlayer .point") == MAIN_POINTS
+    _wait_count(page, "#compare-0 .scatterlayer .trace", (2 + 2 + 1) + (2 + 1 + 1))
+    _wait_count(page, "#hypervolume-0 .barlayer .point", 4)
+    _wait_count(page, ".budget-table tbody tr", 4)
+    assert _count(page, "#trials-table tbody tr") == 16
+    # filter and sort work in the page
+    page.select_option("#filter-state", "FAIL")
+    assert page.inner_text("#filter-count") == "2 of 16 trials"
+    page.select_option("#filter-state", "")
+    # hostile text is text
+    assert HOSTILE_NAME in page.inner_text("#studies")
+    assert HOSTILE_REASONS[0] in page.inner_text("#trials-table")
+    assert page.evaluate("() => window.__xss") is None
+    # clicking the cheapest GBLR front point opens its structure
+    box = page.locator("#pareto-0 .scatterlayer .trace").first.locator(".point").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector('.trial-detail[data-trial="0:0"]:not([hidden])')
+    _wait_count(page, ".trial-detail:not([hidden]) .heatmaplayer .hm", 2)
+    assert refused == []
+    assert page.errors == []

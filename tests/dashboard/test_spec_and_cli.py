@@ -1,0 +1,189 @@
+"""Dashboard specs are validated like study specs; the report command; read-only storage; the
+dashboard command's refusals."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsmsearch.cli import main
+from gsmsearch.dashboard import DataCache, load_dashboard_spec, readonly_storage, render_report, resolve_sources
+from gsmsearch.search import SpecError
+
+from .conftest import HOSTILE_REASONS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path, data, name="dash.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"studies": [{"study": "a", "storage": "sqlite:///a.db"}], "colour": "red"}, r"colour: unknown key"),
+    ({"studies": []}, r"studies: .*at least 1"),
+    ({"studies": [{"study": "a"}]}, r"studies\[0\] \('a'\) needs a storage"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a", "spec": "s.yaml"}]},
+     r"studies\[0\]: .*exactly one of study .* or spec"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "axes": {"x": "quality", "y": "relative_flops"}},
+     r"axes: .*x is the cost axis"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "axes": {"x": "flopz"}},
+     r"axes\.x: unknown metric 'flopz'"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "budgets": [0.1, -1]},
+     r"budgets: budgets are positive numbers"),
+    ({"storage": "postgresql://u:secret@h/db", "studies": [{"study": "a"}]}, r"storage: do not write a password"),
+    ({"storage": "redis://h", "studies": [{"study": "a"}]}, r"storage: unsupported database 'redis'"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "refresh_seconds": 0},
+     r"refresh_seconds: .*greater than or equal to 1"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "references": [{"label": "x", "x": 1}]},
+     r"references\[0\]\.y: required key is missing"),
+])
+def test_bad_dashboard_specs_name_file_and_key(tmp_path, data, message):
+    path = _write(tmp_path, data)
+    with pytest.raises(SpecError, match=message) as error:
+        load_dashboard_spec(path)
+    assert str(error.value).startswith(str(path))
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="no such file"):
+        load_dashboard_spec(tmp_path / "missing.yaml")
+    with pytest.raises(SpecError, match=r"not valid YAML at line \d+, column \d+"):
+        load_dashboard_spec(_write(tmp_path, "studies: [a\n"))
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_dashboard_spec(_write(tmp_path, "- a\n"))
+
+
+def test_shipped_dashboard_specs_are_valid():
+    paths = sorted((REPO / "dashboards").glob("*.yaml"))
+    assert paths, "dashboards/*.yaml: at least one example"
+    for path in paths:
+        spec = load_dashboard_spec(path)
+        assert spec.studies
+
+
+def test_relative_storage_is_relative_to_the_spec(tmp_path, seeded_db):
+    db_path, _, _, second = seeded_db
+    (tmp_path / "dashboards").mkdir()
+    os.symlink(db_path, tmp_path / "studies.db")
+    path = _write(tmp_path / "dashboards", {"storage": "sqlite:///../studies.db", "studies": [{"study": second}]})
+    sources = resolve_sources(load_dashboard_spec(path), path.parent)
+    assert sources[0].url == f"sqlite:///{(tmp_path / 'studies.db').resolve()}"
+    assert not DataCache(sources).views()[0].error
+
+
+def _tags(text):
+    """(tag, attributes) of every element the browser would build from ``text``."""
+    from html.parser import HTMLParser
+
+    found = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.append((tag, dict(attrs)))
+
+    Collect(convert_charrefs=True).feed(text)
+    return found
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest(), os.stat(path).st_mtime_ns
+
+
+def test_storage_is_read_only_at_the_database_level(seeded_db):
+    db_path, url, name, _ = seeded_db
+    before = _digest(db_path)
+    storage = readonly_storage(url)
+    study_id = storage.get_study_id_from_name(name)
+    writes = [lambda: storage.set_study_user_attr(study_id, "tampered", True),
+              lambda: storage.create_new_study([], "new-study"),
+              lambda: storage.delete_study(study_id)]
+    for write in writes:
+        with pytest.raises(Exception) as error:
+            write()
+        # Optuna wraps the driver's error; the cause is SQLite refusing the write
+        assert "readonly database" in f"{error.value} {error.value.__cause__}"
+    assert _digest(db_path) == before
+
+
+def test_missing_database_is_not_created(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no study database"):
+        readonly_storage(f"sqlite:///{tmp_path / 'nothing.db'}")
+    assert not (tmp_path / "nothing.db").exists()
+
+
+def test_report_command_writes_one_self_contained_file(tmp_path, seeded_db, capsys):
+    db_path, url, name, _ = seeded_db
+    before = _digest(db_path)
+    output = tmp_path / "report.html"
+    assert main(["report", "--storage", url, name, "-o", str(output)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    text = output.read_text()
+    assert _digest(db_path) == before
+    # plotly.js inlined exactly once, nothing loaded from elsewhere
+    assert text.count("<script>") == 2  # plotly.js and ours; figures are JSON data blocks
+    tags = _tags(text)
+    assert not {t for t, _ in tags} & {"link", "img", "iframe", "object", "embed", "svg", "a", "base"}
+    assert not [(t, a) for t, attrs in tags for a in attrs if a in ("src", "href") or a.startswith("on")]
+    assert [attrs.get("type") for t, attrs in tags if t == "script"].count(None) == 2
+    # hostile text appears only escaped (or inside JSON as \u003c), never as markup
+    assert "<script>window.__xss" not in text and '<img src=x onerror' not in text
+    assert "&lt;b&gt;bold&lt;/b&gt;&lt;script&gt;window.__xss" in text
+    assert "&lt;img src=x onerror=" in text
+    assert "Content-Security-Policy" in text and "connect-src 'none'" in text
+
+
+def test_report_from_a_study_spec_and_a_dashboard_spec(tmp_path, seeded_db, capsys):
+    _, url, _, second = seeded_db
+    study_spec = _write(tmp_path, {"name": second, "storage": url, "trials": 1, "families": {"gblr": {}},
+                                   "workload": {"name": "digits-mlp"}}, "study.yaml")
+    os.chdir(tmp_path)
+    assert main(["report", str(study_spec)]) == 0
+    assert (tmp_path / "study-report.html").is_file()
+    dash = _write(tmp_path, {"title": "two", "storage": url, "studies": [{"study": second}, {"spec": "study.yaml"}]})
+    assert main(["report", str(dash), "-o", "two.html"]) == 0
+    assert "2 studies" in capsys.readouterr().out
+
+
+def test_report_errors_are_one_line(tmp_path, seeded_db, capsys):
+    _, url, _, _ = seeded_db
+    assert main(["report", "nope", "--storage", url]) == 2
+    assert "no study 'nope' in that storage" in capsys.readouterr().err
+    assert main(["report", "nope"]) == 2
+    assert "give --storage URL with a study name" in capsys.readouterr().err
+    assert main(["report", str(_write(tmp_path, {"studies": [{"study": "a"}]}))]) == 2
+    assert "needs a storage" in capsys.readouterr().err
+
+
+def test_render_report_escapes_everything(seeded_db):
+    _, url, name, _ = seeded_db
+    from gsmsearch.dashboard import dashboard_spec_from_dict, sources_in_storage
+
+    spec = dashboard_spec_from_dict({"title": "<i>t</i>", "storage": url, "studies": [{"study": name}],
+                                     "references": [{"label": "<svg onload=x>", "x": 1, "y": 0.9}]})
+    html = render_report(DataCache(sources_in_storage(url, [name])).views(), spec)
+    assert "<i>t</i>" not in html and "&lt;i&gt;t&lt;/i&gt;" in html
+    assert "<svg onload" not in html
+    for reason in HOSTILE_REASONS:
+        assert reason not in html
+
+
+def test_dashboard_refuses_non_loopback_hosts(capsys):
+    assert main(["dashboard", "--storage", "sqlite:///x.db", "--host", "0.0.0.0"]) == 2
+    assert "pass --allow-remote" in capsys.readouterr().err
+    assert main(["dashboard", "--storage", "sqlite:///x.db", "--host", "192.168.1.5", "--port", "9"]) == 2
+    assert main(["dashboard"]) == 2
+    assert "give a dashboard or study spec, or --storage" in capsys.readouterr().err
+
+
+def test_help_stays_instant():
+    code = ("import sys, gsmsearch.cli as c; c.build_parser(); "
+            "heavy = [m for m in ('dash', 'plotly', 'flask', 'optuna', 'torch', 'ray') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
