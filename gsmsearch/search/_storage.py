@@ -72,9 +72,56 @@ def open_storage(url: str, *, must_exist: bool = False):
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}
     try:
-        return with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs))
+        rdb = with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs))
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
+    return RetryingStorage(rdb)
+
+
+def _retrying_storage_class():
+    """A BaseStorage that forwards every call to Optuna's cached RDB storage, retrying transient
+    database errors (a restarted server, a locked SQLite file) with backoff.  Every read and write
+    of the driver goes through it, so a database restart mid-study costs a pause, not the study."""
+    import optuna
+    from optuna.storages import BaseStorage
+
+    try:
+        from optuna.storages._cached_storage import _CachedStorage
+    except ImportError:  # pragma: no cover - a future Optuna without it: no cache, same results
+        _CachedStorage = None
+
+    def forward(name):
+        def method(self, *args, **kwargs):
+            return with_retries(lambda: getattr(self._inner, name)(*args, **kwargs))
+
+        method.__name__ = name
+        return method
+
+    names = [n for n in dir(BaseStorage) if not n.startswith("_")]
+    namespace = {name: forward(name) for name in names}
+
+    def __init__(self, rdb):
+        self._rdb = rdb
+        self._inner = _CachedStorage(rdb) if _CachedStorage is not None else rdb
+
+    def __getattr__(self, name):  # anything else (engine, url, ...) from the RDB storage
+        return getattr(self._rdb, name)
+
+    namespace.update(__init__=__init__, __getattr__=__getattr__)
+    return type("RetryingStorage", (BaseStorage,), namespace)
+
+
+class _LazyClass:
+    def __init__(self, factory):
+        self._factory, self._cls = factory, None
+
+    def __call__(self, *args, **kwargs):
+        if self._cls is None:
+            self._cls = self._factory()
+        return self._cls(*args, **kwargs)
+
+
+RetryingStorage = _LazyClass(_retrying_storage_class)
 
 
 def _short(error: Exception) -> str:
@@ -103,7 +150,8 @@ def with_retries(action: Callable[[], T], *, attempts: int = 8, first_delay: flo
         try:
             return action()
         except Exception as error:  # noqa: BLE001
-            cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+            cause = (error.__cause__ or error.__context__) if isinstance(
+                error, optuna.exceptions.StorageInternalError) else error
             if attempt == attempts - 1 or not (_transient(error) or (cause and _transient(cause))):
                 raise
             time.sleep(delay)

@@ -46,7 +46,7 @@ class TrialResult:
     relative_flops: float  # flops_per_sample / dense_flops_per_sample
     relative_linear_flops: float  # structured + dense linear layers only
     structured_relative_flops: float  # the structured layers only (what `budget` targets), per token
-    params: int
+    params: int  # of the exported (deployed) model
     dense_params: int
     latency_ms: Optional[float]  # exported model, median per batch of latency_batch samples
     dense_latency_ms: Optional[float]
@@ -258,7 +258,8 @@ def run_trial(
         relative_flops=float(cost.relative),
         relative_linear_flops=float(cost.relative_linear),
         structured_relative_flops=float(loop.relative_flops()),
-        params=sum(p.numel() for p in model.parameters()),
+        # what is deployed: the exported model (dead components dropped, intervals cropped)
+        params=sum(p.numel() for p in deployed.parameters()),
         dense_params=sum(p.numel() for p in dense_model.parameters()),
         latency_ms=latency,
         dense_latency_ms=dense_latency,
