@@ -12,7 +12,8 @@ quickstart: setup
 
 test:
 	scripts/setup.sh --test
-	$(PY) -m pytest -q
+	scripts/test-services.sh
+	$(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) bench/run.py

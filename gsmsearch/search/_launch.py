@@ -45,6 +45,9 @@ class LaunchSummary:
     failed: int = 0
     interrupted: bool = False
     front: List[Dict[str, Any]] = field(default_factory=list)
+    # per finished trial: seconds from submission to the trial starting in its worker, inside
+    # the trial, from its end back to the driver, and recording it in the database
+    timings: List[Dict[str, float]] = field(default_factory=list)
 
 
 def make_sampler(spec: StudySpec):
@@ -117,7 +120,8 @@ class _Running:
     worker: Any
     ref: Any
     attempt: int
-    started: float
+    started: float  # monotonic, for the time limit
+    submitted: float  # wall clock
 
 
 def _driver_alive(driver: Dict[str, Any]) -> bool:
@@ -309,7 +313,7 @@ def launch(
             str(paths["checkpoints"] / digest), str(paths["cache"]),
             str(paths["structures"] / f"trial-{trial.number}.safetensors"),
         )
-        running[ref] = _Running(trial, config, worker, ref, attempt, time.monotonic())
+        running[ref] = _Running(trial, config, worker, ref, attempt, time.monotonic(), time.time())
 
     def record_failure(entry: _Running, reason: str, *, final: bool) -> None:
         trial = entry.trial
@@ -317,6 +321,17 @@ def launch(
         with_retries(lambda: trial.set_user_attr("final", final))
         with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
         display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) FAILED: {reason}")
+
+    def record_orchestration(entry: _Running, outcome: Dict[str, Any], received: float) -> Dict[str, float]:
+        timing = {
+            "submit_to_start_s": outcome["started"] - entry.submitted,
+            "run_s": outcome["finished"] - outcome["started"],
+            "return_s": received - outcome["finished"],
+        }
+        with_retries(lambda: entry.trial.set_user_attr("timing", timing))
+        with_retries(lambda: entry.trial.set_user_attr("ray_actor_id", outcome.get("actor_id")))
+        with_retries(lambda: entry.trial.set_user_attr("attempts", entry.attempt + 1))
+        return timing
 
     def record_result(entry: _Running, result: Dict[str, Any]) -> None:
         trial = entry.trial
@@ -362,17 +377,19 @@ def launch(
     try:
         heartbeat()
         launched_target = spec.trials
-        while True:
-            heartbeat()
+        def fill(unrecorded: int) -> None:
+            """Start trials until every slot is busy or the target is reached; ``unrecorded``
+            results have arrived but are not in the database yet (they count as done)."""
+            nonlocal launched_target, exhausted_reported
             in_flight = len(running)
-            while in_flight < spec.concurrency and done_count() + in_flight < launched_target:
+            while in_flight < spec.concurrency and done_count() + unrecorded + in_flight < launched_target:
                 trial = _next_trial(study, spec, exhausted)
                 if trial is None:
                     if not exhausted_reported:
                         display.line(f"[{spec.name}] every family's search space is exhausted "
                                      f"(the samplers only propose configurations already run)")
                         exhausted_reported = True
-                    launched_target = done_count() + in_flight
+                    launched_target = done_count() + unrecorded + in_flight
                     break
                 config = trial_config(spec, trial, device=device).to_dict()
                 digest = TrialConfig.from_dict(config).digest()
@@ -391,6 +408,10 @@ def launch(
                 with_retries(lambda: trial.set_user_attr("family", config["family"]))
                 submit(trial, {**config, "_digest": digest}, attempt=0)
                 in_flight += 1
+
+        while True:
+            heartbeat()
+            fill(0)
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
@@ -406,11 +427,16 @@ def launch(
                     retry_or_fail(entry, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
                     continue
                 idle.append(entry.worker)
+                received = time.time()
+                # keep the worker busy: start the next trial first, then write this result
+                fill(1)
+                timing = record_orchestration(entry, outcome, received)
                 if outcome["ok"]:
                     record_result(entry, outcome["result"])
                 else:
                     record_failure(entry, outcome["reason"], final=True)
-                display.status(study, spec, len(running), force=True)
+                timing["record_s"] = time.time() - received
+                summary.timings.append(timing)
             if spec.trial_timeout is not None:
                 now = time.monotonic()
                 for ref, entry in list(running.items()):

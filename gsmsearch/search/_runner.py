@@ -42,14 +42,18 @@ def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
     """Run one trial in this process.  Returns {"ok": True, "result": ...} or
     {"ok": False, "reason": ..., "final": True} for a trial that can never succeed as configured
     (e.g. a diverging loss).  Other exceptions propagate (the driver retries those)."""
+    import time
+
     from ..trainer import TrialConfig, TrialFailed, run_trial
 
+    started = time.time()
     try:
         result = run_trial(TrialConfig.from_dict(config), checkpoint_dir=checkpoint_dir,
                            cache_dir=cache_dir, structure_path=structure_path)
     except TrialFailed as failure:
-        return {"ok": False, "reason": failure.reason, "final": True}
-    return {"ok": True, "result": result.to_dict()}
+        return {"ok": False, "reason": failure.reason, "final": True,
+                "started": started, "finished": time.time()}
+    return {"ok": True, "result": result.to_dict(), "started": started, "finished": time.time()}
 
 
 def make_worker(cpus: float, gpus: float):
@@ -65,7 +69,9 @@ def make_worker(cpus: float, gpus: float):
             self.pid = os.getpid()
 
         def run(self, config, checkpoint_dir, cache_dir, structure_path=None):
-            return execute_trial(config, checkpoint_dir, cache_dir, structure_path)
+            outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
+            outcome["actor_id"] = ray.get_runtime_context().get_actor_id()
+            return outcome
 
         def info(self):
             return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id()}

@@ -42,11 +42,13 @@ def postgres_server():
     port = _free_port()
     ctl = as_postgres + [_pg_bin("pg_ctl"), "-D", str(data)]
     subprocess.run(ctl + ["-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {sock}", "-l",
-                          str(root / "log"), "-w", "start"], check=True, capture_output=True)
+                          str(root / "log"), "-w", "start"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     server = {"port": port, "ctl": ctl, "data": data, "sock": sock, "root": root,
               "url": f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"}
     yield server
-    subprocess.run(ctl + ["-m", "immediate", "stop"], capture_output=True)
+    subprocess.run(ctl + ["-m", "immediate", "-w", "stop"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -96,9 +96,11 @@ def test_postgres_restart_mid_study_is_survived(write_spec, postgres_server, pos
                               stdout=log, stderr=log, start_new_session=True)
     try:
         _wait(lambda: any(t.state.name == "COMPLETE" for t in _trials(postgres_url)), timeout=240)
-        subprocess.run(postgres_server["ctl"] + ["-m", "fast", "-w", "restart", "-o",
+        # the restarted server must not inherit our pipes (it outlives pg_ctl): log to a file
+        subprocess.run(postgres_server["ctl"] + ["-m", "fast", "-w", "-l", str(postgres_server["root"] / "log"),
+                       "restart", "-o",
                        f"-c listen_addresses=127.0.0.1 -p {postgres_server['port']} -k {postgres_server['sock']}"],
-                       check=True, capture_output=True)
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         code = driver.wait(300)
     finally:
         if driver.poll() is None:

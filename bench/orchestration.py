@@ -1,0 +1,103 @@
+"""Search orchestration: per-trial overhead and throughput with 1 vs 2 concurrent trials.
+
+    .venv/bin/python -m bench.orchestration            # prints a table, writes bench/results/orchestration.json
+
+A fixed workload (digits-mlp, low-rank at budget 0.25, one trial per seed so every configuration
+is distinct) runs as a real study: local Ray on 127.0.0.1, SQLite storage in a temporary folder,
+the same driver as `gsmsearch launch`.  Ray is started once before the timed runs (its start-up,
+5-9 s here, is reported separately).  Per trial the driver records: submission -> the trial
+starting in its worker (includes creating a worker actor the first time: importing torch),
+the trial itself, its result travelling back, and recording it in the database.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _spec(name: str, trials: int, concurrency: int, epochs: int) -> dict:
+    return {
+        "name": name,
+        "workload": {"name": "digits-mlp", "epochs": epochs, "batch_size": 64, "lr": 0.003,
+                     "seeds": list(range(trials))},
+        "families": {"lowrank": {"budget": 0.25}},
+        "sampler": {"name": "random", "seed": 0},
+        "trials": trials,
+        "concurrency": concurrency,
+        "resources": {"cpus_per_trial": 1},
+        "retries": 0,
+    }
+
+
+def run(trials: int, epochs: int) -> dict:
+    from gsmsearch.search import launch
+    from gsmsearch.search._runner import start_ray
+
+    started = time.perf_counter()
+    start_ray(None, num_cpus=os.cpu_count())
+    ray_start = time.perf_counter() - started
+    out = {"ray_start_s": ray_start, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        # a warm-up study (dense model cache, data files in the page cache), not timed
+        warm = Path(tmp) / "warm.yaml"
+        warm.write_text(yaml.safe_dump(_spec("warm", 2, 2, 1)))
+        launch(warm, out=open(os.devnull, "w"), status_interval=1e9)
+        for concurrency in (1, 2):
+            path = Path(tmp) / f"c{concurrency}.yaml"
+            path.write_text(yaml.safe_dump(_spec(f"c{concurrency}", trials, concurrency, epochs)))
+            begin = time.perf_counter()
+            summary = launch(path, out=open(os.devnull, "w"), status_interval=1e9)
+            wall = time.perf_counter() - begin
+            assert summary.completed == trials, summary
+            timings = summary.timings
+            overhead = [t["submit_to_start_s"] + t["return_s"] + t["record_s"] for t in timings]
+            out["runs"][concurrency] = {
+                "wall_s": wall,
+                "trials": trials,
+                "throughput_trials_per_min": 60 * trials / wall,
+                "median_run_s": statistics.median(t["run_s"] for t in timings),
+                "median_overhead_s": statistics.median(overhead),
+                "max_overhead_s": max(overhead),
+                "median_submit_to_start_s": statistics.median(t["submit_to_start_s"] for t in timings),
+                "median_record_s": statistics.median(t["record_s"] for t in timings),
+                "median_return_s": statistics.median(t["return_s"] for t in timings),
+                "timings": timings,
+            }
+    out["speedup_2_vs_1"] = out["runs"][1]["wall_s"] / out["runs"][2]["wall_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--out", default="bench/results/orchestration.json")
+    args = parser.parse_args(argv)
+    from ._timing import machine_info
+
+    report = {"machine": machine_info(), "command": " ".join([sys.executable, "-m", "bench.orchestration"] + (argv or sys.argv[1:])),
+              **run(args.trials, args.epochs)}
+    print(f"# {report['machine']['cpu']} | {report['machine']['logical_cpus']} CPUs | torch {report['machine']['torch']}")
+    print(f"# Ray start-up (once per launch): {report['ray_start_s']:.1f} s")
+    print(f"{'concurrency':>11s} {'wall s':>8s} {'trials/min':>10s} {'trial s (med)':>13s} "
+          f"{'overhead s (med/max)':>21s} {'submit->start':>13s} {'record':>8s}")
+    for c, r in report["runs"].items():
+        print(f"{c:>11d} {r['wall_s']:8.1f} {r['throughput_trials_per_min']:10.1f} {r['median_run_s']:13.2f} "
+              f"{r['median_overhead_s']:10.3f}/{r['max_overhead_s']:<10.3f} {r['median_submit_to_start_s']:13.3f} "
+              f"{r['median_record_s']:8.3f}")
+    print(f"throughput with 2 concurrent trials / 1: {report['speedup_2_vs_1']:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
