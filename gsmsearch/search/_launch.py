@@ -247,7 +247,7 @@ def launch(
     resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
-    out: TextIO = sys.stderr,
+    out: Optional[TextIO] = None,
     status_interval: float = 30.0,
 ) -> LaunchSummary:
     import optuna
@@ -256,6 +256,7 @@ def launch(
     from ._runner import make_worker, start_ray
     from ._space import trial_config
 
+    out = out if out is not None else sys.stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(spec_path)  # every spec error is raised here, before any write
     paths = study_paths(spec, Path(spec_path))

@@ -131,3 +131,22 @@ def test_killed_driver_then_resume_keeps_every_finished_trial(write_spec, tmp_pa
     digests = [t.user_attrs["config_digest"] for t in complete]
     assert len(digests) == len(set(digests))
     assert {t.user_attrs["config_digest"] for t in stale} <= set(digests)
+
+
+def test_dry_run_validates_and_writes_nothing(write_spec, tmp_path, capsys):
+    spec = write_spec()
+    assert main(["launch", str(spec), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "valid (hash" in err and err.count("example trial:") == 2  # one per family
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+def test_trial_time_limit_fails_the_trial_with_its_reason(write_spec, tmp_path):
+    spec = write_spec({"trials": 1, "concurrency": 1, "retries": 0, "trial_timeout": 1.0,
+                       "families": {"gblr": {"budget": 0.3}},
+                       "workload": {**TINY_SPEC["workload"], "epochs": 200}})
+    summary = launch(spec, status_interval=60)
+    assert summary.completed == 0 and summary.failed == 1
+    trial = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}").trials[0]
+    assert trial.state.name == "FAIL"
+    assert "exceeded trial_timeout of 1s" in trial.user_attrs["failure_reason"]
