@@ -1,0 +1,412 @@
+"""Grid benchmark: dense vs GBLR vs the hand-crafted structured families at fixed FLOP budgets.
+
+For one workload and mode, trains dense plus every (family, budget, seed) with
+``gsmsearch.trainer.run_trial`` (same epochs for all, latency not measured), then prints and
+writes a markdown report (mean +- sample std of test accuracy over seeds, achieved structured
+relative FLOPs) and a JSON file with every trial's config and result scalars.
+
+Usage (the issue-3 grid)::
+
+    .venv/bin/python bench/workloads.py --workload digits-mlp --mode finetune --epochs 10 \
+        --budgets 0.1 0.2 0.3 0.5 --seeds 0 1 2 --jobs 2 --out bench/results/workloads
+
+``--set KEY=VALUE`` overrides a TrialConfig field for the structured trials (VALUE parsed as
+JSON when it can be, e.g. ``--set structure_lr=0.01 --set lam=0.01``); with ``--families gblr
+--no-dense`` that is a GBLR-variant run.  Fine-tune trials start from a dense model trained once
+per seed and cached under ``--cache-dir`` (default bench/results/.cache/workloads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = ROOT / "bench" / "results" / ".cache" / "workloads"
+SCALARS = (
+    "quality", "val_quality", "test_metrics", "flops_per_sample", "dense_flops_per_sample",
+    "relative_flops", "relative_linear_flops", "structured_relative_flops", "params",
+    "dense_params", "train_seconds", "epochs_run", "layers",
+)
+
+
+# -- workers -------------------------------------------------------------------------------------
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_one(config: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
+    from gsmsearch.trainer import TrialConfig, TrialFailed, run_trial
+
+    started = time.perf_counter()
+    record: Dict[str, Any] = {"config": config}
+    try:
+        result = run_trial(TrialConfig.from_dict(config), cache_dir=Path(cache_dir))
+        data = result.to_dict()
+        record.update({k: data[k] for k in SCALARS})
+        record["layers"] = {  # the per-component intervals are bulky: keep the summary only
+            name: {k: v for k, v in layer.items() if k != "intervals"} for name, layer in data["layers"].items()
+        }
+        record["final_train_loss"] = result.curves[-1]["train_loss"] if result.curves else None
+    except TrialFailed as error:
+        record["error"] = f"TrialFailed: {error.reason}"
+    except Exception as error:  # noqa: BLE001 - a benchmark records failures and goes on
+        record["error"] = f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"
+    record["wall_seconds"] = time.perf_counter() - started
+    return record
+
+
+def _dense_start_quality(workload_name: str, options: Dict[str, Any], seed: int, cache_dir: str) -> Dict[str, float]:
+    """Test/val accuracy of the cached pre-trained dense model (the fine-tune starting point)."""
+    from gsmsearch.trainer import dense_state
+    from gsmsearch.workloads import get_workload
+
+    workload = get_workload(workload_name, **options)
+    model = workload.build_model()
+    model.load_state_dict(dense_state(workload, seed=seed, cache_dir=Path(cache_dir)))
+    model.eval()
+    splits = workload.load_data(seed=seed)
+    evaluate = lambda split: workload.evaluate(model, splits[split], collate_fn=splits.collate_fn)
+    return {"seed": seed, "val_quality": float(evaluate("val")["quality"]),
+            "quality": float(evaluate("test")["quality"])}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _parse_set(items: List[str]) -> Dict[str, Any]:
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _machine() -> Dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _key(config: Dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _mean_std(values: List[float]) -> tuple:
+    if not values:
+        return float("nan"), float("nan")
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _se_diff(a: List[float], b: List[float]) -> float:
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    return math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def _cell(records: List[Dict[str, Any]]) -> str:
+    ok = [r for r in records if "error" not in r]
+    failed = len(records) - len(ok)
+    if not ok:
+        return f"failed ({failed})" if failed else "-"
+    mean, std = _mean_std([100 * r["quality"] for r in ok])
+    flops = statistics.fmean(r["structured_relative_flops"] for r in ok)
+    text = f"{mean:.2f} ± {std:.2f} (f={flops:.3f})"
+    if failed:
+        text += f" [{failed} failed]"
+    return text
+
+
+def _per_seed(records) -> str:
+    return ", ".join(f"s{r['seed'] if 'seed' in r else r['config']['seed']}={100 * r['quality']:.2f}" for r in records)
+
+
+# -- report --------------------------------------------------------------------------------------
+def render(meta: Dict[str, Any], records: List[Dict[str, Any]], dense_start: List[Dict[str, Any]]) -> str:
+    families = meta["families"]
+    budgets = meta["budgets"]
+    lines = [
+        f"# Structured-family grid: {meta['workload']} ({meta['mode']})",
+        "",
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch "
+        f"{meta['machine']['torch']}, python {meta['machine']['python']} "
+        f"({meta['jobs']} worker processes x 1 torch thread)",
+        f"- workload: {meta['workload']} {json.dumps(meta['workload_options']) if meta['workload_options'] else ''}".rstrip(),
+        f"- mode: {meta['mode']}; epochs: {meta['epochs']} (all trials, dense included); dtype: float32; "
+        f"device: cpu",
+        f"- seeds: {' '.join(map(str, meta['seeds']))} (cells: mean ± sample std over seeds, "
+        f"test accuracy in %; f = achieved structured relative FLOPs, mean)",
+        f"- overrides: {json.dumps(meta['overrides']) if meta['overrides'] else 'none (TrialConfig defaults)'}",
+        f"- split sizes (seed {meta['seeds'][0]}): {meta.get('split_sizes', '?')}; one test example = "
+        f"{100 / meta['split_sizes']['test']:.2f} pts" if meta.get("split_sizes") else "- split sizes: ?",
+        f"- command: `{meta['command']}`",
+        f"- wall time of the grid: {meta.get('wall_seconds', float('nan')):.0f} s "
+        f"({meta.get('trials', 0)} trials)",
+        "",
+    ]
+    dense = [r for r in records if r["config"]["family"] == "dense"]
+    dense_ok = [r for r in dense if "error" not in r]
+    dense_mean, dense_std = _mean_std([100 * r["quality"] for r in dense_ok])
+    if dense:
+        lines.append(
+            f"**dense** ({meta['epochs']} more epochs from the pre-trained dense model in finetune "
+            f"mode; from scratch in scratch mode): test {dense_mean:.2f} ± {dense_std:.2f} "
+            f"(per seed: {_per_seed(dense_ok)})"
+            if meta["mode"] == "finetune" else
+            f"**dense** (scratch, {meta['epochs']} epochs): test {dense_mean:.2f} ± {dense_std:.2f} "
+            f"(per seed: {_per_seed(dense_ok)})"
+        )
+    if dense_start:
+        m, s = _mean_std([100 * d["quality"] for d in dense_start])
+        lines.append(
+            f"\n**dense pre-trained** (the cached fine-tune start point, workload default recipe): "
+            f"test {m:.2f} ± {s:.2f} (per seed: {_per_seed(dense_start)})"
+        )
+    lines += ["", "Test accuracy (%):", ""]
+    lines.append("| budget | " + " | ".join(families) + " |")
+    lines.append("|---|" + "---|" * len(families))
+    by = {}
+    for r in records:
+        by.setdefault((r["config"]["family"], float(r["config"]["budget"])), []).append(r)
+    for budget in budgets:
+        cells = [_cell(by.get((family, float(budget)), [])) for family in families]
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    lines += ["", "Validation accuracy (%), mean ± std:", ""]
+    lines.append("| budget | " + " | ".join(families) + " |")
+    lines.append("|---|" + "---|" * len(families))
+    for budget in budgets:
+        cells = []
+        for family in families:
+            ok = [r for r in by.get((family, float(budget)), []) if "error" not in r]
+            m, s = _mean_std([100 * r["val_quality"] for r in ok])
+            cells.append(f"{m:.2f} ± {s:.2f}" if ok else "-")
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    lines += ["", "Per budget (by mean test accuracy; ± = standard error of the difference of means, "
+              "sqrt(s1^2/n1 + s2^2/n2); the best hand-crafted family is the max of several noisy "
+              "means, so it is biased upwards):", ""]
+    for budget in budgets:
+        means = {}
+        for family in families:
+            ok = [r for r in by.get((family, float(budget)), []) if "error" not in r]
+            if ok:
+                means[family] = statistics.fmean(100 * r["quality"] for r in ok)
+        if not means:
+            continue
+        hand = {f: m for f, m in means.items() if f != "gblr"}
+        text = f"- budget {budget}: best overall {max(means, key=means.get)} ({max(means.values()):.2f})"
+        if hand:
+            best = max(hand, key=hand.get)
+            text += f"; best hand-crafted {best} ({hand[best]:.2f})"
+        if "gblr" in means:
+            text += f"; gblr {means['gblr']:.2f}"
+            gblr_q = [100 * r["quality"] for r in by.get(("gblr", float(budget)), []) if "error" not in r]
+            if hand:
+                best_q = [100 * r["quality"] for r in by.get((best, float(budget)), []) if "error" not in r]
+                text += f" = {means['gblr'] - hand[best]:+.2f} ± {_se_diff(gblr_q, best_q):.2f} pts vs {best}"
+            if dense_ok:
+                dense_q = [100 * r["quality"] for r in dense_ok]
+                text += f", {means['gblr'] - dense_mean:+.2f} ± {_se_diff(gblr_q, dense_q):.2f} pts vs dense"
+        lines.append(text)
+    over = [
+        f"{r['config']['family']}@{r['config']['budget']} s{r['config']['seed']}: "
+        f"f={r['structured_relative_flops']:.3f}"
+        for r in records
+        if "error" not in r and r["config"]["family"] != "dense"
+        and r["structured_relative_flops"] > 1.05 * float(r["config"]["budget"])
+    ]
+    if over:
+        lines += ["", "Trials over budget by > 5% (family cannot hit the budget exactly): " + "; ".join(over)]
+    errors = [r for r in records if "error" in r]
+    if errors:
+        lines += ["", "Failed trials:", ""]
+        for r in errors:
+            lines.append(
+                f"- {r['config']['family']}@{r['config']['budget']} seed {r['config']['seed']}: "
+                f"{r['error'].splitlines()[0]}"
+            )
+    if meta["workload"] == "digits-mlp" and dense_ok:
+        lines += ["", "Issue-3 targets:", ""]
+        lines.append(f"- dense test >= 97.00: {dense_mean:.2f} -> {'met' if dense_mean >= 97 else 'NOT met'}")
+        for budget in budgets:
+            ok = [r for r in by.get(("gblr", float(budget)), []) if "error" not in r]
+            if not ok:
+                continue
+            m = statistics.fmean(100 * r["quality"] for r in ok)
+            if float(budget) <= 0.3:
+                lines.append(
+                    f"- gblr@{budget} within 1.5 pts of dense: {m - dense_mean:+.2f} -> "
+                    f"{'met' if m >= dense_mean - 1.5 else 'NOT met'}"
+                )
+        for budget in budgets:
+            hand = {}
+            for family in families:
+                if family == "gblr":
+                    continue
+                ok = [r for r in by.get((family, float(budget)), []) if "error" not in r]
+                if ok:
+                    hand[family] = statistics.fmean(100 * r["quality"] for r in ok)
+            ok = [r for r in by.get(("gblr", float(budget)), []) if "error" not in r]
+            if hand and ok:
+                m = statistics.fmean(100 * r["quality"] for r in ok)
+                best = max(hand, key=hand.get)
+                lines.append(
+                    f"- gblr@{budget} >= best hand-crafted ({best} {hand[best]:.2f}): {m:.2f} -> "
+                    f"{'met' if m >= hand[best] else 'NOT met'}"
+                )
+    return "\n".join(lines) + "\n"
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    from gsmsearch.structured import family_names
+
+    all_families = [f for f in family_names() if f != "dense"]
+    order = ["gblr"] + [f for f in ("lowrank", "blockdiag", "monarch", "blocksparse", "blocklowrank", "blast")
+                        if f in all_families]
+    order += [f for f in all_families if f not in order]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="digits-mlp")
+    parser.add_argument("--workload-options", default="{}", help="JSON object of workload options")
+    parser.add_argument("--mode", choices=("scratch", "finetune"), default="finetune")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--families", nargs="+", default=order, help=f"of {order}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each)")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense trials")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrialConfig override for the structured trials (repeatable)")
+    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "workloads"),
+                        help="output prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse successful trials with identical configs from PREFIX.json")
+    args = parser.parse_args(argv)
+
+    unknown = [f for f in args.families if f not in all_families]
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {all_families}")
+    overrides = _parse_set(args.overrides)
+    workload_options = json.loads(args.workload_options)
+    base = {
+        "workload": args.workload, "workload_options": workload_options, "mode": args.mode,
+        "epochs": args.epochs, "measure_latency": False, "device": "cpu",
+    }
+    configs = []
+    # slowest first (GBLR), so the pool's tail is short
+    for family in args.families:
+        for budget in args.budgets:
+            for seed in args.seeds:
+                configs.append({**base, **overrides, "family": family, "budget": budget, "seed": seed})
+    if not args.no_dense:
+        configs += [{**base, "family": "dense", "budget": 1.0, "seed": seed} for seed in args.seeds]
+    from gsmsearch.trainer import TrialConfig
+
+    configs = [TrialConfig.from_dict(c).to_dict() for c in configs]  # validate + normalise
+
+    out_json = Path(args.out + ".json")
+    out_md = Path(args.out + ".md")
+    previous = {}
+    previous_meta: Dict[str, Any] = {}
+    if args.resume and out_json.exists():
+        old = json.loads(out_json.read_text())
+        previous_meta = old.get("meta", {})
+        for r in old.get("trials", []):
+            if "error" not in r:
+                previous[_key(r["config"])] = r
+    meta = {
+        "workload": args.workload, "workload_options": workload_options, "mode": args.mode,
+        "epochs": args.epochs, "budgets": args.budgets, "families": args.families,
+        "seeds": args.seeds, "jobs": args.jobs, "overrides": overrides, "dtype": "float32",
+        "machine": _machine(),
+        "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/workloads.py", *sys.argv[1:]]),
+    }
+    try:
+        from gsmsearch.workloads import get_workload
+
+        splits = get_workload(args.workload, **workload_options).load_data(seed=args.seeds[0])
+        meta["split_sizes"] = {name: len(splits[name]) for name in ("train", "val", "test")}
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    records: List[Dict[str, Any]] = []
+    todo = []
+    for c in configs:
+        if _key(c) in previous:
+            records.append(previous[_key(c)])
+        else:
+            todo.append(c)
+    print(f"{len(configs)} trials ({len(todo)} to run) with {args.jobs} workers", flush=True)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(dense_start=()):
+        meta["trials"] = len(records)
+        out_json.write_text(json.dumps(
+            {"meta": meta, "dense_pretrained": list(dense_start), "trials": records}, indent=1, default=str
+        ))
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker) as pool:
+        futures = [pool.submit(_run_one, c, args.cache_dir) for c in todo]
+        for done, future in enumerate(as_completed(futures), 1):
+            r = future.result()
+            records.append(r)
+            c = r["config"]
+            status = (f"FAILED {r['error'].splitlines()[0]}" if "error" in r else
+                      f"test {r['quality']:.4f} val {r['val_quality']:.4f} "
+                      f"f={r['structured_relative_flops']:.3f} {r['train_seconds']:.1f}s")
+            print(f"[{done}/{len(todo)} {time.perf_counter() - started:6.0f}s] {c['family']:12s} "
+                  f"budget={c['budget']:<4} seed={c['seed']}: {status}", flush=True)
+            save()
+        dense_start = []
+        if args.mode == "finetune":
+            futures = [pool.submit(_dense_start_quality, args.workload, workload_options, s, args.cache_dir)
+                       for s in args.seeds]
+            dense_start = [f.result() for f in futures]
+    meta["wall_seconds"] = time.perf_counter() - started
+    if previous:  # a resumed run: the earlier runs' commands and time count too
+        meta["wall_seconds"] += float(previous_meta.get("wall_seconds", 0.0))
+        meta["command"] = " ; ".join([previous_meta.get("command", "?"), meta["command"] + "  # resumed"])
+    order_key = lambda r: (r["config"]["family"], r["config"]["budget"], r["config"]["seed"])
+    records.sort(key=order_key)
+    save(dense_start)
+    report = render(meta, records, dense_start)
+    out_md.write_text(report)
+    print()
+    print(report)
+    print(f"wrote {out_json} and {out_md}")
+    return 0 if all("error" not in r for r in records) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
