@@ -22,13 +22,12 @@ Relative SQLite paths are relative to the dashboard file, as in study specs.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ..search._spec import METRICS, SpecError, _format_errors
+from ..search._spec import METRICS, SpecError, _format_errors, check_storage_url, read_yaml
 
 __all__ = ["DashboardSpec", "StudyRef", "load_dashboard_spec", "dashboard_spec_from_dict"]
 
@@ -43,24 +42,8 @@ class _Strict(BaseModel):
 def _check_storage_url(url: Optional[str], info: Optional[ValidationInfo] = None) -> Optional[str]:
     """A database URL gsmsearch can read; no password written in it (unless the URL came from the
     command line: validation context ``{"from_command_line": True}``)."""
-    if url is None:
-        return url
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(os.path.expandvars(url))
-    except ArgumentError:
-        raise ValueError(f"not a database URL: {url!r} (expected e.g. sqlite:///study.db or "
-                         "postgresql+psycopg://user@host/db)") from None
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql", "mysql"):
-        raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
     from_command_line = bool(info and isinstance(info.context, dict) and info.context.get("from_command_line"))
-    if parsed.password is not None and "${" not in url and not from_command_line:
-        raise ValueError("do not write a password into the spec; use ${ENV_VAR} in the URL, "
-                         "PGPASSWORD or ~/.pgpass")
-    return url
+    return check_storage_url(url, allow_password=from_command_line)
 
 
 class StudyRef(_Strict):
@@ -173,28 +156,11 @@ def dashboard_spec_from_dict(data: Any, source: str = "<dashboard spec>", *,
             "see the README's study.yaml reference", "see gsmsearch/dashboard/_spec.py")) from None
 
 
-def _read_yaml(path: Path):
-    import yaml
-
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as error:
-        raise SpecError(f"{path}: cannot read the file ({error.__class__.__name__}: {error})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SpecError(f"{path}: not valid YAML at {where}: {getattr(error, 'problem', error)}") from None
-
-
 def load_dashboard_spec(path: Union[str, Path]) -> DashboardSpec:
     """A dashboard spec from YAML.  A study spec (it has ``workload``) is accepted too: it becomes
     a dashboard of that one study."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if isinstance(data, dict) and "workload" in data and "studies" not in data:
         return dashboard_spec_from_dict({"title": f"study {data.get('name', path.stem)}",
                                          "studies": [{"spec": str(path.resolve())}]}, str(path))

@@ -276,24 +276,7 @@ class StudySpec(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage_url(cls, url):
-        if url is None:
-            return url
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            parsed = make_url(os.path.expandvars(url))
-        except ArgumentError:
-            raise ValueError(f"not a database URL: {url!r} (expected e.g. sqlite:///study.db or "
-                             "postgresql+psycopg://user@host/db)") from None
-        backend = parsed.get_backend_name()
-        if backend not in ("sqlite", "postgresql", "mysql"):
-            raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
-        if parsed.password is not None and "${" not in url:
-            raise ValueError(
-                "do not write a password into the spec; use ${ENV_VAR} in the URL, PGPASSWORD or ~/.pgpass"
-            )
-        return url
+        return check_storage_url(url)
 
     @model_validator(mode="after")
     def _objectives_distinct(self):
@@ -361,7 +344,31 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
         raise SpecError(_format_errors(source, error)) from None
 
 
-def load_spec(path: Union[str, Path]) -> StudySpec:
+def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Optional[str]:
+    """A database URL gsmsearch can use (SQLite, PostgreSQL, MySQL), with no literal password
+    unless ``allow_password`` (a URL typed on the command line is not written to a file)."""
+    if url is None:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(os.path.expandvars(url))
+    except ArgumentError:
+        raise ValueError(f"not a database URL: {url!r} (expected e.g. sqlite:///study.db or "
+                         "postgresql+psycopg://user@host/db)") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql", "mysql"):
+        raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
+    if parsed.password is not None and "${" not in url and not allow_password:
+        raise ValueError(
+            "do not write a password into the spec; use ${ENV_VAR} in the URL, PGPASSWORD or ~/.pgpass"
+        )
+    return url
+
+
+def read_yaml(path: Union[str, Path]) -> Any:
+    """The YAML document in ``path``, or a SpecError naming the file and what went wrong."""
     import yaml
 
     path = Path(path)
@@ -372,9 +379,12 @@ def load_spec(path: Union[str, Path]) -> StudySpec:
     except (PermissionError, IsADirectoryError, UnicodeDecodeError) as error:
         raise SpecError(f"{path}: cannot read the file ({error.__class__.__name__}: {error})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise SpecError(f"{path}: not valid YAML at {where}: {getattr(error, 'problem', error)}") from None
-    return spec_from_dict(data, str(path))
+
+
+def load_spec(path: Union[str, Path]) -> StudySpec:
+    return spec_from_dict(read_yaml(path), str(path))
