@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, TextIO
 
 from ._spec import SpecError, StudySpec, load_spec
 from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
+from ._space import space_size
 from ._study import front_records, study_hypervolume, study_records
 
 __all__ = ["launch", "LaunchSummary", "make_sampler", "study_paths"]
@@ -235,6 +236,10 @@ def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int]):
             if family in counts and t.state in (TrialState.COMPLETE, TrialState.RUNNING) or (
                     family in counts and t.state == TrialState.FAIL and t.user_attrs.get("final", True)):
                 counts[family] += 1
+        # a family whose finite space has been run entirely gets no more proposals
+        counts = {f: c for f, c in counts.items() if (space_size(spec, f) or float("inf")) > c}
+        if not counts:
+            return None
         family = min(counts, key=lambda f: (counts[f], list(spec.families).index(f)))
         with_retries(lambda: study.enqueue_trial({"family": family}, skip_if_exists=False))
     return with_retries(study.ask)

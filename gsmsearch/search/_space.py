@@ -13,7 +13,7 @@ from typing import Any, Dict
 from ..trainer import TrialConfig
 from ._spec import Choices, Range, StudySpec
 
-__all__ = ["suggest", "trial_config"]
+__all__ = ["suggest", "trial_config", "space_size"]
 
 
 def suggest(trial, name: str, param) -> Any:
@@ -64,3 +64,17 @@ def trial_config(spec: StudySpec, trial, *, device: str = "cpu") -> TrialConfig:
     )
     config.update(knobs)  # a family may override lr / weight_decay
     return TrialConfig(**config)
+
+
+def space_size(spec: StudySpec, family: str):
+    """How many distinct configurations ``family`` has in ``spec`` (None if a knob is a range)."""
+    space = spec.families[family]
+    size = len(spec.workload.seeds)
+    params = [getattr(space, knob) for knob in type(space).model_fields if knob != "options"]
+    params += list(space.options.values())
+    for param in params:
+        if isinstance(param, Range):
+            return None
+        if isinstance(param, Choices):
+            size *= len(set(map(repr, param.choices)))
+    return size
