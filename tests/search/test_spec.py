@@ -93,3 +93,15 @@ def test_example_studies_are_valid():
     assert len(specs) >= 5
     for path in specs:
         load_spec(path)  # raises SpecError with the reason if not
+
+
+def test_space_size_counts_distinct_configurations():
+    from gsmsearch.search._space import space_size
+
+    spec = spec_from_dict({**TINY_SPEC, "workload": {**TINY_SPEC["workload"], "seeds": [0, 1, 2]},
+                           "families": {"gblr": {"budget": {"low": 0.1, "high": 0.5}},
+                                        "lowrank": {"budget": [0.1, 0.3], "lr": [0.001, 0.01]},
+                                        "dense": {}}})
+    assert space_size(spec, "gblr") is None  # a range: unbounded
+    assert space_size(spec, "lowrank") == 3 * 2 * 2
+    assert space_size(spec, "dense") == 3
