@@ -50,10 +50,11 @@ def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, m
         dense = _dense_module(weight, layer.bias)
         grouped = ExportedGBLR.from_gblr(layer, plan="grouped", cost=None)
         exact = ExportedGBLR.from_gblr(layer, plan="exact")
+        auto = ExportedGBLR.from_gblr(layer, plan="auto")  # export()'s default: the faster, timed
         reference = layer(x)
         errors = {
             plan: float((module(x) - reference).norm() / reference.norm())
-            for plan, module in (("grouped", grouped), ("exact", exact))
+            for plan, module in (("grouped", grouped), ("exact", exact), ("auto", auto))
         }
 
     def call(module):
@@ -62,7 +63,8 @@ def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, m
                 module(x)
         return run
 
-    candidates = {"dense": call(dense), "grouped": call(grouped), "exact": call(exact), "gblr layer": call(layer)}
+    candidates = {"dense": call(dense), "auto": call(auto), "grouped": call(grouped), "exact": call(exact),
+                  "gblr layer": call(layer)}
     times = interleaved(candidates, repeats=repeats)
     f = layer.flops() / (m * n)
     out = {
@@ -72,9 +74,10 @@ def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, m
         "groups": {"grouped": [len(grouped.column_groups), len(grouped.row_groups), len(grouped.blocks)],
                    "exact": [len(exact.column_groups), len(exact.row_groups), len(exact.blocks)]},
         "relative_error_vs_layer": errors,
+        "auto_chose": auto.plan,
         "times": times,
     }
-    for plan in ("grouped", "exact", "gblr layer"):
+    for plan in ("auto", "grouped", "exact", "gblr layer"):
         speedup = times["dense"]["wall_ms"] / times[plan]["wall_ms"]
         cpu_speedup = times["dense"]["cpu_ms"] / times[plan]["cpu_ms"]
         out[f"speedup_{plan}"] = speedup

@@ -16,9 +16,14 @@ Two plans:
   :class:`PlanCost`); stage-1 ranks below 16 are zero-padded to 16 (as fast, and counted).
   Small dense-rule components (h c <= r (h + c)) become factored pieces (their block times an
   identity), so they join groups too.
-- ``"exact"`` (``export()``'s default, see :data:`DEFAULT_PLAN`): only components with
-  identical intervals share a GEMM and small components run as dense blocks, so the plan
-  executes exactly the method's count (``executed_flops() == flops()``).
+- ``"factored"``: every live component in one group over the whole axis on both sides (the
+  trained layer's own factored form, cropped to live components): two GEMMs, no slicing.
+- ``"auto"`` (``export()``'s default, see :data:`DEFAULT_PLAN`): builds ``"grouped"`` and
+  ``"factored"``, times both on a calibration batch and keeps the faster (the cost model alone
+  misjudged strided slices and the permutation on learned structures; timing does not).
+- ``"exact"``: only components with identical intervals share a GEMM and small components run
+  as dense blocks, so the plan executes exactly the method's count
+  (``executed_flops() == flops()``).
 
 :meth:`ExportedGBLR.flops` is the method's count (equal to the trained layer's ``flops()``);
 :meth:`ExportedGBLR.executed_flops` is what the plan really runs, padding included.
@@ -37,12 +42,13 @@ from ._base import StructuredLinear
 
 __all__ = ["ExportedGBLR", "PlanCost", "export", "EXPORT_PLANS"]
 
-EXPORT_PLANS = ("grouped", "exact")
+EXPORT_PLANS = ("auto", "grouped", "factored", "exact")
 # ``export()``'s plan when none is given.  "exact" keeps the executed multiply-adds equal to the
 # method's count (tests/structured/test_gblr.py checks that with a FLOP counter); "grouped" is the
 # fast plan (bench/): switching the default is a one-line change once that check compares
 # against ``executed_flops()``.
-DEFAULT_PLAN = "grouped"
+DEFAULT_PLAN = "auto"
+CALIBRATION_TOKENS = 1024  # rows of the calibration batch "auto" times the candidate plans on
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,9 @@ class ExportedGBLR(nn.Module):
         if plan not in EXPORT_PLANS:
             raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
         cost = cost or PlanCost()
+        if plan == "auto":
+            candidates = [cls.from_gblr(layer, plan=p, cost=cost) for p in ("grouped", "factored")]
+            return min(candidates, key=_calibrated_seconds)
         m, n, r = layer.out_features, layer.in_features, layer.rank
         exported = cls(n, m, layer.bias)
         exported.plan = plan
@@ -244,7 +253,10 @@ class ExportedGBLR(nn.Module):
         col_e = col_s + np.array([p.c for p in pieces])
         row_s = np.array([p.row_start for p in pieces])
         row_e = row_s + np.array([p.h for p in pieces])
-        if self.plan == "grouped":
+        if self.plan == "factored":
+            everything = np.arange(len(pieces))
+            col_runs, row_runs = [everything], [everything]
+        elif self.plan == "grouped":
             overhead, offset = cost.overhead(), cost.rank_offset
             col_runs, col_cost = _segment_runs(col_s, col_e, ranks, overhead, offset, 1, n)
             row_runs, row_cost = _segment_runs(row_s, row_e, ranks, overhead, offset, 1, m)
@@ -368,6 +380,22 @@ class ExportedGBLR(nn.Module):
         )
 
 
+def _calibrated_seconds(exported: "ExportedGBLR", repeats: int = 3) -> float:
+    """Median wall time of ``exported`` on a random calibration batch (after one warm-up)."""
+    import time
+
+    dtype = next((p.dtype for p in exported.parameters()), torch.float32)
+    x = torch.randn(CALIBRATION_TOKENS, exported.in_features, dtype=dtype)
+    times = []
+    with torch.no_grad():
+        exported(x)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            exported(x)
+            times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
 def _export_layer(module: nn.Module, plan: str, cost: Optional[PlanCost]) -> nn.Module:
     from ._gblr import GBLRLinear
 
@@ -382,7 +410,7 @@ def export(
     module_or_model: nn.Module, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None
 ) -> nn.Module:
     """Inference copy of a structured layer or of a whole model, in eval mode, with every GBLR
-    layer replaced by its mask-free execution plan (``plan``: ``"exact"`` or ``"grouped"``, default
+    layer replaced by its mask-free execution plan (``plan`` in :data:`EXPORT_PLANS`, default
     :data:`DEFAULT_PLAN`; ``cost``: the grouped plan's :class:`PlanCost`).  The input is left untouched."""
     from ._surgery import set_module
 
