@@ -18,7 +18,6 @@ from torch import nn
 
 from ._mixer import MixerConfig, MlpMixer
 from ._registry import (
-    attention_flops,
     ClassificationWorkload,
     DataSplits,
     check_fractions,
@@ -28,7 +27,7 @@ from ._registry import (
 from ._resources import package_file
 from ._splits import stratified_split_indices
 from ._tensor_data import standardised_splits
-from ._vit import ViTConfig, VisionTransformer
+from ._vit import ViTConfig, ViTWorkloadMixin
 
 __all__ = ["AnimalMnistViT", "AnimalMnistMixer", "read_animal_mnist"]
 
@@ -80,14 +79,13 @@ class _AnimalMnistWorkload(ClassificationWorkload):
 
 
 @register_workload("animal-mnist-vit")
-class AnimalMnistViT(_AnimalMnistWorkload):
+class AnimalMnistViT(ViTWorkloadMixin, _AnimalMnistWorkload):
     """A compact ViT (patch 7: 16 patches + class token = 17 tokens) on Animal-MNIST.
 
     Sized for CPUs (about 2.5 M multiply-adds per image forward); ``patch_size=4`` (50 tokens)
     and a wider ``dim`` are closer to a real ViT and cost about 10x more.
     """
 
-    candidate_patterns = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
     default_epochs = 20
 
     def __init__(
@@ -108,19 +106,10 @@ class AnimalMnistViT(_AnimalMnistWorkload):
         self.split = check_fractions("split", split)
         record_options(
             self,
-            {"patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads,
-             "mlp_ratio": float(mlp_ratio), "dropout": float(dropout), "split": list(self.split)},
+            {**self._vit_options(patch_size, dim, depth, heads, mlp_ratio, dropout),
+             "split": list(self.split)},
         )
 
-    def build_model(self, linear_factory=nn.Linear) -> nn.Module:
-        return VisionTransformer(self.config, linear_factory=linear_factory)
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.config.num_tokens
-
-    def nonlinear_flops_per_sample(self, model) -> int:
-        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)
 
 
 @register_workload("animal-mnist-mixer")

@@ -8,7 +8,6 @@ from torch import nn
 
 from ._mlp import MLP
 from ._registry import (
-    attention_flops,
     ClassificationWorkload,
     DataSplits,
     check_fractions,
@@ -18,7 +17,7 @@ from ._registry import (
 )
 from ._splits import stratified_split_indices
 from ._tensor_data import standardised_splits
-from ._vit import ViTConfig, VisionTransformer
+from ._vit import ViTConfig, ViTWorkloadMixin
 
 __all__ = ["DigitsMLP", "DigitsViT"]
 
@@ -85,10 +84,9 @@ class DigitsMLP(ClassificationWorkload):
 
 
 @register_workload("digits-vit")
-class DigitsViT(ClassificationWorkload):
+class DigitsViT(ViTWorkloadMixin, ClassificationWorkload):
     """A tiny ViT on the 8x8 digits (patch 2: 16 patches + class token = 17 tokens)."""
 
-    candidate_patterns = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
     default_epochs = 40
     default_batch_size = 32
     default_lr = 2e-3
@@ -112,8 +110,8 @@ class DigitsViT(ClassificationWorkload):
         self.split = check_fractions("split", split)
         record_options(
             self,
-            {"patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads,
-             "mlp_ratio": float(mlp_ratio), "dropout": float(dropout), "split": list(self.split)},
+            {**self._vit_options(patch_size, dim, depth, heads, mlp_ratio, dropout),
+             "split": list(self.split)},
         )
 
     def load_data(self, seed: int = 0) -> DataSplits:
@@ -126,12 +124,3 @@ class DigitsViT(ClassificationWorkload):
             torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator),
         )
 
-    def build_model(self, linear_factory=nn.Linear) -> nn.Module:
-        return VisionTransformer(self.config, linear_factory=linear_factory)
-
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.config.num_tokens
-
-    def nonlinear_flops_per_sample(self, model) -> int:
-        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)

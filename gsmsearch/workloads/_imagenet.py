@@ -16,7 +16,6 @@ from torch import nn
 
 from ._image_folder import ImageFolder, list_image_folder
 from ._registry import (
-    attention_flops,
     ClassificationWorkload,
     DataSplits,
     check_positive_int,
@@ -24,14 +23,13 @@ from ._registry import (
     register_workload,
 )
 from ._splits import stratified_split_indices
-from ._vit import VisionTransformer, vit_b16_config
+from ._vit import VisionTransformer, ViTWorkloadMixin, vit_b16_config
 
 __all__ = ["ViTB16ImageNet"]
 
 
 @register_workload("vit-b16-imagenet")
-class ViTB16ImageNet(ClassificationWorkload):
-    candidate_patterns = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+class ViTB16ImageNet(ViTWorkloadMixin, ClassificationWorkload):
     default_epochs = 30
     default_batch_size = 256
     default_lr = 1e-4
@@ -106,12 +104,6 @@ class ViTB16ImageNet(ClassificationWorkload):
             load_checkpoint(model, self.checkpoint)
         return model
 
-    @property
-    def tokens_per_sample(self) -> int:
-        return self.config.num_tokens
-
-    def nonlinear_flops_per_sample(self, model) -> int:
-        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ._registry import LinearFactory
+from ._registry import LinearFactory, attention_flops
 
 __all__ = ["ViTConfig", "VisionTransformer", "vit_b16_config"]
 
@@ -140,3 +140,25 @@ class VisionTransformer(nn.Module):
         tokens = self.pos_drop(torch.cat([cls, tokens], dim=1) + self.pos_embed)  # (B, T, dim)
         tokens = self.norm(self.blocks(tokens))
         return self.head(tokens[:, 0])  # (B, num_classes)
+
+
+class ViTWorkloadMixin:
+    """What every workload whose model is our :class:`VisionTransformer` (built from
+    ``self.config``, a :class:`ViTConfig`) shares: candidate layers, model, token and attention
+    costs.  Put it before the workload base class."""
+
+    candidate_patterns = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+
+    def build_model(self, linear_factory: LinearFactory = nn.Linear) -> nn.Module:
+        return VisionTransformer(self.config, linear_factory=linear_factory)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.config.num_tokens
+
+    def nonlinear_flops_per_sample(self, model) -> int:
+        return attention_flops(self.config.depth, self.config.num_tokens, self.config.dim)
+
+    def _vit_options(self, patch_size, dim, depth, heads, mlp_ratio, dropout) -> dict:
+        return {"patch_size": patch_size, "dim": dim, "depth": depth, "heads": heads,
+                "mlp_ratio": float(mlp_ratio), "dropout": float(dropout)}
