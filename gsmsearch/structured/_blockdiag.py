@@ -85,10 +85,6 @@ class BlockDiagonalLinear(StructuredLinear):
         padding = self.weight.numel() - int(self._live.sum())
         return super().num_params() - padding
 
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "num_blocks": self.num_blocks, "bias": self.bias is not None}
-
     def structure_summary(self) -> dict:
         return {**super().structure_summary(), "num_blocks": self.num_blocks}
 

@@ -92,10 +92,6 @@ class BlockLowRankLinear(StructuredLinear):
         padding = b * r * (self._rows.padding + self._cols.padding)
         return super().num_params() - padding
 
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "num_blocks": self.num_blocks, "rank": self.rank, "bias": self.bias is not None}
-
     def structure_summary(self) -> dict:
         return {**super().structure_summary(), "num_blocks": self.num_blocks, "rank": self.rank}
 

@@ -145,11 +145,6 @@ class BlockSparseLinear(StructuredLinear):
         return (self.num_nonzero_blocks * self.block_size ** 2
                 + self.lowrank_rank * (self.in_features + self.out_features))
 
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "block_size": self.block_size, "butterfly_size": self.butterfly_size,
-                "lowrank_rank": self.lowrank_rank, "bias": self.bias is not None}
-
     def structure_summary(self) -> dict:
         return {**super().structure_summary(), "block_size": self.block_size,
                 "butterfly_size": self.butterfly_size, "lowrank_rank": self.lowrank_rank,

@@ -37,10 +37,6 @@ class DenseLinear(StructuredLinear):
     def flops(self) -> int:
         return self.in_features * self.out_features
 
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None}
-
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                    budget: float) -> "DenseLinear":

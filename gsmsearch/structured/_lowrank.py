@@ -52,10 +52,6 @@ class LowRankLinear(StructuredLinear):
     def flops(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bias": self.bias is not None}
-
     def structure_summary(self) -> dict:
         return {**super().structure_summary(), "rank": self.rank}
 

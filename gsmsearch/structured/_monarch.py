@@ -110,10 +110,6 @@ class MonarchLinear(StructuredLinear):
         b, q, p = self.factor1.shape
         return b * q * p + b * self.out_block * q
 
-    def config(self) -> dict:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "num_blocks": self.num_blocks, "bias": self.bias is not None}
-
     def structure_summary(self) -> dict:
         return {**super().structure_summary(), "num_blocks": self.num_blocks,
                 "block_shapes": [self.in_block, self.mid_block, self.out_block]}
