@@ -70,8 +70,8 @@ class BlockSparseLinear(StructuredLinear):
         bias: learn an additive bias.
 
     Parameters: ``blocks`` (nnz, bs, bs) in row-major pattern order, ``left`` (out, r) and
-    ``right`` (in, r).  Forward gathers the input blocks each non-zero block reads, runs one
-    batched matmul and sums into output blocks with ``index_add`` (no Python loop over blocks).
+    ``right`` (in, r).  Forward works on the transposed input (see :meth:`forward`): one gather,
+    one batched matmul over block rows, no Python loop over blocks.
     Init: rows of W get expected squared norm 1/3 as under nn.Linear's default init (all of it
     from the sparse part when ``lowrank_rank`` is 0, half from each part otherwise).
     """
@@ -96,6 +96,20 @@ class BlockSparseLinear(StructuredLinear):
         block_rows, block_cols = pattern.nonzero(as_tuple=True)               # (nnz,), (nnz,)
         self.register_buffer("_block_rows", block_rows, persistent=False)
         self.register_buffer("_block_cols", block_cols, persistent=False)
+        # Execution layout: every block row gets the same number of slots (the most any row
+        # has); a row with fewer blocks fills its spare slots with zero weight blocks that read
+        # input block 0.  ``_slot_cols`` (gr * slots,) is the input block each slot reads,
+        # ``_slot_of_block`` (nnz,) the slot each parameter block fills.
+        counts = torch.bincount(block_rows, minlength=self.grid[0])
+        slots = int(counts.max()) if len(block_rows) else 0
+        first = torch.cumsum(counts, 0) - counts                              # first block of each row
+        position = torch.arange(len(block_rows)) - first[block_rows]          # rank within its row
+        slot_of_block = block_rows * slots + position
+        slot_cols = torch.zeros(self.grid[0] * slots, dtype=torch.long)
+        slot_cols[slot_of_block] = block_cols
+        self.slots_per_row = slots
+        self.register_buffer("_slot_cols", slot_cols, persistent=False)
+        self.register_buffer("_slot_of_block", slot_of_block, persistent=False)
         self.blocks = nn.Parameter(torch.empty(len(block_rows), bs, bs))      # (nnz, bs, bs)
         self.left = nn.Parameter(torch.empty(self.out_features, self.lowrank_rank))  # U
         self.right = nn.Parameter(torch.empty(self.in_features, self.lowrank_rank))  # V
@@ -116,18 +130,31 @@ class BlockSparseLinear(StructuredLinear):
         init_bias_like_linear(self.bias, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computed transposed, Y^T = W X^T, so that the gather of input blocks copies
+        contiguous (block, tokens) slabs and each block row is one GEMM of shape
+        (bs x slots*bs) @ (slots*bs x T): one transpose copy of x, one ``index_select``,
+        one ``bmm`` (no Python loop over blocks), then the low-rank term as an ``addmm``."""
         gr, gc = self.grid
-        bs = self.block_size
+        bs, slots = self.block_size, self.slots_per_row
         lead = x.shape[:-1]
-        xp = x if gc * bs == self.in_features else F.pad(x, (0, gc * bs - self.in_features))
-        xb = xp.reshape(-1, gc, bs)                                   # (T, gc, bs)
-        gathered = xb[:, self._block_cols]                            # (T, nnz, bs)
-        partial = torch.einsum("tnc,nhc->tnh", gathered, self.blocks)  # (T, nnz, bs)
-        yb = partial.new_zeros(partial.shape[0], gr, bs).index_add(1, self._block_rows, partial)
-        y = yb.reshape(*lead, gr * bs)[..., : self.out_features]      # (..., out)
+        flat = x.reshape(-1, self.in_features)
+        x_t = flat.t()                                                   # (in, T)
+        if gc * bs != self.in_features:
+            x_t = F.pad(x_t, (0, 0, 0, gc * bs - self.in_features))      # (gc*bs, T), a copy
+        else:
+            x_t = x_t.contiguous()
+        tokens = x_t.shape[1]
+        gathered = x_t.view(gc, bs, tokens).index_select(0, self._slot_cols)  # (gr*slots, bs, T)
+        gathered = gathered.view(gr, slots * bs, tokens)
+        if self.blocks.shape[0] == gr * slots:
+            weight = self.blocks                                         # row-major, no spare slot
+        else:
+            weight = self.blocks.new_zeros(gr * slots, bs, bs).index_copy(0, self._slot_of_block, self.blocks)
+        weight = weight.view(gr, slots, bs, bs).transpose(1, 2).reshape(gr, bs, slots * bs)
+        y_t = torch.bmm(weight, gathered).view(gr * bs, tokens)[: self.out_features]  # (out, T)
         if self.lowrank_rank:
-            y = y + (x @ self.right) @ self.left.T
-        return self._add_bias(y)
+            y_t = torch.addmm(y_t, self.left, self.right.T @ flat.t())
+        return self._add_bias(y_t.t().reshape(*lead, self.out_features))
 
     def sparse_dense(self) -> torch.Tensor:
         """The block-sparse part alone as a dense (out, in) matrix."""

@@ -78,16 +78,22 @@ class MonarchLinear(StructuredLinear):
         init_bias_like_linear(self.bias, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two ``bmm`` over the blocks (batch = block, rows = tokens); the stride permutation
+        between them is one ``permute`` copy (a 4-d view when b divides q)."""
         b, q, p = self.factor1.shape
         s = self.out_block
         lead = x.shape[:-1]
         if b * p != self.in_features:
             x = F.pad(x, (0, b * p - self.in_features))
-        x = x.reshape(-1, b, p)                                    # (T, b, p)
-        z = torch.einsum("tjp,jqp->tjq", x, self.factor1)          # (T, b, q), flat f = j*q + t
-        z = z.reshape(-1, q, b).transpose(1, 2)                    # (T, b, q): [i, a] = flat a*b + i
-        y = torch.einsum("tia,isa->tis", z, self.factor2)          # (T, b, s)
-        y = y.transpose(1, 2).reshape(*lead, s * b)                # position a'*b + i
+        x = x.reshape(-1, b, p).transpose(0, 1)                    # (b, T, p), a strided view
+        z = torch.bmm(x, self.factor1.transpose(1, 2))             # (b, T, q): block j, flat j*q + t
+        tokens = z.shape[1]
+        if q % b == 0:  # t = c*b + i, so flat j*q + t = (j*q/b + c)*b + i: a = j*q/b + c
+            z = z.view(b, tokens, q // b, b).permute(3, 1, 0, 2).reshape(b, tokens, q)
+        else:
+            z = z.transpose(0, 1).reshape(tokens, q, b).permute(2, 0, 1)  # [i, T, a] = flat a*b + i
+        y = torch.bmm(z, self.factor2.transpose(1, 2))             # (b, T, s): block i
+        y = y.permute(1, 2, 0).reshape(*lead, s * b)               # position a'*b + i
         return self._add_bias(y[..., : self.out_features])
 
     def to_dense(self) -> torch.Tensor:
