@@ -1,8 +1,8 @@
 """Inference benchmark: exported GBLR execution plans and hand-crafted baselines vs dense.
 
-For each structure: dense ``F.linear`` with the layer's dense weight, the exported ``"grouped"``
-plan, the ``"exact"`` plan and (for reference) the trained layer's own no-grad forward, all on the
-same input, interleaved.  Reported: speedup over dense (median wall and CPU time), the method's
+For each structure: dense ``F.linear`` with the layer's dense weight, every export plan
+(``"auto"`` -- ``export()``'s default --, ``"grouped"``, ``"factored"``, ``"tiled"``, ``"exact"``)
+and (for reference) the trained layer's own no-grad forward, all on the same input, interleaved.  Reported: speedup over dense (median wall and CPU time), the method's
 relative FLOPs f, the plan's executed FLOPs (padding included), and the achieved fraction of the
 FLOP ideal 1/f (speedup x f).  Exactness of every plan is checked against the layer's forward.
 """
@@ -41,6 +41,9 @@ def _memory(modules: Dict[str, nn.Module], shape, threads: int) -> Dict[str, flo
     return out
 
 
+PLANS = ("auto", "grouped", "factored", "tiled", "exact")
+
+
 def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, memory: bool) -> dict:
     layer = layer.eval()
     m, n = layer.out_features, layer.in_features
@@ -48,14 +51,9 @@ def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, m
     with torch.no_grad():
         weight = layer.to_dense()
         dense = _dense_module(weight, layer.bias)
-        grouped = ExportedGBLR.from_gblr(layer, plan="grouped", cost=None)
-        exact = ExportedGBLR.from_gblr(layer, plan="exact")
-        auto = ExportedGBLR.from_gblr(layer, plan="auto")  # export()'s default: the faster, timed
+        plans = {plan: ExportedGBLR.from_gblr(layer, plan=plan) for plan in PLANS}
         reference = layer(x)
-        errors = {
-            plan: float((module(x) - reference).norm() / reference.norm())
-            for plan, module in (("grouped", grouped), ("exact", exact), ("auto", auto))
-        }
+        errors = {plan: float((module(x) - reference).norm() / reference.norm()) for plan, module in plans.items()}
 
     def call(module):
         def run():
@@ -63,28 +61,30 @@ def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, m
                 module(x)
         return run
 
-    candidates = {"dense": call(dense), "auto": call(auto), "grouped": call(grouped), "exact": call(exact),
+    candidates = {"dense": call(dense), **{plan: call(module) for plan, module in plans.items()},
                   "gblr layer": call(layer)}
     times = interleaved(candidates, repeats=repeats)
     f = layer.flops() / (m * n)
     out = {
         "structure": name, "shape": [m, n], "tokens": tokens, "relative_flops": f,
         "live_components": int(layer.live_components().numel()),
-        "executed_relative_flops": {"grouped": grouped.executed_flops() / (m * n), "exact": exact.executed_flops() / (m * n)},
-        "groups": {"grouped": [len(grouped.column_groups), len(grouped.row_groups), len(grouped.blocks)],
-                   "exact": [len(exact.column_groups), len(exact.row_groups), len(exact.blocks)]},
+        "executed_relative_flops": {plan: module.executed_flops() / (m * n) for plan, module in plans.items()},
+        "groups": {plan: [len(module.column_groups) + len(module.column_tiles),
+                          len(module.row_groups) + len(module.row_tiles), len(module.blocks)]
+                   for plan, module in plans.items()},
         "relative_error_vs_layer": errors,
-        "auto_chose": auto.plan,
+        "auto_chose": plans["auto"].plan,
         "times": times,
     }
-    for plan in ("auto", "grouped", "exact", "gblr layer"):
+    for plan in (*PLANS, "gblr layer"):
         speedup = times["dense"]["wall_ms"] / times[plan]["wall_ms"]
         cpu_speedup = times["dense"]["cpu_ms"] / times[plan]["cpu_ms"]
         out[f"speedup_{plan}"] = speedup
         out[f"cpu_speedup_{plan}"] = cpu_speedup
         out[f"fraction_of_ideal_{plan}"] = speedup * f if f > 0 else float("nan")
     if memory:
-        out["peak_rss_delta_mib"] = _memory({"dense": dense, "grouped": grouped, "exact": exact}, (tokens, n), threads)
+        out["peak_rss_delta_mib"] = _memory({"dense": dense, "auto": plans["auto"], "exact": plans["exact"]},
+                                            (tokens, n), threads)
     return out
 
 

@@ -66,17 +66,17 @@ def print_tables(report: dict) -> None:
             print("peak RSS growth (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in train["peak_rss_delta_mib"].items()))
     if report.get("export"):
         print("\n## Inference after export (forward, no grad), speedup over dense F.linear, median wall time")
-        print(f"{'structure':22s} {'shape':>10s} {'f':>6s} {'exec f':>7s} {'groups c/r/b':>12s} "
-              f"{'auto':>6s} {'(chose)':>9s} {'of 1/f':>7s} {'grouped':>8s} {'exact':>6s} {'layer':>6s} {'rel err':>8s} {'MiB d/g/e':>12s}")
+        print(f"{'structure':22s} {'shape':>10s} {'f':>6s} {'auto':>6s} {'(chose)':>9s} {'exec f':>7s} "
+              f"{'of 1/f':>7s} {'grouped':>8s} {'factored':>9s} {'tiled':>6s} {'exact':>6s} {'layer':>6s} "
+              f"{'max err':>8s} {'MiB d/a/e':>12s}")
         for r in report["export"]:
             mem = r.get("peak_rss_delta_mib")
-            mem_s = "/".join(f"{mem[k]:.0f}" for k in ("dense", "grouped", "exact")) if mem else "-"
-            g = r["groups"]["grouped"]
+            mem_s = "/".join(f"{mem[k]:.0f}" for k in ("dense", "auto", "exact")) if mem else "-"
             print(f"{r['structure']:22s} {r['shape'][0]:>4d}x{r['shape'][1]:<5d} {r['relative_flops']:6.3f} "
-                  f"{r['executed_relative_flops']['grouped']:7.3f} {g[0]:>4d}/{g[1]}/{g[2]:<4d} "
-                  f"{r['speedup_auto']:6.2f} {r['auto_chose']:>9s} {r['fraction_of_ideal_auto']:7.2f} "
-                  f"{r['speedup_grouped']:8.2f} {r['speedup_exact']:6.2f} "
-                  f"{r['speedup_gblr layer']:6.2f} {r['relative_error_vs_layer']['grouped']:8.1e} {mem_s:>12s}")
+                  f"{r['speedup_auto']:6.2f} {r['auto_chose']:>9s} {r['executed_relative_flops']['auto']:7.3f} "
+                  f"{r['fraction_of_ideal_auto']:7.2f} {r['speedup_grouped']:8.2f} {r['speedup_factored']:9.2f} "
+                  f"{r['speedup_tiled']:6.2f} {r['speedup_exact']:6.2f} {r['speedup_gblr layer']:6.2f} "
+                  f"{max(r['relative_error_vs_layer'].values()):8.1e} {mem_s:>12s}")
     if report.get("baselines"):
         print("\n## Hand-crafted baselines (forward, no grad), speedup over dense, median wall time")
         print(f"{'family':14s} {'config':44s} {'f':>6s} {'speedup':>8s} {'of 1/f':>7s} {'MiB dense/it':>13s}")

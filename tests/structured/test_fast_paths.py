@@ -170,7 +170,7 @@ def learned_layer(budget=0.3, size=64, steps=40):
     return layer
 
 
-@pytest.mark.parametrize("plan", ["grouped", "factored", "auto", "exact"])
+@pytest.mark.parametrize("plan", ["grouped", "factored", "tiled", "auto", "exact"])
 @pytest.mark.parametrize("source", ["random-0", "random-1", "random-2", "learned", "lowrank"])
 def test_export_plans_match_trained_layer(plan, source):
     if source == "learned":
@@ -257,3 +257,44 @@ def _check_against_dense_definition(layer, in_features):
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     for fast_grad, slow_grad in zip(grads_fast, grads_slow):
         torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_tiled_plan_many_tiles_wrapping_arcs_and_chunks(bias, monkeypatch):
+    """A layer big enough for several 64-wide tiles per axis: some arcs wrap past the last
+    column of t (two GEMMs), some output rows are touched by no component (bias only), and a
+    batch that is not a multiple of the token chunk runs in several chunks."""
+    from gsmsearch.structured import _export
+
+    monkeypatch.setattr(_export, "TILE_SIZES", (64,))
+    m, n, K = 300, 260, 40
+    g = torch.Generator().manual_seed(3)
+    layer = GBLRLinear(n, m, rank_per_component=2, num_components=K, bias=bias)
+    with torch.no_grad():
+        layer.row_factors.copy_(torch.randn(K, 2, m, generator=g))
+        layer.col_factors.copy_(torch.randn(K, 2, n, generator=g))
+        layer.widths.copy_(0.05 + 0.4 * torch.rand(2, K, generator=g))
+        layer.locations.copy_(torch.rand(2, K, generator=g))
+        layer.locations[0] = 0.6 * layer.locations[0]      # rows start in [0, 0.6) and end
+        layer.widths[0] = layer.widths[0].clamp(max=0.25)  # by 0.85: the last rows untouched
+        layer.widths[1, 3], layer.locations[1, 3] = 0.4, 0.9  # a column interval that wraps
+        layer.widths[1, 4] = 1.0                              # a full-width column interval
+    exported = ExportedGBLR.from_gblr(layer, plan="tiled")
+    assert exported.plan == "tiled"
+    assert len(exported.column_tiles) > 2 and len(exported.row_tiles) > 2
+    segments = [segs for _, _, segs in exported.column_tiles + exported.row_tiles]
+    assert any(len(s) == 2 for s in segments)  # an arc wrapping past t's last column
+    assert exported.executed_flops() < K * 2 * (m + n)  # less than running every component in full
+    exported.token_chunk = 16
+    x = torch.randn(37, n)  # chunks of 16, 16 and 5 tokens
+    with torch.no_grad():
+        ref = layer(x)
+        got = exported(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    covered = torch.zeros(m, dtype=torch.bool)
+    starts, lengths = layer.interval_starts(), layer.interval_lengths()
+    for k in layer.live_components().tolist():
+        covered[torch.arange(int(starts[0, k]), int(starts[0, k] + lengths[0, k])) % m] = True
+    assert not bool(covered.all())  # some output rows are the bias (or zero) alone
+    if bias:
+        torch.testing.assert_close(got[:, ~covered], layer.bias[~covered].expand(37, -1).detach())

@@ -147,7 +147,7 @@ def test_from_scratch_init_costs_about_dense():
         assert 0.3 < ratio < 3.0
 
 
-@pytest.mark.parametrize("plan", ["exact", "grouped", "factored", "auto"])
+@pytest.mark.parametrize("plan", ["exact", "grouped", "factored", "tiled", "auto"])
 def test_export_is_exact_and_counts_the_same_flops(plan):
     for seed in range(3):
         layer = random_layer(m=64, n=56, K=20, r=2, seed=seed, dtype=torch.float32)
