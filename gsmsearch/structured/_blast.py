@@ -80,9 +80,11 @@ class BlastLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = to_blocks(x, self._col_gather, self._cols.even)            # (..., b, cmax)
-        z = torch.einsum("...jc,jcr->...jr", xb, self.right)            # (..., b, r)  z_j = V_j^T x_j
-        w = torch.einsum("...jr,ijr->...ir", z, self.coupling)          # (..., b, r)  w_i = sum_j s_ij z_j
-        yb = torch.einsum("...ir,ihr->...ih", w, self.left)             # (..., b, hmax)  y_i = U_i w_i
+        lead, (b, cmax) = xb.shape[:-2], xb.shape[-2:]
+        z = torch.bmm(xb.reshape(-1, b, cmax).transpose(0, 1), self.right)  # (b, T, r)  z_j = V_j^T x_j
+        w = torch.einsum("jtr,ijr->itr", z, self.coupling)              # (b, T, r)  w_i = sum_j s_ij z_j
+        y = torch.bmm(w, self.left.transpose(1, 2))                     # (b, T, hmax)  y_i = U_i w_i
+        yb = y.transpose(0, 1).reshape(*lead, b, y.shape[-1])
         return self._add_bias(from_blocks(yb, self._row_take, self._rows.even))
 
     def to_dense(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._base import StructuredLinear, register_family
-from ._common import (BlockLayout, blocks_to_dense, check_dense, check_int, dense_to_blocks,
+from ._common import (BlockLayout, block_bmm, blocks_to_dense, check_dense, check_int, dense_to_blocks,
                       finish_from_dense, fits, from_blocks, init_bias_like_linear, no_fit_error,
                       to_blocks)
 
@@ -71,7 +71,7 @@ class BlockDiagonalLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = to_blocks(x, self._col_gather, self._cols.even)           # (..., b, cmax)
-        yb = torch.einsum("...bc,bhc->...bh", xb, self.weight)         # (..., b, hmax)
+        yb = block_bmm(xb, self.weight.transpose(1, 2))                # (..., b, hmax)
         return self._add_bias(from_blocks(yb, self._row_take, self._rows.even))  # (..., out)
 
     def to_dense(self) -> torch.Tensor:

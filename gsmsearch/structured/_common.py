@@ -131,6 +131,16 @@ def from_blocks(y: torch.Tensor, take: torch.Tensor, even: bool) -> torch.Tensor
     return flat if even else flat[..., take]
 
 
+def block_bmm(xb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(..., b, c) x (b, c, h) -> (..., b, h): one ``bmm`` with the blocks as its batch, reading
+    the input as a strided (b, T, c) view (no copy in) and one transpose copy out (einsum's
+    plan for the same contraction copies on both sides)."""
+    lead = xb.shape[:-2]
+    b, c = xb.shape[-2:]
+    y = torch.bmm(xb.reshape(-1, b, c).transpose(0, 1), weight)      # (b, T, h)
+    return y.transpose(0, 1).reshape(*lead, b, weight.shape[-1])
+
+
 def blocks_to_dense(blocks: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                     out_features: int, in_features: int) -> torch.Tensor:
     """Scatter padded blocks into a dense (out, in) matrix.

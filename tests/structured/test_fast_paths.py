@@ -298,3 +298,17 @@ def test_tiled_plan_many_tiles_wrapping_arcs_and_chunks(bias, monkeypatch):
     assert not bool(covered.all())  # some output rows are the bias (or zero) alone
     if bias:
         torch.testing.assert_close(got[:, ~covered], layer.bias[~covered].expand(37, -1).detach())
+
+
+@pytest.mark.parametrize("family,in_features,out_features,knobs", [
+    ("blockdiag", 64, 96, {"num_blocks": 4}),
+    ("blockdiag", 60, 100, {"num_blocks": 7}),   # uneven blocks: padded slots
+    ("blast", 64, 96, {"num_blocks": 4, "rank": 6}),
+    ("blast", 60, 100, {"num_blocks": 7, "rank": 3}),
+])
+def test_batched_block_families_match_dense_definition(family, in_features, out_features, knobs):
+    from gsmsearch.structured import create_linear
+
+    torch.manual_seed(0)
+    layer = create_linear(family, in_features, out_features, **knobs).double()
+    _check_against_dense_definition(layer, in_features)
