@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--structure-lr", type=float, default=5e-3)
+    p.add_argument("--structure-lr", type=float, default=None,
+                   help="widths/locations learning rate (default: 5e-3 in scratch mode, 0 in finetune mode)")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

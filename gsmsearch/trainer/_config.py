@@ -31,7 +31,9 @@ class TrialConfig:
     lam: float = 0.0  # L1 strength on widths (proximal threshold lam * structure_lr); 0 = the budget alone decides
     budget_control: str = "project-flops"
     target_mean_width: Optional[float] = None  # for project-mean-width / stop-shrinking
-    budget_anneal_epochs: Optional[float] = None  # budget goes 1 -> budget over these; None = epochs/2
+    # budget goes 1 -> budget over these epochs; None = epochs/2 in scratch mode, 0 in finetune mode
+    # (a fine-tuned GBLR layer starts at the budget: from_dense fits it there)
+    budget_anneal_epochs: Optional[float] = None
     sigma_init: Optional[float] = 1.0  # None = exact boxcar masks throughout (the finetune default)
     sigma_final: Optional[float] = 100.0
     sigma_start_epoch: Optional[float] = None  # None = epochs / 4
@@ -42,7 +44,11 @@ class TrialConfig:
     epochs: int = 10
     batch_size: Optional[int] = None  # None = the workload's default
     lr: Optional[float] = None  # None = the workload's default
-    structure_lr: float = 5e-3
+    # widths/locations learning rate; None = 5e-3 in scratch mode, 0 in finetune mode (the
+    # structure is the from_dense fit, kept while the factors are fine-tuned: moving it with Adam
+    # during fine-tuning cost 2-5 points on animal-mnist-vit and did not help on digits-mlp,
+    # bench/results/workloads*.md)
+    structure_lr: Optional[float] = None
     weight_decay: Optional[float] = None
     seed: int = 0
     device: str = "cpu"
@@ -65,6 +71,10 @@ class TrialConfig:
             errors.append(f"epochs must be >= 1, got {self.epochs!r}")
         if self.lam < 0:
             errors.append(f"lam must be >= 0, got {self.lam!r}")
+        if self.structure_lr is not None and float(self.structure_lr) < 0:
+            errors.append(f"structure_lr must be >= 0, got {self.structure_lr!r}")
+        if self.budget_anneal_epochs is not None and float(self.budget_anneal_epochs) < 0:
+            errors.append(f"budget_anneal_epochs must be >= 0, got {self.budget_anneal_epochs!r}")
         if self.budget_control in ("project-mean-width", "stop-shrinking") and self.target_mean_width is None:
             errors.append(f"budget_control {self.budget_control!r} needs target_mean_width")
         if self.batch_size is not None and int(self.batch_size) < 1:

@@ -70,6 +70,9 @@ class TrialResult:
         )
 
 
+SCRATCH_STRUCTURE_LR = 5e-3  # the method's width lr for small ViTs/Mixers (method.md section 5)
+
+
 def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
     epochs = int(config.epochs)
     gblr = config.family == "gblr"
@@ -86,7 +89,10 @@ def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
             start_epoch=config.sigma_start_epoch if config.sigma_start_epoch is not None else epochs / 4,
             end_epoch=config.sigma_end_epoch if config.sigma_end_epoch is not None else epochs,
         ) if gblr else None,
-        "anneal": config.budget_anneal_epochs if config.budget_anneal_epochs is not None else epochs / 2,
+        "anneal": (config.budget_anneal_epochs if config.budget_anneal_epochs is not None
+                   else epochs / 2 if config.mode == "scratch" else 0.0),
+        "structure_lr": (config.structure_lr if config.structure_lr is not None
+                         else SCRATCH_STRUCTURE_LR if config.mode == "scratch" else 0.0),
     }
 
 
@@ -213,7 +219,7 @@ def run_trial(
     loop = TrainingLoop(
         workload, model, splits,
         epochs=int(config.epochs), batch_size=resolved["batch_size"], lr=resolved["lr"],
-        weight_decay=resolved["weight_decay"], structure_lr=config.structure_lr, lam=config.lam,
+        weight_decay=resolved["weight_decay"], structure_lr=resolved["structure_lr"], lam=config.lam,
         controller=_controller(config), sigma_schedule=resolved["sigma"],
         budget_schedule=budget_schedule, seed=config.seed, device=config.device,
         checkpoint_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None,

@@ -97,6 +97,29 @@ def test_finetune_starts_from_the_cached_dense_model(tmp_path):
     assert err < random_err
 
 
+@pytest.mark.parametrize("mode,structure_lr,moves", [
+    ("finetune", None, False),   # default in finetune: the from_dense structure is kept
+    ("finetune", 0.05, True),    # an explicit structure lr learns it
+    ("scratch", None, True),     # default in scratch: learned (5e-3)
+])
+def test_structure_learning_defaults_by_mode(tmp_path, mode, structure_lr, moves):
+    from gsmsearch.structured import load_structure
+
+    workload = get_workload("digits-mlp", **TINY)
+    cfg = tiny(family="gblr", budget=0.3, mode=mode, epochs=2, structure_lr=structure_lr)
+    start = build_trial_model(cfg, workload, cache_dir=tmp_path)
+    run_trial(cfg, cache_dir=tmp_path, structure_path=tmp_path / "end.safetensors")
+    end = load_structure(workload.build_model(), tmp_path / "end.safetensors")
+    changed = False
+    for name in ("layers.0", "layers.1"):
+        a, b = start.get_submodule(name), end.get_submodule(name)
+        assert isinstance(b, GBLRLinear)
+        same = (torch.equal(a.interval_lengths(), b.interval_lengths())
+                and torch.equal(a.interval_starts(), b.interval_starts()))
+        changed |= not same
+    assert changed == moves
+
+
 def _train_counting(path, key, result_queue):
     from gsmsearch.trainer._dense_cache import cached_dense_state as cache
     from gsmsearch.workloads import get_workload as gw
