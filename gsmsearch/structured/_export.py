@@ -556,6 +556,12 @@ class ExportedGBLR(nn.Module):
         """The method's multiply-adds per token (equal to the trained layer's ``flops()``)."""
         return int(self.method_flops)
 
+    def num_params(self) -> int:
+        """Scalars the method's form stores: each live component's cropped factors (r (h + c),
+        or h c for one counted as a dense block -- the same sum as :meth:`flops`) plus the bias.
+        The plan's tensors hold more (zero padding, see :meth:`executed_flops`)."""
+        return int(self.method_flops) + (0 if self.bias is None else self.bias.numel())
+
     def executed_flops(self) -> int:
         """Multiply-adds per token that the plan executes, padding included (>= ``flops()``)."""
         total = sum(V.numel() for V in self.col_factors) + sum(U.numel() for U in self.row_factors)

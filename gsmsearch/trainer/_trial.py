@@ -174,6 +174,22 @@ def _controller(config: TrialConfig):
     return StopShrinkingAtTarget(config.target_mean_width)
 
 
+def deployed_params(model: nn.Module) -> int:
+    """Parameters of a deployed model: a module with ``num_params()`` (structured layers, exported
+    GBLR plans) counts itself that way; every other parameter counts once."""
+    total = 0
+    counted = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in counted):
+            continue
+        if hasattr(module, "num_params") and module is not model:
+            total += int(module.num_params())
+            counted.add(name + ".")
+            continue
+        total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
 def measure_latency(model: nn.Module, batch, forward: Callable, repeats: int = 7) -> float:
     """Median wall time in ms of ``forward(model, batch)`` under no_grad (after one warm-up)."""
     model.eval()
@@ -264,8 +280,9 @@ def run_trial(
         relative_flops=float(cost.relative),
         relative_linear_flops=float(cost.relative_linear),
         structured_relative_flops=float(loop.relative_flops()),
-        # what is deployed: the exported model (dead components dropped, intervals cropped)
-        params=sum(p.numel() for p in deployed.parameters()),
+        # what is deployed: the exported model (dead components dropped, intervals cropped),
+        # structured layers counted by their own num_params() (no execution padding)
+        params=deployed_params(deployed),
         dense_params=sum(p.numel() for p in dense_model.parameters()),
         latency_ms=latency,
         dense_latency_ms=dense_latency,

@@ -34,6 +34,8 @@ def test_gblr_trial_result_is_complete_and_flops_add_up(tmp_path):
     assert result.structured_relative_flops <= 0.3 * 1.001  # the budget controller held the budget
     assert result.structured_relative_flops > 0.2  # ... without overshooting (lam = 0)
     assert result.curves[-1]["relative_flops"] == pytest.approx(result.structured_relative_flops)
+    # deployed params: the GBLR layers' live cropped factors (= their flops) + biases + dense head
+    assert result.params == sum(layer["flops"] for layer in result.layers.values()) + 32 + 32 + head + 10
     for layer in result.layers.values():
         assert layer["family"] == "gblr" and layer["live_components"] <= layer["num_components"]
     json.dumps(result.to_dict())  # JSON-able
