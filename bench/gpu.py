@@ -89,33 +89,49 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
             "ratio_vs_linear": {k: v / times["nn.Linear"] for k, v in times.items()}}
 
 
-def export_speed(device, dtype, *, size, tokens, budgets, repeats):
+def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150):
+    """Every export plan vs dense F.linear on a low-rank control and on a structure learned by
+    the method (``bench.structures.proximal``, learned on the device at ``size``)."""
     from bench import structures
     from gsmsearch.structured._export import ExportedGBLR, PlanCost
 
     x = torch.randn(tokens, size, device=device, dtype=dtype)
     rows = []
-    for budget in budgets:
-        layer = structures.lowrank(budget, size=size)
-        with torch.no_grad():
-            weight = layer.to_dense()
-        grouped = ExportedGBLR.from_gblr(layer, plan="grouped", cost=PlanCost(tokens=tokens)).to(device, dtype)
-        dense_w = weight.to(device, dtype)
-        bias = layer.bias.detach().to(device, dtype)
-
-        def dense():
+    for kind in ("lowrank", "proximal"):
+        for budget in budgets:
+            if kind == "lowrank":
+                layer = structures.lowrank(budget, size=size)
+            else:
+                layer = structures.proximal(budget, size=size, steps=steps, device=str(device))
             with torch.no_grad():
-                nn.functional.linear(x, dense_w, bias)
+                weight = layer.to_dense()
+            dense_w = weight.to(device, dtype)
+            bias = None if layer.bias is None else layer.bias.detach().to(device, dtype)
+            plans = {name: ExportedGBLR.from_gblr(layer, plan=name, cost=PlanCost(tokens=tokens)).to(device, dtype)
+                     for name in ("grouped", "factored", "tiled")}
 
-        def plan():
+            def dense():
+                with torch.no_grad():
+                    nn.functional.linear(x, dense_w, bias)
+
+            def runner(module):
+                def run():
+                    with torch.no_grad():
+                        module(x)
+                return run
+
             with torch.no_grad():
-                grouped(x)
-
-        times = _interleaved({"dense": dense, "grouped": plan}, repeats, device)
-        f = layer.flops() / size ** 2
-        speedup = times["dense"] / times["grouped"]
-        rows.append({"structure": f"lowrank@{budget}", "f": f, "ms": times, "speedup": speedup,
-                     "target_0.6_over_f": 0.6 / f, "fraction_of_ideal": speedup * f})
+                reference = nn.functional.linear(x[:256].float(), weight.to(device), None if bias is None else bias.float())
+                errors = {name: float((module(x[:256]).float() - reference).norm() / reference.norm())
+                          for name, module in plans.items()}
+            times = _interleaved({"dense": dense, **{name: runner(m) for name, m in plans.items()}}, repeats, device)
+            f = layer.flops() / size ** 2
+            best = min(plans, key=lambda name: times[name])
+            speedup = times["dense"] / times[best]
+            rows.append({"structure": f"{kind}@{budget}", "f": f, "ms": times, "best_plan": best,
+                         "speedup": speedup, "speedups": {n: times["dense"] / times[n] for n in plans},
+                         "executed_f": {n: m.executed_flops() / size ** 2 for n, m in plans.items()},
+                         "relative_error": errors, "target_0.6_over_f": 0.6 / f, "fraction_of_ideal": speedup * f})
     return rows
 
 
@@ -134,7 +150,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     if args.smoke:
         train = dict(n=64, m=256, K=64, tokens=128, sigma=5.0, repeats=3)
-        export = dict(size=128, tokens=256, budgets=(0.3,), repeats=3)
+        export = dict(size=128, tokens=256, budgets=(0.3,), repeats=3, steps=5)
     else:
         train = dict(n=768, m=3072, K=768, tokens=8192, sigma=5.0, repeats=args.repeats)
         export = dict(size=4096, tokens=8192, budgets=(0.1, 0.2, 0.3), repeats=args.repeats)
@@ -144,7 +160,15 @@ def main(argv=None) -> int:
         "train": train_step(device, dtype, **train),
         "export": export_speed(device, dtype, **export),
     }
-    print(json.dumps(report, indent=1))
+    print(f"device {report['device']}, {report['dtype']}, torch {report['torch']}")
+    t = report["train"]
+    print("train step x nn.Linear: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratio_vs_linear"].items()))
+    print(f"{'export structure':18s} {'f':>6s} {'best':>9s} {'speedup':>8s} {'0.6/f':>6s} "
+          + " ".join(f"{n:>9s}" for n in ("grouped", "factored", "tiled")) + f" {'max err':>8s}")
+    for r in report["export"]:
+        print(f"{r['structure']:18s} {r['f']:6.3f} {r['best_plan']:>9s} {r['speedup']:8.2f} "
+              f"{r['target_0.6_over_f']:6.2f} " + " ".join(f"{r['speedups'][n]:9.2f}" for n in ("grouped", "factored", "tiled"))
+              + f" {max(r['relative_error'].values()):8.1e}")
     out = args.out if not args.smoke else args.out.replace(".json", "-smoke.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -75,30 +75,31 @@ def _teacher(size: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def proximal(budget: float, *, size: int = 1024, steps: int = 150, tokens: int = 256, seed: int = 0,
-             cache_dir: Optional[str] = None) -> GBLRLinear:
+             cache_dir: Optional[str] = None, device: str = "cpu") -> GBLRLinear:
+    """Learned on ``device`` (the GPU script learns its 4096 x 4096 layers there); returned on CPU."""
     config = {"size": size, "steps": steps, "tokens": tokens, "seed": seed, "budget": budget,
               "teacher": "24 interval rank-4 blocks + rank 8 + noise", "sigma": "1 -> 100",
               "controller": f"ProjectFlops({budget})"}
 
     def build():
         gen = torch.Generator().manual_seed(seed)
-        teacher = _teacher(size, gen)
+        teacher = _teacher(size, gen).to(device)
         torch.manual_seed(seed)
-        layer = GBLRLinear(size, size, bias=False, sigma=1.0)
+        layer = GBLRLinear(size, size, bias=False, sigma=1.0).to(device)
         schedule = SigmaSchedule(1.0, 100.0, start_epoch=steps // 5, end_epoch=steps)
         structure_lr = 5e-3
         opt = torch.optim.Adam(param_groups(layer, lr=2e-3, structure_lr=structure_lr))
         controller = ProjectFlops(budget)
         for step in range(steps):
             layer.sigma = schedule(step)
-            x = torch.randn(tokens, size, generator=gen)
+            x = torch.randn(tokens, size, generator=gen).to(device)
             loss = (layer(x) - x @ teacher.T).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             controller.step([layer], lam=1e-3, lr_width=structure_lr)
         layer.sigma = None
-        return layer
+        return layer.cpu()
 
     return _cached(cache_dir, f"proximal-{size}-{budget:g}-s{steps}", build, config)
 

@@ -568,10 +568,9 @@ class ExportedGBLR(nn.Module):
         return int(total + sum(B.numel() for B in self.block_weights))
 
     def to_dense(self) -> torch.Tensor:
-        dtype = self.col_factors[0].dtype if len(self.col_factors) else (
-            self.block_weights[0].dtype if len(self.block_weights) else None
-        )
-        eye = torch.eye(self.in_features, dtype=dtype)
+        reference = next(iter(self.parameters()), None)
+        eye = torch.eye(self.in_features, dtype=None if reference is None else reference.dtype,
+                        device=None if reference is None else reference.device)
         bias, self.bias = self.bias, None
         try:
             return self.forward(eye).T
@@ -593,16 +592,21 @@ def _fastest(candidates: List["ExportedGBLR"], rounds: int = 5) -> "ExportedGBLR
     import time
 
     first = candidates[0]
-    dtype = next((p.dtype for p in first.parameters()), torch.float32)
-    x = torch.randn(CALIBRATION_TOKENS, first.in_features, dtype=dtype)
+    reference = next(iter(first.parameters()), None)
+    dtype = reference.dtype if reference is not None else torch.float32
+    device = reference.device if reference is not None else torch.device("cpu")
+    x = torch.randn(CALIBRATION_TOKENS, first.in_features, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = [float("inf")] * len(candidates)
     with torch.no_grad():
         for candidate in candidates:
             candidate(x)
         for _ in range(rounds):
             for i, candidate in enumerate(candidates):
+                sync()
                 started = time.perf_counter()
                 candidate(x)
+                sync()
                 best[i] = min(best[i], time.perf_counter() - started)
     return candidates[int(np.argmin(best))]
 
