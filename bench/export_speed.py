@@ -89,7 +89,7 @@ def bench_structure(name: str, layer, tokens: int, repeats: int, threads: int, m
 
 
 def run_structures(*, tokens=4096, repeats=7, budgets=(0.1, 0.2, 0.3), threads=1, memory=True,
-                   cache_dir=None, kinds=("proximal", "minilm", "minilm-greedy", "lowrank")) -> List[dict]:
+                   cache_dir=None, kinds=("proximal", "digits", "minilm", "minilm-greedy", "lowrank")) -> List[dict]:
     rows = []
     for kind in kinds:
         for budget in budgets:
@@ -97,6 +97,8 @@ def run_structures(*, tokens=4096, repeats=7, budgets=(0.1, 0.2, 0.3), threads=1
                 layer = structures.proximal(budget, cache_dir=cache_dir)
             elif kind == "minilm":
                 layer = structures.minilm(budget, cache_dir=cache_dir)
+            elif kind == "digits":
+                layer = structures.digits_trained(budget, cache_dir=cache_dir)
             elif kind == "minilm-greedy":
                 layer = structures.minilm(budget, greedy_only=True, cache_dir=cache_dir)
             else:

@@ -9,6 +9,8 @@ the low-rank control):
 - ``proximal``: a 1024 x 1024 GBLR layer trained from scratch by proximal gradient descent on a
   toy regression (teacher = sum of interval low-rank blocks plus a low-rank term plus noise),
   sigma schedule 1 -> 100, :class:`ProjectFlops` budget control;
+- ``digits``: the 1024 x 1024 hidden layer of a real trial -- digits-mlp with 1024-wide hidden
+  layers trained from scratch by the method at the budget (``run_trial``, 10 epochs);
 - ``lowrank``: full-width rank-R components (the easy case, a control).
 
 Structures are cached as state dicts under ``cache_dir`` (they take seconds to minutes to learn).
@@ -102,6 +104,34 @@ def proximal(budget: float, *, size: int = 1024, steps: int = 150, tokens: int =
         return layer.cpu()
 
     return _cached(cache_dir, f"proximal-{size}-{budget:g}-s{steps}", build, config)
+
+
+def digits_trained(budget: float, *, size: int = 1024, epochs: int = 10, seed: int = 0,
+                   cache_dir: Optional[str] = None) -> GBLRLinear:
+    """The ``layers.1`` (size x size) GBLR layer of a real trial: digits-mlp with hidden sizes
+    (size, size), trained from scratch by the method (``run_trial``: sigma schedule 1 -> 100,
+    annealed ProjectFlops budget, proximal step) at ``budget``."""
+    config = {"workload": "digits-mlp", "hidden_sizes": [size, size], "mode": "scratch",
+              "epochs": epochs, "seed": seed, "budget": budget}
+
+    def build():
+        import tempfile
+
+        from gsmsearch.structured import load_structure
+        from gsmsearch.trainer import TrialConfig, run_trial
+        from gsmsearch.workloads import get_workload
+
+        options = {"hidden_sizes": [size, size]}
+        trial = TrialConfig(workload="digits-mlp", workload_options=options, family="gblr",
+                            budget=budget, mode="scratch", epochs=epochs, seed=seed,
+                            measure_latency=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "structure.safetensors")
+            run_trial(trial, structure_path=path, cache_dir=tmp)
+            model = load_structure(get_workload("digits-mlp", **options).build_model(), path)
+        return model.get_submodule("layers.1")
+
+    return _cached(cache_dir, f"digits-trained-{size}-{budget:g}-e{epochs}", build, config)
 
 
 def lowrank(budget: float, *, size: int = 1024, seed: int = 0) -> GBLRLinear:
