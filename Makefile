@@ -16,4 +16,4 @@ test:
 	$(PY) -m pytest -q --durations=15
 
 bench: setup
-	$(PY) bench/run.py
+	$(PY) -m bench --threads 1
