@@ -130,7 +130,12 @@ def test_killed_driver_then_resume_keeps_every_finished_trial(write_spec, tmp_pa
     assert stale and all(t.user_attrs["failure_reason"].startswith("stale") for t in stale)
     digests = [t.user_attrs["config_digest"] for t in complete]
     assert len(digests) == len(set(digests))
-    assert {t.user_attrs["config_digest"] for t in stale} <= set(digests)
+    for t in stale:
+        digest = t.user_attrs.get("config_digest")
+        if digest is not None:
+            assert digest in set(digests)
+        elif t.params:  # killed between ask and recording its config: its sampled params re-ran
+            assert any(x.user_attrs.get("requeued_from") == t.number for x in trials)
 
 
 def test_dry_run_validates_and_writes_nothing(write_spec, tmp_path, capsys):
