@@ -354,6 +354,7 @@ def launch(
             trial.set_constraint(constraint.metric, violation)
         attrs = {k: result[k] for k in RESULT_SCALARS if k in result}
         attrs["test_metrics"] = result.get("test_metrics", {})
+        attrs["resolved"] = result.get("resolved", {})  # what the config's defaults meant
         with_retries(lambda: trial.set_user_attr("result", attrs))
         with_retries(lambda: trial.set_user_attr("layers", result.get("layers", {})))
         with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))

@@ -15,7 +15,8 @@ BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "non
 
 @dataclass
 class TrialConfig:
-    """Everything that determines a trial's result (the resolved form is stored with it)."""
+    """Everything that determines a trial's result (``None`` = a default; the values a trial
+    actually used are in its result's ``resolved``)."""
 
     # what to train
     workload: str = "digits-mlp"

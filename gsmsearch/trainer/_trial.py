@@ -54,6 +54,10 @@ class TrialResult:
     epochs_run: int
     layers: Dict[str, Dict[str, Any]]  # per structured layer: family, flops, live components, ...
     curves: List[Dict[str, Any]] = field(default_factory=list)
+    # the values the trial actually used where the config says "default" (None): batch size,
+    # learning rates, weight decay, budget anneal, sigma schedule -- so a result stays readable
+    # if the defaults change
+    resolved: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -94,6 +98,19 @@ def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
         "structure_lr": (config.structure_lr if config.structure_lr is not None
                          else SCRATCH_STRUCTURE_LR if config.mode == "scratch" else 0.0),
     }
+
+
+def _resolved_record(config: TrialConfig, resolved: Dict[str, Any]) -> Dict[str, Any]:
+    record = {key: resolved[key] for key in ("batch_size", "lr", "weight_decay")}
+    if config.family == "gblr":
+        sigma = resolved["sigma"]
+        record.update({
+            "structure_lr": float(resolved["structure_lr"]),
+            "budget_anneal_epochs": float(resolved["anneal"]),
+            "sigma_schedule": None if sigma is None or sigma.sigma_init is None else
+            [sigma.sigma_init, sigma.sigma_final, float(sigma.start_epoch), float(sigma.end_epoch)],
+        })
+    return record
 
 
 def _pretrain_recipe(workload) -> Dict[str, Any]:
@@ -290,4 +307,5 @@ def run_trial(
         epochs_run=len(curves),
         layers=layers,
         curves=curves,
+        resolved=_resolved_record(config, resolved),
     )

@@ -110,7 +110,11 @@ def test_structure_learning_defaults_by_mode(tmp_path, mode, structure_lr, moves
     workload = get_workload("digits-mlp", **TINY)
     cfg = tiny(family="gblr", budget=0.3, mode=mode, epochs=2, structure_lr=structure_lr)
     start = build_trial_model(cfg, workload, cache_dir=tmp_path)
-    run_trial(cfg, cache_dir=tmp_path, structure_path=tmp_path / "end.safetensors")
+    result = run_trial(cfg, cache_dir=tmp_path, structure_path=tmp_path / "end.safetensors")
+    expected_lr = structure_lr if structure_lr is not None else (0.0 if mode == "finetune" else 5e-3)
+    assert result.resolved["structure_lr"] == expected_lr  # the result says what "default" meant
+    assert result.resolved["budget_anneal_epochs"] == (0.0 if mode == "finetune" else 1.0)
+    assert (result.resolved["sigma_schedule"] is None) == (mode == "finetune")
     end = load_structure(workload.build_model(), tmp_path / "end.safetensors")
     changed = False
     for name in ("layers.0", "layers.1"):
