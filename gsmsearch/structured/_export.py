@@ -184,9 +184,10 @@ def _identical_runs(starts: np.ndarray, ends: np.ndarray):
     return runs
 
 
-def _centre_order(starts, lengths, size: int) -> np.ndarray:
-    """Pieces sorted by the cyclic centre of their interval (full-axis ones first)."""
-    starts, lengths = np.asarray(starts), np.asarray(lengths)
+def _centre_order(intervals, size: int) -> np.ndarray:
+    """Pieces sorted by the cyclic centre of their (start, length) interval (full-axis ones first)."""
+    starts = np.array([start for start, _ in intervals])
+    lengths = np.array([length for _, length in intervals])
     centre = np.where(lengths >= size, -1.0, (starts + lengths / 2.0) % size)
     return np.lexsort((np.arange(len(starts)), centre))
 
@@ -249,6 +250,28 @@ def _choose_tiling(intervals, first, ranks, size: int, cost: PlanCost):
         if best is None or total < best[0]:
             best = (total, tiles)
     return best[1]
+
+
+def _tiled_stage(intervals, factors, first, ranks, size: int, cost: PlanCost):
+    """One stage of the tiled plan: (begin, end, segment table, factor (tile x arc)) per tile.
+    ``factors[i]`` holds piece i's rows along its interval (U or V), ``first[i]`` its first
+    column in this stage's order of t."""
+    tiles = []
+    for (begin, end), segments in _choose_tiling(intervals, first, ranks, size, cost):
+        arc_column = {}  # column of t -> column of the tile's factor
+        for a, b in segments:
+            for j in range(a, b):
+                arc_column[j] = len(arc_column)
+        factor = factors[0].new_zeros(end - begin, len(arc_column))
+        for i, (start, length) in enumerate(intervals):
+            rows = _tile_rows(start, length, begin, end, size)
+            if rows is None:
+                continue
+            inside, along = rows  # positions in the tile, positions along the piece
+            columns = torch.tensor([arc_column[first[i] + q] for q in range(int(ranks[i]))])
+            factor[inside[:, None], columns[None, :]] = factors[i][along]
+        tiles.append((begin, end, _segment_table(segments), factor))
+    return tiles
 
 
 def _segment_table(segments) -> tuple:
@@ -406,54 +429,25 @@ class ExportedGBLR(nn.Module):
     def _build_tiled(self, pieces: List[_Piece], cost: PlanCost) -> None:
         """The "tiled" plan (module docstring): per stage, t's columns in cyclic-centre order of
         that stage's intervals; per tile, the cyclic arc of columns touching it."""
-        m, n = self.out_features, self.in_features
-        dtype, device = pieces[0].U.dtype, pieces[0].U.device
         ranks = np.array([p.rank for p in pieces])
-        col_order = _centre_order([p.col_start for p in pieces], [p.c for p in pieces], n)
-        row_order = _centre_order([p.row_start for p in pieces], [p.h for p in pieces], m)
-        col_first = _first_columns(col_order, ranks)  # piece -> its first column of t (stage 1)
-        row_first = _first_columns(row_order, ranks)  # piece -> its first column of t' (stage 2)
         self.inner = int(ranks.sum())
-        stage1 = _choose_tiling([(p.col_start, p.c) for p in pieces], col_first, ranks, n, cost)
-        for (begin, end), segments in stage1:
-            width = sum(b - a for a, b in segments)
-            V = torch.zeros(end - begin, width, dtype=dtype, device=device)
-            self._fill_tile(V, pieces, [(p.col_start, p.c) for p in pieces], col_first, begin, end,
-                            segments, n, lambda p: p.V)
-            self.column_tiles.append((begin, end, _segment_table(segments)))
-            self.col_factors.append(self._frozen(V))
-        stage2 = _choose_tiling([(p.row_start, p.h) for p in pieces], row_first, ranks, m, cost)
-        for (begin, end), segments in stage2:
-            width = sum(b - a for a, b in segments)
-            U = torch.zeros(end - begin, width, dtype=dtype, device=device)
-            self._fill_tile(U, pieces, [(p.row_start, p.h) for p in pieces], row_first, begin, end,
-                            segments, m, lambda p: p.U)
-            self.row_tiles.append((begin, end, _segment_table(segments)))
-            self.row_factors.append(self._frozen(U.T))
-        # t' column j holds t column order[j]
-        order = np.empty(self.inner, dtype=np.int64)
+        stage1 = [(p.col_start, p.c) for p in pieces]
+        stage2 = [(p.row_start, p.h) for p in pieces]
+        col_first = _first_columns(_centre_order(stage1, self.in_features), ranks)  # piece -> t column
+        row_first = _first_columns(_centre_order(stage2, self.out_features), ranks)  # piece -> t' column
+        for begin, end, table, V in _tiled_stage(stage1, [p.V for p in pieces], col_first, ranks,
+                                                 self.in_features, cost):
+            self.column_tiles.append((begin, end, table))
+            self.col_factors.append(self._frozen(V))            # (tile, arc)
+        for begin, end, table, U in _tiled_stage(stage2, [p.U for p in pieces], row_first, ranks,
+                                                 self.out_features, cost):
+            self.row_tiles.append((begin, end, table))
+            self.row_factors.append(self._frozen(U.T))          # (arc, tile)
+        order = np.empty(self.inner, dtype=np.int64)  # t' column j holds t column order[j]
         for i, p in enumerate(pieces):
             order[row_first[i] : row_first[i] + p.rank] = np.arange(col_first[i], col_first[i] + p.rank)
         if not np.array_equal(order, np.arange(self.inner)):
-            self.t_order = torch.tensor(order, dtype=torch.long, device=device)
-
-    @staticmethod
-    def _fill_tile(factor, pieces, intervals, first, begin, end, segments, size, which) -> None:
-        """Write each piece's factor rows that fall in the tile [begin, end) into ``factor``
-        (tile x arc), at the arc columns of the piece's t columns."""
-        arc_column = {}
-        offset = 0
-        for a, b in segments:
-            for j in range(a, b):
-                arc_column[j] = offset + j - a
-            offset += b - a
-        for i, (start, length) in enumerate(intervals):
-            rows = _tile_rows(start, length, begin, end, size)
-            if rows is None or first[i] not in arc_column:
-                continue
-            inside, along = rows  # positions in the tile, positions along the piece
-            columns = [arc_column[first[i] + q] for q in range(pieces[i].rank)]
-            factor[inside[:, None], torch.tensor(columns)[None, :]] = which(pieces[i])[along]
+            self.t_order = torch.tensor(order, dtype=torch.long, device=pieces[0].U.device)
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,12 +464,6 @@ class ExportedGBLR(nn.Module):
         for first in range(0, tokens, chunk):
             run(x2[first : first + chunk], y[first : first + chunk])
         return y.reshape(*lead, self.out_features)
-
-    def _start_output(self, y: torch.Tensor) -> None:
-        if self.bias is not None:
-            y.copy_(self.bias.expand_as(y))
-        else:
-            y.zero_()
 
     def _run_grouped(self, x2: torch.Tensor, y: torch.Tensor) -> None:
         """The grouped / factored / exact plans on one chunk ``x2`` (T, in) into ``y`` (T, out)."""
@@ -533,7 +521,7 @@ class ExportedGBLR(nn.Module):
         for (begin, end, segments), U in zip(self.row_tiles, self.row_factors):
             out = y[:, begin:end]
             if begin > written:  # rows of the output no component touches
-                self._start_output_slice(y, written, begin)
+                self._start_output(y, written, begin)
             for i, (a, b, ua, ub) in enumerate(segments):  # y[:, tile] (+)= t'[:, arc] @ U_tile
                 if i:
                     torch.addmm(out, t[:, a:b], U[ua:ub], out=out)
@@ -543,9 +531,11 @@ class ExportedGBLR(nn.Module):
                     torch.mm(t[:, a:b], U[ua:ub], out=out)
             written = end
         if written < self.out_features:
-            self._start_output_slice(y, written, self.out_features)
+            self._start_output(y, written)
 
-    def _start_output_slice(self, y: torch.Tensor, begin: int, end: int) -> None:
+    def _start_output(self, y: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        """Columns [begin, end) of ``y`` := the bias (or zero), before accumulating into them."""
+        end = self.out_features if end is None else end
         if self.bias is not None:
             y[:, begin:end].copy_(self.bias[begin:end].expand(y.shape[0], end - begin))
         else:
