@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--family-options", type=_json_dict, default={}, metavar="JSON")
     p.add_argument("--budget", type=float, default=0.25, help="target relative FLOPs of the structured layers")
     p.add_argument("--mode", choices=["scratch", "finetune"], default="scratch")
+    p.add_argument("--budget-allocation", choices=["uniform", "global"], default="uniform",
+                   help="finetune: every layer at --budget, or per-layer budgets from the dense "
+                        "weights' spectra (same per-sample total)")
     p.add_argument("--include", nargs="*", default=None, help="layer-name patterns to structure")
     p.add_argument("--exclude", nargs="*", default=[], help="layer-name patterns to keep dense")
     p.add_argument("--lam", type=float, default=0.0, help="L1 strength on GBLR widths")
@@ -64,6 +67,7 @@ def run(args) -> int:
     config = TrialConfig(
         workload=args.workload, workload_options=args.workload_options, family=args.family,
         family_options=args.family_options, budget=args.budget, mode=args.mode,
+        budget_allocation=args.budget_allocation,
         include=args.include, exclude=args.exclude, lam=args.lam,
         budget_control=args.budget_control, target_mean_width=args.target_mean_width,
         sigma_init=args.sigma_init, sigma_final=args.sigma_final, epochs=args.epochs,

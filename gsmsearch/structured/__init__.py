@@ -21,6 +21,7 @@ from ._monarch import MonarchLinear
 from ._blocksparse import BlockSparseLinear
 from ._blocklowrank import BlockLowRankLinear
 from ._blast import BlastLinear
+from ._allocation import ALLOCATIONS, allocate_budgets
 from ._proximal import (
     BudgetController,
     ProjectFlops,
@@ -33,7 +34,7 @@ from ._proximal import (
     proximal_step,
     set_sigma,
 )
-from ._surgery import ModelCost, linear_layers, model_cost, replace_linears, set_module
+from ._surgery import ModelCost, linear_layers, matching_linears, model_cost, replace_linears, set_module
 from ._export import ExportedGBLR, export
 from ._serialize import load_structure, save_structure
 
@@ -44,5 +45,5 @@ __all__ = [
     "BlockDiagonalLinear", "MonarchLinear", "BlockSparseLinear", "BlockLowRankLinear", "BlastLinear", "BudgetController", "ProjectFlops",
     "ProjectMeanWidth", "SigmaSchedule", "StopShrinkingAtTarget", "gblr_layers", "mean_width",
     "param_groups", "proximal_step", "set_sigma", "ModelCost", "linear_layers", "model_cost",
-    "replace_linears", "set_module", "ExportedGBLR", "export", "load_structure", "save_structure",
+    "replace_linears", "matching_linears", "set_module", "ALLOCATIONS", "allocate_budgets", "ExportedGBLR", "export", "load_structure", "save_structure",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -138,9 +138,15 @@ class ProjectMeanWidth(BudgetController):
 @dataclass
 class ProjectFlops(BudgetController):
     """Proximal step, then shift all widths down until the GBLR layers' FLOPs are at most
-    ``target_relative_flops`` of their dense FLOPs."""
+    ``target_relative_flops`` of their dense FLOPs.
+
+    ``weights``: one multiplier per layer, in the order of the ``layers`` given to :meth:`step`
+    (rows each layer processes per sample, where layers see different counts, as an MLP-Mixer's
+    token- and channel-mixing layers do); None = every layer counts once.
+    """
 
     target_relative_flops: float
+    weights: Optional[Sequence[float]] = None
 
     def __post_init__(self):
         if not 0.0 < self.target_relative_flops <= 1.0:
@@ -151,16 +157,19 @@ class ProjectFlops(BudgetController):
     @torch.no_grad()
     def step(self, layers, lam, lr_width):
         proximal_step(layers, lam, lr_width)
-        dense = sum(layer.in_features * layer.out_features for layer in layers)
+        weights = [1.0] * len(layers) if self.weights is None else [float(w) for w in self.weights]
+        if len(weights) != len(layers):
+            raise ValueError(f"ProjectFlops has {len(weights)} weights for {len(layers)} layers")
+        dense = sum(w * layer.in_features * layer.out_features for w, layer in zip(weights, layers))
         target = self.target_relative_flops * dense
 
         def flops_after(shift: float) -> float:
-            total = 0
-            for layer in layers:
+            total = 0.0
+            for weight, layer in zip(weights, layers):
                 w = (layer.widths - shift).clamp(0, 1)
                 h = torch.round(w[0] * layer.out_features).long()
                 c = torch.round(w[1] * layer.in_features).long()
-                total += int(component_costs(h, c, layer.rank).sum())
+                total += weight * int(component_costs(h, c, layer.rank).sum())
             return total
 
         shift = _bisect_shift(flops_after, target)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._base import StructuredLinear, get_family
 
-__all__ = ["replace_linears", "linear_layers", "model_cost", "ModelCost", "set_module"]
+__all__ = ["replace_linears", "matching_linears", "linear_layers", "model_cost", "ModelCost", "set_module"]
 
 Patterns = Union[str, Sequence[str]]
 
@@ -34,6 +34,19 @@ def set_module(model: nn.Module, qualified_name: str, module: nn.Module) -> None
     setattr(parent, child, module)
 
 
+def matching_linears(model: nn.Module, include: Patterns = "*", exclude: Patterns = ()) -> List[Tuple[str, nn.Linear]]:
+    """(name, layer) for every ``nn.Linear`` whose qualified name matches ``include`` and none of
+    ``exclude`` (fnmatch patterns), in module order: what :func:`replace_linears` replaces."""
+    include_patterns, exclude_patterns = _as_patterns(include), _as_patterns(exclude)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and _matches(name, include_patterns)
+        and not _matches(name, exclude_patterns)
+    ]
+
+
 def replace_linears(
     model: nn.Module,
     family: str,
@@ -53,14 +66,7 @@ def replace_linears(
     ``family_kwargs``.  Returns the replaced names in module order.
     """
     cls = get_family(family)
-    include_patterns, exclude_patterns = _as_patterns(include), _as_patterns(exclude)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and _matches(name, include_patterns)
-        and not _matches(name, exclude_patterns)
-    ]
+    targets = matching_linears(model, include, exclude)
     for name, linear in targets:
         layer_budget = budget(name, linear) if callable(budget) else budget
         if from_dense:

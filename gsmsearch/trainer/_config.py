@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS"]
+__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS"]
 
 MODES = ("scratch", "finetune")
+ALLOCATIONS = ("uniform", "global")
 BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "none")
 
 
@@ -27,6 +28,12 @@ class TrialConfig:
     include: Optional[List[str]] = None  # layer-name patterns to structure; None = the workload's
     exclude: List[str] = field(default_factory=list)
     mode: str = "scratch"  # scratch | finetune (start from the cached dense model)
+    # how `budget` is shared among the structured layers in finetune mode: "uniform" = every layer
+    # at `budget`; "global" = per-layer budgets from the trained weights' singular values, spent
+    # where they remove the most relative error per multiply-add (per-sample total = budget;
+    # gsmsearch.structured.allocate_budgets).  Scratch mode needs "uniform" (GBLR learns its own
+    # allocation there through the global FLOP projection).
+    budget_allocation: str = "uniform"
 
     # GBLR structure learning (ignored by the hand-crafted families)
     lam: float = 0.0  # L1 strength on widths (proximal threshold lam * structure_lr); 0 = the budget alone decides
@@ -62,6 +69,14 @@ class TrialConfig:
         errors = []
         if self.mode not in MODES:
             errors.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.budget_allocation not in ALLOCATIONS:
+            errors.append(
+                f"budget_allocation must be one of {', '.join(ALLOCATIONS)}, got {self.budget_allocation!r}"
+            )
+        elif self.budget_allocation == "global" and self.mode != "finetune":
+            errors.append(
+                "budget_allocation 'global' needs mode finetune (it reads the trained dense weights)"
+            )
         if self.budget_control not in BUDGET_CONTROLS:
             errors.append(
                 f"budget_control must be one of {', '.join(BUDGET_CONTROLS)}, got {self.budget_control!r}"

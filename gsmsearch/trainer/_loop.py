@@ -85,11 +85,17 @@ class TrainingLoop:
     device: str = "cpu"
     checkpoint_path: Optional[Path] = None
     checkpoint_tag: str = ""  # must match to resume (e.g. the trial config digest)
+    # rows each layer processes per sample (qualified name -> count; missing = 1): FLOPs budgets
+    # and relative_flops() count per sample, not per token, where layers see different counts
+    layer_tokens: Optional[Dict[str, float]] = None
     curves: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.model.to(self.device)
         self.layers = gblr_layers(self.model)
+        if isinstance(self.controller, ProjectFlops) and self.controller.weights is None and self.layer_tokens:
+            rows = {id(module): self._rows(name) for name, module in self.model.named_modules()}
+            self.controller.weights = [rows[id(layer)] for layer in self.layers]
         groups = param_groups(
             self.model, lr=self.lr, structure_lr=self.structure_lr, weight_decay=self.weight_decay
         )
@@ -136,15 +142,19 @@ class TrainingLoop:
     def _sigma(self, epoch: float) -> Optional[float]:
         return self.sigma_schedule(epoch) if self.sigma_schedule is not None else None
 
+    def _rows(self, name: str) -> float:
+        return float((self.layer_tokens or {}).get(name, 1.0))
+
     def relative_flops(self) -> float:
-        """FLOPs of the structured layers as a fraction of their dense FLOPs (per token)."""
+        """FLOPs of the structured layers as a fraction of their dense FLOPs (per sample, with
+        ``layer_tokens``; per token without)."""
         from ..structured import StructuredLinear
 
-        flops, dense = 0, 0
-        for module in self.model.modules():
+        flops, dense = 0.0, 0.0
+        for name, module in self.model.named_modules():
             if isinstance(module, StructuredLinear):
-                flops += module.flops()
-                dense += module.dense_flops()
+                flops += self._rows(name) * module.flops()
+                dense += self._rows(name) * module.dense_flops()
         return flops / dense if dense else 1.0
 
     def run(self, on_epoch: Optional[Callable[[EpochReport], Optional[bool]]] = None) -> List[Dict]:

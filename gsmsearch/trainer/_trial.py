@@ -18,8 +18,10 @@ from ..structured import (
     SigmaSchedule,
     StopShrinkingAtTarget,
     StructuredLinear,
+    allocate_budgets,
     export,
     get_family,
+    matching_linears,
     model_cost,
     replace_linears,
     save_structure,
@@ -30,7 +32,7 @@ from ._config import TrialConfig
 from ._dense_cache import cached_dense_state
 from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
 
-__all__ = ["TrialResult", "run_trial", "build_trial_model", "measure_latency"]
+__all__ = ["TrialResult", "run_trial", "build_trial_model", "layer_budgets", "measure_latency"]
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TrialResult:
     dense_flops_per_sample: int
     relative_flops: float  # flops_per_sample / dense_flops_per_sample
     relative_linear_flops: float  # structured + dense linear layers only
-    structured_relative_flops: float  # the structured layers only (what `budget` targets), per token
+    structured_relative_flops: float  # the structured layers only (what `budget` targets), per sample
     params: int  # of the exported (deployed) model
     dense_params: int
     latency_ms: Optional[float]  # exported model, median per batch of latency_batch samples
@@ -143,6 +145,18 @@ def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> 
     return cached_dense_state(workload, seed=seed, recipe=recipe, train=train, cache_dir=cache_dir)
 
 
+def layer_budgets(config: TrialConfig, workload, model: nn.Module) -> Dict[str, float]:
+    """The budget of every layer ``config`` structures in ``model`` (the dense model, trained
+    weights loaded) under ``config.budget_allocation``."""
+    include = config.include if config.include is not None else list(workload.candidate_patterns)
+    targets = matching_linears(model, include, config.exclude)
+    if config.budget_allocation == "uniform":
+        return {name: float(config.budget) for name, _ in targets}
+    tokens = workload.layer_tokens_per_sample(model)
+    return allocate_budgets({name: linear.weight for name, linear in targets}, config.budget,
+                            tokens={name: tokens.get(name, 1.0) for name, _ in targets})
+
+
 def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Module:
     """The workload's model with its candidate layers replaced by ``config.family``.
 
@@ -150,7 +164,8 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
       method's init) and shrink during training; hand-crafted families start as the projection
       of that random dense init onto their structure at ``budget``.
     - finetune: the cached trained dense model; every family starts from ``from_dense`` of the
-      trained weights at ``budget`` (GBLR: ``fit_method``).
+      trained weights at ``budget`` (GBLR: ``fit_method``), every layer at ``budget`` or at its
+      share of it (``budget_allocation: global``, :func:`layer_budgets`).
     """
     seed_everything(config.seed)
     model = workload.build_model()
@@ -162,18 +177,26 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
     get_family(config.family)  # a clear error for an unknown family before any work
     include = config.include if config.include is not None else list(workload.candidate_patterns)
     options = dict(config.family_options)
+    budget = config.budget
+    whole: List[str] = []
+    if config.budget_allocation == "global":
+        shares = layer_budgets(config, workload, model)
+        budget = lambda name, linear: shares[name]  # noqa: E731
+        # a layer given its whole dense cost stays dense (exact; no family fits better there)
+        whole = [name for name, share in shares.items() if share >= 1.0]
+        replace_linears(model, "dense", include=whole)
     if config.family == "gblr":
         if config.mode == "scratch":
             replaced = replace_linears(model, "gblr", include=include, exclude=config.exclude,
                                        from_dense=False, sigma=config.sigma_init, **options)
         else:
             replaced = replace_linears(model, "gblr", include=include, exclude=config.exclude,
-                                       budget=config.budget, method=config.fit_method,
+                                       budget=budget, method=config.fit_method,
                                        seed=config.seed, **options)
     else:
         replaced = replace_linears(model, config.family, include=include, exclude=config.exclude,
-                                   budget=config.budget, **options)
-    if not replaced:
+                                   budget=budget, **options)
+    if not replaced and not whole:
         raise TrialFailed(
             f"no linear layer matched include={include} exclude={config.exclude} in workload "
             f"{workload.name!r}"
@@ -241,6 +264,7 @@ def run_trial(
     resolved = _resolved(config, workload)
     splits = workload.load_data(seed=config.seed)
     model = build_trial_model(config, workload, cache_dir=cache_dir)
+    tokens = workload.layer_tokens_per_sample(model)
     anneal = resolved["anneal"]
     budget = float(config.budget)
 
@@ -256,7 +280,7 @@ def run_trial(
         controller=_controller(config), sigma_schedule=resolved["sigma"],
         budget_schedule=budget_schedule, seed=config.seed, device=config.device,
         checkpoint_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None,
-        checkpoint_tag=config.digest(),
+        checkpoint_tag=config.digest(), layer_tokens=tokens,
     )
     curves = loop.run(on_epoch)
 
@@ -273,7 +297,6 @@ def run_trial(
     if not all(math.isfinite(v) for v in test.values()):
         raise TrialFailed(f"non-finite test metrics: {test}")
 
-    tokens = workload.layer_tokens_per_sample(model)
     extra = getattr(workload, "nonlinear_flops_per_sample", lambda m: 0)
     cost = model_cost(model, tokens=lambda name: tokens.get(name, 1), extra_flops=extra)
     dense_model = workload.build_model()

@@ -1,0 +1,140 @@
+"""Sharing one FLOP budget among many layers (``budget_allocation: global``).
+
+A uniform allocation gives every layer the same fraction of its dense FLOPs.  That is wasteful
+when layers differ: a layer whose weight is nearly low-rank loses little at a small budget, a
+cheap layer (few rows per sample) costs little to keep nearly whole.  ``allocate_budgets`` spends
+the model's budget where it buys the most approximation, with the truncated-SVD error as the
+proxy for what a layer loses at a given cost:
+
+- layer l (out m x in n, t rows per sample) offers rank-1 steps i = 1, 2, ... of cost
+  t (m + n) multiply-adds per sample each, removing the share s_i^2 / sum_j s_j^2 of its weight's
+  energy (s = singular values), as long as they fit in its dense cost t m n; its last step is
+  "stay dense": the rest of the dense cost, removing the rest of the error (share 1 = exact);
+- every layer first gets ``min_components`` steps; the remaining budget goes to the steps with the
+  largest energy removed per multiply-add, across all layers (the optimum of "minimise the sum of
+  the layers' relative errors", since each layer's gains shrink step by step);
+- the layers' fractions are then scaled up together (capped at 1) to spend what rounding left.
+
+Equal layers therefore get equal budgets (the uniform allocation); the per-sample total never
+exceeds ``budget`` times the layers' dense per-sample FLOPs.  Any family can be fitted at these
+budgets; the proxy is exact for low-rank and a guide for the others.  A layer whose share is 1
+is best kept dense (the trainer does so).
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Dict, Mapping, Optional
+
+import torch
+
+__all__ = ["allocate_budgets", "ALLOCATIONS"]
+
+ALLOCATIONS = ("uniform", "global")
+
+
+def _energy_shares(weight: torch.Tensor) -> torch.Tensor:
+    s = torch.linalg.svdvals(weight.detach().to("cpu", torch.float64))
+    energy = s.square()
+    total = float(energy.sum())
+    return energy / total if total > 0 else torch.zeros_like(energy)
+
+
+def allocate_budgets(
+    weights: Mapping[str, torch.Tensor],
+    budget: float,
+    *,
+    tokens: Optional[Mapping[str, float]] = None,
+    min_components: int = 1,
+) -> Dict[str, float]:
+    """Per-layer budgets (fractions of each layer's dense FLOPs, in (0, 1]) whose token-weighted
+    sum is at most ``budget`` of the layers' dense per-sample FLOPs; see the module docstring.
+
+    Args:
+        weights: layer name -> dense weight (out x in).
+        budget: the whole set's target, in (0, 1].
+        tokens: layer name -> rows processed per sample (default 1 for every layer).
+        min_components: rank-1 steps every layer gets before the competition (>= 1: every layer
+            stays alive).  Where the budget cannot afford one step per layer, the allocation is
+            uniform (every layer at ``budget``).
+    """
+    if not weights:
+        return {}
+    budget = float(budget)
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    if int(min_components) < 1:
+        raise ValueError(f"min_components must be >= 1, got {min_components}")
+    tokens = dict(tokens or {})
+    names = list(weights)
+    shape = {name: tuple(weights[name].shape) for name in names}
+    rows = {name: float(tokens.get(name, 1.0)) for name in names}
+    for name in names:
+        if len(shape[name]) != 2 or min(shape[name]) < 1:
+            raise ValueError(f"weight of {name!r} must be a non-empty matrix, got shape {shape[name]}")
+        if not rows[name] > 0:
+            raise ValueError(f"tokens of {name!r} must be positive, got {rows[name]}")
+    dense = {name: rows[name] * shape[name][0] * shape[name][1] for name in names}
+    step = {name: rows[name] * (shape[name][0] + shape[name][1]) for name in names}
+    # the most rank-1 steps a layer may take without exceeding its dense cost (>= 1)
+    max_steps = {name: max(1, int(dense[name] // step[name])) for name in names}
+    total = budget * sum(dense.values())
+
+    steps = {name: 0 for name in names}
+    spent = 0.0
+    floor = min(min_components, min(max_steps.values()))
+    while floor > 0 and floor * sum(step.values()) > total:
+        floor -= 1
+    if floor == 0:
+        return {name: budget for name in names}
+    for name in names:
+        steps[name] = floor
+        spent += floor * step[name]
+
+    shares = {name: _energy_shares(weights[name]) for name in names}
+    dense_steps = {name: max_steps[name] + 1 for name in names}  # the last step: stay dense
+
+    def next_step(name):
+        k = steps[name]
+        if k < max_steps[name] and k < len(shares[name]):
+            return float(shares[name][k]), step[name]
+        if k < dense_steps[name]:  # go dense: the rest of the cost, the rest of the error
+            cost = dense[name] - k * step[name]
+            rest = float(shares[name][k:].sum())
+            return (rest, cost) if cost > 0 else None
+        return None
+
+    # max-heap of the next step of every layer by energy removed per multiply-add
+    heap = []
+
+    def push(order, name):
+        nxt = next_step(name)
+        if nxt is not None:
+            heapq.heappush(heap, (-nxt[0] / nxt[1], order, name, nxt[1]))
+
+    for order, name in enumerate(names):
+        push(order, name)
+    whole = set()
+    while heap:
+        _, order, name, cost = heapq.heappop(heap)
+        if spent + cost > total:
+            continue  # this layer's step does not fit; a cheaper layer's may
+        spent += cost
+        if steps[name] >= max_steps[name] or steps[name] >= len(shares[name]):
+            whole.add(name)
+            continue
+        steps[name] += 1
+        push(order, name)
+
+    fractions = {name: 1.0 if name in whole else steps[name] * step[name] / dense[name]
+                 for name in names}
+    # spend the rounding leftovers: scale every layer up together, never past its dense cost
+    for _ in range(50):
+        used = sum(fractions[name] * dense[name] for name in names)
+        room = [name for name in names if fractions[name] < 1.0]
+        if used >= total * (1 - 1e-9) or not room:
+            break
+        grow = sum(fractions[name] * dense[name] for name in room)
+        scale = 1.0 + (total - used) / grow
+        for name in room:
+            fractions[name] = min(1.0, fractions[name] * scale)
+    return fractions
