@@ -11,9 +11,9 @@ proxy for what a layer loses at a given cost:
   energy (s = singular values), as long as they fit in its dense cost t m n; its last step is
   "stay dense": the rest of the dense cost, removing the rest of the error (share 1 = exact);
 - every layer first gets ``min_components`` steps; the remaining budget goes to the steps with the
-  largest energy removed per multiply-add, across all layers (the optimum of "minimise the sum of
-  the layers' relative errors", since each layer's gains shrink step by step);
-- the layers' fractions are then scaled up together (capped at 1) to spend what rounding left.
+  largest energy removed per multiply-add, across all layers, each layer's in order (the optimum
+  of "minimise the sum of the layers' relative errors" where each layer's gains shrink step by
+  step); the last step that does not fit whole is taken in part, so the budget is met exactly.
 
 Equal layers therefore get equal budgets (the uniform allocation); the per-sample total never
 exceeds ``budget`` times the layers' dense per-sample FLOPs.  Any family can be fitted at these
@@ -103,7 +103,11 @@ def allocate_budgets(
             return (rest, cost) if cost > 0 else None
         return None
 
-    # max-heap of the next step of every layer by energy removed per multiply-add
+    # Water-filling: take the steps with the most energy removed per multiply-add first, each
+    # layer's in its own order; the first step group that does not fit whole is taken in part
+    # (tied steps share what is left in proportion to their cost) and the filling stops.  Equal
+    # layers thus get equal budgets, and the total is met exactly.
+    spend = {name: floor * step[name] for name in names}
     heap = []
 
     def push(order, name):
@@ -113,28 +117,21 @@ def allocate_budgets(
 
     for order, name in enumerate(names):
         push(order, name)
-    whole = set()
-    while heap:
-        _, order, name, cost = heapq.heappop(heap)
+    while heap and spent < total:
+        top = heap[0][0]
+        group = []
+        while heap and heap[0][0] <= top + 1e-9 * abs(top):
+            group.append(heapq.heappop(heap))
+        cost = sum(entry[3] for entry in group)
         if spent + cost > total:
-            continue  # this layer's step does not fit; a cheaper layer's may
-        spent += cost
-        if steps[name] >= max_steps[name] or steps[name] >= len(shares[name]):
-            whole.add(name)
-            continue
-        steps[name] += 1
-        push(order, name)
-
-    fractions = {name: 1.0 if name in whole else steps[name] * step[name] / dense[name]
-                 for name in names}
-    # spend the rounding leftovers: scale every layer up together, never past its dense cost
-    for _ in range(50):
-        used = sum(fractions[name] * dense[name] for name in names)
-        room = [name for name in names if fractions[name] < 1.0]
-        if used >= total * (1 - 1e-9) or not room:
+            part = (total - spent) / cost
+            for _, _, name, step_cost in group:
+                spend[name] += part * step_cost
+            spent = total
             break
-        grow = sum(fractions[name] * dense[name] for name in room)
-        scale = 1.0 + (total - used) / grow
-        for name in room:
-            fractions[name] = min(1.0, fractions[name] * scale)
-    return fractions
+        spent += cost
+        for _, order, name, step_cost in group:
+            spend[name] += step_cost
+            steps[name] += 1
+            push(order, name)
+    return {name: min(1.0, spend[name] / dense[name]) for name in names}

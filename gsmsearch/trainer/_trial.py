@@ -183,7 +183,7 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
         shares = layer_budgets(config, workload, model)
         budget = lambda name, linear: shares[name]  # noqa: E731
         # a layer given its whole dense cost stays dense (exact; no family fits better there)
-        whole = [name for name, share in shares.items() if share >= 1.0]
+        whole = [name for name, share in shares.items() if share >= 1.0 - 1e-9]
         replace_linears(model, "dense", include=whole)
     if config.family == "gblr":
         if config.mode == "scratch":
