@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--structure-lr", type=float, default=None,
                    help="widths/locations learning rate (default: 5e-3 in scratch mode, 0 in finetune mode)")
     p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="finetune: weight of distillation from the dense model in the loss, in [0, 1]")
+    p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each epoch here; resume if present")
@@ -67,7 +70,8 @@ def run(args) -> int:
     config = TrialConfig(
         workload=args.workload, workload_options=args.workload_options, family=args.family,
         family_options=args.family_options, budget=args.budget, mode=args.mode,
-        budget_allocation=args.budget_allocation,
+        budget_allocation=args.budget_allocation, distill=args.distill,
+        distill_temperature=args.distill_temperature,
         include=args.include, exclude=args.exclude, lam=args.lam,
         budget_control=args.budget_control, target_mean_width=args.target_mean_width,
         sigma_init=args.sigma_init, sigma_final=args.sigma_final, epochs=args.epochs,

@@ -40,7 +40,7 @@ METRICS = {
 FAMILY_KNOBS = (
     "budget", "lam", "structure_lr", "sigma_init", "sigma_final", "sigma_start_epoch",
     "sigma_end_epoch", "budget_control", "target_mean_width", "budget_anneal_epochs",
-    "fit_method", "budget_allocation", "lr", "weight_decay",
+    "fit_method", "budget_allocation", "distill", "distill_temperature", "lr", "weight_decay",
 )
 
 
@@ -97,6 +97,8 @@ class FamilySpace(_Strict):
     budget_anneal_epochs: Optional[Param] = None
     fit_method: Optional[Param] = None
     budget_allocation: Optional[Param] = None
+    distill: Optional[Param] = None
+    distill_temperature: Optional[Param] = None
     lr: Optional[Param] = None
     weight_decay: Optional[Param] = None
     options: Dict[str, Param] = Field(default_factory=dict)  # constructor options of the family

@@ -6,10 +6,10 @@
 """
 from ._config import BUDGET_CONTROLS, MODES, TrialConfig
 from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
-from ._trial import TrialResult, build_trial_model, dense_state, measure_latency, run_trial
+from ._trial import TrialResult, build_trial_model, dense_state, layer_budgets, measure_latency, run_trial
 
 __all__ = [
     "BUDGET_CONTROLS", "MODES", "TrialConfig", "EpochReport", "TrainingLoop", "TrialFailed",
-    "seed_everything", "TrialResult", "build_trial_model", "dense_state", "measure_latency",
+    "seed_everything", "TrialResult", "build_trial_model", "dense_state", "layer_budgets", "measure_latency",
     "run_trial",
 ]

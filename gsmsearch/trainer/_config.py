@@ -58,6 +58,11 @@ class TrialConfig:
     # bench/results/workloads*.md)
     structure_lr: Optional[float] = None
     weight_decay: Optional[float] = None
+    # finetune mode: weight of distillation from the cached dense model (the teacher) in the
+    # training loss: (1 - distill) * task loss + distill * the workload's distillation loss (KL of
+    # softened logits); 0 = the task loss alone
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     seed: int = 0
     device: str = "cpu"
 
@@ -77,6 +82,12 @@ class TrialConfig:
             errors.append(
                 "budget_allocation 'global' needs mode finetune (it reads the trained dense weights)"
             )
+        if not 0.0 <= float(self.distill) <= 1.0:
+            errors.append(f"distill must be in [0, 1], got {self.distill!r}")
+        elif float(self.distill) > 0 and self.mode != "finetune":
+            errors.append("distill needs mode finetune (the teacher is the cached dense model)")
+        if not float(self.distill_temperature) > 0:
+            errors.append(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
         if self.budget_control not in BUDGET_CONTROLS:
             errors.append(
                 f"budget_control must be one of {', '.join(BUDGET_CONTROLS)}, got {self.budget_control!r}"

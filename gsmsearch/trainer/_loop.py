@@ -88,11 +88,18 @@ class TrainingLoop:
     # rows each layer processes per sample (qualified name -> count; missing = 1): FLOPs budgets
     # and relative_flops() count per sample, not per token, where layers see different counts
     layer_tokens: Optional[Dict[str, float]] = None
+    # distillation: loss = (1 - distill) * task loss + distill * workload.distillation_loss
+    # against ``teacher``'s output on the same batch (a frozen model, not checkpointed)
+    teacher: Optional[nn.Module] = None
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     curves: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.model.to(self.device)
         self.layers = gblr_layers(self.model)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval().requires_grad_(False)
         if isinstance(self.controller, ProjectFlops) and self.controller.weights is None and self.layer_tokens:
             rows = {id(module): self._rows(name) for name, module in self.model.named_modules()}
             self.controller.weights = [rows[id(layer)] for layer in self.layers]
@@ -178,6 +185,11 @@ class TrainingLoop:
                 batch = move_to_device(batch, self.device)
                 output = self.workload.forward(self.model, batch)
                 loss = self.workload.loss(output, batch)
+                if self.teacher is not None and self.distill > 0:
+                    with torch.no_grad():
+                        target = self.workload.forward(self.teacher, batch)
+                    soft = self.workload.distillation_loss(output, target, batch, self.distill_temperature)
+                    loss = (1.0 - self.distill) * loss + self.distill * soft
                 if not torch.isfinite(loss):
                     raise TrialFailed(
                         f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, step {step + 1}; "

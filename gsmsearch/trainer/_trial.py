@@ -102,8 +102,16 @@ def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
     }
 
 
-def _resolved_record(config: TrialConfig, resolved: Dict[str, Any]) -> Dict[str, Any]:
+def _resolved_record(config: TrialConfig, resolved: Dict[str, Any],
+                     shares: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     record = {key: resolved[key] for key in ("batch_size", "lr", "weight_decay")}
+    record["distill"] = float(config.distill)
+    if config.distill > 0:
+        record["distill_temperature"] = float(config.distill_temperature)
+    if config.family != "dense":
+        record["budget_allocation"] = config.budget_allocation
+        if shares is not None:
+            record["layer_budgets"] = {name: float(share) for name, share in shares.items()}
     if config.family == "gblr":
         sigma = resolved["sigma"]
         record.update({
@@ -167,18 +175,24 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
       trained weights at ``budget`` (GBLR: ``fit_method``), every layer at ``budget`` or at its
       share of it (``budget_allocation: global``, :func:`layer_budgets`).
     """
+    return _build_trial_model(config, workload, cache_dir=cache_dir)[0]
+
+
+def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None):
+    """(model, per-layer budgets or None) -- see :func:`build_trial_model`."""
     seed_everything(config.seed)
     model = workload.build_model()
     if config.mode == "finetune":
         model.load_state_dict(dense_state(workload, seed=config.seed, device=config.device,
                                           cache_dir=cache_dir))
     if config.family == "dense":
-        return model
+        return model, None
     get_family(config.family)  # a clear error for an unknown family before any work
     include = config.include if config.include is not None else list(workload.candidate_patterns)
     options = dict(config.family_options)
     budget = config.budget
     whole: List[str] = []
+    shares = None
     if config.budget_allocation == "global":
         shares = layer_budgets(config, workload, model)
         budget = lambda name, linear: shares[name]  # noqa: E731
@@ -201,7 +215,23 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
             f"no linear layer matched include={include} exclude={config.exclude} in workload "
             f"{workload.name!r}"
         )
-    return model
+    return model, shares
+
+
+def _teacher(config: TrialConfig, workload, cache_dir) -> nn.Module:
+    """The frozen dense model the fine-tuned model distills from (the cached fine-tune start)."""
+    teacher = workload.build_model()
+    teacher.load_state_dict(dense_state(workload, seed=config.seed, device=config.device,
+                                        cache_dir=cache_dir))
+    teacher.eval().requires_grad_(False)
+    batch = workload.example_batch(2, seed=config.seed)
+    try:
+        with torch.no_grad():
+            out = workload.forward(teacher, batch)
+            workload.distillation_loss(out, out, batch, config.distill_temperature)
+    except NotImplementedError as error:
+        raise TrialFailed(f"distill={config.distill} is not available on {workload.name!r}: {error}") from None
+    return teacher
 
 
 def _controller(config: TrialConfig):
@@ -263,7 +293,8 @@ def run_trial(
     workload = get_workload(config.workload, **config.workload_options)
     resolved = _resolved(config, workload)
     splits = workload.load_data(seed=config.seed)
-    model = build_trial_model(config, workload, cache_dir=cache_dir)
+    teacher = _teacher(config, workload, cache_dir) if config.distill > 0 else None
+    model, shares = _build_trial_model(config, workload, cache_dir=cache_dir)
     tokens = workload.layer_tokens_per_sample(model)
     anneal = resolved["anneal"]
     budget = float(config.budget)
@@ -281,6 +312,7 @@ def run_trial(
         budget_schedule=budget_schedule, seed=config.seed, device=config.device,
         checkpoint_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None,
         checkpoint_tag=config.digest(), layer_tokens=tokens,
+        teacher=teacher, distill=float(config.distill), distill_temperature=float(config.distill_temperature),
     )
     curves = loop.run(on_epoch)
 
@@ -330,5 +362,5 @@ def run_trial(
         epochs_run=len(curves),
         layers=layers,
         curves=curves,
-        resolved=_resolved_record(config, resolved),
+        resolved=_resolved_record(config, resolved, shares),
     )

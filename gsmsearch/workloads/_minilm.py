@@ -213,6 +213,12 @@ class MiniLMCompress(Workload):
             return nn.functional.mse_loss(model_output, teacher) * teacher.shape[-1]
         return (1.0 - nn.functional.cosine_similarity(model_output, teacher, dim=-1)).mean()
 
+    def distillation_loss(self, model_output, teacher_output, batch, temperature):
+        raise NotImplementedError(
+            "minilm-compress already trains by distillation against the dense encoder (its loss); "
+            "leave distill at 0"
+        )
+
     # -- metrics --------------------------------------------------------------------------
     def evaluate(self, model, split, *, batch_size=None, device=None, collate_fn=None):
         if not isinstance(split, SentenceDataset):

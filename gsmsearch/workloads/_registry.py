@@ -140,6 +140,18 @@ class Workload(abc.ABC):
         """The scalar training loss."""
         return nn.functional.cross_entropy(model_output, batch[1])
 
+    def distillation_loss(self, model_output: torch.Tensor, teacher_output: torch.Tensor,
+                          batch: Any, temperature: float) -> torch.Tensor:
+        """How far ``model_output`` is from the dense teacher's output on the same batch (the
+        fine-tune mode's ``distill`` term): for logits over the last axis, the KL divergence of
+        the student's from the teacher's softened distribution, times temperature^2 (Hinton et
+        al. 2015), averaged over every prediction (sample, or token of a sequence)."""
+        t = float(temperature)
+        classes = model_output.shape[-1]
+        student = nn.functional.log_softmax(model_output.reshape(-1, classes) / t, dim=-1)
+        teacher = nn.functional.log_softmax(teacher_output.reshape(-1, classes).detach() / t, dim=-1)
+        return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
     # -- metrics --------------------------------------------------------------------------
     @abc.abstractmethod
     def evaluate(

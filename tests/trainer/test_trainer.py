@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from gsmsearch.structured import GBLRLinear, StructuredLinear
-from gsmsearch.trainer import TrialConfig, TrialFailed, build_trial_model, run_trial
+from gsmsearch.structured import DenseLinear, GBLRLinear, ProjectFlops, StructuredLinear
+from gsmsearch.trainer import TrialConfig, TrialFailed, build_trial_model, dense_state, layer_budgets, run_trial
 from gsmsearch.trainer._dense_cache import cached_dense_state
 from gsmsearch.workloads import get_workload
 
@@ -126,6 +126,94 @@ def test_structure_learning_defaults_by_mode(tmp_path, mode, structure_lr, moves
     assert changed == moves
 
 
+@pytest.mark.parametrize("family", ["gblr", "lowrank"])
+def test_global_allocation_shares_the_budget_by_the_dense_spectra(tmp_path, family):
+    workload = get_workload("digits-mlp", **TINY)
+    dense = workload.build_model()
+    dense.load_state_dict(cached_dense_state_for(workload, tmp_path))
+    uniform = layer_budgets(tiny(family=family, budget=0.3, mode="finetune"), workload, dense)
+    assert uniform == {"layers.0": 0.3, "layers.1": 0.3}
+    cfg = tiny(family=family, budget=0.3, mode="finetune", epochs=1, budget_allocation="global")
+    shares = layer_budgets(cfg, workload, dense)
+    assert shares["layers.0"] != shares["layers.1"]  # the 64 -> 32 and 32 -> 32 layers differ
+    dense_flops = {"layers.0": 64 * 32, "layers.1": 32 * 32}
+    spent = sum(shares[k] * dense_flops[k] for k in shares) / sum(dense_flops.values())
+    assert spent == pytest.approx(0.3, rel=1e-6)
+    result = run_trial(cfg, cache_dir=tmp_path)
+    for name, share in shares.items():  # each layer was fit at its own share
+        assert result.layers[name]["flops"] <= share * dense_flops[name] + 1e-9
+    assert result.structured_relative_flops <= 0.3 + 1e-9
+    assert result.structured_relative_flops > 0.2
+    assert result.resolved["budget_allocation"] == "global"
+    assert result.resolved["layer_budgets"] == pytest.approx(shares)
+
+
+def test_global_allocation_keeps_a_layer_given_its_whole_cost_dense(tmp_path):
+    workload = get_workload("digits-mlp", **TINY)
+    cfg = tiny(family="gblr", budget=0.9, mode="finetune", budget_allocation="global")
+    dense = workload.build_model()
+    dense.load_state_dict(cached_dense_state_for(workload, tmp_path))
+    shares = layer_budgets(cfg, workload, dense)
+    whole = [name for name, share in shares.items() if share >= 1.0]
+    assert whole  # at 0.9 the cheaper 32 x 32 layer is cheaper to keep exact
+    model = build_trial_model(cfg, workload, cache_dir=tmp_path)
+    for name in whole:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, DenseLinear)
+        assert torch.equal(layer.weight, dense.get_submodule(name).weight)
+    assert any(isinstance(model.get_submodule(n), GBLRLinear) for n in shares if n not in whole)
+
+
+def test_distillation_loss_is_the_softened_kl_for_samples_and_tokens():
+    workload = get_workload("digits-mlp", **TINY)
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    assert workload.distillation_loss(teacher, teacher, None, 2.0) == pytest.approx(0.0, abs=1e-6)
+    t = 3.0
+    p = torch.softmax(teacher / t, -1)
+    expected = (p * (p.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    assert workload.distillation_loss(student, teacher, None, t) == pytest.approx(float(expected), rel=1e-5)
+    # sequences (B, T, vocab): averaged over every token
+    seq_s, seq_t = student.view(2, 4, 10), teacher.view(2, 4, 10)
+    assert workload.distillation_loss(seq_s, seq_t, None, t) == pytest.approx(float(expected), rel=1e-5)
+    # the gradient reaches the student only
+    s = student.clone().requires_grad_()
+    tt = teacher.clone().requires_grad_()
+    workload.distillation_loss(s, tt, None, t).backward()
+    assert s.grad.abs().sum() > 0 and tt.grad is None
+
+
+def test_distill_trains_against_the_dense_teacher(tmp_path):
+    plain = run_trial(tiny(family="lowrank", budget=0.3, mode="finetune", epochs=2), cache_dir=tmp_path)
+    taught = run_trial(tiny(family="lowrank", budget=0.3, mode="finetune", epochs=2, distill=1.0,
+                            distill_temperature=1.0), cache_dir=tmp_path)
+    assert taught.resolved["distill"] == 1.0 and plain.resolved["distill"] == 0.0
+    assert taught.curves[0]["train_loss"] != plain.curves[0]["train_loss"]
+    # with distill = 1 the loss is the KL to the teacher alone: the student starts close to the
+    # teacher (a from_dense fit), so it is far below the cross-entropy against the labels
+    assert taught.curves[0]["train_loss"] < plain.curves[0]["train_loss"]
+    assert taught.quality > 0.5
+
+
+def test_project_flops_counts_layers_by_their_rows_per_sample():
+    torch.manual_seed(0)
+    a, b = GBLRLinear(32, 32, num_components=32), GBLRLinear(32, 32, num_components=32)
+    controller = ProjectFlops(0.3, weights=[1.0, 9.0])
+    with torch.no_grad():
+        a.widths.fill_(0.2)
+        b.widths.fill_(0.6)
+    controller.step([a, b], lam=0.0, lr_width=0.0)
+    weighted = (a.flops() + 9 * b.flops()) / (10 * 32 * 32)
+    assert weighted <= 0.3 + 1e-9 and weighted > 0.25  # held per sample, not per token
+    assert (a.flops() + b.flops()) / (2 * 32 * 32) != pytest.approx(weighted, abs=0.02)
+    with pytest.raises(ValueError, match="1 weights for 2 layers"):
+        ProjectFlops(0.3, weights=[1.0]).step([a, b], lam=0.0, lr_width=0.0)
+
+
+def cached_dense_state_for(workload, cache_dir):
+    return dense_state(workload, seed=0, cache_dir=cache_dir)
+
+
 def _train_counting(path, key, result_queue):
     from gsmsearch.trainer._dense_cache import cached_dense_state as cache
     from gsmsearch.workloads import get_workload as gw
@@ -167,6 +255,16 @@ def test_bad_config_values_are_named():
         TrialConfig(budget_control="stop-shrinking")
     with pytest.raises(ValueError, match="unknown trial config key 'epoch'"):
         TrialConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="budget_allocation must be one of uniform, global"):
+        TrialConfig(budget_allocation="greedy")
+    with pytest.raises(ValueError, match="budget_allocation 'global' needs mode finetune"):
+        TrialConfig(budget_allocation="global", mode="scratch")
+    with pytest.raises(ValueError, match=r"distill must be in \[0, 1\]"):
+        TrialConfig(distill=1.5, mode="finetune")
+    with pytest.raises(ValueError, match="distill needs mode finetune"):
+        TrialConfig(distill=0.5)
+    with pytest.raises(ValueError, match="distill_temperature must be > 0"):
+        TrialConfig(distill_temperature=0.0)
 
 
 def test_cli_train_json(tmp_path):

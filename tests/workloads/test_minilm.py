@@ -85,3 +85,12 @@ def test_invalid_options_raise():
         get_workload("minilm-compress", max_seq_length=4096)
     with pytest.raises(ValueError, match="lacks config.json"):
         get_workload("minilm-compress", model_dir="/nonexistent")
+
+
+def test_distill_option_is_refused_with_a_reason(tmp_path):
+    from gsmsearch.trainer import TrialConfig, TrialFailed, run_trial
+
+    cfg = TrialConfig(workload="minilm-compress", workload_options={"max_sentences": 20, "max_seq_length": 32},
+                      family="lowrank", mode="finetune", distill=0.5, epochs=1, measure_latency=False)
+    with pytest.raises(TrialFailed, match="already trains by distillation"):
+        run_trial(cfg, cache_dir=tmp_path)
