@@ -8,12 +8,12 @@ Families are arms of one study: the driver picks the family with the fewest tria
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from ..trainer import TrialConfig
 from ._spec import Choices, Range, StudySpec
 
-__all__ = ["suggest", "trial_config", "space_size"]
+__all__ = ["suggest", "trial_config", "space_size", "config_errors"]
 
 
 def suggest(trial, name: str, param) -> Any:
@@ -46,12 +46,19 @@ def trial_config(spec: StudySpec, trial, *, device: str = "cpu") -> TrialConfig:
     options = {name: suggest(trial, f"{family}.options.{name}", p) for name, p in space.options.items()}
     seeds = spec.workload.seeds
     seed = seeds[0] if len(seeds) == 1 else trial.suggest_categorical("seed", list(seeds))
+    config = _workload_config(spec, family, seed, device)
+    config["family_options"] = options
+    config.update(knobs)  # a family may override lr / weight_decay
+    return TrialConfig(**config)
+
+
+def _workload_config(spec: StudySpec, family: str, seed: int, device: str) -> Dict[str, Any]:
     workload = spec.workload
-    config = dict(
+    return dict(
         workload=workload.name,
         workload_options=dict(workload.options),
         family=family,
-        family_options=options,
+        family_options={},
         include=workload.include,
         exclude=list(workload.exclude),
         mode=workload.mode,
@@ -62,8 +69,38 @@ def trial_config(spec: StudySpec, trial, *, device: str = "cpu") -> TrialConfig:
         seed=seed,
         device=device,
     )
-    config.update(knobs)  # a family may override lr / weight_decay
-    return TrialConfig(**config)
+
+
+def _values(param) -> list:
+    if isinstance(param, Choices):
+        return list(param.choices)
+    if isinstance(param, Range):
+        return [int(param.low), int(param.high)] if param.int else [param.low, param.high]
+    return [param]
+
+
+def config_errors(spec: StudySpec) -> List[str]:
+    """``families.<family>.<knob>: <what is wrong>`` for every knob value the trainer would
+    refuse (an unknown budget_control, distill outside [0, 1] or in scratch mode, ...), so a
+    study fails before it starts, not at the trial that samples the value.  Each knob's values
+    are tried with the other knobs at their first value; ranges at both ends."""
+    errors: List[str] = []
+    seen = set()
+    for family, space in spec.families.items():
+        knobs = {knob: _values(getattr(space, knob)) for knob in type(space).model_fields
+                 if knob != "options" and getattr(space, knob) is not None}
+        base = _workload_config(spec, family, spec.workload.seeds[0], "cpu")
+        base.update({knob: values[0] for knob, values in knobs.items()})
+        for knob, values in knobs.items():
+            for value in values:
+                try:
+                    TrialConfig(**{**base, knob: value})
+                except (ValueError, TypeError) as error:
+                    if str(error) not in seen:  # a bad first value fails every knob's tries
+                        seen.add(str(error))
+                        errors.append(f"families.{family}.{knob}: {error}")
+                    break
+    return errors
 
 
 def space_size(spec: StudySpec, family: str):

@@ -342,9 +342,15 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: (top level): expected a mapping of keys, got {type(data).__name__}")
     try:
-        return StudySpec.model_validate(data)
+        spec = StudySpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(_format_errors(source, error)) from None
+    from ._space import config_errors  # the trainer's own checks of every knob value
+
+    errors = config_errors(spec)
+    if errors:
+        raise SpecError("\n".join(f"{source}: {line}" for line in errors))
+    return spec
 
 
 def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Optional[str]:
