@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--distill", type=float, default=0.0,
                    help="finetune: weight of distillation from the dense model in the loss, in [0, 1]")
-    p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument("--distill-temperature", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each epoch here; resume if present")

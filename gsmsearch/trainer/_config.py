@@ -62,7 +62,7 @@ class TrialConfig:
     # training loss: (1 - distill) * task loss + distill * the workload's distillation loss (KL of
     # softened logits); 0 = the task loss alone
     distill: float = 0.0
-    distill_temperature: float = 2.0
+    distill_temperature: float = 4.0
     seed: int = 0
     device: str = "cpu"
 

@@ -92,7 +92,7 @@ class TrainingLoop:
     # against ``teacher``'s output on the same batch (a frozen model, not checkpointed)
     teacher: Optional[nn.Module] = None
     distill: float = 0.0
-    distill_temperature: float = 2.0
+    distill_temperature: float = 4.0
     curves: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
