@@ -105,3 +105,12 @@ def test_space_size_counts_distinct_configurations():
     assert space_size(spec, "gblr") is None  # a range: unbounded
     assert space_size(spec, "lowrank") == 3 * 2 * 2
     assert space_size(spec, "dense") == 3
+
+
+EXAMPLES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_studies_are_valid(path):
+    spec = load_spec(path)  # the same checks as `gsmsearch launch`, knob values included
+    assert spec.families and spec.trials >= 1
