@@ -454,7 +454,16 @@ class ExportedGBLR(nn.Module):
         """Runs the plan on chunks of :attr:`token_chunk` tokens, each written into its rows of
         the output: the intermediate t of a chunk stays in cache between the stages and the
         in-place accumulations (measured: 1.3x faster than whole-batch stages for the tiled plan
-        on 4096 tokens, bench/RESULTS.md)."""
+        on 4096 tokens, bench/RESULTS.md).
+
+        The plan's in-place GEMMs cannot be differentiated; an input that requires grad (an
+        exported layer inside a model whose other layers train, a saliency map) goes through
+        the plan's dense matrix instead: the same function, differentiable in ``x`` (the
+        exported factors are frozen)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            with torch.no_grad():
+                weight = self.to_dense()
+            return nn.functional.linear(x, weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (T, in)
         tokens = x2.shape[0]

@@ -171,6 +171,12 @@ def test_export_is_exact_and_counts_the_same_flops(plan):
             assert executed >= layer.flops()
         # the export computes no masks and holds no structural parameters
         assert not any(p.requires_grad for p in exported.parameters())
+        # ... and is differentiable in its input (same gradient as the trained layer)
+        xg = x.clone().requires_grad_()
+        exported(xg).square().sum().backward()
+        xr = x.clone().requires_grad_()
+        layer(xr).square().sum().backward()
+        assert torch.allclose(xg.grad, xr.grad, rtol=1e-4, atol=1e-4 * xr.grad.abs().max())
 
 
 def test_export_drops_dead_components_and_merges_lowrank():
