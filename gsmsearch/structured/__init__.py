@@ -22,6 +22,7 @@ from ._blocksparse import BlockSparseLinear
 from ._blocklowrank import BlockLowRankLinear
 from ._blast import BlastLinear
 from ._allocation import ALLOCATIONS, allocate_budgets
+from ._common import BudgetTooSmall
 from ._proximal import (
     BudgetController,
     ProjectFlops,
@@ -45,5 +46,5 @@ __all__ = [
     "BlockDiagonalLinear", "MonarchLinear", "BlockSparseLinear", "BlockLowRankLinear", "BlastLinear", "BudgetController", "ProjectFlops",
     "ProjectMeanWidth", "SigmaSchedule", "StopShrinkingAtTarget", "gblr_layers", "mean_width",
     "param_groups", "proximal_step", "set_sigma", "ModelCost", "linear_layers", "model_cost",
-    "replace_linears", "matching_linears", "set_module", "ALLOCATIONS", "allocate_budgets", "ExportedGBLR", "export", "load_structure", "save_structure",
+    "replace_linears", "matching_linears", "set_module", "ALLOCATIONS", "allocate_budgets", "BudgetTooSmall", "ExportedGBLR", "export", "load_structure", "save_structure",
 ]

@@ -23,6 +23,7 @@ is best kept dense (the trainer does so).
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -45,6 +46,7 @@ def allocate_budgets(
     *,
     tokens: Optional[Mapping[str, float]] = None,
     min_components: int = 1,
+    min_fractions: Optional[Mapping[str, float]] = None,
 ) -> Dict[str, float]:
     """Per-layer budgets (fractions of each layer's dense FLOPs, in (0, 1]) whose token-weighted
     sum is at most ``budget`` of the layers' dense per-sample FLOPs; see the module docstring.
@@ -54,8 +56,12 @@ def allocate_budgets(
         budget: the whole set's target, in (0, 1].
         tokens: layer name -> rows processed per sample (default 1 for every layer).
         min_components: rank-1 steps every layer gets before the competition (>= 1: every layer
-            stays alive).  Where the budget cannot afford one step per layer, the allocation is
-            uniform (every layer at ``budget``).
+            stays alive).
+        min_fractions: layer name -> the least fraction of its dense cost it may get (a family's
+            cheapest configuration, e.g. Monarch's); a layer starts there when that is above its
+            ``min_components`` steps.
+    Where the budget cannot afford every layer's minimum, the allocation is uniform (every layer
+    at ``budget``).
     """
     if not weights:
         return {}
@@ -79,16 +85,15 @@ def allocate_budgets(
     max_steps = {name: max(1, int(dense[name] // step[name])) for name in names}
     total = budget * sum(dense.values())
 
-    steps = {name: 0 for name in names}
-    spent = 0.0
-    floor = min(min_components, min(max_steps.values()))
-    while floor > 0 and floor * sum(step.values()) > total:
-        floor -= 1
-    if floor == 0:
+    least = {name: min(1.0, max(0.0, float((min_fractions or {}).get(name, 0.0)))) for name in names}
+    floor = min(int(min_components), min(max_steps.values()))
+    # each layer's starting spend: its min_components steps or its family's minimum, if larger
+    start = {name: max(floor * step[name], least[name] * dense[name]) for name in names}
+    if sum(start.values()) > total * (1 + 1e-9):
         return {name: budget for name in names}
-    for name in names:
-        steps[name] = floor
-        spent += floor * step[name]
+    # the steps a start covers (a partial step counts as taken: the next is the next direction)
+    steps = {name: min(max_steps[name], math.ceil(start[name] / step[name] - 1e-9)) for name in names}
+    spent = sum(start.values())
 
     shares = {name: _energy_shares(weights[name]) for name in names}
     dense_steps = {name: max_steps[name] + 1 for name in names}  # the last step: stay dense
@@ -98,7 +103,7 @@ def allocate_budgets(
         if k < max_steps[name] and k < len(shares[name]):
             return float(shares[name][k]), step[name]
         if k < dense_steps[name]:  # go dense: the rest of the cost, the rest of the error
-            cost = dense[name] - k * step[name]
+            cost = dense[name] - spend[name]
             rest = float(shares[name][k:].sum())
             return (rest, cost) if cost > 0 else None
         return None
@@ -107,7 +112,7 @@ def allocate_budgets(
     # layer's in its own order; the first step group that does not fit whole is taken in part
     # (tied steps share what is left in proportion to their cost) and the filling stops.  Equal
     # layers thus get equal budgets, and the total is met exactly.
-    spend = {name: floor * step[name] for name in names}
+    spend = dict(start)
     heap = []
 
     def push(order, name):

@@ -39,13 +39,23 @@ def fits(flops: int, budget: float, in_features: int, out_features: int) -> bool
     return flops <= budget * in_features * out_features * (1 + 1e-9)
 
 
+class BudgetTooSmall(ValueError):
+    """``from_dense`` of a family at a budget below its cheapest configuration;
+    ``cheapest_fraction`` is that configuration's cost as a fraction of dense."""
+
+    def __init__(self, message: str, cheapest_fraction: float) -> None:
+        super().__init__(message)
+        self.cheapest_fraction = float(cheapest_fraction)
+
+
 def no_fit_error(family: str, budget: float, in_features: int, out_features: int, cheapest: int,
-                 what: str) -> ValueError:
+                 what: str) -> BudgetTooSmall:
     """The error ``from_dense`` raises when no configuration of a family fits ``budget``."""
     frac = cheapest / (in_features * out_features)
-    return ValueError(
+    return BudgetTooSmall(
         f"budget={budget} is too small for a {family} layer of {in_features} -> {out_features}: "
-        f"the cheapest {what} costs {cheapest} multiply-adds per token ({frac:.4f} of dense)"
+        f"the cheapest {what} costs {cheapest} multiply-adds per token ({frac:.4f} of dense)",
+        frac,
     )
 
 

@@ -17,6 +17,7 @@ from ..structured import (
     ProjectMeanWidth,
     SigmaSchedule,
     StopShrinkingAtTarget,
+    BudgetTooSmall,
     StructuredLinear,
     allocate_budgets,
     export,
@@ -161,8 +162,30 @@ def layer_budgets(config: TrialConfig, workload, model: nn.Module) -> Dict[str, 
     if config.budget_allocation == "uniform":
         return {name: float(config.budget) for name, _ in targets}
     tokens = workload.layer_tokens_per_sample(model)
+    least = {}
+    for name, linear in targets:
+        shape = (linear.out_features, linear.in_features)
+        if shape not in least:
+            least[shape] = family_min_budget(config.family, *shape, **config.family_options)
     return allocate_budgets({name: linear.weight for name, linear in targets}, config.budget,
-                            tokens={name: tokens.get(name, 1.0) for name, _ in targets})
+                            tokens={name: tokens.get(name, 1.0) for name, _ in targets},
+                            min_fractions={name: least[(linear.out_features, linear.in_features)]
+                                           for name, linear in targets})
+
+
+def family_min_budget(family: str, out_features: int, in_features: int, **options) -> float:
+    """The cheapest budget ``family.from_dense`` accepts for an (out x in) layer (0 if any):
+    asked of the family itself, with a zero weight and a vanishing budget."""
+    if family == "gblr":
+        return 0.0  # any budget: fewer or shorter components
+    if family == "dense":
+        return 1.0
+    try:
+        get_family(family).from_dense(torch.zeros(out_features, in_features), None, budget=1e-9,
+                                      **options)
+    except BudgetTooSmall as error:
+        return error.cheapest_fraction
+    return 0.0
 
 
 def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Module:

@@ -74,3 +74,16 @@ def test_too_small_a_budget_for_one_step_per_layer_falls_back_to_uniform():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         allocate_budgets({"a": torch.randn(8, 8)}, **kwargs)
+
+
+def test_family_minimums_are_respected_and_the_total_still_holds():
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": _rank(64, 64, 1, 1) + 1e-3 * torch.randn(64, 64, generator=g),
+               "b": torch.randn(64, 64, generator=g)}
+    free = allocate_budgets(weights, 0.3)
+    assert free["a"] < 0.1  # nearly rank-1: one step or so
+    bound = allocate_budgets(weights, 0.3, min_fractions={"a": 0.15})
+    assert bound["a"] >= 0.15 - 1e-12
+    assert _spent(bound, weights) == pytest.approx(0.3, rel=1e-6)
+    # minimums the budget cannot pay: uniform (the family then says what it needs)
+    assert allocate_budgets(weights, 0.1, min_fractions={"a": 0.15, "b": 0.15}) == {"a": 0.1, "b": 0.1}

@@ -148,6 +148,24 @@ def test_global_allocation_shares_the_budget_by_the_dense_spectra(tmp_path, fami
     assert result.resolved["layer_budgets"] == pytest.approx(shares)
 
 
+def test_global_allocation_gives_every_layer_at_least_its_family_minimum(tmp_path):
+    from gsmsearch.trainer._trial import family_min_budget
+
+    # Monarch's cheapest 64 -> 32 / 32 -> 32 layers cost 0.094 / 0.0625 of dense; at 0.15 the
+    # spectra alone would starve one of them below that
+    assert family_min_budget("monarch", 32, 64) == pytest.approx(192 / 2048)
+    assert family_min_budget("lowrank", 32, 64) == pytest.approx(96 / 2048)
+    assert family_min_budget("gblr", 32, 64) == 0.0
+    workload = get_workload("digits-mlp", **TINY)
+    cfg = tiny(family="monarch", budget=0.15, mode="finetune", epochs=1, budget_allocation="global")
+    dense = workload.build_model()
+    dense.load_state_dict(cached_dense_state_for(workload, tmp_path))
+    shares = layer_budgets(cfg, workload, dense)
+    assert shares["layers.0"] >= 192 / 2048 - 1e-12 and shares["layers.1"] >= 64 / 1024 - 1e-12
+    model = build_trial_model(cfg, workload, cache_dir=tmp_path)  # every layer fits
+    assert all(isinstance(model.get_submodule(n), StructuredLinear) for n in shares)
+
+
 def test_global_allocation_keeps_a_layer_given_its_whole_cost_dense(tmp_path):
     workload = get_workload("digits-mlp", **TINY)
     cfg = tiny(family="gblr", budget=0.9, mode="finetune", budget_allocation="global")
