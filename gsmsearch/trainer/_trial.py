@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from ..structured import (
+    BudgetTooSmall,
     ProjectFlops,
     ProjectMeanWidth,
     SigmaSchedule,
     StopShrinkingAtTarget,
-    BudgetTooSmall,
     StructuredLinear,
     allocate_budgets,
     export,
