@@ -134,8 +134,14 @@ def _pretrain_recipe(workload) -> Dict[str, Any]:
 
 
 def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> dict:
-    """The trained dense model of ``workload`` (from the cache, trained once if absent)."""
+    """The trained dense model of ``workload`` (from the cache, trained once if absent).
+
+    On CPU the key includes torch's thread count: training with 2 threads gives different
+    weights than with 1 (reduction order), so a cache filled by a process with other settings
+    would silently change the start point (seen: the Mixer's seed-0 start, bench/RESULTS.md 6g)."""
     recipe = _pretrain_recipe(workload)
+    if torch.device(device).type == "cpu":
+        recipe["cpu_threads"] = torch.get_num_threads()
 
     def train() -> nn.Module:
         seed_everything(seed)

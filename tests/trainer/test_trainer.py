@@ -74,6 +74,21 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
     assert other == [1, 2, 3]
 
 
+def test_dense_cache_is_per_cpu_thread_count(tmp_path):
+    workload = get_workload("digits-mlp", **TINY)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dense_state(workload, seed=0, cache_dir=tmp_path)
+        assert torch.equal(dense_state(workload, seed=0, cache_dir=tmp_path)["layers.0.weight"],
+                           one["layers.0.weight"])  # cached: the same start again
+        torch.set_num_threads(2)
+        dense_state(workload, seed=0, cache_dir=tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    assert len(list(tmp_path.glob("digits-mlp-s0-*.safetensors"))) == 2
+
+
 def test_nan_loss_fails_with_a_reason(tmp_path):
     with pytest.raises(TrialFailed, match="non-finite training loss"):
         run_trial(tiny(family="dense", lr=1e30, epochs=2), cache_dir=tmp_path)
