@@ -96,13 +96,12 @@ def allocate_budgets(
     spent = sum(start.values())
 
     shares = {name: _energy_shares(weights[name]) for name in names}
-    dense_steps = {name: max_steps[name] + 1 for name in names}  # the last step: stay dense
 
     def next_step(name):
         k = steps[name]
         if k < max_steps[name] and k < len(shares[name]):
             return float(shares[name][k]), step[name]
-        if k < dense_steps[name]:  # go dense: the rest of the cost, the rest of the error
+        if k == max_steps[name]:  # the last step, stay dense: the rest of the cost and error
             cost = dense[name] - spend[name]
             rest = float(shares[name][k:].sum())
             return (rest, cost) if cost > 0 else None
