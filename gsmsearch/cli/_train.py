@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--structure-lr", type=float, default=None,
                    help="widths/locations learning rate (default: 5e-3 in scratch mode, 0 in finetune mode)")
     p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                   help="lr multiplier per step (default: the workload's)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up first")
     p.add_argument("--distill", type=float, default=0.0,
                    help="finetune: weight of distillation from the dense model in the loss, in [0, 1]")
     p.add_argument("--distill-temperature", type=float, default=4.0)
@@ -76,7 +79,8 @@ def run(args) -> int:
         budget_control=args.budget_control, target_mean_width=args.target_mean_width,
         sigma_init=args.sigma_init, sigma_final=args.sigma_final, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, structure_lr=args.structure_lr,
-        weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, device=args.device,
         measure_latency=not args.no_latency,
     )
 

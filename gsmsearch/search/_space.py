@@ -66,6 +66,8 @@ def _workload_config(spec: StudySpec, family: str, seed: int, device: str) -> Di
         batch_size=workload.batch_size,
         lr=workload.lr,
         weight_decay=workload.weight_decay,
+        lr_schedule=workload.lr_schedule,
+        warmup_epochs=workload.warmup_epochs,
         seed=seed,
         device=device,
     )
@@ -96,11 +98,19 @@ def config_errors(spec: StudySpec) -> List[str]:
                 try:
                     TrialConfig(**{**base, knob: value})
                 except (ValueError, TypeError) as error:
-                    if str(error) not in seen:  # a bad first value fails every knob's tries
-                        seen.add(str(error))
-                        errors.append(f"families.{family}.{knob}: {error}")
+                    for message in str(error).split("; "):
+                        if message not in seen:  # a bad first value fails every knob's tries
+                            seen.add(message)
+                            errors.append(f"families.{family}.{_blamed(message, knobs, knob)}: {message}")
                     break
     return errors
+
+
+def _blamed(message: str, knobs, tried: str) -> str:
+    """The knob a trainer message is about: the one it starts with (its messages name their
+    field first), else the knob whose value was being tried."""
+    named = [knob for knob in knobs if message.split(" ", 1)[0] == knob]
+    return named[0] if named else tried
 
 
 def space_size(spec: StudySpec, family: str):

@@ -41,6 +41,7 @@ FAMILY_KNOBS = (
     "budget", "lam", "structure_lr", "sigma_init", "sigma_final", "sigma_start_epoch",
     "sigma_end_epoch", "budget_control", "target_mean_width", "budget_anneal_epochs",
     "fit_method", "budget_allocation", "distill", "distill_temperature", "lr", "weight_decay",
+    "lr_schedule", "warmup_epochs",
 )
 
 
@@ -101,6 +102,8 @@ class FamilySpace(_Strict):
     distill_temperature: Optional[Param] = None
     lr: Optional[Param] = None
     weight_decay: Optional[Param] = None
+    lr_schedule: Optional[Param] = None
+    warmup_epochs: Optional[Param] = None
     options: Dict[str, Param] = Field(default_factory=dict)  # constructor options of the family
 
     @field_validator(*FAMILY_KNOBS, mode="before")
@@ -157,6 +160,8 @@ class WorkloadSpec(_Strict):
     batch_size: Optional[int] = Field(None, ge=1)
     lr: Optional[float] = Field(None, gt=0)
     weight_decay: Optional[float] = Field(None, ge=0)
+    lr_schedule: Optional[Literal["constant", "cosine"]] = None  # None: the workload's
+    warmup_epochs: float = Field(0.0, ge=0)
     include: Optional[List[str]] = None
     exclude: List[str] = Field(default_factory=list)
     seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -290,7 +295,9 @@ class StudySpec(_Strict):
 
     # -- derived ----------------------------------------------------------------------------
     def canonical(self) -> Dict[str, Any]:
-        return json.loads(self.model_dump_json())
+        """The spec as data, fields at their default left out: a later version's new knobs do
+        not change the digest of a study written before them (it stays resumable)."""
+        return json.loads(self.model_dump_json(exclude_defaults=True))
 
     def digest(self) -> str:
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))

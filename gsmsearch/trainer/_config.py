@@ -7,10 +7,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS"]
+__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS", "LR_SCHEDULES"]
 
 MODES = ("scratch", "finetune")
 ALLOCATIONS = ("uniform", "global")
+LR_SCHEDULES = ("constant", "cosine")  # the loop's lr_factor
 BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "none")
 
 
@@ -58,6 +59,11 @@ class TrialConfig:
     # bench/results/workloads*.md)
     structure_lr: Optional[float] = None
     weight_decay: Optional[float] = None
+    # every learning rate (content and structure) times a factor per step: "constant" = 1,
+    # "cosine" = (1 + cos(pi * progress)) / 2, 1 -> 0 over the epochs; warmup_epochs ramp it up
+    # linearly first.  None = the workload's default (its dense pre-training uses the same)
+    lr_schedule: Optional[str] = None
+    warmup_epochs: float = 0.0
     # finetune mode: weight of distillation from the cached dense model (the teacher) in the
     # training loss: (1 - distill) * task loss + distill * the workload's distillation loss (KL of
     # softened logits); 0 = the task loss alone
@@ -88,6 +94,14 @@ class TrialConfig:
             errors.append("distill needs mode finetune (the teacher is the cached dense model)")
         if not float(self.distill_temperature) > 0:
             errors.append(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            errors.append(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if not 0.0 <= float(self.warmup_epochs) < int(self.epochs):
+            errors.append(
+                f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}"
+            )
         if self.budget_control not in BUDGET_CONTROLS:
             errors.append(
                 f"budget_control must be one of {', '.join(BUDGET_CONTROLS)}, got {self.budget_control!r}"

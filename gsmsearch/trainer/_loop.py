@@ -29,7 +29,26 @@ from ..structured import (
 )
 from ..workloads import move_to_device
 
-__all__ = ["TrialFailed", "EpochReport", "TrainingLoop", "seed_everything"]
+__all__ = ["TrialFailed", "EpochReport", "TrainingLoop", "seed_everything", "LR_SCHEDULES", "lr_factor"]
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, progress: float, epochs: float, warmup_epochs: float = 0.0) -> float:
+    """The multiplier of every learning rate at ``progress`` (fractional epochs done).
+
+    ``warmup_epochs`` ramp linearly from 0 (first step: 1 / steps of warmup, never 0); then
+    "constant" stays at 1 and "cosine" falls as (1 + cos(pi p)) / 2 to 0 at ``epochs``.
+    A pure function of progress, so a resumed trial continues the same curve."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if warmup_epochs > 0 and progress < warmup_epochs:
+        return max(progress, 1e-3 * warmup_epochs) / warmup_epochs
+    if schedule == "constant":
+        return 1.0
+    span = max(float(epochs) - warmup_epochs, 1e-12)
+    done = min(max((progress - warmup_epochs) / span, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 class TrialFailed(RuntimeError):
@@ -88,6 +107,9 @@ class TrainingLoop:
     # rows each layer processes per sample (qualified name -> count; missing = 1): FLOPs budgets
     # and relative_flops() count per sample, not per token, where layers see different counts
     layer_tokens: Optional[Dict[str, float]] = None
+    # every group's lr (and the proximal step's structure lr) times lr_factor(lr_schedule, ...)
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
     # distillation: loss = (1 - distill) * task loss + distill * workload.distillation_loss
     # against ``teacher``'s output on the same batch (a frozen model, not checkpointed)
     teacher: Optional[nn.Module] = None
@@ -107,6 +129,9 @@ class TrainingLoop:
             self.model, lr=self.lr, structure_lr=self.structure_lr, weight_decay=self.weight_decay
         )
         self.optimizer = torch.optim.AdamW(groups)
+        # the unscheduled lrs (a resumed optimizer's groups hold the last scheduled ones)
+        self._base_lrs = [float(group["lr"]) for group in self.optimizer.param_groups]
+        lr_factor(self.lr_schedule, 0.0, self.epochs, self.warmup_epochs)  # validates the name
         self.start_epoch = 0
         self.train_seconds = 0.0
         if self.checkpoint_path is not None:
@@ -178,6 +203,9 @@ class TrainingLoop:
             total_loss, count = 0.0, 0
             for step, batch in enumerate(loader):
                 progress = epoch + step / loader_batches
+                factor = lr_factor(self.lr_schedule, progress, self.epochs, self.warmup_epochs)
+                for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+                    group["lr"] = base * factor
                 if self.layers:
                     set_sigma(self.model, self._sigma(progress))
                     if self.budget_schedule is not None and isinstance(self.controller, ProjectFlops):
@@ -199,7 +227,7 @@ class TrainingLoop:
                 loss.backward()
                 self.optimizer.step()
                 if self.layers and self.controller is not None:
-                    self.controller.step(self.layers, self.lam, self.structure_lr)
+                    self.controller.step(self.layers, self.lam, self.structure_lr * factor)
                 total_loss += float(loss.detach()) * _batch_len(batch)
                 count += _batch_len(batch)
             sigma = self._sigma(epoch + 1) if self.layers else None

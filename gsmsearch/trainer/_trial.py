@@ -87,6 +87,7 @@ def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
     return {
         "batch_size": int(config.batch_size or workload.default_batch_size),
         "lr": float(config.lr if config.lr is not None else workload.default_lr),
+        "lr_schedule": config.lr_schedule or workload.default_lr_schedule,
         "weight_decay": float(
             config.weight_decay if config.weight_decay is not None else workload.default_weight_decay
         ),
@@ -105,7 +106,9 @@ def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
 
 def _resolved_record(config: TrialConfig, resolved: Dict[str, Any],
                      shares: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    record = {key: resolved[key] for key in ("batch_size", "lr", "weight_decay")}
+    record = {key: resolved[key] for key in ("batch_size", "lr", "weight_decay", "lr_schedule")}
+    if config.warmup_epochs:
+        record["warmup_epochs"] = float(config.warmup_epochs)
     record["distill"] = float(config.distill)
     if config.distill > 0:
         record["distill_temperature"] = float(config.distill_temperature)
@@ -130,6 +133,7 @@ def _pretrain_recipe(workload) -> Dict[str, Any]:
         "batch_size": workload.default_batch_size,
         "lr": workload.default_lr,
         "weight_decay": workload.default_weight_decay,
+        "lr_schedule": workload.default_lr_schedule,
     }
 
 
@@ -152,6 +156,7 @@ def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> 
         TrainingLoop(
             workload, model, splits, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
             lr=recipe["lr"], weight_decay=recipe["weight_decay"], seed=seed, device=device,
+            lr_schedule=recipe["lr_schedule"],
         ).run()
         return model
 
@@ -341,6 +346,7 @@ def run_trial(
         budget_schedule=budget_schedule, seed=config.seed, device=config.device,
         checkpoint_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None,
         checkpoint_tag=config.digest(), layer_tokens=tokens,
+        lr_schedule=resolved["lr_schedule"], warmup_epochs=float(config.warmup_epochs),
         teacher=teacher, distill=float(config.distill), distill_temperature=float(config.distill_temperature),
     )
     curves = loop.run(on_epoch)

@@ -114,6 +114,8 @@ class Workload(abc.ABC):
     default_batch_size: int = 64
     default_lr: float = 1e-3
     default_weight_decay: float = 0.0
+    # lr schedule of the dense pre-training and of trials that leave lr_schedule unset
+    default_lr_schedule: str = "constant"
     #: True when :meth:`build_model` returns trained weights (a checkpoint): fine-tuning then
     #: starts from it instead of from a dense model the trainer pre-trains and caches.
     pretrained: bool = False

@@ -1,5 +1,6 @@
 """The trial trainer on tiny digits models: results, determinism, checkpoints, cache, failures."""
 import json
+import math
 import multiprocessing
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 from gsmsearch.structured import DenseLinear, GBLRLinear, ProjectFlops, StructuredLinear
 from gsmsearch.trainer import TrialConfig, TrialFailed, build_trial_model, dense_state, layer_budgets, run_trial
 from gsmsearch.trainer._dense_cache import cached_dense_state
+from gsmsearch.trainer._loop import TrainingLoop, lr_factor
 from gsmsearch.workloads import get_workload
 
 TINY = {"hidden_sizes": [32, 32]}
@@ -50,18 +52,22 @@ def test_same_seed_gives_the_same_result(tmp_path):
     assert a.curves[-1]["train_loss"] != c.curves[-1]["train_loss"]
 
 
-def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
-    full = run_trial(tiny(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "full",
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_checkpoint_resume_continues_where_it_stopped(tmp_path, schedule):
+    def config(**overrides):
+        return tiny(lr_schedule=schedule, **overrides)
+
+    full = run_trial(config(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "full",
                      cache_dir=tmp_path)
     # a run interrupted after its first epoch ...
     with pytest.raises(KeyboardInterrupt):
         def stop(report):
             if report.epoch == 1:
                 raise KeyboardInterrupt
-        run_trial(tiny(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "cut",
+        run_trial(config(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "cut",
                   cache_dir=tmp_path, on_epoch=stop)
     seen = []
-    resumed = run_trial(tiny(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "cut",
+    resumed = run_trial(config(family="gblr", budget=0.3, epochs=3), checkpoint_dir=tmp_path / "cut",
                         cache_dir=tmp_path, on_epoch=lambda r: seen.append(r.epoch))
     assert seen == [2, 3]  # epoch 1 was not trained again
     assert resumed.curves[0]["train_loss"] == full.curves[0]["train_loss"]  # kept from the checkpoint
@@ -69,7 +75,7 @@ def test_checkpoint_resume_continues_where_it_stopped(tmp_path):
     assert resumed.quality == pytest.approx(full.quality)
     # a checkpoint of a different configuration is not resumed
     other = []
-    run_trial(tiny(family="gblr", budget=0.5, epochs=3), checkpoint_dir=tmp_path / "cut",
+    run_trial(config(family="gblr", budget=0.5, epochs=3), checkpoint_dir=tmp_path / "cut",
               cache_dir=tmp_path, on_epoch=lambda r: other.append(r.epoch))
     assert other == [1, 2, 3]
 
@@ -298,6 +304,44 @@ def test_bad_config_values_are_named():
         TrialConfig(distill=0.5)
     with pytest.raises(ValueError, match="distill_temperature must be > 0"):
         TrialConfig(distill_temperature=0.0)
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
+        TrialConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match=r"warmup_epochs must be in \[0, epochs=3\)"):
+        TrialConfig(epochs=3, warmup_epochs=3)
+
+
+def test_lr_factor_warmup_then_cosine_to_zero():
+    assert lr_factor("constant", 7.3, 10) == 1.0
+    assert lr_factor("cosine", 0.0, 10) == 1.0
+    assert lr_factor("cosine", 5.0, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 10.0, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("cosine", 2.5, 10) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    # warm-up: linear ramp, never exactly 0, then the schedule over the remaining epochs
+    assert lr_factor("cosine", 0.5, 10, warmup_epochs=2) == pytest.approx(0.25)
+    assert 0 < lr_factor("constant", 0.0, 10, warmup_epochs=2) < 0.01
+    assert lr_factor("cosine", 2.0, 10, warmup_epochs=2) == pytest.approx(1.0)
+    assert lr_factor("cosine", 6.0, 10, warmup_epochs=2) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_factor("step", 1.0, 10)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_loop_scales_every_group_lr_by_the_schedule(tmp_path, schedule):
+    workload = get_workload("digits-mlp", **TINY)
+    splits = workload.load_data(seed=0)
+    model = build_trial_model(tiny(family="gblr", budget=0.4), workload)
+    loop = TrainingLoop(workload, model, splits, epochs=3, batch_size=256, lr=2e-3,
+                        structure_lr=4e-3, lr_schedule=schedule, warmup_epochs=0.5)
+    steps = len(splits.loader("train", 256, shuffle=True, seed=0))
+    seen = []
+    loop.run(lambda report: seen.append([g["lr"] for g in loop.optimizer.param_groups]))
+    assert len(seen) == 3 and all(len(lrs) == 2 for lrs in seen)  # content and structure groups
+    for epoch, lrs in enumerate(seen):
+        last_step = epoch + (steps - 1) / steps  # progress of the epoch's last step
+        factor = lr_factor(schedule, last_step, 3, 0.5)
+        assert lrs == pytest.approx([2e-3 * factor, 4e-3 * factor])
+    if schedule == "cosine":
+        assert seen[-1][0] < 0.05 * 2e-3  # decayed nearly to 0 by the end
 
 
 def test_cli_train_json(tmp_path):
