@@ -3,6 +3,9 @@
 - :func:`interleaved`: runs every candidate once per round, rounds repeated, so slow drifts of a
   shared machine hit all candidates alike; reports the median wall time and the median process
   CPU time (all threads; robust to time slices lost to other processes) of each.
+- :func:`tensor_memory`: in-process tensor accounting of one call: the bytes autograd keeps for
+  backward (saved-tensor hooks, each storage once, the caller's input and parameters excluded)
+  and the allocator's peak over the call (torch profiler memory events, summed in time order).
 - :func:`peak_rss_delta`: peak resident memory growth of a fresh Python process while it runs
   two calls, over its resident memory just before them (Linux: the VmHWM peak mark is reset with
   ``/proc/self/clear_refs`` first, then read after; large tensors are mmap-backed, so RSS tracks
@@ -95,6 +98,42 @@ def peak_rss_delta(module_path: str, shape, train: bool, threads: int) -> float:
         env={**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])},
     )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_mib"])
+
+
+def tensor_memory(fn: Callable[[], object], exclude=()) -> dict:
+    """MiB kept for backward by the autograd graph ``fn`` builds (``fn`` runs forward and backward;
+    tensors sharing storage with ``exclude`` -- the input, the parameters -- do not count) and
+    MiB of the allocator's peak while ``fn`` runs (None where the profiler gives no events)."""
+    import torch
+
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    fn()  # warm-up: lazily built tables and caches do not count
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    peak = None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        current = top = 0
+        for event in events:
+            current += event.nbytes()
+            top = max(top, current)
+        peak = top / 2**20 if events else None
+    except Exception:  # noqa: BLE001 - a private profiler API; report what is available
+        peak = None
+    return {"saved_for_backward_mib": sum(saved.values()) / 2**20, "allocator_peak_mib": peak}
 
 
 def machine_info() -> dict:

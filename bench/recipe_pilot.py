@@ -5,7 +5,8 @@ trial knob.  One JSON line per trial: recipe, seed, test/val accuracy, per-epoch
     .venv/bin/python bench/recipe_pilot.py animal-mnist-mixer \\
         '[["constant", "cosine", "gblr", 0.3, 0, {}], ...]' > bench/results/recipe-pilot-....jsonl
 
-Each job: [pre-training schedule, fine-tune schedule, family, budget, seed, extra config].
+Each job: [pre-training schedule, fine-tune schedule, family, budget, seed, extra config]; an
+extra key "pretrain_epochs" sets the dense pre-training's epochs (default: the workload's).
 Structured trials use budget_allocation=global, distill=0.5 (the 6g setting); 10 epochs; 2
 worker processes x 1 torch thread; dense caches in --cache-dir (default /tmp/recipe-pilot-cache).
 """
@@ -24,14 +25,17 @@ def job(args):
     from gsmsearch.trainer import TrialConfig, run_trial
     from gsmsearch.workloads._registry import _WORKLOADS
 
-    _WORKLOADS[workload].default_lr_schedule = pre  # the dense pre-training's schedule
+    extra = dict(extra)
+    cls = _WORKLOADS[workload]
+    cls.default_lr_schedule = pre  # the dense pre-training's schedule
+    cls.default_epochs = int(extra.pop("pretrain_epochs", cls.default_epochs))
     config = dict(workload=workload, family=family, budget=budget, mode="finetune", epochs=10,
                   seed=seed, lr_schedule=ft, measure_latency=False)
     if family != "dense":
         config.update(budget_allocation="global", distill=0.5)
     config.update(extra)
     result = run_trial(TrialConfig(**config), cache_dir=CACHE)
-    return dict(pre=pre, ft=ft, family=family, budget=budget, seed=seed, extra=extra,
+    return dict(pre=pre, pretrain_epochs=cls.default_epochs, ft=ft, family=family, budget=budget, seed=seed, extra=extra,
                 test=result.quality, val=result.val_quality, secs=result.train_seconds,
                 curve=[round(e["val"].get("accuracy", 0) * 100, 1) for e in result.curves])
 

@@ -32,11 +32,17 @@ def _train_memory(config: dict, threads: int) -> dict:
 
     from gsmsearch.structured import GBLRLinear
 
+    from .train_step import UnfusedGBLR
+
     n, m, K, T = config["in_features"], config["out_features"], config["num_components"], config["tokens"]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        recompute = GBLRLinear(n, m, num_components=K, sigma=config["sigma"])
+        recompute.recompute_intermediate = True
         for name, module in (("nn.Linear", nn.Linear(n, m)),
-                             ("gblr", GBLRLinear(n, m, num_components=K, sigma=config["sigma"]))):
+                             ("gblr", GBLRLinear(n, m, num_components=K, sigma=config["sigma"])),
+                             ("gblr recompute intermediate", recompute),
+                             ("gblr unfused (before)", UnfusedGBLR(n, m, num_components=K, sigma=config["sigma"]))):
             path = os.path.join(tmp, "m.pt")
             torch.save(module, path)
             out[name] = peak_rss_delta(path, (T, n), train=True, threads=threads)
@@ -62,6 +68,10 @@ def print_tables(report: dict) -> None:
         shares = ", ".join(f"{k}: {v:.1%}" for k, v in train["mask_share"].items())
         print(f"mask share of the GBLR step: {shares}; GEMM FLOP floor of the factored step "
               f"{train['factored_gemm_flop_ratio']:.2f}x; path chosen: {train['path_chosen']}")
+        if "tensor_memory_mib" in train:
+            print("tensor memory (MiB; kept for backward / allocator peak of the step): " + ", ".join(
+                f"{k} {v['saved_for_backward_mib']:.1f} / {_fmt(v['allocator_peak_mib'], '.1f')}"
+                for k, v in train["tensor_memory_mib"].items()))
         if "peak_rss_delta_mib" in train:
             print("peak RSS growth (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in train["peak_rss_delta_mib"].items()))
     if report.get("export"):

@@ -14,7 +14,25 @@ from torch import nn
 from gsmsearch.structured import GBLRLinear
 from gsmsearch.structured._mask import gaudi_mask, gaudi_mask_reference
 
-from ._timing import interleaved, ratios
+from ._timing import interleaved, ratios, tensor_memory
+
+
+class UnfusedGBLR(GBLRLinear):
+    """The layer's training forward before session 4: autograd through masks, masked factors and
+    GEMMs composed of torch ops (it keeps masks and masked factors for backward)."""
+
+    def forward(self, x):
+        Um, Vm = self._masked_factors()
+        if self._use_factored(x.numel() // self.in_features, Um.shape[0], True, x.requires_grad):
+            return nn.functional.linear(x @ Vm.T, Um.T, self.bias)
+        return nn.functional.linear(x, Um.T @ Vm, self.bias)
+
+
+def _variant(layer: GBLRLinear, cls=GBLRLinear, recompute: bool = False) -> GBLRLinear:
+    copy = cls(**layer.config())
+    copy.load_state_dict(layer.state_dict())
+    copy.recompute_intermediate = recompute
+    return copy
 
 
 def _reference_step(layer: GBLRLinear, x: torch.Tensor, sigma: Optional[float]):
@@ -88,6 +106,8 @@ def run(
         f"gblr sigma={sigma:g}": _layer_step(blurred, x),
         f"gblr sigma={sigma:g} factored": _layer_step(_forced(blurred, True), x),
         f"gblr sigma={sigma:g} dense-build": _layer_step(_forced(blurred, False), x),
+        f"gblr sigma={sigma:g} recompute intermediate": _layer_step(_variant(blurred, recompute=True), x),
+        f"gblr sigma={sigma:g} unfused (before)": _layer_step(_variant(blurred, UnfusedGBLR), x),
         "gblr cached masks (bound)": _cached_mask_step(blurred, x),
         f"masks only sigma={sigma:g}": _mask_step(blurred, gaudi_mask, sigma),
         "masks only sigma=None": _mask_step(exact, gaudi_mask, None),
@@ -95,6 +115,14 @@ def run(
     if include_reference:
         candidates[f"reference sigma={sigma:g}"] = _reference_step(blurred, x, sigma)
         candidates[f"reference masks only sigma={sigma:g}"] = _mask_step(blurred, gaudi_mask_reference, sigma)
+    memory_layers = {
+        "nn.Linear": linear,
+        f"gblr sigma={sigma:g}": blurred,
+        f"gblr sigma={sigma:g} recompute intermediate": _variant(blurred, recompute=True),
+        f"gblr sigma={sigma:g} unfused (before)": _variant(blurred, UnfusedGBLR),
+    }
+    memory = {name: tensor_memory(_layer_step(module, x), exclude=[x, *module.parameters()])
+              for name, module in memory_layers.items()}
     results = interleaved(candidates, repeats=repeats)
     rel = ratios(results, "nn.Linear")
     for name in results:
@@ -112,6 +140,7 @@ def run(
             "repeats": repeats, "widths": "from-scratch init (cost about dense)",
         },
         "results": results,
+        "tensor_memory_mib": memory,
         "mask_share": {
             f"sigma={sigma:g}": results[f"masks only sigma={sigma:g}"]["wall_ms"] / step["wall_ms"],
             "sigma=None": results["masks only sigma=None"]["wall_ms"] / exact_step["wall_ms"],

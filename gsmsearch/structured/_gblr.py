@@ -31,6 +31,7 @@ from torch import nn
 
 from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
+from ._gblr_autograd import gblr_linear
 from ._mask import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -61,7 +62,14 @@ class GBLRLinear(StructuredLinear):
         init_width: starting mean width from scratch; default chooses widths so that the starting
             cost equals the dense layer's (first quarter of the components full width, the rest a
             common shorter width), locations spread evenly so the whole matrix is covered.
+
+    Training memory: the forward keeps the input, the parameters and the T x K' r intermediate
+    x Vm^T for backward (masks and masked factors are rebuilt there, ``_gblr_autograd``).  Set
+    ``layer.recompute_intermediate = True`` to drop the intermediate too, for one more GEMM in
+    backward (bench/RESULTS.md section 1 measures both).
     """
+
+    recompute_intermediate: bool = False
 
     def __init__(
         self,
@@ -326,13 +334,20 @@ class GBLRLinear(StructuredLinear):
                     dense["W"] = Um.T @ Vm  # (out, in), reused while the parameters are unchanged
                 y = _linear(x, dense["W"], bias)
             return y
-        Um, Vm = self._masked_factors()  # (K' r, out), (K' r, in)
+        active = self._active_components()
+        if active is None:
+            widths, locations = self.widths, self.locations
+            row_factors, col_factors = self.row_factors, self.col_factors
+        else:
+            widths, locations = self.widths[:, active], self.locations[:, active]
+            row_factors, col_factors = self.row_factors[active], self.col_factors[active]
         weight_grad = any(
             p.requires_grad for p in (self.row_factors, self.col_factors, self.widths, self.locations)
         )
-        if self._use_factored(tokens, Um.shape[0], weight_grad, x.requires_grad):
-            return _linear(x @ Vm.T, Um.T, bias)  # (..., K' r) -> (..., out)
-        return _linear(x, Um.T @ Vm, bias)  # (..., in) @ (in, out)
+        inner = row_factors.shape[0] * self.rank
+        factored = self._use_factored(tokens, inner, weight_grad, x.requires_grad)
+        return gblr_linear(x, widths, locations, row_factors, col_factors, bias, self.sigma,
+                           factored=factored, recompute_inner=self.recompute_intermediate)
 
     def extra_repr(self) -> str:
         return (

@@ -197,15 +197,36 @@ def _index_rows(width, location, n: int):
     return upper, lower, wraps
 
 
+def index_mask_forward(width, location, n: int, sigma: Optional[float]):
+    """(K, n) masks of grid-rounded ``width``/``location`` (no autograd), and the table rows
+    (upper, lower) their backward needs (:func:`index_mask_backward`)."""
+    prefix_rows, _ = _index_tables(n, sigma, width.dtype, width.device)
+    upper, lower, wraps = _index_rows(width, location, n)
+    mask = prefix_rows.index_select(0, upper)
+    mask -= prefix_rows.index_select(0, lower)  # (K, n)
+    if bool((wraps != 0).any()):  # widths outside [0, 1): each whole period adds 1
+        mask += wraps[:, None].to(mask.dtype)
+    return mask, upper, lower
+
+
+def index_mask_backward(grad_mask, upper, lower, n: int, sigma: Optional[float], location_grad: bool = True):
+    """(grad width, grad location or None) of the masks given their gradient (K, n); one (K, n)
+    buffer of temporary memory."""
+    _, q_rows = _index_tables(n, sigma, grad_mask.dtype, grad_mask.device)
+    rows = q_rows.index_select(0, lower)
+    at_end = rows.mul_(grad_mask).sum(-1)  # sum_i g_i q(i - s - L)
+    if not location_grad:
+        return at_end, None
+    torch.index_select(q_rows, 0, upper, out=rows)
+    at_start = rows.mul_(grad_mask).sum(-1)  # sum_i g_i q(i - s)
+    return at_end, at_end - at_start
+
+
 class _IndexMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, width, location, n, sigma):
         # width, location: (K,) already rounded to the grid (the STE is applied outside).
-        prefix_rows, _ = _index_tables(n, sigma, width.dtype, width.device)
-        upper, lower, wraps = _index_rows(width, location, n)
-        mask = prefix_rows.index_select(0, upper) - prefix_rows.index_select(0, lower)  # (K, n)
-        if bool((wraps != 0).any()):  # widths outside [0, 1): each whole period adds 1
-            mask += wraps[:, None].to(mask.dtype)
+        mask, upper, lower = index_mask_forward(width, location, n, sigma)
         ctx.save_for_backward(upper, lower)
         ctx.n, ctx.sigma = n, sigma
         return mask
@@ -213,12 +234,10 @@ class _IndexMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mask):
         upper, lower = ctx.saved_tensors
-        _, q_rows = _index_tables(ctx.n, ctx.sigma, grad_mask.dtype, grad_mask.device)
-        at_end = torch.linalg.vecdot(grad_mask, q_rows.index_select(0, lower))  # sum_i g_i q(i - s - L)
-        if not ctx.needs_input_grad[1]:
-            return at_end, None, None, None
-        at_start = torch.linalg.vecdot(grad_mask, q_rows.index_select(0, upper))  # sum_i g_i q(i - s)
-        return at_end, at_end - at_start, None, None
+        grad_width, grad_location = index_mask_backward(
+            grad_mask, upper, lower, ctx.n, ctx.sigma, ctx.needs_input_grad[1]
+        )
+        return grad_width, grad_location, None, None
 
 
 def gaudi_mask(

@@ -103,11 +103,12 @@ def reference_forward(layer, x):
 
 
 @pytest.mark.parametrize("sigma", [None, 0.7, 6.0])
-@pytest.mark.parametrize("path", ["factored", "dense-build"])
+@pytest.mark.parametrize("path", ["factored", "factored-recompute", "dense-build"])
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_gblr_forward_backward_matches_reference(sigma, path, input_grad):
     layer = random_layer(seed=3, sigma=sigma)
-    layer._use_factored = lambda *args: path == "factored"  # force the path under test
+    layer._use_factored = lambda *args: path.startswith("factored")  # force the path under test
+    layer.recompute_intermediate = path == "factored-recompute"
     x = torch.randn(37, 40, dtype=torch.float64, requires_grad=input_grad)
     params = (layer.widths, layer.locations, layer.row_factors, layer.col_factors, layer.bias)
     target = torch.randn(37, 48, dtype=torch.float64)
@@ -122,6 +123,55 @@ def test_gblr_forward_backward_matches_reference(sigma, path, input_grad):
         assert torch.allclose(layer(x), out, atol=1e-10)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+
+
+def saved_for_backward(layer, x):
+    """Shapes of the tensors autograd keeps for backward, other than x and the parameters."""
+    own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    own.add(x.untyped_storage().data_ptr())
+    shapes = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return shapes
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gblr_training_keeps_no_masks_or_masked_factors(recompute):
+    # autograd through the plain composition kept both masks and both masked factors (K x out,
+    # K x in) until backward; the fused Function keeps only per-component vectors and, unless
+    # recompute_intermediate, the T x K r intermediate
+    m, n, K, r, T = 96, 80, 24, 2, 50
+    layer = GBLRLinear(n, m, num_components=K, rank_per_component=r, sigma=3.0)
+    layer.recompute_intermediate = recompute
+    x = torch.randn(T, n, requires_grad=True)
+    shapes = saved_for_backward(layer, x)
+    large = [s for s in shapes if len(s) > 1]
+    assert large == ([] if recompute else [(T, K * r)]), shapes
+    assert all(s == (K,) for s in shapes if len(s) == 1)  # rounded widths and locations
+
+
+def test_gblr_training_under_cpu_bf16_autocast_matches_float32():
+    layer = random_layer(seed=5, sigma=4.0, dtype=torch.float32)
+    x = torch.randn(64, 40, requires_grad=True)
+    target = torch.randn(64, 48)
+    (layer(x) * target).sum().backward()
+    ref = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16  # as F.linear under autocast
+    (y.float() * target).sum().backward()
+    got = [p.grad for p in layer.parameters()] + [x.grad]
+    assert all(g.dtype == torch.float32 for g in got)  # gradients in the parameters' dtype
+    for a, b in zip(got, ref):
+        assert (a - b).norm() <= 0.03 * b.norm() + 1e-3, (a - b).norm() / b.norm()
 
 
 def test_path_choice_counts_backward_work():

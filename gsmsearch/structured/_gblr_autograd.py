@@ -1,0 +1,161 @@
+"""GBLR's training computation (masks, masked factors, GEMMs) as one autograd Function.
+
+Autograd through the plain composition keeps, per layer and until backward, both masks and both
+masked factors (K' x out and K' x in each, whatever the batch: 22.5 MiB at K = 768, 768 -> 3072)
+next to the intermediate x Vm^T.  This Function keeps the input (which the caller holds anyway),
+the parameters, the grid-rounded widths/locations and -- unless ``recompute_inner`` -- the
+intermediate, and rebuilds masks and masked factors in backward from the cached index tables (a
+few gathers and products, about 2% of the step).  ``recompute_inner`` also drops the T x K' r
+intermediate for one more GEMM (T K' r n multiply-adds), leaving nn.Linear's activation memory.
+
+Two evaluations of the same function (the layer picks by counting multiply-adds):
+- factored: y = (x Vm^T) Um + b
+- dense-build: W = Um^T Vm, y = x W^T + b (cheaper when the input needs no gradient)
+where Um = row_factors * row_mask (K' r, out) and Vm = col_factors * col_mask (K' r, in).
+
+Under autocast the GEMMs run in the autocast dtype (as F.linear's would); masks and parameter
+gradients stay in the parameters' dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._mask import index_mask_backward, index_mask_forward, round_to_grid
+
+__all__ = ["gblr_linear"]
+
+
+def _masked(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(K', r, d) factors times (K', d) masks, flattened to (K' r, d)."""
+    return (factors * mask[:, None, :]).reshape(-1, factors.shape[-1])
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _GBLRLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, row_width, row_location, col_width, col_location, row_factors, col_factors,
+                bias, sigma, factored, recompute_inner):
+        m, n = row_factors.shape[-1], col_factors.shape[-1]
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            row_mask, _, _ = index_mask_forward(row_width, row_location, m, sigma)
+            col_mask, _, _ = index_mask_forward(col_width, col_location, n, sigma)
+            Um = _masked(row_factors, row_mask).to(dtype)
+            Vm = _masked(col_factors, col_mask).to(dtype)
+            del row_mask, col_mask
+            x2 = x.reshape(-1, n).to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            inner = None
+            if factored:
+                inner = x2 @ Vm.T  # (T, K' r)
+                y = torch.addmm(b, inner, Um) if b is not None else inner @ Um
+            else:
+                W = Um.T @ Vm  # (m, n)
+                y = torch.addmm(b, x2, W.T) if b is not None else x2 @ W.T
+        keep_inner = factored and not recompute_inner
+        ctx.save_for_backward(x, row_width, row_location, col_width, col_location, row_factors,
+                              col_factors, inner if keep_inner else None)
+        ctx.sigma, ctx.factored, ctx.dtype, ctx.has_bias = sigma, factored, dtype, bias is not None
+        return y.reshape(*x.shape[:-1], m)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        # Order matters for the peak: each side's mask lives only while its side is processed,
+        # and each (K' r, d) buffer is reused in place where the next value allows it.
+        x, row_width, row_location, col_width, col_location, row_factors, col_factors, inner = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        m, n = row_factors.shape[-1], col_factors.shape[-1]
+        dtype, sigma = ctx.dtype, ctx.sigma
+        with torch.autocast(x.device.type, enabled=False):
+            dy = grad_y.reshape(-1, m).to(dtype)
+            x2 = x.reshape(-1, n).to(dtype)
+            col_mask, col_upper, col_lower = index_mask_forward(col_width, col_location, n, sigma)
+            Vm = _masked(col_factors, col_mask).to(dtype)
+            row_mask, row_upper, row_lower = index_mask_forward(row_width, row_location, m, sigma)
+            Um = _masked(row_factors, row_mask).to(dtype)
+            grad_x = None
+            if ctx.factored:
+                if inner is None:
+                    inner = x2 @ Vm.T  # (T, K' r), recomputed
+                d_inner = dy @ Um.T  # (T, K' r)
+                del Um
+                held = [inner.T @ dy, row_mask]  # d Um (K' r, m)
+                del inner, row_mask
+                row_grads = _side_grads(held, row_factors, row_upper, row_lower, sigma, *needs[1:3], needs[5])
+                dVm = d_inner.T @ x2  # (K' r, n)
+                if needs[0]:
+                    grad_x = d_inner @ Vm
+                del d_inner
+            else:
+                dW = dy.T @ x2  # (m, n)
+                if needs[0]:
+                    grad_x = dy @ (Um.T @ Vm)
+                held = [Vm @ dW.T, row_mask]  # d Um
+                del row_mask
+                row_grads = _side_grads(held, row_factors, row_upper, row_lower, sigma, *needs[1:3], needs[5])
+                dVm = Um @ dW
+                del dW, Um
+            del Vm, x2
+            held = [dVm, col_mask]
+            del dVm, col_mask
+            col_grads = _side_grads(held, col_factors, col_upper, col_lower, sigma, *needs[3:5], needs[6])
+            grad_bias = dy.sum(0) if ctx.has_bias and needs[7] else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        (d_row_width, d_row_location, d_row_factors), (d_col_width, d_col_location, d_col_factors) = row_grads, col_grads
+        return (grad_x, d_row_width, d_row_location, d_col_width, d_col_location, d_row_factors,
+                d_col_factors, grad_bias, None, None, None)
+
+
+def _side_grads(held, factors, upper, lower, sigma, width_needed, location_needed, factors_needed):
+    """Gradients of one side's width, location and factors.  ``held`` = [gradient of the masked
+    factors (K' r, d), mask (K', d)], emptied here so that the mask is freed before the width
+    backward's buffer is taken; the first is overwritten (it becomes the factors' gradient)."""
+    K, r, size = factors.shape
+    mask = held.pop()
+    d_masked = held.pop().view(K, r, size).to(factors.dtype)
+    d_mask = None
+    if width_needed or location_needed:
+        if r == 1:
+            d_mask = d_masked[:, 0] * factors[:, 0]  # (K', size)
+        else:
+            d_mask = torch.linalg.vecdot(d_masked.transpose(1, 2), factors.transpose(1, 2))
+    # the mask is last used here (the caller drops it), before the width backward's buffer
+    d_factors = d_masked.mul_(mask[:, None, :]) if factors_needed else None
+    del d_masked, mask
+    d_width = d_location = None
+    if d_mask is not None:
+        d_width, d_location = index_mask_backward(d_mask, upper, lower, size, sigma, location_needed)
+    return d_width, d_location, d_factors
+
+
+def gblr_linear(
+    x: torch.Tensor,
+    widths: torch.Tensor,
+    locations: torch.Tensor,
+    row_factors: torch.Tensor,
+    col_factors: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sigma: Optional[float],
+    *,
+    factored: bool,
+    recompute_inner: bool = False,
+) -> torch.Tensor:
+    """GBLR's y = x W^T + b with W = sum_k (row_factors_k * row_mask_k)^T (col_factors_k * col_mask_k),
+    differentiable in everything.  widths/locations: (2, K') fractions (row side first), rounded
+    to the grid here with a straight-through gradient; factors (K', r, out) and (K', r, in)."""
+    m, n = row_factors.shape[-1], col_factors.shape[-1]
+    return _GBLRLinearFunction.apply(
+        x, round_to_grid(widths[0], m), round_to_grid(locations[0], m),
+        round_to_grid(widths[1], n), round_to_grid(locations[1], n),
+        row_factors, col_factors, bias, None if sigma is None else float(sigma),
+        bool(factored), bool(recompute_inner),
+    )
