@@ -7,6 +7,7 @@ the parameters, the grid-rounded widths/locations and -- unless ``recompute_inne
 intermediate, and rebuilds masks and masked factors in backward from the cached index tables (a
 few gathers and products, about 2% of the step).  ``recompute_inner`` also drops the T x K' r
 intermediate for one more GEMM (T K' r n multiply-adds), leaving nn.Linear's activation memory.
+The dense-build evaluation keeps W (out x in) when the input needs a gradient, as F.linear would.
 
 Two evaluations of the same function (the layer picks by counting multiply-adds):
 - factored: y = (x Vm^T) Um + b
@@ -53,16 +54,18 @@ class _GBLRLinearFunction(torch.autograd.Function):
             del row_mask, col_mask
             x2 = x.reshape(-1, n).to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            inner = None
+            inner = W = None
             if factored:
                 inner = x2 @ Vm.T  # (T, K' r)
                 y = torch.addmm(b, inner, Um) if b is not None else inner @ Um
             else:
                 W = Um.T @ Vm  # (m, n)
                 y = torch.addmm(b, x2, W.T) if b is not None else x2 @ W.T
-        keep_inner = factored and not recompute_inner
+        # factored: the intermediate, unless recomputed; dense-build: W when the input needs a
+        # gradient (dy W; rebuilding it would cost a K' r m n GEMM, what the path choice assumed kept)
+        kept = (inner if not recompute_inner else None) if factored else (W if ctx.needs_input_grad[0] else None)
         ctx.save_for_backward(x, row_width, row_location, col_width, col_location, row_factors,
-                              col_factors, inner if keep_inner else None)
+                              col_factors, kept)
         ctx.sigma, ctx.factored, ctx.dtype, ctx.has_bias = sigma, factored, dtype, bias is not None
         return y.reshape(*x.shape[:-1], m)
 
@@ -70,7 +73,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         # Order matters for the peak: each side's mask lives only while its side is processed,
         # and each (K' r, d) buffer is reused in place where the next value allows it.
-        x, row_width, row_location, col_width, col_location, row_factors, col_factors, inner = ctx.saved_tensors
+        x, row_width, row_location, col_width, col_location, row_factors, col_factors, kept = ctx.saved_tensors
         needs = ctx.needs_input_grad
         m, n = row_factors.shape[-1], col_factors.shape[-1]
         dtype, sigma = ctx.dtype, ctx.sigma
@@ -83,12 +86,11 @@ class _GBLRLinearFunction(torch.autograd.Function):
             Um = _masked(row_factors, row_mask).to(dtype)
             grad_x = None
             if ctx.factored:
-                if inner is None:
-                    inner = x2 @ Vm.T  # (T, K' r), recomputed
+                inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r), kept or recomputed
                 d_inner = dy @ Um.T  # (T, K' r)
                 del Um
                 held = [inner.T @ dy, row_mask]  # d Um (K' r, m)
-                del inner, row_mask
+                del inner, kept, row_mask
                 row_grads = _side_grads(held, row_factors, row_upper, row_lower, sigma, *needs[1:3], needs[5])
                 dVm = d_inner.T @ x2  # (K' r, n)
                 if needs[0]:
@@ -97,7 +99,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
             else:
                 dW = dy.T @ x2  # (m, n)
                 if needs[0]:
-                    grad_x = dy @ (Um.T @ Vm)
+                    grad_x = dy @ kept  # W (m, n)
                 held = [Vm @ dW.T, row_mask]  # d Um
                 del row_mask
                 row_grads = _side_grads(held, row_factors, row_upper, row_lower, sigma, *needs[1:3], needs[5])
