@@ -84,8 +84,9 @@ def _values(param) -> list:
 def config_errors(spec: StudySpec) -> List[str]:
     """``families.<family>.<knob>: <what is wrong>`` for every knob value the trainer would
     refuse (an unknown budget_control, distill outside [0, 1] or in scratch mode, ...), so a
-    study fails before it starts, not at the trial that samples the value.  Each knob's values
-    are tried with the other knobs at their first value; ranges at both ends."""
+    study fails before it starts, not at the trial that samples the value.  Every value of each
+    knob is tried with every value of each other knob (the other knobs at their first value; ranges
+    at both ends): the trainer's checks involve at most two fields at once."""
     errors: List[str] = []
     seen = set()
     for family, space in spec.families.items():
@@ -93,16 +94,19 @@ def config_errors(spec: StudySpec) -> List[str]:
                  if knob != "options" and getattr(space, knob) is not None}
         base = _workload_config(spec, family, spec.workload.seeds[0], "cpu")
         base.update({knob: values[0] for knob, values in knobs.items()})
-        for knob, values in knobs.items():
-            for value in values:
-                try:
-                    TrialConfig(**{**base, knob: value})
-                except (ValueError, TypeError) as error:
-                    for message in str(error).split("; "):
-                        if message not in seen:  # a bad first value fails every knob's tries
-                            seen.add(message)
-                            errors.append(f"families.{family}.{_blamed(message, knobs, knob)}: {message}")
-                    break
+        names = list(knobs)
+        trials = [(knob, {knob: value}) for knob in names for value in knobs[knob]]
+        trials += [(second, {first: a, second: b})
+                   for i, first in enumerate(names) for second in names[i + 1:]
+                   for a in knobs[first][1:] for b in knobs[second][1:]]
+        for tried, values in trials:
+            try:
+                TrialConfig(**{**base, **values})
+            except (ValueError, TypeError) as error:
+                for message in str(error).split("; "):
+                    if message not in seen:  # a bad first value fails every knob's tries
+                        seen.add(message)
+                        errors.append(f"families.{family}.{_blamed(message, knobs, tried)}: {message}")
     return errors
 
 
