@@ -12,7 +12,8 @@ Usage (the issue-3 grid)::
 
 ``--set KEY=VALUE`` overrides a TrialConfig field for the structured trials (VALUE parsed as
 JSON when it can be, e.g. ``--set structure_lr=0.01 --set lam=0.01``); with ``--families gblr
---no-dense`` that is a GBLR-variant run.  Fine-tune trials start from a dense model trained once
+--no-dense`` that is a GBLR-variant run.  ``--dense-set KEY=VALUE`` does the same for the dense
+trials (e.g. ``--dense-set distill=0.5``: the dense model self-distilled, in the same report).  Fine-tune trials start from a dense model trained once
 per seed and cached under ``--cache-dir`` (default bench/results/.cache/workloads).
 """
 from __future__ import annotations
@@ -168,6 +169,7 @@ def render(meta: Dict[str, Any], records: List[Dict[str, Any]], dense_start: Lis
         f"- seeds: {' '.join(map(str, meta['seeds']))} (cells: mean ± sample std over seeds, "
         f"test accuracy in %; f = achieved structured relative FLOPs, mean)",
         f"- overrides: {json.dumps(meta['overrides']) if meta['overrides'] else 'none (TrialConfig defaults)'}",
+        f"- dense overrides: {json.dumps(meta['dense_overrides']) if meta.get('dense_overrides') else 'none'}",
         f"- split sizes (seed {meta['seeds'][0]}): {meta.get('split_sizes', '?')}; one test example = "
         f"{100 / meta['split_sizes']['test']:.2f} pts" if meta.get("split_sizes") else "- split sizes: ?",
         f"- command: `{meta['command']}`",
@@ -308,6 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense trials")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="TrialConfig override for the structured trials (repeatable)")
+    parser.add_argument("--dense-set", dest="dense_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="TrialConfig override for the dense trials (repeatable)")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "workloads"),
                         help="output prefix: writes PREFIX.json and PREFIX.md")
@@ -326,6 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown families {unknown}; known: {all_families}")
     overrides = _parse_set(args.overrides)
+    dense_overrides = _parse_set(args.dense_overrides)
     workload_options = json.loads(args.workload_options)
     base = {
         "workload": args.workload, "workload_options": workload_options, "mode": args.mode,
@@ -338,7 +343,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for seed in args.seeds:
                 configs.append({**base, **overrides, "family": family, "budget": budget, "seed": seed})
     if not args.no_dense:
-        configs += [{**base, "family": "dense", "budget": 1.0, "seed": seed} for seed in args.seeds]
+        configs += [{**base, **dense_overrides, "family": "dense", "budget": 1.0, "seed": seed}
+                    for seed in args.seeds]
     from gsmsearch.trainer import TrialConfig
 
     configs = [TrialConfig.from_dict(c).to_dict() for c in configs]  # validate + normalise
@@ -356,7 +362,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {
         "workload": args.workload, "workload_options": workload_options, "mode": args.mode,
         "epochs": args.epochs, "budgets": args.budgets, "families": args.families,
-        "seeds": args.seeds, "jobs": args.jobs, "overrides": overrides, "dtype": "float32",
+        "seeds": args.seeds, "jobs": args.jobs, "overrides": overrides,
+        "dense_overrides": dense_overrides, "dtype": "float32",
         "machine": _machine(),
         "command": " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/workloads.py", *sys.argv[1:]]),
     }
