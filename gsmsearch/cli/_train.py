@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--structure-lr", type=float, default=None,
-                   help="widths/locations learning rate (default: 5e-3 in scratch mode, 0 in finetune mode)")
+                   help="widths/locations learning rate (default: 5e-4 in scratch mode, 0 in finetune mode)")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="lr multiplier per step (default: the workload's)")

@@ -53,7 +53,7 @@ class TrialConfig:
     epochs: int = 10
     batch_size: Optional[int] = None  # None = the workload's default
     lr: Optional[float] = None  # None = the workload's default
-    # widths/locations learning rate; None = 5e-3 in scratch mode, 0 in finetune mode (the
+    # widths/locations learning rate; None = 5e-4 in scratch mode, 0 in finetune mode (the
     # structure is the from_dense fit, kept while the factors are fine-tuned: moving it with Adam
     # during fine-tuning cost 2-5 points on animal-mnist-vit and did not help on digits-mlp,
     # bench/results/workloads*.md)

@@ -123,7 +123,7 @@ def test_finetune_starts_from_the_cached_dense_model(tmp_path):
 @pytest.mark.parametrize("mode,structure_lr,moves", [
     ("finetune", None, False),   # default in finetune: the from_dense structure is kept
     ("finetune", 0.05, True),    # an explicit structure lr learns it
-    ("scratch", None, True),     # default in scratch: learned (5e-3)
+    ("scratch", None, True),     # default in scratch: learned (5e-4)
 ])
 def test_structure_learning_defaults_by_mode(tmp_path, mode, structure_lr, moves):
     from gsmsearch.structured import load_structure
@@ -132,7 +132,7 @@ def test_structure_learning_defaults_by_mode(tmp_path, mode, structure_lr, moves
     cfg = tiny(family="gblr", budget=0.3, mode=mode, epochs=2, structure_lr=structure_lr)
     start = build_trial_model(cfg, workload, cache_dir=tmp_path)
     result = run_trial(cfg, cache_dir=tmp_path, structure_path=tmp_path / "end.safetensors")
-    expected_lr = structure_lr if structure_lr is not None else (0.0 if mode == "finetune" else 5e-3)
+    expected_lr = structure_lr if structure_lr is not None else (0.0 if mode == "finetune" else 5e-4)
     assert result.resolved["structure_lr"] == expected_lr  # the result says what "default" meant
     assert result.resolved["budget_anneal_epochs"] == (0.0 if mode == "finetune" else 1.0)
     assert (result.resolved["sigma_schedule"] is None) == (mode == "finetune")
