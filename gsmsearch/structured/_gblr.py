@@ -265,15 +265,17 @@ class GBLRLinear(StructuredLinear):
             return None
         return torch.nonzero(active).flatten()
 
-    def _masked_factors(self, sigma="layer"):
-        """Stacked masked factors over the components that matter: (K' r, out), (K' r, in)."""
+    def _active_parameters(self):
+        """(widths, locations, row factors, col factors) of the components that matter."""
         active = self._active_components()
         if active is None:
-            widths, locations = self.widths, self.locations
-            row_factors, col_factors = self.row_factors, self.col_factors
-        else:
-            widths, locations = self.widths[:, active], self.locations[:, active]
-            row_factors, col_factors = self.row_factors[active], self.col_factors[active]
+            return self.widths, self.locations, self.row_factors, self.col_factors
+        return (self.widths[:, active], self.locations[:, active],
+                self.row_factors[active], self.col_factors[active])
+
+    def _masked_factors(self, sigma="layer"):
+        """Stacked masked factors over the components that matter: (K' r, out), (K' r, in)."""
+        widths, locations, row_factors, col_factors = self._active_parameters()
         sigma = self.sigma if sigma == "layer" else sigma
         row_mask = gaudi_mask(widths[0], locations[0], self.out_features, sigma)  # (K', out)
         col_mask = gaudi_mask(widths[1], locations[1], self.in_features, sigma)  # (K', in)
@@ -334,13 +336,7 @@ class GBLRLinear(StructuredLinear):
                     dense["W"] = Um.T @ Vm  # (out, in), reused while the parameters are unchanged
                 y = _linear(x, dense["W"], bias)
             return y
-        active = self._active_components()
-        if active is None:
-            widths, locations = self.widths, self.locations
-            row_factors, col_factors = self.row_factors, self.col_factors
-        else:
-            widths, locations = self.widths[:, active], self.locations[:, active]
-            row_factors, col_factors = self.row_factors[active], self.col_factors[active]
+        widths, locations, row_factors, col_factors = self._active_parameters()
         weight_grad = any(
             p.requires_grad for p in (self.row_factors, self.col_factors, self.widths, self.locations)
         )
