@@ -5,8 +5,10 @@
     python -m bench.gpu --smoke      # tiny sizes on whatever device there is (CPU: float32)
 
 Without CUDA and without ``--smoke`` it prints a message and exits 0 (skipped).
-The GPU path runs the same eager code as the CPU path (index-space masks, grouped plans);
-no Triton kernels yet.
+The GPU path runs the same eager code as the CPU path (index-space masks, the fused training
+Function, grouped plans); no Triton kernels yet.  The train step also reports memory (kept for
+backward, CUDA peak per step) and checks the fused Function's gradients against the unfused
+composition on the device.
 """
 from __future__ import annotations
 
@@ -83,10 +85,48 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
             y = nn.functional.linear(x @ Vm.T, Um.T, layer.bias)
         y.float().sum().backward()
 
-    times = _interleaved({"nn.Linear": step(linear), "gblr": step(layer), "gblr cached masks": cached,
-                          "reference": reference}, repeats, device)
+    from bench._timing import tensor_memory
+    from bench.train_step import UnfusedGBLR, _variant
+
+    recompute = _variant(layer, recompute=True).to(device)
+    unfused = _variant(layer, UnfusedGBLR).to(device)
+    modules = {"nn.Linear": linear, "gblr": layer, "gblr recompute intermediate": recompute,
+               "gblr unfused (before)": unfused}
+    times = _interleaved({**{name: step(module) for name, module in modules.items()},
+                          "gblr cached masks": cached, "reference": reference}, repeats, device)
+    memory = {}
+    for name, module in modules.items():
+        kept = tensor_memory(step(module), exclude=[x, *module.parameters()])["saved_for_backward_mib"]
+        memory[name] = {"kept_for_backward_mib": kept, "step_peak_mib": _step_peak_mib(step(module), device)}
     return {"config": dict(n=n, m=m, K=K, tokens=tokens, sigma=sigma, dtype=str(dtype)), "ms": times,
-            "ratio_vs_linear": {k: v / times["nn.Linear"] for k, v in times.items()}}
+            "ratio_vs_linear": {k: v / times["nn.Linear"] for k, v in times.items()},
+            "memory": memory, "fused_vs_unfused_grad_error": _grad_error(layer, unfused, x, step)}
+
+
+def _step_peak_mib(fn, device):
+    """CUDA: peak allocated memory during one step over what was allocated before it (None on CPU:
+    the CPU suite measures that, ``python -m bench``)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _grad_error(fused, unfused, x, step):
+    """Largest relative error between the fused layer's gradients (input and every parameter)
+    and the unfused composition's, same weights, same autocast: the GPU check of the fused
+    Function (CI has no GPU)."""
+    grads = []
+    for module in (fused, unfused):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        step(module)()
+        grads.append([x.grad.float().clone()] + [p.grad.float().clone() for p in module.parameters()])
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(*grads))
 
 
 def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150):
@@ -163,6 +203,10 @@ def main(argv=None) -> int:
     print(f"device {report['device']}, {report['dtype']}, torch {report['torch']}")
     t = report["train"]
     print("train step x nn.Linear: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratio_vs_linear"].items()))
+    print("memory MiB (kept for backward / step peak): " + ", ".join(
+        f"{k} {v['kept_for_backward_mib']:.1f} / {'-' if v['step_peak_mib'] is None else format(v['step_peak_mib'], '.1f')}"
+        for k, v in t["memory"].items()))
+    print(f"fused vs unfused gradients, largest relative error: {t['fused_vs_unfused_grad_error']:.1e}")
     print(f"{'export structure':18s} {'f':>6s} {'best':>9s} {'speedup':>8s} {'0.6/f':>6s} "
           + " ".join(f"{n:>9s}" for n in ("grouped", "factored", "tiled")) + f" {'max err':>8s}")
     for r in report["export"]:
