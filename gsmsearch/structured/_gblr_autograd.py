@@ -14,7 +14,8 @@ Two evaluations of the same function (the layer picks by counting multiply-adds)
 - dense-build: W = Um^T Vm, y = x W^T + b (cheaper when the input needs no gradient)
 where Um = row_factors * row_mask (K' r, out) and Vm = col_factors * col_mask (K' r, in).
 
-Under autocast the GEMMs run in the autocast dtype (as F.linear's would); masks and parameter
+First derivatives only: gradients computed with ``create_graph=True`` do not carry a graph
+(``once_differentiable``).  Under autocast the GEMMs run in the autocast dtype (as F.linear's would); masks and parameter
 gradients stay in the parameters' dtype.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._mask import index_mask_backward, index_mask_forward, round_to_grid
 
@@ -70,6 +72,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], m)
 
     @staticmethod
+    @once_differentiable  # second derivatives (create_graph=True) raise instead of being wrong
     def backward(ctx, grad_y):
         # Order matters for the peak: each side's mask lives only while its side is processed,
         # and each (K' r, d) buffer is reused in place where the next value allows it.
