@@ -75,7 +75,8 @@ class _GBLRLinearFunction(torch.autograd.Function):
     @once_differentiable  # second derivatives (create_graph=True) raise instead of being wrong
     def backward(ctx, grad_y):
         # Order matters for the peak: each side's mask lives only while its side is processed,
-        # and each (K' r, d) buffer is reused in place where the next value allows it.
+        # each (K' r, d) buffer is reused in place where the next value allows it, and the
+        # dense-build path takes d Um before it builds the row side.
         x, row_width, row_location, col_width, col_location, row_factors, col_factors, kept = ctx.saved_tensors
         needs = ctx.needs_input_grad
         m, n = row_factors.shape[-1], col_factors.shape[-1]
@@ -85,10 +86,10 @@ class _GBLRLinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, n).to(dtype)
             col_mask, col_upper, col_lower = index_mask_forward(col_width, col_location, n, sigma)
             Vm = _masked(col_factors, col_mask).to(dtype)
-            row_mask, row_upper, row_lower = index_mask_forward(row_width, row_location, m, sigma)
-            Um = _masked(row_factors, row_mask).to(dtype)
             grad_x = None
             if ctx.factored:
+                row_mask, row_upper, row_lower = index_mask_forward(row_width, row_location, m, sigma)
+                Um = _masked(row_factors, row_mask).to(dtype)
                 inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r), kept or recomputed
                 d_inner = dy @ Um.T  # (T, K' r)
                 del Um
@@ -98,17 +99,21 @@ class _GBLRLinearFunction(torch.autograd.Function):
                 dVm = d_inner.T @ x2  # (K' r, n)
                 if needs[0]:
                     grad_x = d_inner @ Vm
-                del d_inner
+                del d_inner, Vm
             else:
                 dW = dy.T @ x2  # (m, n)
                 if needs[0]:
                     grad_x = dy @ kept  # W (m, n)
-                held = [Vm @ dW.T, row_mask]  # d Um
-                del row_mask
-                row_grads = _side_grads(held, row_factors, row_upper, row_lower, sigma, *needs[1:3], needs[5])
+                dUm = Vm @ dW.T  # before the row side is built: Vm is done with here
+                del Vm, kept
+                row_mask, row_upper, row_lower = index_mask_forward(row_width, row_location, m, sigma)
+                Um = _masked(row_factors, row_mask).to(dtype)
                 dVm = Um @ dW
-                del dW, Um
-            del Vm, x2
+                del Um, dW
+                held = [dUm, row_mask]
+                del dUm, row_mask
+                row_grads = _side_grads(held, row_factors, row_upper, row_lower, sigma, *needs[1:3], needs[5])
+            del x2
             held = [dVm, col_mask]
             del dVm, col_mask
             col_grads = _side_grads(held, col_factors, col_upper, col_lower, sigma, *needs[3:5], needs[6])
