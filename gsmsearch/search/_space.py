@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from ..trainer import TrialConfig
+from ..trainer._trial import family_option_names
 from ._spec import Choices, Range, StudySpec
 
 __all__ = ["suggest", "trial_config", "space_size", "config_errors"]
@@ -92,6 +93,11 @@ def config_errors(spec: StudySpec) -> List[str]:
     for family, space in spec.families.items():
         knobs = {knob: _values(getattr(space, knob)) for knob in type(space).model_fields
                  if knob != "options" and getattr(space, knob) is not None}
+        known = family_option_names(family, spec.workload.mode,
+                                    [m for m in knobs.get("fit_method", ["greedy"]) if isinstance(m, str)])
+        for option in sorted(set(space.options) - set(known)):
+            errors.append(f"families.{family}.options.{option}: unknown option of {family} in "
+                          f"{spec.workload.mode} mode; known: {', '.join(known) or 'none'}")
         base = _workload_config(spec, family, spec.workload.seeds[0], "cpu")
         base.update({knob: values[0] for knob, values in knobs.items()})
         names = list(knobs)

@@ -59,17 +59,14 @@ class GBLRLinear(StructuredLinear):
         bias: learn an additive bias.
         sigma: Gaussian low-pass of the Gaudi masks; ``None`` = exact boxcar masks.  Trainers change
             it over time with :class:`gsmsearch.structured.SigmaSchedule` (``layer.sigma = ...``).
-        init_width: starting mean width from scratch; default chooses widths so that the starting
-            cost equals the dense layer's (first quarter of the components full width, the rest a
-            common shorter width), locations spread evenly so the whole matrix is covered.
-
-    Training memory: the forward keeps the input, the parameters and the T x K' r intermediate
-    x Vm^T for backward (masks and masked factors are rebuilt there, ``_gblr_autograd``).  Set
-    ``layer.recompute_intermediate = True`` to drop the intermediate too, for one more GEMM in
-    backward (bench/RESULTS.md section 1 measures both).
+        (From scratch the widths start so that the cost equals the dense layer's -- the first
+        quarter of the components full width, the rest a common shorter width -- with locations
+        spread evenly so the whole matrix is covered.)
+        recompute_intermediate: training memory.  The forward keeps the input, the parameters
+            and the T x K' r intermediate x Vm^T for backward (masks and masked factors are
+            rebuilt there, ``_gblr_autograd``); True drops the intermediate too, for one more GEMM
+            in backward (bench/RESULTS.md section 1 measures both).  Same results either way.
     """
-
-    recompute_intermediate: bool = False
 
     def __init__(
         self,
@@ -80,6 +77,7 @@ class GBLRLinear(StructuredLinear):
         num_components: Optional[int] = None,
         bias: bool = True,
         sigma: Optional[float] = None,
+        recompute_intermediate: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         if int(rank_per_component) < 1:
@@ -92,6 +90,7 @@ class GBLRLinear(StructuredLinear):
         self.rank = int(rank_per_component)
         self.num_components = K
         self.sigma = sigma
+        self.recompute_intermediate = bool(recompute_intermediate)
         self.row_factors = nn.Parameter(torch.empty(K, self.rank, out_features))  # U_k^T
         self.col_factors = nn.Parameter(torch.empty(K, self.rank, in_features))  # V_k^T
         self.widths = nn.Parameter(torch.ones(2, K))
@@ -163,6 +162,7 @@ class GBLRLinear(StructuredLinear):
         method: str = "greedy",
         sigma: Optional[float] = None,
         seed: int = 0,
+        recompute_intermediate: bool = False,
         **options,
     ) -> "GBLRLinear":
         """Fit a GBLR layer to a pre-trained ``weight`` (out x in) within ``budget`` (fraction of
@@ -186,7 +186,7 @@ class GBLRLinear(StructuredLinear):
         K = fit.widths.shape[1]
         layer = cls(
             n, m, rank_per_component=rank_per_component, num_components=K,
-            bias=bias is not None, sigma=sigma,
+            bias=bias is not None, sigma=sigma, recompute_intermediate=recompute_intermediate,
         )
         with torch.no_grad():
             layer.widths.copy_(fit.widths)
@@ -205,6 +205,7 @@ class GBLRLinear(StructuredLinear):
             "num_components": self.num_components,
             "bias": self.bias is not None,
             "sigma": self.sigma,
+            "recompute_intermediate": self.recompute_intermediate,
         }
 
     # -- structure -----------------------------------------------------------------------------

@@ -38,9 +38,15 @@ import torch
 from ._cost import component_costs, gblr_flops
 from ._mask import boxcar_mask, gaudi_mask
 
-__all__ = ["GBLRFactors", "fit_gblr", "lowrank_fit", "FIT_METHODS"]
+__all__ = ["GBLRFactors", "fit_gblr", "lowrank_fit", "FIT_METHODS", "FIT_OPTIONS"]
 
 FIT_METHODS = ("greedy", "reference")
+#: each method's knobs and their defaults (``fit_gblr(..., **options)``)
+FIT_OPTIONS = {
+    "greedy": dict(refit_passes=2, batch=16, power_iters=8, decay=0.6, lowrank_fallback=True,
+                   max_levels=60, threads=1),
+    "reference": dict(steps=1000, lr=1e-2),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,12 +157,11 @@ def fit_gblr(
     m, n = weight.shape
     K = int(num_components) if num_components is not None else min(m, n)
     if method == "greedy":
-        opts = _check_options(options, dict(refit_passes=2, batch=16, power_iters=8, decay=0.6,
-                                            lowrank_fallback=True, max_levels=60, threads=1), method)
+        opts = _check_options(options, dict(FIT_OPTIONS["greedy"]), method)
         threads = opts.pop("threads")
         with _num_threads(threads):
             return _fit_greedy(weight, budget, rank_per_component, K, seed, **opts)
-    opts = _check_options(options, dict(steps=1000, lr=1e-2), method)
+    opts = _check_options(options, dict(FIT_OPTIONS["reference"]), method)
     if int(opts["steps"]) < 0:
         raise ValueError(f"steps must be >= 0, got {opts['steps']}")
     return _fit_reference(weight, budget, rank_per_component, K, seed, **opts)

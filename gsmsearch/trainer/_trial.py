@@ -216,6 +216,29 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
     return _build_trial_model(config, workload, cache_dir=cache_dir)[0]
 
 
+def family_option_names(family: str, mode: str, fit_methods=("greedy",)) -> List[str]:
+    """The ``family_options`` names a trial of ``family`` in ``mode`` accepts -- those of the call
+    :func:`build_trial_model` passes them to, less what the trainer sets itself (for a study
+    spec's checks: option values are checked when the trial builds its layers)."""
+    import inspect
+
+    from ..structured._gblr_fit import FIT_OPTIONS
+
+    if family == "dense":
+        return []
+    cls = get_family(family)
+    scratch_gblr = family == "gblr" and mode == "scratch"
+    call = cls.__init__ if scratch_gblr else cls.from_dense
+    set_by_trainer = {"self", "cls", "in_features", "out_features", "weight", "bias", "budget",
+                      "sigma" if scratch_gblr else "", "method", "seed"}
+    names = {p.name for p in inspect.signature(call).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set_by_trainer
+    if family == "gblr" and not scratch_gblr:
+        for method in fit_methods:
+            names |= set(FIT_OPTIONS.get(method, {}))
+    return sorted(names)
+
+
 def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None):
     """(model, per-layer budgets or None) -- see :func:`build_trial_model`."""
     seed_everything(config.seed)

@@ -123,3 +123,17 @@ EXAMPLES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
 def test_example_studies_are_valid(path):
     spec = load_spec(path)  # the same checks as `gsmsearch launch`, knob values included
     assert spec.families and spec.trials >= 1
+
+
+def test_family_option_names_follow_the_mode_and_the_fit_method():
+    finetune = {**TINY_SPEC, "workload": {**TINY_SPEC["workload"], "mode": "finetune"},
+                "families": {"gblr": {"budget": 0.2, "fit_method": ["greedy", "reference"],
+                                      "options": {"refit_passes": 1, "steps": 10,
+                                                  "recompute_intermediate": [True, False]}},
+                             "lowrank": {"budget": 0.2, "options": {"rank": 4}}}}
+    spec_from_dict(finetune)  # fit options of both methods, from_dense options: accepted
+    scratch = {**finetune, "workload": TINY_SPEC["workload"],
+               "families": {"gblr": {"budget": 0.2, "options": {"refit_passes": 1}}}}
+    with pytest.raises(SpecError, match=r"families\.gblr\.options\.refit_passes: unknown option of "
+                                        r"gblr in scratch mode"):
+        spec_from_dict(scratch)  # scratch GBLR is constructed, not fitted

@@ -364,3 +364,16 @@ def test_cli_train_json(tmp_path):
     )
     assert bad.returncode == 2
     assert "unknown structured family 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recompute_intermediate_option_trains_the_same_model(tmp_path):
+    plain = run_trial(tiny(family="gblr", budget=0.3), cache_dir=tmp_path)
+    lean = run_trial(tiny(family="gblr", budget=0.3, family_options={"recompute_intermediate": True}),
+                     cache_dir=tmp_path, structure_path=tmp_path / "lean.safetensors")
+    assert lean.curves[-1]["train_loss"] == plain.curves[-1]["train_loss"]  # same function, same order
+    assert lean.quality == plain.quality
+    from gsmsearch.structured import load_structure
+
+    model = load_structure(get_workload("digits-mlp", **TINY).build_model(), tmp_path / "lean.safetensors")
+    layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
+    assert layers and all(layer.recompute_intermediate for layer in layers)  # kept in the saved config
