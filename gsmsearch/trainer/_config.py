@@ -11,7 +11,7 @@ __all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS", "LR_SCHEDUL
 
 MODES = ("scratch", "finetune")
 ALLOCATIONS = ("uniform", "global")
-LR_SCHEDULES = ("constant", "cosine")  # the loop's lr_factor
+LR_SCHEDULES = ("constant", "cosine")  # see the loop's lr_factor
 BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "none")
 
 

@@ -29,9 +29,9 @@ from ..structured import (
 )
 from ..workloads import move_to_device
 
-__all__ = ["TrialFailed", "EpochReport", "TrainingLoop", "seed_everything", "LR_SCHEDULES", "lr_factor"]
+from ._config import LR_SCHEDULES
 
-LR_SCHEDULES = ("constant", "cosine")
+__all__ = ["TrialFailed", "EpochReport", "TrainingLoop", "seed_everything", "lr_factor"]
 
 
 def lr_factor(schedule: str, progress: float, epochs: float, warmup_epochs: float = 0.0) -> float:
