@@ -37,8 +37,7 @@ def _train_memory(config: dict, threads: int) -> dict:
     n, m, K, T = config["in_features"], config["out_features"], config["num_components"], config["tokens"]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        recompute = GBLRLinear(n, m, num_components=K, sigma=config["sigma"])
-        recompute.recompute_intermediate = True
+        recompute = GBLRLinear(n, m, num_components=K, sigma=config["sigma"], recompute_intermediate=True)
         for name, module in (("nn.Linear", nn.Linear(n, m)),
                              ("gblr", GBLRLinear(n, m, num_components=K, sigma=config["sigma"])),
                              ("gblr recompute intermediate", recompute),

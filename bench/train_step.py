@@ -29,9 +29,9 @@ class UnfusedGBLR(GBLRLinear):
 
 
 def _variant(layer: GBLRLinear, cls=GBLRLinear, recompute: bool = False) -> GBLRLinear:
-    copy = cls(**layer.config())
+    """A copy of ``layer`` (same weights) as ``cls``, with ``recompute_intermediate``."""
+    copy = cls(**{**layer.config(), "recompute_intermediate": recompute})
     copy.load_state_dict(layer.state_dict())
-    copy.recompute_intermediate = recompute
     return copy
 
 
@@ -84,8 +84,7 @@ def _mask_step(layer: GBLRLinear, fn, sigma):
 
 
 def _forced(layer: GBLRLinear, factored: bool) -> GBLRLinear:
-    forced = GBLRLinear(**layer.config())
-    forced.load_state_dict(layer.state_dict())
+    forced = _variant(layer)
     forced._use_factored = lambda *args, **kwargs: factored  # instance override, benchmark only
     return forced
 

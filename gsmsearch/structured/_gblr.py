@@ -31,7 +31,7 @@ from torch import nn
 
 from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
-from ._gblr_autograd import gblr_linear
+from ._gblr_autograd import gblr_linear, masked_factors
 from ._mask import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -280,9 +280,7 @@ class GBLRLinear(StructuredLinear):
         sigma = self.sigma if sigma == "layer" else sigma
         row_mask = gaudi_mask(widths[0], locations[0], self.out_features, sigma)  # (K', out)
         col_mask = gaudi_mask(widths[1], locations[1], self.in_features, sigma)  # (K', in)
-        Um = (row_factors * row_mask[:, None, :]).reshape(-1, self.out_features)  # (K' r, out)
-        Vm = (col_factors * col_mask[:, None, :]).reshape(-1, self.in_features)  # (K' r, in)
-        return Um, Vm
+        return masked_factors(row_factors, row_mask), masked_factors(col_factors, col_mask)
 
     def _cache_key(self, x: torch.Tensor):
         params = (self.widths, self.locations, self.row_factors, self.col_factors)

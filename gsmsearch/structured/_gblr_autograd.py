@@ -27,10 +27,10 @@ from torch.autograd.function import once_differentiable
 
 from ._mask import index_mask_backward, index_mask_forward, round_to_grid
 
-__all__ = ["gblr_linear"]
+__all__ = ["gblr_linear", "masked_factors"]
 
 
-def _masked(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_factors(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(K', r, d) factors times (K', d) masks, flattened to (K' r, d)."""
     return (factors * mask[:, None, :]).reshape(-1, factors.shape[-1])
 
@@ -49,10 +49,10 @@ class _GBLRLinearFunction(torch.autograd.Function):
         m, n = row_factors.shape[-1], col_factors.shape[-1]
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            row_mask, _, _ = index_mask_forward(row_width, row_location, m, sigma)
-            col_mask, _, _ = index_mask_forward(col_width, col_location, n, sigma)
-            Um = _masked(row_factors, row_mask).to(dtype)
-            Vm = _masked(col_factors, col_mask).to(dtype)
+            row_mask, _, _, row_wrapped = index_mask_forward(row_width, row_location, m, sigma)
+            col_mask, _, _, col_wrapped = index_mask_forward(col_width, col_location, n, sigma)
+            Um = masked_factors(row_factors, row_mask).to(dtype)
+            Vm = masked_factors(col_factors, col_mask).to(dtype)
             del row_mask, col_mask
             x2 = x.reshape(-1, n).to(dtype)
             b = bias.to(dtype) if bias is not None else None
@@ -69,6 +69,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, row_width, row_location, col_width, col_location, row_factors,
                               col_factors, kept)
         ctx.sigma, ctx.factored, ctx.dtype, ctx.has_bias = sigma, factored, dtype, bias is not None
+        ctx.wrapped = (row_wrapped, col_wrapped)  # backward rebuilds the masks without re-checking
         return y.reshape(*x.shape[:-1], m)
 
     @staticmethod
@@ -84,12 +85,13 @@ class _GBLRLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dy = grad_y.reshape(-1, m).to(dtype)
             x2 = x.reshape(-1, n).to(dtype)
-            col_mask, col_upper, col_lower = index_mask_forward(col_width, col_location, n, sigma)
-            Vm = _masked(col_factors, col_mask).to(dtype)
+            row_wrapped, col_wrapped = ctx.wrapped
+            col_mask, col_upper, col_lower, _ = index_mask_forward(col_width, col_location, n, sigma, col_wrapped)
+            Vm = masked_factors(col_factors, col_mask).to(dtype)
             grad_x = None
             if ctx.factored:
-                row_mask, row_upper, row_lower = index_mask_forward(row_width, row_location, m, sigma)
-                Um = _masked(row_factors, row_mask).to(dtype)
+                row_mask, row_upper, row_lower, _ = index_mask_forward(row_width, row_location, m, sigma, row_wrapped)
+                Um = masked_factors(row_factors, row_mask).to(dtype)
                 inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r), kept or recomputed
                 d_inner = dy @ Um.T  # (T, K' r)
                 del Um
@@ -106,8 +108,8 @@ class _GBLRLinearFunction(torch.autograd.Function):
                     grad_x = dy @ kept  # W (m, n)
                 dUm = Vm @ dW.T  # before the row side is built: Vm is done with here
                 del Vm, kept
-                row_mask, row_upper, row_lower = index_mask_forward(row_width, row_location, m, sigma)
-                Um = _masked(row_factors, row_mask).to(dtype)
+                row_mask, row_upper, row_lower, _ = index_mask_forward(row_width, row_location, m, sigma, row_wrapped)
+                Um = masked_factors(row_factors, row_mask).to(dtype)
                 dVm = Um @ dW
                 del Um, dW
                 held = [dUm, row_mask]

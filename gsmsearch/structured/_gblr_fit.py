@@ -157,11 +157,11 @@ def fit_gblr(
     m, n = weight.shape
     K = int(num_components) if num_components is not None else min(m, n)
     if method == "greedy":
-        opts = _check_options(options, dict(FIT_OPTIONS["greedy"]), method)
+        opts = _check_options(options, FIT_OPTIONS["greedy"], method)
         threads = opts.pop("threads")
         with _num_threads(threads):
             return _fit_greedy(weight, budget, rank_per_component, K, seed, **opts)
-    opts = _check_options(options, dict(FIT_OPTIONS["reference"]), method)
+    opts = _check_options(options, FIT_OPTIONS["reference"], method)
     if int(opts["steps"]) < 0:
         raise ValueError(f"steps must be >= 0, got {opts['steps']}")
     return _fit_reference(weight, budget, rank_per_component, K, seed, **opts)

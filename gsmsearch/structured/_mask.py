@@ -197,16 +197,20 @@ def _index_rows(width, location, n: int):
     return upper, lower, wraps
 
 
-def index_mask_forward(width, location, n: int, sigma: Optional[float]):
-    """(K, n) masks of grid-rounded ``width``/``location`` (no autograd), and the table rows
-    (upper, lower) their backward needs (:func:`index_mask_backward`)."""
+def index_mask_forward(width, location, n: int, sigma: Optional[float], wrapped: Optional[bool] = None):
+    """(K, n) masks of grid-rounded ``width``/``location`` (no autograd), the table rows (upper,
+    lower) their backward needs (:func:`index_mask_backward`), and whether any width covers a
+    whole period (full-width components do).  Pass ``wrapped`` from an earlier call on the same
+    values to skip that check (a host sync on a GPU)."""
     prefix_rows, _ = _index_tables(n, sigma, width.dtype, width.device)
     upper, lower, wraps = _index_rows(width, location, n)
     mask = prefix_rows.index_select(0, upper)
     mask -= prefix_rows.index_select(0, lower)  # (K, n)
-    if bool((wraps != 0).any()):  # widths outside [0, 1): each whole period adds 1
+    if wrapped is None:
+        wrapped = bool((wraps != 0).any())
+    if wrapped:  # each whole period adds 1
         mask += wraps[:, None].to(mask.dtype)
-    return mask, upper, lower
+    return mask, upper, lower, wrapped
 
 
 def index_mask_backward(grad_mask, upper, lower, n: int, sigma: Optional[float], location_grad: bool = True):
@@ -226,7 +230,7 @@ class _IndexMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, width, location, n, sigma):
         # width, location: (K,) already rounded to the grid (the STE is applied outside).
-        mask, upper, lower = index_mask_forward(width, location, n, sigma)
+        mask, upper, lower, _ = index_mask_forward(width, location, n, sigma)
         ctx.save_for_backward(upper, lower)
         ctx.n, ctx.sigma = n, sigma
         return mask

@@ -230,7 +230,7 @@ def family_option_names(family: str, mode: str, fit_methods=("greedy",)) -> List
     scratch_gblr = family == "gblr" and mode == "scratch"
     call = cls.__init__ if scratch_gblr else cls.from_dense
     set_by_trainer = {"self", "cls", "in_features", "out_features", "weight", "bias", "budget",
-                      "sigma" if scratch_gblr else "", "method", "seed"}
+                      "method", "seed"} | ({"sigma"} if scratch_gblr else set())
     names = {p.name for p in inspect.signature(call).parameters.values()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - set_by_trainer
     if family == "gblr" and not scratch_gblr:
