@@ -37,6 +37,29 @@ def _spec(name: str, trials: int, concurrency: int, epochs: int) -> dict:
     }
 
 
+def _idle(timings, begin: float, end: float) -> dict:
+    """Where the wall time goes that no trial uses: each worker's idle time between the end of
+    one trial and the start of its next (the driver receiving, asking the sampler, writing the
+    new trial, submitting; the per-trial overhead on the critical path), the launch's start-up
+    until the first trial starts (database, study, creating the worker actors: importing torch),
+    and its end after the last trial (recording, the final front).  Worker clocks and the
+    driver's are the same host's here."""
+    by_worker = {}
+    for t in timings:
+        by_worker.setdefault(t["worker"], []).append(t)
+    gaps = []
+    for runs in by_worker.values():
+        runs.sort(key=lambda t: t["started"])
+        gaps += [b["started"] - a["finished"] for a, b in zip(runs, runs[1:])]
+    return {
+        "workers": len(by_worker),
+        "median_idle_gap_s": statistics.median(gaps) if gaps else float("nan"),
+        "max_idle_gap_s": max(gaps) if gaps else float("nan"),
+        "startup_s": min(t["started"] for t in timings) - begin,
+        "teardown_s": end - max(t["finished"] for t in timings),
+    }
+
+
 def run(trials: int, epochs: int) -> dict:
     from gsmsearch.search import launch
     from gsmsearch.search._runner import start_ray
@@ -53,9 +76,10 @@ def run(trials: int, epochs: int) -> dict:
         for concurrency in (1, 2):
             path = Path(tmp) / f"c{concurrency}.yaml"
             path.write_text(yaml.safe_dump(_spec(f"c{concurrency}", trials, concurrency, epochs)))
-            begin = time.perf_counter()
+            begin, begin_clock = time.perf_counter(), time.time()
             summary = launch(path, out=open(os.devnull, "w"), status_interval=1e9)
             wall = time.perf_counter() - begin
+            end_clock = time.time()
             assert summary.completed == trials, summary
             timings = summary.timings
             overhead = [t["submit_to_start_s"] + t["return_s"] + t["record_s"] for t in timings]
@@ -69,6 +93,7 @@ def run(trials: int, epochs: int) -> dict:
                 "median_submit_to_start_s": statistics.median(t["submit_to_start_s"] for t in timings),
                 "median_record_s": statistics.median(t["record_s"] for t in timings),
                 "median_return_s": statistics.median(t["return_s"] for t in timings),
+                **_idle(timings, begin_clock, end_clock),
                 "timings": timings,
             }
     out["speedup_2_vs_1"] = out["runs"][1]["wall_s"] / out["runs"][2]["wall_s"]
@@ -93,6 +118,10 @@ def main(argv=None) -> int:
         print(f"{c:>11d} {r['wall_s']:8.1f} {r['throughput_trials_per_min']:10.1f} {r['median_run_s']:13.2f} "
               f"{r['median_overhead_s']:10.3f}/{r['max_overhead_s']:<10.3f} {r['median_submit_to_start_s']:13.3f} "
               f"{r['median_record_s']:8.3f}")
+    print(f"{'concurrency':>11s} {'idle gap between trials s (med/max)':>36s} {'start-up s':>10s} {'teardown s':>10s}")
+    for c, r in report["runs"].items():
+        print(f"{c:>11d} {r['median_idle_gap_s']:17.3f}/{r['max_idle_gap_s']:<18.3f} {r['startup_s']:10.2f} "
+              f"{r['teardown_s']:10.2f}")
     print(f"throughput with 2 concurrent trials / 1: {report['speedup_2_vs_1']:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))

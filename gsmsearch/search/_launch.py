@@ -47,8 +47,10 @@ class LaunchSummary:
     interrupted: bool = False
     front: List[Dict[str, Any]] = field(default_factory=list)
     # per finished trial: seconds from submission to the trial starting in its worker, inside
-    # the trial, from its end back to the driver, and recording it in the database
-    timings: List[Dict[str, float]] = field(default_factory=list)
+    # the trial, from its end back to the driver, and recording it in the database; plus the
+    # worker's clock at the trial's start and end and the worker (Ray actor) that ran it, from
+    # which a benchmark gets each worker's idle time between two trials
+    timings: List[Dict[str, Any]] = field(default_factory=list)
 
 
 def make_sampler(spec: StudySpec):
@@ -443,7 +445,9 @@ def launch(
                 else:
                     record_failure(entry, outcome["reason"], final=True)
                 timing["record_s"] = time.time() - received
-                summary.timings.append(timing)
+                summary.timings.append({**timing, "started": outcome["started"],
+                                        "finished": outcome["finished"],
+                                        "worker": outcome.get("actor_id")})
             if spec.trial_timeout is not None:
                 now = time.monotonic()
                 for ref, entry in list(running.items()):

@@ -28,3 +28,25 @@ def test_digits_splits_are_stratified_and_standardised():
     train_x, train_y = splits.train.tensors
     assert torch.allclose(train_x.mean(dim=0), torch.zeros(64), atol=1e-5)
     assert set(torch.bincount(splits.test.tensors[1]).tolist()) <= {35, 36, 37}
+
+
+def test_digits_are_scikit_learns_digits_read_without_importing_it():
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from gsmsearch.workloads._digits import read_digits
+
+    data, target = read_digits()
+    reference = load_digits()
+    assert np.array_equal(data, reference.data) and data.dtype == reference.data.dtype
+    assert np.array_equal(target, reference.target)
+    assert np.array_equal(data.reshape(-1, 8, 8), reference.images)
+    # a fresh process loading the digits splits never imports scikit-learn (1.6 s per worker)
+    code = ("import sys; from gsmsearch.workloads import get_workload; "
+            "get_workload('digits-vit').load_data(seed=0); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
