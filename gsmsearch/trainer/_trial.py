@@ -26,11 +26,13 @@ from ..structured import (
     model_cost,
     replace_linears,
     save_structure,
+    set_module,
     set_sigma,
 )
 from ..workloads import get_workload, move_to_device
 from ._config import TrialConfig
 from ._dense_cache import cached_dense_state
+from ._fit_cache import cached_gblr_fit
 from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
 
 __all__ = ["TrialResult", "run_trial", "build_trial_model", "layer_budgets", "measure_latency"]
@@ -265,9 +267,14 @@ def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None):
             replaced = replace_linears(model, "gblr", include=include, exclude=config.exclude,
                                        from_dense=False, sigma=config.sigma_init, **options)
         else:
-            replaced = replace_linears(model, "gblr", include=include, exclude=config.exclude,
-                                       budget=budget, method=config.fit_method,
-                                       seed=config.seed, **options)
+            # the greedy fit is the slow part of a fine-tune trial's start: cached on disk
+            targets = matching_linears(model, include, config.exclude)
+            for name, linear in targets:
+                set_module(model, name, cached_gblr_fit(
+                    linear.weight, linear.bias, cache_dir=cache_dir,
+                    budget=budget(name, linear) if callable(budget) else budget,
+                    method=config.fit_method, seed=config.seed, **options))
+            replaced = [name for name, _ in targets]
     else:
         replaced = replace_linears(model, config.family, include=include, exclude=config.exclude,
                                    budget=budget, **options)

@@ -377,3 +377,35 @@ def test_recompute_intermediate_option_trains_the_same_model(tmp_path):
     model = load_structure(get_workload("digits-mlp", **TINY).build_model(), tmp_path / "lean.safetensors")
     layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
     assert layers and all(layer.recompute_intermediate for layer in layers)  # kept in the saved config
+
+
+def test_gblr_fits_are_cached_and_read_back_exactly(tmp_path, monkeypatch):
+    from gsmsearch.trainer._fit_cache import cached_gblr_fit, gblr_fit_key
+
+    first = run_trial(tiny(family="gblr", budget=0.3, mode="finetune"), cache_dir=tmp_path)
+    fits = sorted((tmp_path / "gblr-fits").glob("*.safetensors"))
+    assert len(fits) == len(first.layers) >= 2  # one per structured layer of the tiny MLP
+    # a trial that differs only in its lr fits the same layers: read back, never refitted
+    calls = []
+    original = GBLRLinear.from_dense.__func__
+    monkeypatch.setattr(GBLRLinear, "from_dense",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or original(cls, *a, **k)))
+    again = run_trial(tiny(family="gblr", budget=0.3, mode="finetune"), cache_dir=tmp_path)
+    assert calls == [] and again.to_dict()["curves"][-1]["train_loss"] == first.curves[-1]["train_loss"]
+    assert again.quality == first.quality and again.layers == first.layers
+    other_lr = run_trial(tiny(family="gblr", budget=0.3, mode="finetune", lr=1e-3), cache_dir=tmp_path)
+    assert calls == [] and other_lr.layers.keys() == first.layers.keys()
+    # the same state to the last bit as a fresh fit; another budget or seed is another entry
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(1))
+    cached = cached_gblr_fit(weight, bias, budget=0.3, cache_dir=tmp_path, seed=0)
+    read = cached_gblr_fit(weight, bias, budget=0.3, cache_dir=tmp_path, seed=0)
+    fresh = original(GBLRLinear, weight, bias, budget=0.3, seed=0)
+    assert len(calls) == 1  # the first cached call fitted; the read fitted nothing
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], value) and torch.equal(read.state_dict()[name], value)
+    assert read.config() == fresh.config()
+    keys = {gblr_fit_key(weight, bias, budget=0.3, seed=0), gblr_fit_key(weight, bias, budget=0.2, seed=0),
+            gblr_fit_key(weight, bias, budget=0.3, seed=1), gblr_fit_key(weight * 2, bias, budget=0.3, seed=0),
+            gblr_fit_key(weight, None, budget=0.3, seed=0)}
+    assert len(keys) == 5
