@@ -6,6 +6,7 @@ starting together never train it twice or read a half-written file (writes are a
 """
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import inspect
@@ -17,24 +18,42 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["default_cache_dir", "dense_cache_key", "cached_dense_state"]
+__all__ = ["default_cache_dir", "dense_cache_key", "cached_dense_state", "code_fingerprint"]
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GSMSEARCH_CACHE", Path.home() / ".cache" / "gsmsearch"))
 
 
+def code_fingerprint(module) -> str:
+    """What a module computes, for cache keys: its syntax tree without docstrings (comments are
+    not in it), so editing a comment or a docstring does not retrain or refit anything, while
+    any change to the code does.  The source text where the tree cannot be had."""
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
+        return ""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # pragma: no cover - a module that imported parses
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False)
+
+
 def _code_version(workload) -> str:
-    """gsmsearch version + the source of the workload's module and of the training loop."""
+    """gsmsearch version + the code of the workload's module and of the training loop."""
     import gsmsearch
     from . import _loop
 
     digest = hashlib.sha256(gsmsearch.__version__.encode())
-    for obj in (type(workload), _loop):
-        try:
-            digest.update(inspect.getsource(inspect.getmodule(obj)).encode())
-        except (OSError, TypeError):
-            pass
+    for module in (inspect.getmodule(type(workload)), _loop):
+        digest.update(code_fingerprint(module).encode())
     return digest.hexdigest()[:12]
 
 

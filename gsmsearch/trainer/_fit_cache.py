@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -23,19 +22,19 @@ from typing import Optional
 
 import torch
 
-from ._dense_cache import default_cache_dir
+from ._dense_cache import code_fingerprint, default_cache_dir
 
 __all__ = ["cached_gblr_fit", "gblr_fit_key"]
 
 
 def _fit_code_version() -> str:
-    """gsmsearch and torch versions + the source of the modules a fit's result depends on."""
+    """gsmsearch and torch versions + the code of the modules a fit's result depends on."""
     import gsmsearch
     from ..structured import _cost, _gblr, _gblr_fit, _mask
 
     digest = hashlib.sha256(f"{gsmsearch.__version__} {torch.__version__}".encode())
     for module in (_gblr_fit, _gblr, _cost, _mask):
-        digest.update(inspect.getsource(module).encode())
+        digest.update(code_fingerprint(module).encode())
     return digest.hexdigest()[:12]
 
 

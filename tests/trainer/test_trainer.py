@@ -409,3 +409,39 @@ def test_gblr_fits_are_cached_and_read_back_exactly(tmp_path, monkeypatch):
             gblr_fit_key(weight, bias, budget=0.3, seed=1), gblr_fit_key(weight * 2, bias, budget=0.3, seed=0),
             gblr_fit_key(weight, None, budget=0.3, seed=0)}
     assert len(keys) == 5
+
+
+def test_cache_keys_follow_code_not_comments_or_docstrings(tmp_path):
+    import importlib.util
+    import textwrap
+
+    from gsmsearch.trainer._dense_cache import code_fingerprint
+
+    def fingerprint(name, source):
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return code_fingerprint(module)
+
+    base = fingerprint("m0", '''
+        """Module doc."""
+        def step(x):
+            """Doc."""
+            return x * 2  # twice
+    ''')
+    reworded = fingerprint("m1", '''
+        """Another module doc."""
+        def step(x):
+            """Other doc."""
+            # a new comment
+            return x * 2  # double
+    ''')
+    changed = fingerprint("m2", '''
+        """Module doc."""
+        def step(x):
+            """Doc."""
+            return x * 3  # twice
+    ''')
+    assert base == reworded and base != changed and base
