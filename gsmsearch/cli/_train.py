@@ -36,9 +36,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--family-options", type=_json_dict, default={}, metavar="JSON")
     p.add_argument("--budget", type=float, default=0.25, help="target relative FLOPs of the structured layers")
     p.add_argument("--mode", choices=["scratch", "finetune"], default="scratch")
-    p.add_argument("--budget-allocation", choices=["uniform", "global"], default="uniform",
+    p.add_argument("--budget-allocation", choices=["uniform", "global", "activation"], default="uniform",
                    help="finetune: every layer at --budget, or per-layer budgets from the dense "
-                        "weights' spectra (same per-sample total)")
+                        "weights' spectra (global) or from the spectra of the weights times the "
+                        "square root of their inputs' second moments (activation); same "
+                        "per-sample total")
     p.add_argument("--include", nargs="*", default=None, help="layer-name patterns to structure")
     p.add_argument("--exclude", nargs="*", default=[], help="layer-name patterns to keep dense")
     p.add_argument("--lam", type=float, default=0.0, help="L1 strength on GBLR widths")

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 __all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS", "LR_SCHEDULES"]
 
 MODES = ("scratch", "finetune")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "activation")
 LR_SCHEDULES = ("constant", "cosine")  # see the loop's lr_factor
 BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "none")
 
@@ -84,9 +84,10 @@ class TrialConfig:
             errors.append(
                 f"budget_allocation must be one of {', '.join(ALLOCATIONS)}, got {self.budget_allocation!r}"
             )
-        elif self.budget_allocation == "global" and self.mode != "finetune":
+        elif self.budget_allocation != "uniform" and self.mode != "finetune":
             errors.append(
-                "budget_allocation 'global' needs mode finetune (it reads the trained dense weights)"
+                f"budget_allocation {self.budget_allocation!r} needs mode finetune (it reads the "
+                f"trained dense weights)"
             )
         if not 0.0 <= float(self.distill) <= 1.0:
             errors.append(f"distill must be in [0, 1], got {self.distill!r}")

@@ -30,6 +30,7 @@ from ..structured import (
     set_sigma,
 )
 from ..workloads import get_workload, move_to_device
+from ._calibration import activation_weighted, input_second_moments
 from ._config import TrialConfig
 from ._dense_cache import cached_dense_state
 from ._fit_cache import cached_gblr_fit
@@ -171,20 +172,32 @@ def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> 
     return cached_dense_state(workload, seed=seed, recipe=recipe, train=train, cache_dir=cache_dir)
 
 
-def layer_budgets(config: TrialConfig, workload, model: nn.Module) -> Dict[str, float]:
+def layer_budgets(config: TrialConfig, workload, model: nn.Module, splits=None) -> Dict[str, float]:
     """The budget of every layer ``config`` structures in ``model`` (the dense model, trained
-    weights loaded) under ``config.budget_allocation``."""
+    weights loaded) under ``config.budget_allocation``: ``uniform``, ``global`` (by the dense
+    weights' spectra) or ``activation`` (by the spectra of W C^{1/2}, C the second moment of the
+    layer's inputs over calibration batches of the training split, ``_calibration``; ``splits``
+    is loaded when not given)."""
     include = config.include if config.include is not None else list(workload.candidate_patterns)
     targets = matching_linears(model, include, config.exclude)
     if config.budget_allocation == "uniform":
         return {name: float(config.budget) for name, _ in targets}
+    weights = {name: linear.weight for name, linear in targets}
+    if config.budget_allocation == "activation":
+        if splits is None:
+            splits = workload.load_data(seed=config.seed)
+        model.to(config.device)
+        moments = input_second_moments(model, targets, workload, splits, device=config.device,
+                                       batch_size=workload.default_batch_size)
+        model.to("cpu")
+        weights = {name: activation_weighted(linear.weight, moments[name]) for name, linear in targets}
     tokens = workload.layer_tokens_per_sample(model)
     least = {}
     for name, linear in targets:
         shape = (linear.out_features, linear.in_features)
         if shape not in least:
             least[shape] = family_min_budget(config.family, *shape, **config.family_options)
-    return allocate_budgets({name: linear.weight for name, linear in targets}, config.budget,
+    return allocate_budgets(weights, config.budget,
                             tokens={name: tokens.get(name, 1.0) for name, _ in targets},
                             min_fractions={name: least[(linear.out_features, linear.in_features)]
                                            for name, linear in targets})
@@ -241,7 +254,7 @@ def family_option_names(family: str, mode: str, fit_methods=("greedy",)) -> List
     return sorted(names)
 
 
-def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None):
+def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None, splits=None):
     """(model, per-layer budgets or None) -- see :func:`build_trial_model`."""
     seed_everything(config.seed)
     model = workload.build_model()
@@ -256,8 +269,8 @@ def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None):
     budget = config.budget
     whole: List[str] = []
     shares = None
-    if config.budget_allocation == "global":
-        shares = layer_budgets(config, workload, model)
+    if config.budget_allocation != "uniform":
+        shares = layer_budgets(config, workload, model, splits)
         budget = lambda name, linear: shares[name]  # noqa: E731
         # a layer given its whole dense cost stays dense (exact; no family fits better there)
         whole = [name for name, share in shares.items() if share >= 1.0 - 1e-9]
@@ -362,7 +375,7 @@ def run_trial(
     resolved = _resolved(config, workload)
     splits = workload.load_data(seed=config.seed)
     teacher = _teacher(config, workload, cache_dir) if config.distill > 0 else None
-    model, shares = _build_trial_model(config, workload, cache_dir=cache_dir)
+    model, shares = _build_trial_model(config, workload, cache_dir=cache_dir, splits=splits)
     tokens = workload.layer_tokens_per_sample(model)
     anneal = resolved["anneal"]
     budget = float(config.budget)

@@ -1,0 +1,64 @@
+"""What a layer's inputs look like, for ``budget_allocation: activation``.
+
+``global`` shares a model's FLOP budget among its layers by the spectra of their dense weights
+(``gsmsearch.structured.allocate_budgets``): the proxy for what a layer loses at a cost is the
+relative truncated-SVD error of W.  What the network loses is the error of the layer's *output*,
+E ||(W - W') x||^2 = ||(W - W') C^{1/2}||_F^2 with C = E[x x^T] the second moment of its inputs.
+``activation`` therefore gives ``allocate_budgets`` the matrices W C^{1/2} instead of W: same
+shapes and costs, spectra that count the directions the inputs actually use (a weight direction
+that meets no input energy is cheap to drop).  C comes from a few batches of the training split
+run through the trained dense model (calibration; the evaluation splits are never read).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..workloads import move_to_device
+
+__all__ = ["input_second_moments", "activation_weighted"]
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, targets: List[Tuple[str, nn.Module]], workload, splits, *,
+                         samples: int = 2048, batch_size: int = 256, device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """name -> E[x x^T] (float64, in x in) of each target layer's input rows, over the first
+    ``samples`` training samples in the split's order (deterministic), every token a row."""
+    sums: Dict[str, torch.Tensor] = {}
+    rows: Dict[str, int] = {}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return hook
+
+    hooks = [module.register_forward_hook(hook_for(name)) for name, module in targets]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in splits.loader("train", batch_size, shuffle=False):
+            workload.forward(model, move_to_device(batch, device))
+            seen += batch_size
+            if seen >= samples:
+                break
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    missing = [name for name, _ in targets if name not in sums]
+    if missing:
+        raise RuntimeError(f"calibration saw no input for layer(s) {missing}")
+    return {name: (sums[name] / rows[name]).cpu() for name, _ in targets}
+
+
+def activation_weighted(weight: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """W C^{1/2} (float64): its singular values are the output-error spectrum of W under inputs
+    with second moment C (C^{1/2} the symmetric square root; negative rounding clamped to 0)."""
+    evals, evecs = torch.linalg.eigh(moment.double())
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return weight.detach().to("cpu", torch.float64) @ root
