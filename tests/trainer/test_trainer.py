@@ -445,3 +445,49 @@ def test_cache_keys_follow_code_not_comments_or_docstrings(tmp_path):
             return x * 3  # twice
     ''')
     assert base == reworded and base != changed and base
+
+
+def test_activation_weighting_is_w_times_the_root_of_the_input_moment():
+    from gsmsearch.trainer._calibration import activation_weighted
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=gen)
+    assert torch.allclose(activation_weighted(weight, torch.eye(5)), weight.double(), atol=1e-12)
+    scales = torch.tensor([4.0, 1.0, 0.25, 9.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(activation_weighted(weight, torch.diag(scales)), weight.double() * scales.sqrt(),
+                          atol=1e-12)
+    # in general: its singular values squared are the eigenvalues of W C W^T
+    x = torch.randn(200, 5, generator=gen, dtype=torch.float64) @ torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    moment = x.T @ x / 200
+    weighted = activation_weighted(weight, moment)
+    expected = torch.linalg.eigvalsh(weight.double() @ moment @ weight.double().T).flip(0).clamp_min(0)
+    assert torch.allclose(torch.linalg.svdvals(weighted).square(), expected[:5], rtol=1e-8, atol=1e-10)
+
+
+def test_activation_allocation_calibrates_on_training_inputs(tmp_path):
+    from gsmsearch.structured import matching_linears
+    from gsmsearch.trainer._calibration import input_second_moments
+
+    workload = get_workload("digits-mlp", **TINY)
+    dense = workload.build_model()
+    dense.load_state_dict(cached_dense_state_for(workload, tmp_path))
+    splits = workload.load_data(seed=0)
+    targets = matching_linears(dense, list(workload.candidate_patterns))
+    moments = input_second_moments(dense, targets, workload, splits, samples=300, batch_size=100)
+    first = splits.train.tensors[0][:300].double()  # the first layer's inputs are the pixels
+    assert torch.allclose(moments["layers.0"], first.T @ first / 300, atol=1e-10)
+    assert moments["layers.1"].shape == (32, 32)
+    cfg = tiny(family="lowrank", budget=0.3, mode="finetune", epochs=1, budget_allocation="activation")
+    shares = layer_budgets(cfg, workload, dense, splits)
+    spectra = layer_budgets(tiny(family="lowrank", budget=0.3, mode="finetune", budget_allocation="global"),
+                            workload, dense)
+    assert shares != spectra  # the inputs change the split
+    dense_flops = {"layers.0": 64 * 32, "layers.1": 32 * 32}
+    spent = sum(shares[k] * dense_flops[k] for k in shares) / sum(dense_flops.values())
+    assert spent == pytest.approx(0.3, rel=1e-6)
+    result = run_trial(cfg, cache_dir=tmp_path)
+    assert result.resolved["budget_allocation"] == "activation"
+    assert result.resolved["layer_budgets"] == pytest.approx(shares)
+    assert result.structured_relative_flops <= 0.3 + 1e-9
+    with pytest.raises(ValueError, match="budget_allocation 'activation' needs mode finetune"):
+        tiny(family="lowrank", budget=0.3, mode="scratch", budget_allocation="activation")
