@@ -188,6 +188,7 @@ def layer_budgets(config: TrialConfig, workload, model: nn.Module, splits=None) 
             splits = workload.load_data(seed=config.seed)
         model.to(config.device)
         moments = input_second_moments(model, targets, workload, splits, device=config.device,
+                                       samples=workload.calibration_samples,
                                        batch_size=workload.default_batch_size)
         model.to("cpu")
         weights = {name: activation_weighted(linear.weight, moments[name]) for name, linear in targets}

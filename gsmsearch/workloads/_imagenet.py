@@ -32,6 +32,7 @@ __all__ = ["ViTB16ImageNet"]
 class ViTB16ImageNet(ViTWorkloadMixin, ClassificationWorkload):
     default_epochs = 30
     default_batch_size = 256
+    calibration_samples = 128  # 197 tokens each: 25k rows per layer
     default_lr = 1e-4
     default_weight_decay = 0.05
 

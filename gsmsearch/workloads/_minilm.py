@@ -95,6 +95,7 @@ class MiniLMCompress(Workload):
     )
     default_epochs = 5
     default_batch_size = 32
+    calibration_samples = 256  # up to 64 tokens each: at most 16k rows per layer
     default_lr = 1e-4
     pretrained = True  # build_model() loads the shipped all-MiniLM-L6-v2 weights
 

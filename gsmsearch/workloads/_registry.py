@@ -116,6 +116,9 @@ class Workload(abc.ABC):
     default_weight_decay: float = 0.0
     # lr schedule of the dense pre-training and of trials that leave lr_schedule unset
     default_lr_schedule: str = "constant"
+    #: training samples run through the dense model to measure each layer's inputs for
+    #: ``budget_allocation: activation`` (sequence workloads use fewer: every token is a row)
+    calibration_samples: int = 2048
     #: True when :meth:`build_model` returns trained weights (a checkpoint): fine-tuning then
     #: starts from it instead of from a dense model the trainer pre-trains and caches.
     pretrained: bool = False

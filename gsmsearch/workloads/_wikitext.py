@@ -55,6 +55,7 @@ class GPT2WikiText(Workload):
     )
     default_epochs = 1
     default_batch_size = 8
+    calibration_samples = 32  # up to 1024 tokens each: at most 32k rows per layer
     default_lr = 1e-4
     pretrained = True  # build_model() loads the local GPT-2 checkpoint
 
