@@ -11,7 +11,7 @@ run through the trained dense model (calibration; the evaluation splits are neve
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -23,22 +23,17 @@ __all__ = ["input_second_moments", "activation_weighted"]
 
 @torch.no_grad()
 def input_second_moments(model: nn.Module, targets: List[Tuple[str, nn.Module]], workload, splits, *,
-                         samples: int = 2048, max_rows: Optional[int] = None, batch_size: int = 256,
+                         samples: int = 2048, batch_size: int = 256,
                          device: str = "cpu") -> Dict[str, torch.Tensor]:
     """name -> E[x x^T] (float64, in x in) of each target layer's input rows, over the first
-    ``samples`` training samples in the split's order (deterministic), every token a row (at
-    most the first ``max_rows`` per layer when given).  Workloads whose samples are long
-    sequences ask for fewer samples (``Workload.calibration_samples``)."""
+    ``samples`` training samples in the split's order (deterministic), every token a row.
+    Workloads whose samples are long sequences ask for fewer (``Workload.calibration_samples``)."""
     sums: Dict[str, torch.Tensor] = {}
     rows: Dict[str, int] = {}
 
     def hook_for(name):
         def hook(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            if max_rows is not None:
-                x = x[: max(0, max_rows - rows.get(name, 0))]
-            if not len(x):
-                return
             product = x.T @ x
             sums[name] = sums[name] + product if name in sums else product
             rows[name] = rows.get(name, 0) + x.shape[0]
@@ -52,8 +47,7 @@ def input_second_moments(model: nn.Module, targets: List[Tuple[str, nn.Module]],
         for batch in splits.loader("train", batch_size, shuffle=False):
             workload.forward(model, move_to_device(batch, device))
             seen += batch_size
-            if seen >= samples or (max_rows is not None
-                                   and all(rows.get(name, 0) >= max_rows for name, _ in targets)):
+            if seen >= samples:
                 break
     finally:
         for hook in hooks:
