@@ -13,12 +13,12 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["default_cache_dir", "dense_cache_key", "cached_dense_state", "code_fingerprint"]
+__all__ = ["default_cache_dir", "dense_cache_key", "cached_dense_state", "code_fingerprint", "written_once"]
 
 
 def default_cache_dir() -> Path:
@@ -66,22 +66,30 @@ def dense_cache_key(workload, *, seed: int, recipe: dict) -> str:
     return f"{workload.name}-s{seed}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}-{_code_version(workload)}"
 
 
+def written_once(path: Path, make: Callable[[], Tuple[nn.Module, Dict[str, str]]]) -> Path:
+    """``path``: a safetensors file of the state dict and metadata ``make()`` returns, created by the first process
+    that needs it while it holds an exclusive lock beside it; others wait on the lock and then
+    find the file.  Written to a temporary name and renamed, so it is never seen half-written."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.exists():
+            module, metadata = make()
+            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            save_file(state, str(tmp), metadata=metadata)
+            tmp.replace(path)
+    return path
+
+
 def cached_dense_state(
     workload, *, seed: int, recipe: dict, train: Callable[[], nn.Module], cache_dir=None
 ) -> dict:
     """The dense model's state dict from the cache, training it with ``train()`` if absent."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     key = dense_cache_key(workload, seed=seed, recipe=recipe)
-    path = cache_dir / f"{key}.safetensors"
-    with open(cache_dir / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not path.exists():
-            model = train()
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            save_file(state, str(tmp), metadata={"key": key})
-            tmp.replace(path)
-    return load_file(str(path))
+    return load_file(str(written_once(cache_dir / f"{key}.safetensors", lambda: (train(), {"key": key}))))

@@ -8,21 +8,19 @@ so it is done once per (weights, bias, budget, fit options, code version) and re
 the same layer to the last bit, because the fit is deterministic for fixed inputs, seed and
 thread count, and the file holds its exact tensors.
 
-Concurrency: like the dense cache, the first process to need a fit computes it under an
-exclusive file lock and writes it atomically; others wait and read it.
+Concurrency: the dense cache's ``written_once`` -- the first process to need a fit computes it
+under an exclusive file lock and writes it atomically; others wait and read it.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ._dense_cache import code_fingerprint, default_cache_dir
+from ._dense_cache import code_fingerprint, default_cache_dir, written_once
 
 __all__ = ["cached_gblr_fit", "gblr_fit_key"]
 
@@ -61,25 +59,19 @@ def cached_gblr_fit(weight: torch.Tensor, bias: Optional[torch.Tensor], *, budge
                     cache_dir=None, **fit_options):
     """``GBLRLinear.from_dense(weight, bias, budget=budget, **fit_options)``, from the cache in
     ``cache_dir / "gblr-fits"`` when this exact fit was made before (see the module docstring)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from ..structured import GBLRLinear
 
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "gblr-fits"
-    folder.mkdir(parents=True, exist_ok=True)
     key = gblr_fit_key(weight, bias, budget=budget, **fit_options)
-    path = folder / f"{key}.safetensors"
-    with open(folder / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not path.exists():
-            layer = GBLRLinear.from_dense(weight, bias, budget=budget, **fit_options)
-            state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            save_file(state, str(tmp), metadata={"key": key, "config": json.dumps(layer.config())})
-            tmp.replace(path)
-            return layer
-    from safetensors import safe_open
 
+    def fit():
+        layer = GBLRLinear.from_dense(weight, bias, budget=budget, **fit_options)
+        return layer, {"key": key, "config": json.dumps(layer.config())}
+
+    path = written_once(folder / f"{key}.safetensors", fit)
     with safe_open(str(path), framework="pt") as handle:
         config = json.loads(handle.metadata()["config"])
     layer = GBLRLinear(**config)
