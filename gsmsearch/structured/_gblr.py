@@ -266,9 +266,24 @@ class GBLRLinear(StructuredLinear):
             return None
         return torch.nonzero(active).flatten()
 
-    def _active_parameters(self):
-        """(widths, locations, row factors, col factors) of the components that matter."""
-        active = self._active_components()
+    def _training_structure(self):
+        """(indices of the components that matter or None when all do, row side wraps, column
+        side wraps), read from the device in one transfer: on a GPU every host read waits for the
+        queued work to finish, and the training forward needs all three (it took three reads)."""
+        m, n = self.out_features, self.in_features
+        w = self.widths.detach()
+        rows, cols = torch.round(w[0] * m), torch.round(w[1] * n)
+        active = (rows > 0) | (cols > 0)
+        wraps = torch.stack([((rows >= m) | (rows < 0)).any(), ((cols >= n) | (cols < 0)).any()])
+        host = torch.cat([wraps, active]).cpu()
+        row_wrapped, col_wrapped, active = bool(host[0]), bool(host[1]), host[2:]
+        index = None if bool(active.all()) else torch.nonzero(active).flatten().to(w.device)
+        return index, row_wrapped, col_wrapped
+
+    def _active_parameters(self, active="read"):
+        """(widths, locations, row factors, col factors) of the components that matter
+        (``active``: their indices, None for all; read from the widths by default)."""
+        active = self._active_components() if isinstance(active, str) else active
         if active is None:
             return self.widths, self.locations, self.row_factors, self.col_factors
         return (self.widths[:, active], self.locations[:, active],
@@ -335,14 +350,16 @@ class GBLRLinear(StructuredLinear):
                     dense["W"] = Um.T @ Vm  # (out, in), reused while the parameters are unchanged
                 y = _linear(x, dense["W"], bias)
             return y
-        widths, locations, row_factors, col_factors = self._active_parameters()
+        active, row_wrapped, col_wrapped = self._training_structure()
+        widths, locations, row_factors, col_factors = self._active_parameters(active)
         weight_grad = any(
             p.requires_grad for p in (self.row_factors, self.col_factors, self.widths, self.locations)
         )
         inner = row_factors.shape[0] * self.rank
         factored = self._use_factored(tokens, inner, weight_grad, x.requires_grad)
         return gblr_linear(x, widths, locations, row_factors, col_factors, bias, self.sigma,
-                           factored=factored, recompute_inner=self.recompute_intermediate)
+                           factored=factored, recompute_inner=self.recompute_intermediate,
+                           wrapped=(row_wrapped, col_wrapped))
 
     def extra_repr(self) -> str:
         return (

@@ -20,7 +20,7 @@ gradients stay in the parameters' dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -45,12 +45,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _GBLRLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_width, row_location, col_width, col_location, row_factors, col_factors,
-                bias, sigma, factored, recompute_inner):
+                bias, sigma, factored, recompute_inner, wrapped):
         m, n = row_factors.shape[-1], col_factors.shape[-1]
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            row_mask, _, _, row_wrapped = index_mask_forward(row_width, row_location, m, sigma)
-            col_mask, _, _, col_wrapped = index_mask_forward(col_width, col_location, n, sigma)
+            row_mask, _, _, row_wrapped = index_mask_forward(row_width, row_location, m, sigma, wrapped[0])
+            col_mask, _, _, col_wrapped = index_mask_forward(col_width, col_location, n, sigma, wrapped[1])
             Um = masked_factors(row_factors, row_mask).to(dtype)
             Vm = masked_factors(col_factors, col_mask).to(dtype)
             del row_mask, col_mask
@@ -124,7 +124,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         (d_row_width, d_row_location, d_row_factors), (d_col_width, d_col_location, d_col_factors) = row_grads, col_grads
         return (grad_x, d_row_width, d_row_location, d_col_width, d_col_location, d_row_factors,
-                d_col_factors, grad_bias, None, None, None)
+                d_col_factors, grad_bias, None, None, None, None)
 
 
 def _side_grads(held, factors, upper, lower, sigma, width_needed, location_needed, factors_needed):
@@ -160,14 +160,17 @@ def gblr_linear(
     *,
     factored: bool,
     recompute_inner: bool = False,
+    wrapped: Tuple[Optional[bool], Optional[bool]] = (None, None),
 ) -> torch.Tensor:
     """GBLR's y = x W^T + b with W = sum_k (row_factors_k * row_mask_k)^T (col_factors_k * col_mask_k),
     differentiable in everything.  widths/locations: (2, K') fractions (row side first), rounded
-    to the grid here with a straight-through gradient; factors (K', r, out) and (K', r, in)."""
+    to the grid here with a straight-through gradient; factors (K', r, out) and (K', r, in).
+    ``wrapped``: whether any row / column interval covers a whole period, if the caller knows
+    (None: read from the widths, one host read each; True is always correct, only slower)."""
     m, n = row_factors.shape[-1], col_factors.shape[-1]
     return _GBLRLinearFunction.apply(
         x, round_to_grid(widths[0], m), round_to_grid(locations[0], m),
         round_to_grid(widths[1], n), round_to_grid(locations[1], n),
         row_factors, col_factors, bias, None if sigma is None else float(sigma),
-        bool(factored), bool(recompute_inner),
+        bool(factored), bool(recompute_inner), tuple(wrapped),
     )

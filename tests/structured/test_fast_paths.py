@@ -125,6 +125,46 @@ def test_gblr_forward_backward_matches_reference(sigma, path, input_grad):
         assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
 
 
+@pytest.mark.parametrize("widths", [
+    [[0.5, 0.2, 0.0], [0.3, 0.0, 0.0]],  # one dead component, nothing wraps
+    [[1.25, -0.35, 0.3], [0.4, 2.0, 0.0]],  # both sides wrap, off-range widths
+    [[0.3, 1.0, 0.2], [0.7, 0.2, 0.5]],  # a full row interval wraps (length == size), all live
+])
+def test_training_structure_reads_match_the_masks(widths):
+    """The training forward reads the live components and whether each side wraps in one
+    transfer (``_training_structure``); those must be what the mask code would read itself,
+    and the layer's gradients must stay the reference's with them."""
+    from gsmsearch.structured._mask import index_mask_forward, round_to_grid
+
+    layer = random_layer(m=20, n=12, K=5, r=1, seed=5, sigma=2.0)
+    widths = [row + [0.4, 0.6] for row in widths]  # components 3-4 live, not wrapping
+    with torch.no_grad():
+        layer.widths.copy_(torch.tensor(widths, dtype=torch.float64))
+    active, row_wrapped, col_wrapped = layer._training_structure()
+    expected_active = layer._active_components()
+    assert (active is None) == (expected_active is None)
+    if active is not None:
+        assert active.tolist() == expected_active.tolist()
+    for side, size, wrapped in ((0, 20, row_wrapped), (1, 12, col_wrapped)):
+        w, l = round_to_grid(layer.widths[side], size), round_to_grid(layer.locations[side], size)
+        assert index_mask_forward(w.detach(), l.detach(), size, 2.0)[3] == wrapped
+    x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(9, 20, dtype=torch.float64)
+    (layer(x) * target).sum().backward()
+    got = [p.grad.clone() for p in (layer.widths, layer.locations, layer.row_factors, x)]
+    layer.zero_grad()
+    x.grad = None
+    (reference_forward(layer, x) * target).sum().backward()
+    ref = [p.grad for p in (layer.widths, layer.locations, layer.row_factors, x)]
+    if active is not None:  # the reference differentiates dead components too; the layer drops them
+        dead = [k for k in range(5) if k not in active.tolist()]
+        for t in (ref[0], ref[1]):
+            t[:, dead] = 0.0
+        ref[2][dead] = 0.0
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+
+
 def saved_for_backward(layer, x):
     """Shapes of the tensors autograd keeps for backward, other than x and the parameters."""
     own = {p.untyped_storage().data_ptr() for p in layer.parameters()}
