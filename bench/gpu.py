@@ -5,14 +5,16 @@
     python -m bench.gpu --smoke      # tiny sizes on whatever device there is (CPU: float32)
 
 Without CUDA and without ``--smoke`` it prints a message and exits 0 (skipped).
-The GPU path runs the same eager code as the CPU path (index-space masks, the fused training
-Function, grouped plans); no Triton kernels yet.  The train step also reports memory (kept for
+The training step runs the fused training Function with its Triton mask kernels
+(``_mask_kernel``) beside the same Function on torch ops ("gblr torch-op masks"); the export compares the torch-op plans (grouped, factored, tiled) with the Triton
+block-sparse plan ("bsr", two kernel launches) at each of its block sizes.  The train step also reports memory (kept for
 backward, CUDA peak per step) and checks the fused Function's gradients against the unfused
 composition on the device.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -90,17 +92,41 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
 
     recompute = _variant(layer, recompute=True).to(device)
     unfused = _variant(layer, UnfusedGBLR).to(device)
+    torch_ops = _variant(layer).to(device)
+    torch_ops.use_kernels = False  # the same Function with torch ops for the masks
     modules = {"nn.Linear": linear, "gblr": layer, "gblr recompute intermediate": recompute,
-               "gblr unfused (before)": unfused}
+               "gblr torch-op masks": torch_ops, "gblr unfused (before)": unfused}
     times = _interleaved({**{name: step(module) for name, module in modules.items()},
                           "gblr cached masks": cached, "reference": reference}, repeats, device)
     memory = {}
     for name, module in modules.items():
         kept = tensor_memory(step(module), exclude=[x, *module.parameters()])["saved_for_backward_mib"]
         memory[name] = {"kept_for_backward_mib": kept, "step_peak_mib": _step_peak_mib(step(module), device)}
+    syncs = {name: _host_syncs(step(module), device) for name, module in modules.items()}
     return {"config": dict(n=n, m=m, K=K, tokens=tokens, sigma=sigma, dtype=str(dtype)), "ms": times,
+            "host_syncs_per_step": syncs,
             "ratio_vs_linear": {k: v / times["nn.Linear"] for k, v in times.items()},
-            "memory": memory, "fused_vs_unfused_grad_error": _grad_error(layer, unfused, x, step)}
+            "memory": memory, "fused_vs_unfused_grad_error": _grad_error(layer, unfused, x, step),
+            "kernels_vs_torch_ops_grad_error_fp32": _grad_error(
+                layer, torch_ops, x, lambda module: (lambda: module(x).sum().backward()))}
+
+
+def _host_syncs(fn, device):
+    """CUDA: how many times one step makes the host wait for the GPU (torch's sync debug mode
+    warns at each); None on CPU, where nothing waits."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def _step_peak_mib(fn, device):
@@ -133,7 +159,7 @@ def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150):
     """Every export plan vs dense F.linear on a low-rank control and on a structure learned by
     the method (``bench.structures.proximal``, learned on the device at ``size``)."""
     from bench import structures
-    from gsmsearch.structured._export import ExportedGBLR, PlanCost
+    from gsmsearch.structured._export import BSR_BLOCK, BSR_BLOCKS, ExportedGBLR, PlanCost
 
     x = torch.randn(tokens, size, device=device, dtype=dtype)
     rows = []
@@ -149,6 +175,11 @@ def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150):
             bias = None if layer.bias is None else layer.bias.detach().to(device, dtype)
             plans = {name: ExportedGBLR.from_gblr(layer, plan=name, cost=PlanCost(tokens=tokens)).to(device, dtype)
                      for name in ("grouped", "factored", "tiled")}
+            for block in BSR_BLOCKS:  # the Triton plan (its torch path in a CPU smoke run)
+                plans["bsr{}x{}".format(*block)] = ExportedGBLR.from_gblr(layer, plan="bsr", block=block).to(device, dtype)
+            copied = copy.deepcopy(plans["bsr{}x{}".format(*BSR_BLOCK)])
+            copied.bsr_gather = False  # t' written out between the kernels instead of gathered
+            plans["bsr{}x{}-copy".format(*BSR_BLOCK)] = copied
 
             def dense():
                 with torch.no_grad():
@@ -206,13 +237,18 @@ def main(argv=None) -> int:
     print("memory MiB (kept for backward / step peak): " + ", ".join(
         f"{k} {v['kept_for_backward_mib']:.1f} / {'-' if v['step_peak_mib'] is None else format(v['step_peak_mib'], '.1f')}"
         for k, v in t["memory"].items()))
-    print(f"fused vs unfused gradients, largest relative error: {t['fused_vs_unfused_grad_error']:.1e}")
+    print(f"fused vs unfused gradients, largest relative error: {t['fused_vs_unfused_grad_error']:.1e}; "
+          f"Triton mask kernels vs torch ops, float32: {t['kernels_vs_torch_ops_grad_error_fp32']:.1e}")
+    print(f"host syncs per training step: {t['host_syncs_per_step']}")
+    names = list(report["export"][0]["speedups"]) if report["export"] else []
     print(f"{'export structure':18s} {'f':>6s} {'best':>9s} {'speedup':>8s} {'0.6/f':>6s} "
-          + " ".join(f"{n:>9s}" for n in ("grouped", "factored", "tiled")) + f" {'max err':>8s}")
+          + " ".join(f"{n:>9s}" for n in names) + f" {'max err':>8s}")
     for r in report["export"]:
         print(f"{r['structure']:18s} {r['f']:6.3f} {r['best_plan']:>9s} {r['speedup']:8.2f} "
-              f"{r['target_0.6_over_f']:6.2f} " + " ".join(f"{r['speedups'][n]:9.2f}" for n in ("grouped", "factored", "tiled"))
+              f"{r['target_0.6_over_f']:6.2f} " + " ".join(f"{r['speedups'][n]:9.2f}" for n in names)
               + f" {max(r['relative_error'].values()):8.1e}")
+    print("executed fraction of dense multiply-adds: " + "; ".join(
+        f"{r['structure']} " + " ".join(f"{n} {v:.2f}" for n, v in r["executed_f"].items()) for r in report["export"]))
     out = args.out if not args.smoke else args.out.replace(".json", "-smoke.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -29,9 +29,15 @@ Two plans:
   with one column permutation t -> t' between the stage orders.  On structures of many
   mid-width components (a learned layer at f = 0.3: 256 components of 40-80% width) it executes
   about 0.36 of the dense multiply-adds where the factored plan executes 0.5.
+- ``"bsr"``: the tiled plan's layout (t's columns in cyclic-centre order per stage) as two
+  block-sparse matrices of (block x block) tiles, each stage one Triton kernel launch on a GPU
+  (:class:`~gsmsearch.structured._block_sparse.BlockSparseMatrix`; the stage-2 kernel reads t
+  through the permutation, so t' is never written).  On a CPU it runs the same blocks in torch:
+  correct, slower than "tiled" there.
 - ``"auto"`` (``export()``'s default, see :data:`DEFAULT_PLAN`): builds ``"grouped"``,
-  ``"factored"`` and ``"tiled"``, times them on a calibration batch and keeps the fastest (the cost
-  model alone misjudged strided slices and the permutation on learned structures; timing does not).
+  ``"factored"`` and ``"tiled"`` (and on a GPU with Triton, ``"bsr"`` at each of
+  :data:`BSR_BLOCKS`), times them on a calibration batch and keeps the fastest (the cost model
+  alone misjudged strided slices and the permutation on learned structures; timing does not).
 - ``"exact"``: only components with identical intervals share a GEMM and small components run
   as dense blocks, so the plan executes exactly the method's count
   (``executed_flops() == flops()``).
@@ -50,11 +56,17 @@ import torch
 from torch import nn
 
 from ._base import StructuredLinear
+from ._block_sparse import triton_runs
 
 __all__ = ["ExportedGBLR", "PlanCost", "export", "EXPORT_PLANS"]
 
-EXPORT_PLANS = ("auto", "grouped", "factored", "tiled", "exact")
+EXPORT_PLANS = ("auto", "grouped", "factored", "tiled", "bsr", "exact")
 TILE_SIZES = (64, 128, 256)  # candidate tile lengths of the "tiled" plan
+# "bsr" block shapes, (along the features, along t's columns): what "auto" tries on a GPU, and
+# the default.  t's side is short so that structures of few columns (a low-rank-like layer) do
+# not pad t to a whole feature-sized block.
+BSR_BLOCKS = ((64, 32), (128, 32), (128, 64), (128, 128))
+BSR_BLOCK = (128, 32)
 # ``export()``'s plan when none is given.  "exact" keeps the executed multiply-adds equal to the
 # method's count (tests/structured/test_gblr.py checks that with a FLOP counter); "grouped" is the
 # fast plan (bench/): switching the default is a one-line change once that check compares
@@ -288,6 +300,9 @@ class ExportedGBLR(nn.Module):
 
     family = "gblr-exported"
     token_chunk = 1024  # rows per pass of forward (see there)
+    # "bsr" plan: the stage-2 kernel gathers t's columns through the permutation (True), or t'
+    # is written out first (False: one more pass over t, contiguous loads in the kernel)
+    bsr_gather = True
 
     def __init__(self, in_features: int, out_features: int, bias=None) -> None:
         super().__init__()
@@ -311,6 +326,9 @@ class ExportedGBLR(nn.Module):
         self.row_tiles: List[Tuple[int, int, tuple]] = []
         self.register_buffer("t_order", None)  # stage-2 order of t's columns, None = identity
         self.inner = 0  # columns of t
+        # "bsr" plan: t = x @ stage1, y = t[:, t_order] @ stage2 + bias (block-sparse matrices)
+        self.stage1: Optional[nn.Module] = None
+        self.stage2: Optional[nn.Module] = None
 
     @staticmethod
     def _frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -320,16 +338,22 @@ class ExportedGBLR(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_gblr(
-        cls, layer, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None
+        cls, layer, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None,
+        block: Optional[int] = None,
     ) -> "ExportedGBLR":
         """Execution plan of a trained GBLR layer (``plan`` in :data:`EXPORT_PLANS`, default
-        :data:`DEFAULT_PLAN`)."""
+        :data:`DEFAULT_PLAN`; ``block``: the "bsr" plan's block shape, (features, t columns) or
+        one size for both, default :data:`BSR_BLOCK`)."""
         plan = DEFAULT_PLAN if plan is None else plan
         if plan not in EXPORT_PLANS:
             raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
         cost = cost or PlanCost()
+        bsr_block = BSR_BLOCK if block is None else block
+        bsr_block = (int(bsr_block), int(bsr_block)) if isinstance(bsr_block, int) else tuple(map(int, bsr_block))
         if plan == "auto":
             candidates = [cls.from_gblr(layer, plan=p, cost=cost) for p in ("grouped", "factored", "tiled")]
+            if triton_runs(layer.row_factors) and layer.row_factors.is_cuda:
+                candidates += [cls.from_gblr(layer, plan="bsr", block=b) for b in BSR_BLOCKS]
             return _fastest(candidates)
         m, n, r = layer.out_features, layer.in_features, layer.rank
         exported = cls(n, m, layer.bias)
@@ -353,7 +377,10 @@ class ExportedGBLR(nn.Module):
                 eye_like = lambda size: torch.eye(size, dtype=block.dtype, device=block.device)
                 U, V = (eye_like(h), block.T) if h <= c else (block, eye_like(c))
             pieces.append(_Piece(rs, cs, U, V))
-        exported._build(pieces, dense_blocks, cost)
+        if plan == "bsr":
+            exported._build_bsr(pieces, bsr_block)
+        else:
+            exported._build(pieces, dense_blocks, cost)
         return exported
 
     def _build(self, pieces: List[_Piece], dense_blocks, cost: PlanCost) -> None:
@@ -449,6 +476,32 @@ class ExportedGBLR(nn.Module):
         if not np.array_equal(order, np.arange(self.inner)):
             self.t_order = torch.tensor(order, dtype=torch.long, device=pieces[0].U.device)
 
+    def _build_bsr(self, pieces: List[_Piece], block: Tuple[int, int]) -> None:
+        """The "bsr" plan (module docstring): the tiled plan's two stage layouts as dense factor
+        matrices, stored as their non-zero (block x block) tiles."""
+        from ._block_sparse import BlockSparseMatrix
+
+        m, n = self.out_features, self.in_features
+        ranks = np.array([p.rank for p in pieces], dtype=np.int64)
+        self.inner = inner = int(ranks.sum())
+        source = pieces[0].U if pieces else (self.bias if self.bias is not None else torch.zeros(()))
+        dtype, device = source.dtype, source.device
+        col_first = _first_columns(_centre_order([(p.col_start, p.c) for p in pieces], n), ranks)
+        row_first = _first_columns(_centre_order([(p.row_start, p.h) for p in pieces], m), ranks)
+        V = torch.zeros(n, max(inner, 1), dtype=dtype, device=device)  # stage 1: (in, inner)
+        U = torch.zeros(max(inner, 1), m, dtype=dtype, device=device)  # stage 2: (inner, out)
+        order = np.arange(max(inner, 1), dtype=np.int64)  # t' column j holds t column order[j]
+        for i, p in enumerate(pieces):
+            a, b = int(col_first[i]), int(row_first[i])
+            V[torch.arange(p.col_start, p.col_start + p.c) % n, a : a + p.rank] = p.V
+            U[b : b + p.rank, torch.arange(p.row_start, p.row_start + p.h) % m] = p.U.T
+            order[b : b + p.rank] = np.arange(a, a + p.rank)
+        features, columns = block
+        self.stage1 = BlockSparseMatrix(V, (features, columns))
+        self.stage2 = BlockSparseMatrix(U, (columns, features))
+        if not np.array_equal(order, np.arange(len(order))):
+            self.t_order = torch.tensor(order, dtype=torch.int32, device=device)
+
     # -- running -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the plan on chunks of :attr:`token_chunk` tokens, each written into its rows of
@@ -467,6 +520,13 @@ class ExportedGBLR(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (T, in)
         tokens = x2.shape[0]
+        if self.plan == "bsr":  # two kernel launches over the whole batch (no chunks)
+            t = self.stage1(x2)
+            if self.t_order is not None and not self.bsr_gather:  # t' written out, then read
+                y = self.stage2(t.index_select(1, self.t_order), bias=self.bias)
+            else:  # the stage-2 kernel reads t through the permutation
+                y = self.stage2(t, index=self.t_order, bias=self.bias)
+            return y.reshape(*lead, self.out_features)
         run = self._run_tiled if self.plan == "tiled" else self._run_grouped
         chunk = max(1, int(self.token_chunk))
         y = x2.new_empty(tokens, self.out_features)
@@ -564,6 +624,8 @@ class ExportedGBLR(nn.Module):
     def executed_flops(self) -> int:
         """Multiply-adds per token that the plan executes, padding included (>= ``flops()``)."""
         total = sum(V.numel() for V in self.col_factors) + sum(U.numel() for U in self.row_factors)
+        if self.plan == "bsr":
+            total += self.stage1.executed_macs() + self.stage2.executed_macs()
         return int(total + sum(B.numel() for B in self.block_weights))
 
     def to_dense(self) -> torch.Tensor:
@@ -580,7 +642,9 @@ class ExportedGBLR(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, plan={self.plan}, "
             f"column_groups={len(self.column_groups)}, row_groups={len(self.row_groups)}, "
-            f"column_tiles={len(self.column_tiles)}, row_tiles={len(self.row_tiles)}, blocks={len(self.blocks)}, flops={self.flops()}, executed_flops={self.executed_flops()}"
+            f"column_tiles={len(self.column_tiles)}, row_tiles={len(self.row_tiles)}, blocks={len(self.blocks)}, "
+            + (f"bsr_block={self.stage1.block}, " if self.stage1 is not None else "")
+            + f"flops={self.flops()}, executed_flops={self.executed_flops()}"
         )
 
 

@@ -66,7 +66,13 @@ class GBLRLinear(StructuredLinear):
             and the T x K' r intermediate x Vm^T for backward (masks and masked factors are
             rebuilt there, ``_gblr_autograd``); True drops the intermediate too, for one more GEMM
             in backward (bench/RESULTS.md section 1 measures both).  Same results either way.
+
+    On CUDA with Triton installed, each side's masks, masked factors and their gradients run as
+    one Triton kernel each (``_mask_kernel``); set ``layer.use_kernels = False`` (or the class
+    attribute) for the torch ops everywhere.
     """
+
+    use_kernels = True
 
     def __init__(
         self,
@@ -359,7 +365,7 @@ class GBLRLinear(StructuredLinear):
         factored = self._use_factored(tokens, inner, weight_grad, x.requires_grad)
         return gblr_linear(x, widths, locations, row_factors, col_factors, bias, self.sigma,
                            factored=factored, recompute_inner=self.recompute_intermediate,
-                           wrapped=(row_wrapped, col_wrapped))
+                           wrapped=(row_wrapped, col_wrapped), kernels=self.use_kernels)
 
     def extra_repr(self) -> str:
         return (

@@ -186,6 +186,13 @@ def _index_tables(n: int, sigma: Optional[float], dtype: torch.dtype, device: to
     return prefix.as_strided((2 * n + 2, n), (1, 1)), qtab.as_strided((2 * n + 2, n), (1, 1))
 
 
+def flat_index_tables(n: int, sigma: Optional[float], dtype: torch.dtype, device: torch.device):
+    """The tables of :func:`_index_tables` as flat (3n + 1,) tensors: row r, column i of a
+    Hankel view is element r + i (what the Triton kernels index, ``_mask_kernel``)."""
+    prefix_rows, q_rows = _index_tables(n, sigma, dtype, device)
+    return prefix_rows.as_strided((3 * n + 1,), (1,)), q_rows.as_strided((3 * n + 1,), (1,))
+
+
 def _index_rows(width, location, n: int):
     """Per component: the table rows of P(d + 1) and P(d + 1 - L0) (d = i - s), and the whole
     periods c = L div n (widths outside [0, 1) only; L = L0 + c n)."""

@@ -260,7 +260,7 @@ def learned_layer(budget=0.3, size=64, steps=40):
     return layer
 
 
-@pytest.mark.parametrize("plan", ["grouped", "factored", "tiled", "auto", "exact"])
+@pytest.mark.parametrize("plan", ["grouped", "factored", "tiled", "bsr", "auto", "exact"])
 @pytest.mark.parametrize("source", ["random-0", "random-1", "random-2", "learned", "lowrank"])
 def test_export_plans_match_trained_layer(plan, source):
     if source == "learned":
