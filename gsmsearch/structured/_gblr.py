@@ -31,7 +31,8 @@ from torch import nn
 
 from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
-from ._gblr_autograd import gblr_linear, masked_factors
+from ._block_sparse import triton_runs
+from ._gblr_autograd import gblr_linear, live_grid_rows, masked_factors
 from ._mask import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -356,7 +357,12 @@ class GBLRLinear(StructuredLinear):
                     dense["W"] = Um.T @ Vm  # (out, in), reused while the parameters are unchanged
                 y = _linear(x, dense["W"], bias)
             return y
-        active, row_wrapped, col_wrapped = self._training_structure()
+        rows = None
+        if self.use_kernels and triton_runs(x):  # Triton path: wraps are per component there
+            active, rows = live_grid_rows(self.widths, self.locations, self.out_features, self.in_features)
+            row_wrapped = col_wrapped = None
+        else:
+            active, row_wrapped, col_wrapped = self._training_structure()
         widths, locations, row_factors, col_factors = self._active_parameters(active)
         weight_grad = any(
             p.requires_grad for p in (self.row_factors, self.col_factors, self.widths, self.locations)
@@ -365,7 +371,7 @@ class GBLRLinear(StructuredLinear):
         factored = self._use_factored(tokens, inner, weight_grad, x.requires_grad)
         return gblr_linear(x, widths, locations, row_factors, col_factors, bias, self.sigma,
                            factored=factored, recompute_inner=self.recompute_intermediate,
-                           wrapped=(row_wrapped, col_wrapped), kernels=self.use_kernels)
+                           wrapped=(row_wrapped, col_wrapped), kernels=rows is not None, rows=rows)
 
     def extra_repr(self) -> str:
         return (

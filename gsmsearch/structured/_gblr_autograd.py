@@ -20,13 +20,14 @@ gradients stay in the parameters' dtype.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ._block_sparse import triton_runs
-from ._mask import _index_rows, flat_index_tables, index_mask_backward, index_mask_forward
+from ._mask import flat_index_tables, index_mask_backward, index_mask_forward
 
 __all__ = ["gblr_linear", "masked_factors"]
 
@@ -43,40 +44,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _Side:
-    """One side's grid rows for the Triton kernels (``_mask_kernel``): computed once in the
-    forward and kept (K'-sized) for the backward."""
-
-    def __init__(self, width, location, size: int, sigma: Optional[float], factors: torch.Tensor):
-        self.upper, self.lower, wraps = _index_rows(width, location, size)
-        self.prefix, self.q = flat_index_tables(size, sigma, factors.dtype, factors.device)
-        self.wraps = wraps.to(factors.dtype)
-
-    def masked(self, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        from ._mask_kernel import masked_factors_kernel
-
-        return masked_factors_kernel(factors, self.prefix, self.upper, self.lower, self.wraps, dtype)
-
-    def grads(self, d_masked: torch.Tensor, factors: torch.Tensor, width_needed, location_needed,
-              factors_needed):
-        from ._mask_kernel import side_grads_kernel
-
-        d_factors, d_width, d_location = side_grads_kernel(
-            d_masked, factors, self.prefix, self.q, self.upper, self.lower, self.wraps)
-        return (d_width if width_needed else None, d_location if location_needed else None,
-                d_factors if factors_needed else None)
-
-
 class _GBLRLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_width, row_location, col_width, col_location, row_factors, col_factors,
-                bias, sigma, factored, recompute_inner, wrapped, kernels):
+                bias, sigma, factored, recompute_inner, wrapped):
         m, n = row_factors.shape[-1], col_factors.shape[-1]
         dtype = _compute_dtype(x)
-        if kernels and triton_runs(x):
-            return _forward_kernels(ctx, x, row_width, row_location, col_width, col_location,
-                                    row_factors, col_factors, bias, sigma, factored, recompute_inner, dtype)
-        ctx.sides = None
         with torch.autocast(x.device.type, enabled=False):
             row_mask, _, _, row_wrapped = index_mask_forward(row_width, row_location, m, sigma, wrapped[0])
             col_mask, _, _, col_wrapped = index_mask_forward(col_width, col_location, n, sigma, wrapped[1])
@@ -104,8 +77,6 @@ class _GBLRLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # second derivatives (create_graph=True) raise instead of being wrong
     def backward(ctx, grad_y):
-        if ctx.sides is not None:
-            return _backward_kernels(ctx, grad_y)
         # Order matters for the peak: each side's mask lives only while its side is processed,
         # each (K' r, d) buffer is reused in place where the next value allows it, and the
         # dense-build path takes d Um before it builds the row side.
@@ -155,73 +126,137 @@ class _GBLRLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         (d_row_width, d_row_location, d_row_factors), (d_col_width, d_col_location, d_col_factors) = row_grads, col_grads
         return (grad_x, d_row_width, d_row_location, d_col_width, d_col_location, d_row_factors,
-                d_col_factors, grad_bias, None, None, None, None, None)
+                d_col_factors, grad_bias, None, None, None, None)
 
 
-def _forward_kernels(ctx, x, row_width, row_location, col_width, col_location, row_factors,
-                     col_factors, bias, sigma, factored, recompute_inner, dtype):
-    """The forward with each side's masks and masked factors in one Triton launch (GPU)."""
-    m, n = row_factors.shape[-1], col_factors.shape[-1]
-    rows = _Side(row_width, row_location, m, sigma, row_factors)
-    cols = _Side(col_width, col_location, n, sigma, col_factors)
-    with torch.autocast(x.device.type, enabled=False):
-        Um, Vm = rows.masked(row_factors, dtype), cols.masked(col_factors, dtype)
-        x2 = x.reshape(-1, n).to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        if factored:
-            inner = x2 @ Vm.T  # (T, K' r)
-            y = torch.addmm(b, inner, Um) if b is not None else inner @ Um
-            kept = None if recompute_inner else inner
-        else:
-            W = Um.T @ Vm  # (m, n)
-            y = torch.addmm(b, x2, W.T) if b is not None else x2 @ W.T
-            kept = W if ctx.needs_input_grad[0] else None
-    ctx.save_for_backward(x, row_factors, col_factors, kept)
-    ctx.sides, ctx.factored, ctx.dtype, ctx.has_bias = (rows, cols), factored, dtype, bias is not None
-    return y.reshape(*x.shape[:-1], m)
+@functools.lru_cache(maxsize=64)
+def side_sizes(m: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([[m], [n]], device=device)  # (2, 1): both sides' lengths at once
 
 
-def _backward_kernels(ctx, grad_y):
-    """The backward of :func:`_forward_kernels`: the torch path's GEMMs, each side's mask
-    rebuild and gradients in one Triton launch each."""
-    x, row_factors, col_factors, kept = ctx.saved_tensors
-    rows, cols = ctx.sides
-    needs = ctx.needs_input_grad
-    m, n = row_factors.shape[-1], col_factors.shape[-1]
-    dtype = ctx.dtype
-    with torch.autocast(x.device.type, enabled=False):
-        dy = grad_y.reshape(-1, m).to(dtype)
-        x2 = x.reshape(-1, n).to(dtype)
-        Vm = cols.masked(col_factors, dtype)
-        grad_x = None
-        if ctx.factored:
-            Um = rows.masked(row_factors, dtype)
-            inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r)
-            d_inner = dy @ Um.T
-            del Um
-            row_grads = rows.grads(inner.T @ dy, row_factors, *needs[1:3], needs[5])
-            del inner, kept
-            dVm = d_inner.T @ x2
-            if needs[0]:
-                grad_x = d_inner @ Vm
-            del d_inner, Vm
-        else:
-            dW = dy.T @ x2  # (m, n)
-            if needs[0]:
-                grad_x = dy @ kept
-            dUm = Vm @ dW.T
-            del Vm, kept
-            dVm = rows.masked(row_factors, dtype) @ dW
-            del dW
-            row_grads = rows.grads(dUm, row_factors, *needs[1:3], needs[5])
-            del dUm
-        col_grads = cols.grads(dVm, col_factors, *needs[3:5], needs[6])
-        grad_bias = dy.sum(0) if ctx.has_bias and needs[7] else None
-    if grad_x is not None:
-        grad_x = grad_x.reshape(x.shape).to(x.dtype)
-    (d_row_width, d_row_location, d_row_factors), (d_col_width, d_col_location, d_col_factors) = row_grads, col_grads
-    return (grad_x, d_row_width, d_row_location, d_col_width, d_col_location, d_row_factors,
-            d_col_factors, grad_bias, None, None, None, None, None)
+def grid_rows(widths: torch.Tensor, locations: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Both sides' table rows at once (``_mask._index_rows`` on the stacked (2, K) widths and
+    locations, ``sizes`` (2, 1) = [[m], [n]]): (3, 2, K) int64 = (upper, lower, whole periods)."""
+    length = torch.round(widths.detach() * sizes).long()  # (2, K) L, any integer
+    wraps = torch.div(length, sizes, rounding_mode="floor")  # whole periods
+    start = torch.round(locations.detach() * sizes).long().remainder(sizes)
+    upper = 2 * sizes + 1 - start  # table rows of P(d + 1) and P(d + 1 - L0)
+    return torch.stack([upper, upper - (length - wraps * sizes), wraps])
+
+
+def live_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int):
+    """(indices of the live components or None when all are, their :func:`grid_rows`) for the
+    Triton path, from one device-to-host read: the widths and locations are read once (the read
+    that finding the live components needs anyway), the rows computed on the host and sent back
+    in one copy -- a dozen fewer launches than computing them on the device."""
+    host = torch.cat([widths.detach(), locations.detach()]).cpu()  # (4, K)
+    sizes = torch.tensor([[m], [n]])
+    live = torch.round(host[:2] * sizes).gt(0).any(0)  # a non-empty interval on either side
+    index = None if bool(live.all()) else torch.nonzero(live).flatten()
+    if index is not None:
+        host = host[:, index]
+    rows = grid_rows(host[:2], host[2:], sizes).to(widths.device, non_blocking=True)
+    return (None if index is None else index.to(widths.device, non_blocking=True)), rows
+
+
+class _Sides:
+    """Both sides' grid rows for the Triton kernels (:func:`grid_rows`, given or computed on the
+    device), kept for backward.  Row 0 is the row side (length m), row 1 the column side (n)."""
+
+    def __init__(self, widths, locations, m: int, n: int, sigma: Optional[float], factors: torch.Tensor,
+                 rows: Optional[torch.Tensor] = None):
+        if rows is None:
+            rows = grid_rows(widths, locations, side_sizes(m, n, widths.device))
+        self.upper, self.lower = rows[0], rows[1]
+        self.wraps = rows[2].to(factors.dtype)
+        self.tables = (flat_index_tables(m, sigma, factors.dtype, factors.device),
+                       flat_index_tables(n, sigma, factors.dtype, factors.device))
+
+    def masked(self, side: int, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        from ._mask_kernel import masked_factors_kernel
+
+        return masked_factors_kernel(factors, self.tables[side][0], self.upper[side], self.lower[side],
+                                     self.wraps[side], dtype)
+
+    def grads(self, side: int, d_masked: torch.Tensor, factors: torch.Tensor, d_widths, d_locations):
+        """The factors' gradient; the width and location gradients go to row ``side`` of
+        ``d_widths`` / ``d_locations`` (2, K')."""
+        from ._mask_kernel import side_grads_kernel
+
+        prefix, q = self.tables[side]
+        return side_grads_kernel(d_masked, factors, prefix, q, self.upper[side], self.lower[side],
+                                 self.wraps[side], d_widths[side], d_locations[side])
+
+
+class _GBLRKernelFunction(torch.autograd.Function):
+    """The Function above with each side's masks, masked factors and gradients as one Triton
+    launch each (``_mask_kernel``), the grid rows of both sides computed together, and the
+    stacked (2, K') widths/locations taken and differentiated as they are: the same GEMMs and
+    arithmetic in far fewer launches (GPU)."""
+
+    @staticmethod
+    def forward(ctx, x, widths, locations, row_factors, col_factors, bias, sigma, factored, recompute_inner,
+                rows):
+        m, n = row_factors.shape[-1], col_factors.shape[-1]
+        dtype = _compute_dtype(x)
+        sides = _Sides(widths, locations, m, n, sigma, row_factors, rows)
+        with torch.autocast(x.device.type, enabled=False):
+            Um, Vm = sides.masked(0, row_factors, dtype), sides.masked(1, col_factors, dtype)
+            x2 = x.reshape(-1, n).to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            if factored:
+                inner = x2 @ Vm.T  # (T, K' r)
+                y = torch.addmm(b, inner, Um) if b is not None else inner @ Um
+                kept = None if recompute_inner else inner
+            else:
+                W = Um.T @ Vm  # (m, n)
+                y = torch.addmm(b, x2, W.T) if b is not None else x2 @ W.T
+                kept = W if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x, row_factors, col_factors, kept)
+        ctx.sides, ctx.factored, ctx.dtype, ctx.has_bias = sides, factored, dtype, bias is not None
+        return y.reshape(*x.shape[:-1], m)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, row_factors, col_factors, kept = ctx.saved_tensors
+        sides, needs, dtype = ctx.sides, ctx.needs_input_grad, ctx.dtype
+        m, n = row_factors.shape[-1], col_factors.shape[-1]
+        d_widths = row_factors.new_empty(2, row_factors.shape[0])
+        d_locations = torch.empty_like(d_widths)
+        with torch.autocast(x.device.type, enabled=False):
+            dy = grad_y.reshape(-1, m).to(dtype)
+            x2 = x.reshape(-1, n).to(dtype)
+            Vm = sides.masked(1, col_factors, dtype)
+            grad_x = None
+            if ctx.factored:
+                Um = sides.masked(0, row_factors, dtype)
+                inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r)
+                d_inner = dy @ Um.T
+                del Um
+                d_row_factors = sides.grads(0, inner.T @ dy, row_factors, d_widths, d_locations)
+                del inner, kept
+                dVm = d_inner.T @ x2
+                if needs[0]:
+                    grad_x = d_inner @ Vm
+                del d_inner, Vm
+            else:
+                dW = dy.T @ x2  # (m, n)
+                if needs[0]:
+                    grad_x = dy @ kept
+                dUm = Vm @ dW.T
+                del Vm, kept
+                dVm = sides.masked(0, row_factors, dtype) @ dW
+                del dW
+                d_row_factors = sides.grads(0, dUm, row_factors, d_widths, d_locations)
+                del dUm
+            d_col_factors = sides.grads(1, dVm, col_factors, d_widths, d_locations)
+            grad_bias = dy.sum(0) if ctx.has_bias and needs[5] else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        return (grad_x, d_widths if needs[1] else None, d_locations if needs[2] else None,
+                d_row_factors if needs[3] else None, d_col_factors if needs[4] else None, grad_bias,
+                None, None, None, None)
 
 
 def _side_grads(held, factors, upper, lower, sigma, width_needed, location_needed, factors_needed):
@@ -259,6 +294,7 @@ def gblr_linear(
     recompute_inner: bool = False,
     wrapped: Tuple[Optional[bool], Optional[bool]] = (None, None),
     kernels: bool = True,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """GBLR's y = x W^T + b with W = sum_k (row_factors_k * row_mask_k)^T (col_factors_k * col_mask_k),
     differentiable in everything.  widths/locations: (2, K') fractions (row side first), rounded
@@ -266,12 +302,17 @@ def gblr_linear(
     ``wrapped``: whether any row / column interval covers a whole period, if the caller knows
     (None: read from the widths, one host read each; True is always correct, only slower).
     ``kernels``: each side's masks and gradients in one Triton launch where Triton runs (CUDA
-    tensors, ``_mask_kernel``); False keeps the torch ops everywhere."""
+    tensors, ``_mask_kernel``); False keeps the torch ops everywhere.  ``rows``: the components'
+    :func:`grid_rows` if the caller has them (:func:`live_grid_rows`), for the Triton path."""
+    if kernels and triton_runs(x):
+        return _GBLRKernelFunction.apply(x, widths, locations, row_factors, col_factors, bias,
+                                         None if sigma is None else float(sigma), bool(factored),
+                                         bool(recompute_inner), rows)
     # The Function rounds to the grid itself (``_index_rows``: round(w n) of w is round(w n) of
     # round_to_grid(w)) and returns the gradient at the grid point to w unchanged: the
     # straight-through estimator, without round_to_grid's five launches per tensor.
     return _GBLRLinearFunction.apply(
         x, widths[0], locations[0], widths[1], locations[1],
         row_factors, col_factors, bias, None if sigma is None else float(sigma),
-        bool(factored), bool(recompute_inner), tuple(wrapped), bool(kernels),
+        bool(factored), bool(recompute_inner), tuple(wrapped),
     )

@@ -90,15 +90,15 @@ def masked_factors_kernel(factors: torch.Tensor, prefix: torch.Tensor, upper: to
 
 
 def side_grads_kernel(d_masked: torch.Tensor, factors: torch.Tensor, prefix: torch.Tensor, q: torch.Tensor,
-                      upper: torch.Tensor, lower: torch.Tensor, wraps: torch.Tensor):
-    """(d_factors (K', r, d), d_width (K',), d_location (K',)) in the factors' dtype, from the
-    gradient of the masked factors (K' r, d) in any dtype."""
+                      upper: torch.Tensor, lower: torch.Tensor, wraps: torch.Tensor,
+                      d_width: torch.Tensor, d_location: torch.Tensor) -> torch.Tensor:
+    """d_factors (K', r, d) in the factors' dtype, from the gradient of the masked factors
+    (K' r, d) in any dtype; the width and location gradients are written to ``d_width`` and
+    ``d_location`` (K',), contiguous, the factors' dtype."""
     K, R, D = factors.shape
     d_factors = torch.empty_like(factors)
-    d_width = factors.new_empty(K)
-    d_location = factors.new_empty(K)
     if K:
         block = min(BLOCK, triton.next_power_of_2(D))
         _side_grads_kernel[(K,)](d_masked.contiguous(), factors.contiguous(), prefix, q, upper, lower,
                                  wraps, d_factors, d_width, d_location, R, D, BD=block)
-    return d_factors, d_width, d_location
+    return d_factors
