@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-[ -x "$PY" ] || PY=python
+[ -x "$PY" ] || PY=$(command -v python3 || command -v python)
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' && [ "${1:-}" != "--smoke" ]; then
   echo "bench/gpu.sh: no CUDA device; skipped"
   exit 0
