@@ -155,54 +155,94 @@ def _grad_error(fused, unfused, x, step):
     return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(*grads))
 
 
-def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150):
-    """Every export plan vs dense F.linear on a low-rank control and on a structure learned by
-    the method (``bench.structures.proximal``, learned on the device at ``size``)."""
+PREPARED = os.path.join("bench", "results", "gpu-structures")  # carried to the GPU machine
+PREPARED_KINDS = {  # real structures, prepared on a CPU machine (``--prepare``)
+    "digits": "a layer of a real digits-mlp trial trained from scratch by the method (1024 x 1024)",
+    "minilm": "from_dense of MiniLM-L6's encoder.layer.0.intermediate weight, default fit (1536 x 384)",
+    "minilm-greedy": "the same fit without the low-rank fallback (interval structure)",
+}
+
+
+def prepare(directory: str = PREPARED, budgets=(0.1, 0.2, 0.3), cache_dir="bench/results/.cache") -> None:
+    """Write the real structures of the CPU export benchmark (live components only) for the GPU
+    run; the folder is git-ignored, so the device call names it in ``carry``."""
+    from bench import structures
+
+    os.makedirs(directory, exist_ok=True)
+    for budget in budgets:
+        for kind in PREPARED_KINDS:
+            if kind == "digits":
+                layer = structures.digits_trained(budget, cache_dir=cache_dir)
+            else:
+                layer = structures.minilm(budget, greedy_only=kind == "minilm-greedy", cache_dir=cache_dir)
+            path = os.path.join(directory, f"{kind}-{budget:g}.pt")
+            structures.save_layer(structures.live_only(layer), path, {"kind": kind, "budget": budget})
+            print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+
+
+def _prepared(directory: str = PREPARED):
+    from bench import structures
+
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".pt"))
+    return [(name[:-3], structures.load_layer(os.path.join(directory, name))) for name in names]
+
+
+def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150, prepared=()):
+    """Every export plan vs dense F.linear on a low-rank control, on a structure learned by the
+    method (``bench.structures.proximal``, learned on the device at ``size``), and on the
+    ``prepared`` real structures (name, layer) at their own sizes."""
     from bench import structures
     from gsmsearch.structured._export import BSR_BLOCK, BSR_BLOCKS, ExportedGBLR, PlanCost
 
-    x = torch.randn(tokens, size, device=device, dtype=dtype)
     rows = []
-    for kind in ("lowrank", "proximal"):
-        for budget in budgets:
-            if kind == "lowrank":
-                layer = structures.lowrank(budget, size=size)
-            else:
-                layer = structures.proximal(budget, size=size, steps=steps, device=str(device))
-            with torch.no_grad():
-                weight = layer.to_dense()
-            dense_w = weight.to(device, dtype)
-            bias = None if layer.bias is None else layer.bias.detach().to(device, dtype)
-            plans = {name: ExportedGBLR.from_gblr(layer, plan=name, cost=PlanCost(tokens=tokens)).to(device, dtype)
-                     for name in ("grouped", "factored", "tiled")}
-            for block in BSR_BLOCKS:  # the Triton plan (its torch path in a CPU smoke run)
-                plans["bsr{}x{}".format(*block)] = ExportedGBLR.from_gblr(layer, plan="bsr", block=block).to(device, dtype)
-            copied = copy.deepcopy(plans["bsr{}x{}".format(*BSR_BLOCK)])
-            copied.bsr_gather = False  # t' written out between the kernels instead of gathered
-            plans["bsr{}x{}-copy".format(*BSR_BLOCK)] = copied
+    cases = [("lowrank", b) for b in budgets] + [("proximal", b) for b in budgets] + list(prepared)
+    for kind, budget in cases:
+        if kind == "lowrank":
+            layer = structures.lowrank(budget, size=size)
+        elif kind == "proximal":
+            layer = structures.proximal(budget, size=size, steps=steps, device=str(device))
+        else:
+            layer = budget  # a prepared structure
+        label = f"{kind}@{budget}" if kind in ("lowrank", "proximal") else kind
+        x = torch.randn(tokens, layer.in_features, device=device, dtype=dtype)
+        with torch.no_grad():
+            weight = layer.to_dense()
+        dense_w = weight.to(device, dtype)
+        bias = None if layer.bias is None else layer.bias.detach().to(device, dtype)
+        plans = {plan: ExportedGBLR.from_gblr(layer, plan=plan, cost=PlanCost(tokens=tokens)).to(device, dtype)
+                 for plan in ("grouped", "factored", "tiled")}
+        for block in BSR_BLOCKS:  # the Triton plan (its torch path in a CPU smoke run)
+            plans["bsr{}x{}".format(*block)] = ExportedGBLR.from_gblr(layer, plan="bsr", block=block).to(device, dtype)
+        copied = copy.deepcopy(plans["bsr{}x{}".format(*BSR_BLOCK)])
+        copied.bsr_gather = False  # t' written out between the kernels instead of gathered
+        plans["bsr{}x{}-copy".format(*BSR_BLOCK)] = copied
 
-            def dense():
+        def dense():
+            with torch.no_grad():
+                nn.functional.linear(x, dense_w, bias)
+
+        def runner(module):
+            def run():
                 with torch.no_grad():
-                    nn.functional.linear(x, dense_w, bias)
+                    module(x)
+            return run
 
-            def runner(module):
-                def run():
-                    with torch.no_grad():
-                        module(x)
-                return run
-
-            with torch.no_grad():
-                reference = nn.functional.linear(x[:256].float(), weight.to(device), None if bias is None else bias.float())
-                errors = {name: float((module(x[:256]).float() - reference).norm() / reference.norm())
-                          for name, module in plans.items()}
-            times = _interleaved({"dense": dense, **{name: runner(m) for name, m in plans.items()}}, repeats, device)
-            f = layer.flops() / size ** 2
-            best = min(plans, key=lambda name: times[name])
-            speedup = times["dense"] / times[best]
-            rows.append({"structure": f"{kind}@{budget}", "f": f, "ms": times, "best_plan": best,
-                         "speedup": speedup, "speedups": {n: times["dense"] / times[n] for n in plans},
-                         "executed_f": {n: m.executed_flops() / size ** 2 for n, m in plans.items()},
-                         "relative_error": errors, "target_0.6_over_f": 0.6 / f, "fraction_of_ideal": speedup * f})
+        with torch.no_grad():
+            reference = nn.functional.linear(x[:256].float(), weight.to(device), None if bias is None else bias.float())
+            errors = {plan: float((module(x[:256]).float() - reference).norm() / reference.norm())
+                      for plan, module in plans.items()}
+        times = _interleaved({"dense": dense, **{plan: runner(m) for plan, m in plans.items()}}, repeats, device)
+        dense_macs = layer.in_features * layer.out_features
+        f = layer.flops() / dense_macs
+        best = min(plans, key=lambda p: times[p])
+        speedup = times["dense"] / times[best]
+        rows.append({"structure": label, "shape": [layer.out_features, layer.in_features], "f": f,
+                     "ms": times, "best_plan": best,
+                     "speedup": speedup, "speedups": {n: times["dense"] / times[n] for n in plans},
+                     "executed_f": {n: m.executed_flops() / dense_macs for n, m in plans.items()},
+                     "relative_error": errors, "target_0.6_over_f": 0.6 / f, "fraction_of_ideal": speedup * f})
     return rows
 
 
@@ -212,7 +252,12 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=os.path.join("bench", "results", "gpu.json"))
+    parser.add_argument("--prepare", action="store_true",
+                        help=f"write the real structures to {PREPARED} (on a CPU machine) and exit")
     args = parser.parse_args(argv)
+    if args.prepare:
+        prepare()
+        return 0
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("bench.gpu: no CUDA device found; skipped (use --smoke for a tiny CPU run)")
@@ -229,8 +274,10 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
         "dtype": str(dtype), "command": " ".join(["python -m bench.gpu"] + sys.argv[1:]),
         "train": train_step(device, dtype, **train),
-        "export": export_speed(device, dtype, **export),
+        "export": export_speed(device, dtype, **export, prepared=[] if args.smoke else _prepared()),
     }
+    if not args.smoke and not report["export"][-1]["structure"].startswith(tuple(PREPARED_KINDS)):
+        print(f"note: no prepared real structures in {PREPARED} (python -m bench.gpu --prepare, then carry it)")
     print(f"device {report['device']}, {report['dtype']}, torch {report['torch']}")
     t = report["train"]
     print("train step x nn.Linear: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratio_vs_linear"].items()))

@@ -2,6 +2,9 @@
 # GPU benchmarks for issue 6 in one call (CUDA, bf16).  Skips cleanly without a GPU.
 #   bash bench/gpu.sh            # full sizes; writes bench/results/gpu.json
 #   bash bench/gpu.sh --smoke    # tiny sizes on any device
+# The real structures (a digits trial's layers, MiniLM's fits) are prepared on a CPU machine with
+# `.venv/bin/python -m bench.gpu --prepare` into bench/results/gpu-structures/ (git-ignored):
+# carry that folder to the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

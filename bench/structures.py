@@ -40,15 +40,11 @@ def minilm_weight(name: str = MINILM_LAYER) -> torch.Tensor:
 def _cached(cache_dir: Optional[str], key: str, build, config: dict) -> GBLRLinear:
     path = os.path.join(cache_dir, f"{key}.pt") if cache_dir else None
     if path and os.path.exists(path):
-        saved = torch.load(path, weights_only=False)
-        layer = GBLRLinear(**saved["config"])
-        layer.load_state_dict(saved["state"])
-        return layer
+        return load_layer(path)
     layer = build()
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        torch.save({"config": layer.config(), "state": layer.state_dict(), "how": config}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_layer(layer, path, config)
     return layer
 
 
@@ -144,3 +140,36 @@ def lowrank(budget: float, *, size: int = 1024, seed: int = 0) -> GBLRLinear:
         layer.row_factors.copy_(torch.randn(rank, 1, size, generator=gen) / math.sqrt(size))
         layer.col_factors.copy_(torch.randn(rank, 1, size, generator=gen) / math.sqrt(size))
     return layer
+
+
+def live_only(layer: GBLRLinear) -> GBLRLinear:
+    """The same layer with only its live components (both intervals non-empty): the same
+    function, structure and ``flops()``, in a smaller file (``bench/gpu.py --prepare``)."""
+    live = layer.live_components()
+    config = {**layer.config(), "num_components": max(1, int(live.numel()))}
+    compact = GBLRLinear(**config)
+    with torch.no_grad():
+        if live.numel():
+            compact.row_factors.copy_(layer.row_factors[live])
+            compact.col_factors.copy_(layer.col_factors[live])
+            compact.widths.copy_(layer.widths[:, live])
+            compact.locations.copy_(layer.locations[:, live])
+        else:
+            compact.widths.zero_()
+        if layer.bias is not None:
+            compact.bias.copy_(layer.bias)
+    compact.sigma = layer.sigma
+    return compact
+
+
+def save_layer(layer: GBLRLinear, path: str, how: dict) -> None:
+    torch.save({"config": layer.config(), "state": layer.state_dict(), "how": how}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_layer(path: str) -> GBLRLinear:
+    saved = torch.load(path, weights_only=False)
+    layer = GBLRLinear(**saved["config"])
+    layer.load_state_dict(saved["state"])
+    return layer
+

@@ -50,3 +50,28 @@ def test_gpu_bench_skips_without_cuda_and_smoke_runs_anywhere(tmp_path):
     assert report["train"]["fused_vs_unfused_grad_error"] < 1e-4
     assert set(report["train"]["memory"]) >= {"nn.Linear", "gblr", "gblr unfused (before)"}
     assert report["export"] and all(max(r["relative_error"].values()) < 1e-4 for r in report["export"])
+    assert any(plan.startswith("bsr") for plan in report["export"][0]["speedups"])
+    assert report["train"]["kernels_vs_torch_ops_grad_error_fp32"] < 1e-4
+
+
+def test_live_only_structures_keep_function_and_cost(tmp_path):
+    """The GPU run's prepared real structures are saved with dead components dropped: same
+    function, same structure, same FLOPs, read back intact."""
+    import torch
+
+    from bench import structures
+    from tests.structured.test_fast_paths import learned_layer
+
+    layer = learned_layer(budget=0.2)
+    layer.bias.data.normal_()
+    assert layer.live_components().numel() < layer.num_components  # something to drop
+    compact = structures.live_only(layer)
+    path = str(tmp_path / "layer.pt")
+    structures.save_layer(compact, path, {"kind": "test"})
+    loaded = structures.load_layer(path)
+    assert loaded.num_components == layer.live_components().numel()
+    assert loaded.flops() == layer.flops()
+    x = torch.randn(17, layer.in_features)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), layer(x), atol=1e-5)
+    assert loaded.structure_summary()["intervals"] == layer.structure_summary()["intervals"]
