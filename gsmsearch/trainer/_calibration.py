@@ -26,14 +26,21 @@ def input_second_moments(model: nn.Module, targets: List[Tuple[str, nn.Module]],
                          samples: int = 2048, batch_size: int = 256,
                          device: str = "cpu") -> Dict[str, torch.Tensor]:
     """name -> E[x x^T] (float64, in x in) of each target layer's input rows, over the first
-    ``samples`` training samples in the split's order (deterministic), every token a row.
-    Workloads whose samples are long sequences ask for fewer (``Workload.calibration_samples``)."""
+    ``samples`` training samples in the split's order (deterministic), every token a row --
+    except padding: where a batch carries an ``attention_mask`` (B, T), a layer input shaped
+    (B, T, d) contributes only its unmasked tokens.  Workloads whose samples are long sequences
+    ask for fewer (``Workload.calibration_samples``)."""
     sums: Dict[str, torch.Tensor] = {}
     rows: Dict[str, int] = {}
+    valid = [None]  # the current batch's (B, T) token mask, if any
 
     def hook_for(name):
         def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            x = inputs[0].detach()
+            mask = valid[0]
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]  # (tokens, d): the real tokens only
+            x = x.reshape(-1, x.shape[-1]).double()
             product = x.T @ x
             sums[name] = sums[name] + product if name in sums else product
             rows[name] = rows.get(name, 0) + x.shape[0]
@@ -45,7 +52,10 @@ def input_second_moments(model: nn.Module, targets: List[Tuple[str, nn.Module]],
     seen = 0
     try:
         for batch in splits.loader("train", batch_size, shuffle=False):
-            workload.forward(model, move_to_device(batch, device))
+            batch = move_to_device(batch, device)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            valid[0] = mask.bool() if mask is not None else None
+            workload.forward(model, batch)
             seen += batch_size
             if seen >= samples:
                 break

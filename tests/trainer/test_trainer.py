@@ -464,6 +464,30 @@ def test_activation_weighting_is_w_times_the_root_of_the_input_moment():
     assert torch.allclose(torch.linalg.svdvals(weighted).square(), expected[:5], rtol=1e-8, atol=1e-10)
 
 
+def test_calibration_leaves_padding_tokens_out():
+    """A padded sequence batch: the padding positions' inputs must not count (they would weigh
+    every short sentence's pad embeddings into MiniLM's moments)."""
+    from types import SimpleNamespace
+
+    from gsmsearch.trainer._calibration import input_second_moments
+
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.nn.Embedding(10, 4)
+    proj = torch.nn.Linear(4, 3)
+    model = torch.nn.ModuleDict({"embed": embed, "proj": proj})
+    ids = torch.randint(1, 10, (2, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        embed.weight[0] = 100.0  # the pad embedding: would dominate if counted
+    batch = {"input_ids": ids, "attention_mask": mask}
+    splits = SimpleNamespace(loader=lambda split, size, shuffle: iter([batch]))
+    workload = SimpleNamespace(forward=lambda m, b: m["proj"](m["embed"](b["input_ids"])))
+    moments = input_second_moments(model, [("proj", proj)], workload, splits, samples=2, batch_size=2)
+    tokens = embed(ids[mask.bool()]).detach().double()  # the 8 real tokens
+    assert torch.allclose(moments["proj"], tokens.T @ tokens / 8, atol=1e-10)
+
+
 def test_activation_allocation_calibrates_on_training_inputs(tmp_path):
     from gsmsearch.structured import matching_linears
     from gsmsearch.trainer._calibration import input_second_moments
