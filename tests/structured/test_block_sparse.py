@@ -39,13 +39,19 @@ def test_block_sparse_matrix_keeps_exactly_the_nonzero_blocks(shape, block):
     assert matrix.executed_macs() == len(tiles) * BK * BN
 
 
-def test_block_sparse_torch_path_matches_dense_with_index_bias_and_out():
+def gathered_case():
+    """A banded 100 x 70 matrix in (16, 32) blocks (partial blocks on both axes), an input whose
+    columns are gathered through a permutation, a bias, and the dense answer."""
     dense = banded(100, 70, width=12, seed=1)
     matrix = BlockSparseMatrix(dense, (16, 32))
     a = torch.randn(37, 120)
     index = torch.randperm(120)[:100].to(torch.int32)
     bias = torch.randn(70)
-    expected = a[:, index.long()] @ dense + bias
+    return dense, matrix, a, index, bias, a[:, index.long()] @ dense + bias
+
+
+def test_block_sparse_torch_path_matches_dense_with_index_bias_and_out():
+    dense, matrix, a, index, bias, expected = gathered_case()
     assert torch.allclose(matrix(a, index=index, bias=bias), expected, atol=1e-4)
     out = torch.empty(37, 200)[:, 10:80]  # a strided view is written in place
     matrix(a, index=index, bias=bias, out=out)
@@ -97,19 +103,14 @@ _KERNEL_CHECKS = textwrap.dedent(
     assert os.environ["TRITON_INTERPRET"] == "1"
     from gsmsearch.structured._block_sparse import BlockSparseMatrix, triton_runs
     from gsmsearch.structured._export import ExportedGBLR
-    from tests.structured.test_block_sparse import banded
+    from tests.structured.test_block_sparse import gathered_case
     from tests.structured.test_fast_paths import learned_layer, random_layer
 
     torch.manual_seed(0)
     assert triton_runs(torch.zeros(1))
     errors = {}
     # the kernel itself: partial blocks on every axis, gathered columns, bias, strided output
-    dense = banded(100, 70, width=12, seed=1)
-    matrix = BlockSparseMatrix(dense, (16, 32))
-    a = torch.randn(37, 120)
-    index = torch.randperm(120)[:100].to(torch.int32)
-    bias = torch.randn(70)
-    expected = a[:, index.long()] @ dense + bias
+    dense, matrix, a, index, bias, expected = gathered_case()
     errors["kernel index+bias"] = float((matrix(a, index=index, bias=bias) - expected).abs().max())
     out = torch.zeros(37, 200)
     matrix(a, index=index, bias=bias, out=out[:, 10:80])
