@@ -281,25 +281,14 @@ def launch(
             print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=out)
         return summary
 
-    import ray
-
-    where = start_ray(address or spec.executor.address, num_cpus=spec.executor.num_cpus)
-    # The workers start now (a process, torch, the trainer: seconds each, in parallel), while
-    # this driver opens the study; a worker left idle is stopped at the end.
-    idle: List[Any] = [make_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
-                       for _ in range(min(spec.concurrency, spec.trials))]
-    try:
-        storage = open_storage(url)
-        study = _open_study(spec, storage, resume=resume, force=force)
-        stale = fail_stale_trials(study, reason="stale: its driver stopped before the trial finished")
-        requeued = _requeue_unfinished(study)
-    except BaseException:
-        for worker in idle:
-            ray.kill(worker)
-        raise
+    storage = open_storage(url)
+    study = _open_study(spec, storage, resume=resume, force=force)
+    stale = fail_stale_trials(study, reason="stale: its driver stopped before the trial finished")
+    requeued = _requeue_unfinished(study)
     if stale or requeued:
         print(f"[{spec.name}] marked {len(stale)} stale RUNNING trial(s) FAIL; re-enqueued "
               f"{requeued} unfinished configuration(s)", file=out)
+    where = start_ray(address or spec.executor.address, num_cpus=spec.executor.num_cpus)
     print(f"[{spec.name}] storage {summary.storage}; {where}; up to {spec.concurrency} concurrent "
           f"trial(s)", file=out)
     for key in ("checkpoints", "cache", "structures"):
@@ -307,6 +296,7 @@ def launch(
 
     display = _Display(out, spec.trials, status_interval)
     running: Dict[Any, _Running] = {}
+    idle: List[Any] = []
     driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
     last_heartbeat = 0.0
 
@@ -388,6 +378,8 @@ def launch(
             submit(entry.trial, entry.config, entry.attempt + 1)
         else:
             record_failure(entry, f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
+
+    import ray
 
     exhausted: Dict[str, int] = {}
     exhausted_reported = False

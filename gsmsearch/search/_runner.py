@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-__all__ = ["start_ray", "make_worker", "execute_trial", "warm_up"]
+__all__ = ["start_ray", "make_worker", "execute_trial"]
 
 
 def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
@@ -56,21 +56,6 @@ def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
     return {"ok": True, "result": result.to_dict(), "started": started, "finished": time.time()}
 
 
-def warm_up() -> None:
-    """What every worker process pays before its first trial, paid when the worker starts (the
-    driver creates its workers before it sets up the study, so this overlaps that): the trainer's
-    modules, and the first ``torch.optim`` construction in a process, which imports
-    ``torch._dynamo`` (about 1 s).  Best effort: a failure here shows up in the trial instead."""
-    try:
-        import torch
-
-        from ..trainer import run_trial  # noqa: F401
-
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def make_worker(cpus: float, gpus: float):
     """A new worker actor holding ``cpus`` CPUs and ``gpus`` (possibly fractional) GPUs."""
     import ray
@@ -82,7 +67,6 @@ def make_worker(cpus: float, gpus: float):
 
             torch.set_num_threads(max(1, threads))
             self.pid = os.getpid()
-            warm_up()
 
         def run(self, config, checkpoint_dir, cache_dir, structure_path=None):
             outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
