@@ -5,9 +5,11 @@ One program computes one (BM x BN) tile of ``out``: it walks the non-zero blocks
 block (``column_pointers[j] .. column_pointers[j + 1]``), loads the matching (BM x BK) slice of A
 (optionally through a column index, ``GATHER``: A's column ``index[k]`` plays column k, so a
 permutation of A's columns costs no copy) and accumulates ``tl.dot`` in float32.  Programs are
-launched token block fastest, so the programs running together share their column block's
-weights, and neighbouring column blocks (a banded structure touches neighbouring k ranges) reuse
-A's tiles from L2.
+launched column block fastest: the programs running together work on the same few token
+blocks, so each (BM x K) row band of A is read from memory about once and then from L2 by every
+column block that needs it (A -- 8192 tokens x 4096 features in bf16, 64 MiB -- does not fit
+in L2 whole; read token block fastest, narrow column blocks would re-read it from memory once per
+column block), while the stored blocks (a fraction of one weight matrix) stay in L2 throughout.
 
 Imported only where it runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
 (the interpreter the tests use, ``tests/structured/test_block_sparse.py``).
@@ -28,8 +30,8 @@ def _kernel(a_ptr, index_ptr, blocks_ptr, pointers_ptr, rows_ptr, bias_ptr, out_
             M, K, N, stride_am, stride_ak, stride_om, stride_on,
             GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
             BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     rn = tl.arange(0, BN)
@@ -70,7 +72,7 @@ def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: 
     BM = block_m or (128 if M >= 128 else max(16, triton.next_power_of_2(M)))
     if num_warps is None:  # a 128 x 128 float32 accumulator wants two warp groups
         num_warps = 8 if BM * BN >= 128 * 128 else 4
-    grid = (triton.cdiv(M, BM), column_pointers.numel() - 1)
+    grid = (column_pointers.numel() - 1, triton.cdiv(M, BM))  # column blocks fastest
     dummy = blocks  # never read when its flag is off
     _kernel[grid](a, index if index is not None else dummy, blocks, column_pointers, block_rows,
                   bias if bias is not None else dummy, out,
