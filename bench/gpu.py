@@ -236,6 +236,9 @@ def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150, pr
                  for plan in ("grouped", "factored", "tiled")}
         for block in BSR_BLOCKS:  # the Triton plan (its torch path in a CPU smoke run)
             plans["bsr{}x{}".format(*block)] = ExportedGBLR.from_gblr(layer, plan="bsr", block=block).to(device, dtype)
+            flipped = copy.deepcopy(plans["bsr{}x{}".format(*block)])
+            flipped.stage1.tokens_as_n = not flipped.stage1.tokens_as_n  # stage 1 the other way round
+            plans["bsr{}x{}-flip".format(*block)] = flipped
         copied = copy.deepcopy(plans["bsr{}x{}".format(*BSR_BLOCK)])
         copied.bsr_gather = False  # t' written out between the kernels instead of gathered
         plans["bsr{}x{}-copy".format(*BSR_BLOCK)] = copied

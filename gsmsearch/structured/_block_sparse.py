@@ -41,7 +41,12 @@ def triton_runs(tensor: torch.Tensor) -> bool:
 
 
 class BlockSparseMatrix(nn.Module):
-    """A (K x N) matrix as its non-zero (BK x BN) blocks; ``forward(a)`` = ``a @ B``."""
+    """A (K x N) matrix as its non-zero (BK x BN) blocks; ``forward(a)`` = ``a @ B``.
+
+    ``tokens_as_n`` (Triton only): run the product transposed, the column block on the tensor
+    cores' M side and A's rows on their N side -- for narrow column blocks (``_block_sparse_kernel``)."""
+
+    tokens_as_n = False
 
     def __init__(self, dense: torch.Tensor, block: Tuple[int, int]) -> None:
         super().__init__()
@@ -93,7 +98,8 @@ class BlockSparseMatrix(nn.Module):
             from ._block_sparse_kernel import block_sparse_matmul
 
             return block_sparse_matmul(a, self.blocks, self.column_pointers, self.block_rows,
-                                       self.shape[1], index=index, bias=bias, out=out)
+                                       self.shape[1], index=index, bias=bias, out=out,
+                                       tokens_as_n=self.tokens_as_n)
         return self._torch_matmul(a, index, bias, out)
 
     def _torch_matmul(self, a, index, bias, out):

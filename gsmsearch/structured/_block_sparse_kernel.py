@@ -57,14 +57,50 @@ def _kernel(a_ptr, index_ptr, blocks_ptr, pointers_ptr, rows_ptr, bias_ptr, out_
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _kernel_tokens_as_n(a_ptr, index_ptr, blocks_ptr, pointers_ptr, rows_ptr, bias_ptr, out_ptr,
+                        M, K, N, stride_am, stride_ak, stride_om, stride_on,
+                        GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """:func:`_kernel` computed transposed, out^T = B^T A^T: the column block (narrow, BN) is the
+    MMA's M side and the tokens (BM) its N side.  A tensor-core instruction's throughput grows
+    with its N, so a narrow column block runs better here than as N."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = tl.arange(0, BK)
+    rn = tl.arange(0, BN)
+    row_ok = rm < M
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    first = tl.load(pointers_ptr + pid_n)
+    last = tl.load(pointers_ptr + pid_n + 1)
+    for i in range(first, last):
+        kb = tl.load(rows_ptr + i)
+        cols = kb * BK + rk
+        col_ok = cols < K
+        if GATHER:
+            cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
+        a_t = tl.load(a_ptr + cols[:, None] * stride_ak + rm[None, :] * stride_am,
+                      mask=col_ok[:, None] & row_ok[None, :], other=0.0)  # (BK, BM)
+        b_t = tl.load(blocks_ptr + i * (BK * BN) + rk[None, :] * BN + rn[:, None])  # (BN, BK)
+        acc += tl.dot(b_t, a_t)
+    cn = pid_n * BN + rn
+    n_ok = cn < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + cn[:, None] * stride_on + rm[None, :] * stride_om,
+             acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+
+
 def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: torch.Tensor,
                         block_rows: torch.Tensor, n: int, *, index: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                         block_m: Optional[int] = None, num_warps: Optional[int] = None,
-                        num_stages: int = 3) -> torch.Tensor:
+                        num_stages: int = 3, tokens_as_n: bool = False) -> torch.Tensor:
     """out (M, n) = A[:, index] @ B + bias, B the (K, n) block-sparse matrix given by ``blocks``
     (nnzb, BK, BN), ``column_pointers`` (n / BN + 1,) and ``block_rows`` (nnzb,) (int32).
-    ``a`` (M, K) may be any strided view; ``index`` (K,) int32 gathers A's columns."""
+    ``a`` (M, K) may be any strided view; ``index`` (K,) int32 gathers A's columns.
+    ``tokens_as_n``: compute it transposed (:func:`_kernel_tokens_as_n`)."""
     M, K = a.shape if index is None else (a.shape[0], index.shape[0])
     _, BK, BN = blocks.shape
     if out is None:
@@ -74,7 +110,8 @@ def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: 
         num_warps = 8 if BM * BN >= 128 * 128 else 4
     grid = (column_pointers.numel() - 1, triton.cdiv(M, BM))  # column blocks fastest
     dummy = blocks  # never read when its flag is off
-    _kernel[grid](a, index if index is not None else dummy, blocks, column_pointers, block_rows,
+    kernel = _kernel_tokens_as_n if tokens_as_n else _kernel
+    kernel[grid](a, index if index is not None else dummy, blocks, column_pointers, block_rows,
                   bias if bias is not None else dummy, out,
                   M, K, n, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                   GATHER=index is not None, HAS_BIAS=bias is not None,

@@ -499,6 +499,9 @@ class ExportedGBLR(nn.Module):
         features, columns = block
         self.stage1 = BlockSparseMatrix(V, (features, columns))
         self.stage2 = BlockSparseMatrix(U, (columns, features))
+        # stage 1's column blocks are t's (narrow): a 64-wide one runs as the tensor cores' M side
+        # (Hopper's wgmma takes M = 64; at 32 it would fall back to older instructions)
+        self.stage1.tokens_as_n = 64 <= columns < features
         if not np.array_equal(order, np.arange(len(order))):
             self.t_order = torch.tensor(order, dtype=torch.int32, device=device)
 

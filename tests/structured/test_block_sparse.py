@@ -116,6 +116,13 @@ _KERNEL_CHECKS = textwrap.dedent(
     matrix(a, index=index, bias=bias, out=out[:, 10:80])
     errors["kernel strided out"] = float((out[:, 10:80] - expected).abs().max())
     errors["kernel untouched"] = float(out[:, :10].abs().max() + out[:, 80:].abs().max())
+    matrix.tokens_as_n = True  # the transposed kernel (tensor cores' M side = the column block)
+    errors["kernel tokens as n"] = float((matrix(a, index=index, bias=bias) - expected).abs().max())
+    out = torch.zeros(37, 200)
+    matrix(a, index=index, bias=bias, out=out[:, 10:80])
+    errors["kernel tokens as n strided out"] = float((out[:, 10:80] - expected).abs().max())
+    errors["kernel tokens as n untouched"] = float(out[:, :10].abs().max() + out[:, 80:].abs().max())
+    matrix.tokens_as_n = False
     errors["kernel vs torch path"] = float(
         (matrix(a, index=index) - matrix._torch_matmul(a, index, None, None)).abs().max())
     empty = BlockSparseMatrix(torch.zeros(40, 48), (16, 16))
@@ -135,6 +142,8 @@ _KERNEL_CHECKS = textwrap.dedent(
                 errors[f"plan {name} block {block} vs torch path"] = float((got - torch_path).abs().max())
                 plan.bsr_gather = False
                 errors[f"plan {name} block {block} copied t"] = float((plan(x) - ref).abs().max() / ref.abs().max())
+                plan.stage1.tokens_as_n = not plan.stage1.tokens_as_n
+                errors[f"plan {name} block {block} stage 1 flipped"] = float((plan(x) - ref).abs().max() / ref.abs().max())
     print("RESULT " + json.dumps(errors))
     """
 )
@@ -142,7 +151,7 @@ _KERNEL_CHECKS = textwrap.dedent(
 
 def test_triton_kernel_under_the_interpreter_matches_dense_and_torch_path():
     errors = interpreted(_KERNEL_CHECKS)
-    assert set(errors) >= {"kernel index+bias", "kernel strided out", "kernel no blocks",
+    assert set(errors) >= {"kernel index+bias", "kernel strided out", "kernel no blocks", "kernel tokens as n",
                            "plan learned block 16", "plan random block 32", "plan learned block (32, 16)"}
     for name, error in errors.items():
         assert error < 1e-4, (name, error)

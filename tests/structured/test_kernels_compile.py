@@ -31,15 +31,16 @@ BSR_SIGNATURE = {"a_ptr": "*bf16", "index_ptr": "*i32", "blocks_ptr": "*bf16", "
                  "N": "i32", "stride_am": "i32", "stride_ak": "i32", "stride_om": "i32", "stride_on": "i32"}
 
 
-@pytest.mark.parametrize("block", [(128, 32), (32, 128), (128, 128)])
+@pytest.mark.parametrize("block,tokens_as_n", [((128, 32), False), ((32, 128), False), ((128, 128), False),
+                                               ((128, 64), True)])
 @pytest.mark.parametrize("gather", [False, True])
-def test_block_sparse_kernel_compiles_to_pipelined_wgmma(block, gather):
+def test_block_sparse_kernel_compiles_to_pipelined_wgmma(block, tokens_as_n, gather):
     BK, BN = block
     kernel = compile_for_h100(
-        _block_sparse_kernel._kernel, BSR_SIGNATURE,
+        _block_sparse_kernel._kernel_tokens_as_n if tokens_as_n else _block_sparse_kernel._kernel, BSR_SIGNATURE,
         {"stride_ak": 1, "stride_on": 1, "GATHER": gather, "HAS_BIAS": True, "BM": 128, "BK": BK, "BN": BN},
         aligned=tuple(n for n in BSR_SIGNATURE if n not in ("stride_ak", "stride_on")),
-        num_warps=8 if BN >= 128 else 4, num_stages=3)
+        num_warps=8 if BN >= 128 and not tokens_as_n else 4, num_stages=3)
     ttgir = kernel.asm["ttgir"]
     assert kernel.asm["cubin"]
     assert "warp_group_dot" in ttgir
