@@ -126,7 +126,8 @@ class ProjectMeanWidth(BudgetController):
     @torch.no_grad()
     def step(self, layers, lam, lr_width):
         proximal_step(layers, lam, lr_width)
-        widths = torch.cat([layer.widths.flatten() for layer in layers])
+        # bisection on a host copy: one read from a GPU instead of one per bisection step
+        widths = torch.cat([layer.widths.flatten() for layer in layers]).cpu()
         shift = _bisect_shift(
             lambda t: float((widths - t).clamp(0, 1).mean()), self.target_mean_width, low=-1.0
         )
@@ -163,10 +164,15 @@ class ProjectFlops(BudgetController):
         dense = sum(w * layer.in_features * layer.out_features for w, layer in zip(weights, layers))
         target = self.target_relative_flops * dense
 
+        # bisection on a host copy of every layer's widths: one read from a GPU per step instead
+        # of one per layer and bisection step (each read waits for the GPU's queue to drain)
+        host = torch.cat([layer.widths.flatten() for layer in layers]).cpu()
+        host_widths = [w.view(2, -1) for w in host.split([layer.widths.numel() for layer in layers])]
+
         def flops_after(shift: float) -> float:
             total = 0.0
-            for weight, layer in zip(weights, layers):
-                w = (layer.widths - shift).clamp(0, 1)
+            for weight, layer, widths in zip(weights, layers, host_widths):
+                w = (widths - shift).clamp(0, 1)
                 h = torch.round(w[0] * layer.out_features).long()
                 c = torch.round(w[1] * layer.in_features).long()
                 total += weight * int(component_costs(h, c, layer.rank).sum())

@@ -218,9 +218,10 @@ class TrainingLoop:
                         target = self.workload.forward(self.teacher, batch)
                     soft = self.workload.distillation_loss(output, target, batch, self.distill_temperature)
                     loss = (1.0 - self.distill) * loss + self.distill * soft
-                if not torch.isfinite(loss):
+                loss_value = float(loss.detach())  # the step's one read of the loss from a GPU
+                if not math.isfinite(loss_value):
                     raise TrialFailed(
-                        f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, step {step + 1}; "
+                        f"non-finite training loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
                         f"lower the learning rate (lr={self.lr}, structure_lr={self.structure_lr})"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
@@ -228,7 +229,7 @@ class TrainingLoop:
                 self.optimizer.step()
                 if self.layers and self.controller is not None:
                     self.controller.step(self.layers, self.lam, self.structure_lr * factor)
-                total_loss += float(loss.detach()) * _batch_len(batch)
+                total_loss += loss_value * _batch_len(batch)
                 count += _batch_len(batch)
             sigma = self._sigma(epoch + 1) if self.layers else None
             if self.layers:
