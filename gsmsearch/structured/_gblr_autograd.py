@@ -234,8 +234,10 @@ class _GBLRKernelFunction(torch.autograd.Function):
                 inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r)
                 d_inner = dy @ Um.T
                 del Um
-                d_row_factors = sides.grads(0, inner.T @ dy, row_factors, d_widths, d_locations)
-                del inner, kept
+                dUm = inner.T @ dy
+                del inner, kept  # before the gradient kernel's outputs are allocated
+                d_row_factors = sides.grads(0, dUm, row_factors, d_widths, d_locations)
+                del dUm
                 dVm = d_inner.T @ x2
                 if needs[0]:
                     grad_x = d_inner @ Vm
