@@ -94,6 +94,10 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
     unfused = _variant(layer, UnfusedGBLR).to(device)
     torch_ops = _variant(layer).to(device)
     torch_ops.use_kernels = False  # the same Function with torch ops for the masks
+    kernels_error = _first_call(step(layer))  # a Triton that rejects the kernels: torch ops, noted
+    if kernels_error is not None:
+        print(f"training kernels failed, timing the torch-op path in their place: {kernels_error}")
+        layer.use_kernels = recompute.use_kernels = False
     modules = {"nn.Linear": linear, "gblr": layer, "gblr recompute intermediate": recompute,
                "gblr torch-op masks": torch_ops, "gblr unfused (before)": unfused}
     times = _interleaved({**{name: step(module) for name, module in modules.items()},
@@ -104,11 +108,32 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
         memory[name] = {"kept_for_backward_mib": kept, "step_peak_mib": _step_peak_mib(step(module), device)}
     syncs = {name: _host_syncs(step(module), device) for name, module in modules.items()}
     return {"config": dict(n=n, m=m, K=K, tokens=tokens, sigma=sigma, dtype=str(dtype)), "ms": times,
-            "host_syncs_per_step": syncs,
+            "kernels_error": kernels_error, "host_syncs_per_step": syncs,
             "ratio_vs_linear": {k: v / times["nn.Linear"] for k, v in times.items()},
             "memory": memory, "fused_vs_unfused_grad_error": _grad_error(layer, unfused, x, step),
             "kernels_vs_torch_ops_grad_error_fp32": _grad_error(
                 layer, torch_ops, x, lambda module: (lambda: module(x).sum().backward()))}
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _first_call(fn):
+    """Run ``fn`` once; None if it worked, else the error as text (a GPU run should report what
+    failed and go on with the rest, not lose every number to one kernel)."""
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001
+        import traceback
+
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        return f"{type(error).__name__}: {str(error)[:400]} (at {frame.filename}:{frame.lineno})"
+    return None
 
 
 def _graphed(fn, device):
@@ -253,6 +278,14 @@ def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150, pr
                     module(x)
             return run
 
+        failed = {}
+        for plan in list(plans):  # a plan whose kernel fails to compile or run is reported, not fatal
+            error = _first_call(runner(plans[plan]))
+            if error is not None:
+                failed[plan] = error
+                print(f"{label}: plan {plan} failed: {error}")
+                del plans[plan]
+
         with torch.no_grad():
             reference = nn.functional.linear(x[:256].float(), weight.to(device), None if bias is None else bias.float())
             errors = {plan: float((module(x[:256]).float() - reference).norm() / reference.norm())
@@ -271,6 +304,7 @@ def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150, pr
                      "speedup": speedup, "speedups": {n: times["dense"] / times[n] for n in plans},
                      "executed_f": {n: m.executed_flops() / dense_macs for n, m in plans.items()},
                      "relative_error": errors, "target_0.6_over_f": 0.6 / f, "fraction_of_ideal": speedup * f,
+                     "failed_plans": failed,
                      "ms_cuda_graph": graph_times,
                      "speedups_cuda_graph": None if graph_times is None else
                      {n: graph_times["dense"] / graph_times[n] for n in plans}})
@@ -303,13 +337,18 @@ def main(argv=None) -> int:
         export = dict(size=4096, tokens=8192, budgets=(0.1, 0.2, 0.3), repeats=args.repeats)
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+        "triton": _triton_version(),
         "dtype": str(dtype), "command": " ".join(["python -m bench.gpu"] + sys.argv[1:]),
         "train": train_step(device, dtype, **train),
-        "export": export_speed(device, dtype, **export, prepared=[] if args.smoke else _prepared()),
     }
+    if report["train"]["kernels_error"] is not None:  # the structures below train GBLR layers too
+        from gsmsearch.structured import GBLRLinear
+
+        GBLRLinear.use_kernels = False
+    report["export"] = export_speed(device, dtype, **export, prepared=[] if args.smoke else _prepared())
     if not args.smoke and not report["export"][-1]["structure"].startswith(tuple(PREPARED_KINDS)):
         print(f"note: no prepared real structures in {PREPARED} (python -m bench.gpu --prepare, then carry it)")
-    print(f"device {report['device']}, {report['dtype']}, torch {report['torch']}")
+    print(f"device {report['device']}, {report['dtype']}, torch {report['torch']}, triton {report['triton']}")
     t = report["train"]
     print("train step x nn.Linear: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratio_vs_linear"].items()))
     print("memory MiB (kept for backward / step peak): " + ", ".join(
@@ -318,12 +357,12 @@ def main(argv=None) -> int:
     print(f"fused vs unfused gradients, largest relative error: {t['fused_vs_unfused_grad_error']:.1e}; "
           f"Triton mask kernels vs torch ops, float32: {t['kernels_vs_torch_ops_grad_error_fp32']:.1e}")
     print(f"host syncs per training step: {t['host_syncs_per_step']}")
-    names = list(report["export"][0]["speedups"]) if report["export"] else []
+    names = list(dict.fromkeys(n for r in report["export"] for n in r["speedups"]))
     print(f"{'export structure':18s} {'f':>6s} {'best':>9s} {'speedup':>8s} {'0.6/f':>6s} "
           + " ".join(f"{n:>9s}" for n in names) + f" {'max err':>8s}")
     for r in report["export"]:
         print(f"{r['structure']:18s} {r['f']:6.3f} {r['best_plan']:>9s} {r['speedup']:8.2f} "
-              f"{r['target_0.6_over_f']:6.2f} " + " ".join(f"{r['speedups'][n]:9.2f}" for n in names)
+              f"{r['target_0.6_over_f']:6.2f} " + " ".join(f"{r['speedups'].get(n, float('nan')):9.2f}" for n in names)
               + f" {max(r['relative_error'].values()):8.1e}")
     if report["export"] and report["export"][0]["speedups_cuda_graph"] is not None:
         print("speedup over dense, both replayed from CUDA graphs (no launch costs):")
