@@ -48,6 +48,7 @@ Two plans:
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -663,10 +664,20 @@ def _fastest(candidates: List["ExportedGBLR"], rounds: int = 5) -> "ExportedGBLR
     device = reference.device if reference is not None else torch.device("cpu")
     x = torch.randn(CALIBRATION_TOKENS, first.in_features, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        kept = []
+        for candidate in candidates:
+            try:
+                candidate(x)  # warm-up (and, for "bsr", the Triton kernels' compilation)
+            except Exception as error:  # noqa: BLE001 - a Triton that rejects the kernel
+                if candidate.plan != "bsr":
+                    raise
+                warnings.warn(f"export: the bsr plan failed on this device and is skipped ({error})")
+                continue
+            kept.append(candidate)
+    candidates = kept
     best = [float("inf")] * len(candidates)
     with torch.no_grad():
-        for candidate in candidates:
-            candidate(x)
         for _ in range(rounds):
             for i, candidate in enumerate(candidates):
                 sync()

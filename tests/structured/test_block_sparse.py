@@ -155,3 +155,23 @@ def test_triton_kernel_under_the_interpreter_matches_dense_and_torch_path():
                            "plan learned block 16", "plan random block 32", "plan learned block (32, 16)"}
     for name, error in errors.items():
         assert error < 1e-4, (name, error)
+
+
+def test_auto_skips_a_bsr_candidate_that_fails(monkeypatch):
+    """On a GPU, ``auto`` also times "bsr"; a Triton that rejects its kernel must cost the user
+    that candidate (with a warning), not the export."""
+    from gsmsearch.structured._export import _fastest
+
+    layer = random_layer(m=64, n=56, K=20, r=2, seed=2, dtype=torch.float32)
+    grouped = ExportedGBLR.from_gblr(layer, plan="grouped")
+    bsr = ExportedGBLR.from_gblr(layer, plan="bsr", block=16)
+
+    def rejected(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")  # what a Triton compile error looks like
+
+    monkeypatch.setattr(BlockSparseMatrix, "forward", rejected)
+    with pytest.warns(UserWarning, match="bsr plan failed"):
+        assert _fastest([bsr, grouped]) is grouped
+    monkeypatch.setattr(ExportedGBLR, "_run_grouped", rejected)
+    with pytest.raises(RuntimeError):  # any other plan's failure is a bug, not skipped
+        _fastest([grouped])
