@@ -32,7 +32,7 @@ from torch import nn
 from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
 from ._block_sparse import triton_runs
-from ._gblr_autograd import gblr_linear, live_grid_rows, masked_factors
+from ._gblr_autograd import gblr_linear, kernels_work, live_grid_rows, masked_factors
 from ._mask import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -358,7 +358,7 @@ class GBLRLinear(StructuredLinear):
                 y = _linear(x, dense["W"], bias)
             return y
         rows = None
-        if self.use_kernels and triton_runs(x):  # Triton path: wraps are per component there
+        if self.use_kernels and triton_runs(x) and kernels_work(x.device):  # Triton: wraps per component
             active, rows = live_grid_rows(self.widths, self.locations, self.out_features, self.in_features)
             row_wrapped = col_wrapped = None
         else:

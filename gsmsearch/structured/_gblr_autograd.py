@@ -21,6 +21,7 @@ gradients stay in the parameters' dtype.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -188,6 +189,32 @@ class _Sides:
                                  self.wraps[side], d_widths[side], d_locations[side])
 
 
+_KERNELS_WORK = {}  # device -> whether the Triton kernels compiled and ran there
+
+
+def kernels_work(device: torch.device) -> bool:
+    """Whether the Triton training kernels run on ``device``: checked once per device by a tiny
+    forward and backward through them (which also compiles them).  A Triton that rejects them
+    costs a warning and the torch ops, not the training run."""
+    key = str(device)
+    if key not in _KERNELS_WORK:
+        try:
+            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                factors = torch.randn(3, 1, 40, device=device, requires_grad=True)
+                widths = torch.tensor([[0.5, 1.0, 0.0], [0.25, 0.75, 0.5]], device=device, requires_grad=True)
+                locations = torch.tensor([[0.9, 0.0, 0.3], [0.1, 0.6, 0.2]], device=device, requires_grad=True)
+                x = torch.randn(5, 40, device=device, requires_grad=True)
+                y = _GBLRKernelFunction.apply(x, widths, locations, factors, factors.detach().clone(), None,
+                                              2.0, True, False, None)
+                y.sum().backward()
+            _KERNELS_WORK[key] = True
+        except Exception as error:  # noqa: BLE001 - any failure here means: do not use them
+            warnings.warn(f"GBLR's Triton kernels failed on {device} ({type(error).__name__}: {error}); "
+                          f"training with torch ops instead")
+            _KERNELS_WORK[key] = False
+    return _KERNELS_WORK[key]
+
+
 class _GBLRKernelFunction(torch.autograd.Function):
     """The Function above with each side's masks, masked factors and gradients as one Triton
     launch each (``_mask_kernel``), the grid rows of both sides computed together, and the
@@ -306,7 +333,7 @@ def gblr_linear(
     ``kernels``: each side's masks and gradients in one Triton launch where Triton runs (CUDA
     tensors, ``_mask_kernel``); False keeps the torch ops everywhere.  ``rows``: the components'
     :func:`grid_rows` if the caller has them (:func:`live_grid_rows`), for the Triton path."""
-    if kernels and triton_runs(x):
+    if kernels and triton_runs(x) and kernels_work(x.device):
         return _GBLRKernelFunction.apply(x, widths, locations, row_factors, col_factors, bias,
                                          None if sigma is None else float(sigma), bool(factored),
                                          bool(recompute_inner), rows)

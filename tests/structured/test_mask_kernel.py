@@ -9,13 +9,17 @@ bfloat16 stores toward zero where the GPU rounds to nearest, one unit in the las
 """
 import textwrap
 
+import pytest
+
 from .interpreter import interpreted
 
 _CHECKS = textwrap.dedent(
     """
     import json, torch
+    from gsmsearch.structured._gblr_autograd import kernels_work
     from tests.structured.test_fast_paths import random_layer, reference_forward
 
+    assert kernels_work(torch.device("cpu"))  # the once-per-device check passes (and is done)
     PARAMS = ("widths", "locations", "row_factors", "col_factors", "bias")
 
     def gradients(layer, x, target, kernels, forward=None):
@@ -162,3 +166,36 @@ def test_training_step_launches_far_fewer_ops_with_the_kernels():
     launches = kernels["aten"] + kernels["triton"]
     assert launches * 3 < torch_ops["aten"], counts
     assert launches <= 5 * linear["aten"], counts
+
+
+def test_kernels_that_fail_on_a_device_fall_back_to_torch_ops(monkeypatch):
+    """A Triton that rejects the training kernels (checked once per device by a tiny forward and
+    backward) costs a warning and the torch ops, not the training run."""
+    import torch
+
+    import gsmsearch.structured._gblr as gblr_module
+    import gsmsearch.structured._gblr_autograd as autograd_module
+    import gsmsearch.structured._mask_kernel as kernel_module
+
+    from .test_fast_paths import random_layer, reference_forward
+
+    def rejected(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(autograd_module, "triton_runs", lambda t: True)  # as if on a GPU
+    monkeypatch.setattr(gblr_module, "triton_runs", lambda t: True)
+    monkeypatch.setattr(kernel_module, "masked_factors_kernel", rejected)
+    monkeypatch.setattr(autograd_module, "_KERNELS_WORK", {})
+    layer = random_layer(seed=1, sigma=2.0)
+    x = torch.randn(7, 40, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(UserWarning, match="Triton kernels failed on cpu"):
+        y = layer(x)
+    y.sum().backward()
+    assert autograd_module._KERNELS_WORK == {"cpu": False}
+    grads = [layer.widths.grad.clone(), x.grad.clone()]
+    layer.zero_grad()
+    x.grad = None
+    expected = reference_forward(layer, x)
+    expected.sum().backward()
+    assert torch.allclose(y, expected, atol=1e-10)
+    assert torch.allclose(grads[0], layer.widths.grad, atol=1e-8) and torch.allclose(grads[1], x.grad, atol=1e-8)
