@@ -94,8 +94,16 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
     unfused = _variant(layer, UnfusedGBLR).to(device)
     torch_ops = _variant(layer).to(device)
     torch_ops.use_kernels = False  # the same Function with torch ops for the masks
-    kernels_error = _first_call(step(layer))  # a Triton that rejects the kernels: torch ops, noted
-    if kernels_error is not None:
+    import warnings
+
+    from gsmsearch.structured import _gblr_autograd
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernels_error = _first_call(step(layer))  # a Triton that rejects the kernels: torch ops, noted
+    if kernels_error is None and _gblr_autograd._KERNELS_WORK.get(str(device)) is False:
+        kernels_error = "; ".join(str(w.message) for w in caught if "Triton kernels failed" in str(w.message))
+    if kernels_error:
         print(f"training kernels failed, timing the torch-op path in their place: {kernels_error}")
         layer.use_kernels = recompute.use_kernels = False
     modules = {"nn.Linear": linear, "gblr": layer, "gblr recompute intermediate": recompute,
@@ -341,7 +349,7 @@ def main(argv=None) -> int:
         "dtype": str(dtype), "command": " ".join(["python -m bench.gpu"] + sys.argv[1:]),
         "train": train_step(device, dtype, **train),
     }
-    if report["train"]["kernels_error"] is not None:  # the structures below train GBLR layers too
+    if report["train"]["kernels_error"]:  # the structures below train GBLR layers too
         from gsmsearch.structured import GBLRLinear
 
         GBLRLinear.use_kernels = False
