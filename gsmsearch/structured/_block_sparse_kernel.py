@@ -28,15 +28,21 @@ __all__ = ["block_sparse_matmul"]
 @triton.jit
 def _kernel(a_ptr, index_ptr, blocks_ptr, pointers_ptr, rows_ptr, bias_ptr, out_ptr,
             M, K, N, stride_am, stride_ak, stride_om, stride_on,
-            GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+            GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, TOKENS_AS_N: tl.constexpr,
             BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """``TOKENS_AS_N``: the same tile computed transposed, out^T = B^T A^T, so the column block
+    (narrow, BN) is the tensor cores' M side and the tokens (BM) their N side: a tensor-core
+    instruction's throughput grows with its N, so a narrow column block runs better as M."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = tl.arange(0, BK)
     rn = tl.arange(0, BN)
     row_ok = rm < M
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if TOKENS_AS_N:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     first = tl.load(pointers_ptr + pid_n)
     last = tl.load(pointers_ptr + pid_n + 1)
     for i in range(first, last):
@@ -45,51 +51,27 @@ def _kernel(a_ptr, index_ptr, blocks_ptr, pointers_ptr, rows_ptr, bias_ptr, out_
         col_ok = cols < K
         if GATHER:
             cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
-        a = tl.load(a_ptr + rm[:, None] * stride_am + cols[None, :] * stride_ak,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(blocks_ptr + i * (BK * BN) + rk[:, None] * BN + rn[None, :])
-        acc += tl.dot(a, b)
+        block = blocks_ptr + i * (BK * BN)
+        if TOKENS_AS_N:
+            a_t = tl.load(a_ptr + cols[:, None] * stride_ak + rm[None, :] * stride_am,
+                          mask=col_ok[:, None] & row_ok[None, :], other=0.0)  # (BK, BM)
+            acc += tl.dot(tl.load(block + rk[None, :] * BN + rn[:, None]), a_t)  # (BN, BK) @ (BK, BM)
+        else:
+            a = tl.load(a_ptr + rm[:, None] * stride_am + cols[None, :] * stride_ak,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BM, BK)
+            acc += tl.dot(a, tl.load(block + rk[:, None] * BN + rn[None, :]))  # (BM, BK) @ (BK, BN)
     cn = pid_n * BN + rn
     n_ok = cn < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + cn[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _kernel_tokens_as_n(a_ptr, index_ptr, blocks_ptr, pointers_ptr, rows_ptr, bias_ptr, out_ptr,
-                        M, K, N, stride_am, stride_ak, stride_om, stride_on,
-                        GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """:func:`_kernel` computed transposed, out^T = B^T A^T: the column block (narrow, BN) is the
-    MMA's M side and the tokens (BM) its N side.  A tensor-core instruction's throughput grows
-    with its N, so a narrow column block runs better here than as N."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = tl.arange(0, BK)
-    rn = tl.arange(0, BN)
-    row_ok = rm < M
-    acc = tl.zeros((BN, BM), dtype=tl.float32)
-    first = tl.load(pointers_ptr + pid_n)
-    last = tl.load(pointers_ptr + pid_n + 1)
-    for i in range(first, last):
-        kb = tl.load(rows_ptr + i)
-        cols = kb * BK + rk
-        col_ok = cols < K
-        if GATHER:
-            cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
-        a_t = tl.load(a_ptr + cols[:, None] * stride_ak + rm[None, :] * stride_am,
-                      mask=col_ok[:, None] & row_ok[None, :], other=0.0)  # (BK, BM)
-        b_t = tl.load(blocks_ptr + i * (BK * BN) + rk[None, :] * BN + rn[:, None])  # (BN, BK)
-        acc += tl.dot(b_t, a_t)
-    cn = pid_n * BN + rn
-    n_ok = cn < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + cn[:, None] * stride_on + rm[None, :] * stride_om,
-             acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+    if TOKENS_AS_N:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + cn[:, None] * stride_on + rm[None, :] * stride_om,
+                 acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & row_ok[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * stride_om + cn[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: torch.Tensor,
@@ -100,7 +82,7 @@ def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: 
     """out (M, n) = A[:, index] @ B + bias, B the (K, n) block-sparse matrix given by ``blocks``
     (nnzb, BK, BN), ``column_pointers`` (n / BN + 1,) and ``block_rows`` (nnzb,) (int32).
     ``a`` (M, K) may be any strided view; ``index`` (K,) int32 gathers A's columns.
-    ``tokens_as_n``: compute it transposed (:func:`_kernel_tokens_as_n`)."""
+    ``tokens_as_n``: compute it transposed (see :func:`_kernel`)."""
     M, K = a.shape if index is None else (a.shape[0], index.shape[0])
     _, BK, BN = blocks.shape
     if out is None:
@@ -110,10 +92,9 @@ def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: 
         num_warps = 8 if BM * BN >= 128 * 128 else 4
     grid = (column_pointers.numel() - 1, triton.cdiv(M, BM))  # column blocks fastest
     dummy = blocks  # never read when its flag is off
-    kernel = _kernel_tokens_as_n if tokens_as_n else _kernel
-    kernel[grid](a, index if index is not None else dummy, blocks, column_pointers, block_rows,
+    _kernel[grid](a, index if index is not None else dummy, blocks, column_pointers, block_rows,
                   bias if bias is not None else dummy, out,
                   M, K, n, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-                  GATHER=index is not None, HAS_BIAS=bias is not None,
+                  GATHER=index is not None, HAS_BIAS=bias is not None, TOKENS_AS_N=bool(tokens_as_n),
                   BM=BM, BK=BK, BN=BN, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -37,8 +37,9 @@ BSR_SIGNATURE = {"a_ptr": "*bf16", "index_ptr": "*i32", "blocks_ptr": "*bf16", "
 def test_block_sparse_kernel_compiles_to_pipelined_wgmma(block, tokens_as_n, gather):
     BK, BN = block
     kernel = compile_for_h100(
-        _block_sparse_kernel._kernel_tokens_as_n if tokens_as_n else _block_sparse_kernel._kernel, BSR_SIGNATURE,
-        {"stride_ak": 1, "stride_on": 1, "GATHER": gather, "HAS_BIAS": True, "BM": 128, "BK": BK, "BN": BN},
+        _block_sparse_kernel._kernel, BSR_SIGNATURE,
+        {"stride_ak": 1, "stride_on": 1, "GATHER": gather, "HAS_BIAS": True, "TOKENS_AS_N": tokens_as_n,
+         "BM": 128, "BK": BK, "BN": BN},
         aligned=tuple(n for n in BSR_SIGNATURE if n not in ("stride_ak", "stride_on")),
         num_warps=8 if BN >= 128 and not tokens_as_n else 4, num_stages=3)
     ttgir = kernel.asm["ttgir"]
