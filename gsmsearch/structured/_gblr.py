@@ -287,10 +287,9 @@ class GBLRLinear(StructuredLinear):
         index = None if bool(active.all()) else torch.nonzero(active).flatten().to(w.device)
         return index, row_wrapped, col_wrapped
 
-    def _active_parameters(self, active="read"):
-        """(widths, locations, row factors, col factors) of the components that matter
-        (``active``: their indices, None for all; read from the widths by default)."""
-        active = self._active_components() if isinstance(active, str) else active
+    def _active_parameters(self, active: Optional[torch.Tensor]):
+        """(widths, locations, row factors, col factors) of the components ``active`` (indices;
+        None: all of them)."""
         if active is None:
             return self.widths, self.locations, self.row_factors, self.col_factors
         return (self.widths[:, active], self.locations[:, active],
@@ -298,7 +297,7 @@ class GBLRLinear(StructuredLinear):
 
     def _masked_factors(self, sigma="layer"):
         """Stacked masked factors over the components that matter: (K' r, out), (K' r, in)."""
-        widths, locations, row_factors, col_factors = self._active_parameters()
+        widths, locations, row_factors, col_factors = self._active_parameters(self._active_components())
         sigma = self.sigma if sigma == "layer" else sigma
         row_mask = gaudi_mask(widths[0], locations[0], self.out_features, sigma)  # (K', out)
         col_mask = gaudi_mask(widths[1], locations[1], self.in_features, sigma)  # (K', in)
