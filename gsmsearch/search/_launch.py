@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -261,7 +262,7 @@ def launch(
 
     from ..trainer import TrialConfig
     from ._runner import make_worker, start_ray
-    from ._space import trial_config
+    from ._space import family_configurations, trial_config
 
     out = out if out is not None else sys.stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -382,6 +383,7 @@ def launch(
     import ray
 
     exhausted: Dict[str, int] = {}
+    finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
     exhausted_reported = False
     try:
         heartbeat()
@@ -405,11 +407,25 @@ def launch(
                 known = _known_digests(study, running)
                 if digest in known:
                     # never run a configuration twice: record the proposal as pruned and ask again
+                    family = config["family"]
                     with_retries(lambda: trial.set_user_attr("duplicate_of", known[digest]))
-                    with_retries(lambda: trial.set_user_attr("family", config["family"]))
+                    with_retries(lambda: trial.set_user_attr("family", family))
                     with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.PRUNED,
                                                     skip_if_finished=True))
-                    exhausted[config["family"]] = exhausted.get(config["family"], 0) + 1
+                    # a finite space: hand the sampler's turn to a configuration not run yet
+                    # (asking again is a coupon collector, and 8 repeats in a row would call
+                    # the family exhausted with configurations left)
+                    if family not in finite:
+                        finite[family] = family_configurations(spec, family, device=device)
+                    if finite[family] is None:
+                        exhausted[family] = exhausted.get(family, 0) + 1
+                    else:
+                        unseen = [params for params, d in finite[family] if d not in known]
+                        if unseen:
+                            choice = random.Random(f"{spec.name}/{trial.number}").choice(unseen)
+                            with_retries(lambda: study.enqueue_trial(choice, skip_if_exists=False))
+                        else:
+                            exhausted[family] = DUPLICATES_IN_A_ROW
                     continue
                 exhausted[config["family"]] = 0
                 with_retries(lambda: trial.set_user_attr("config", config))

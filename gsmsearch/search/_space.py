@@ -14,7 +14,7 @@ from ..trainer import TrialConfig
 from ..trainer._trial import family_option_names
 from ._spec import Choices, Range, StudySpec
 
-__all__ = ["suggest", "trial_config", "space_size", "config_errors"]
+__all__ = ["suggest", "trial_config", "space_size", "config_errors", "family_configurations"]
 
 
 def suggest(trial, name: str, param) -> Any:
@@ -135,3 +135,45 @@ def space_size(spec: StudySpec, family: str):
         if isinstance(param, Choices):
             size *= len(set(map(repr, param.choices)))
     return size
+
+
+def family_configurations(spec: StudySpec, family: str, *, device: str = "cpu",
+                          limit: int = 20_000):
+    """Every distinct configuration of a finite ``family`` space as (Optuna params, config
+    digest) pairs -- what the driver enqueues when the sampler keeps proposing configurations
+    already run -- or None where a knob is a range or the space has more than ``limit``."""
+    import itertools
+
+    import optuna
+
+    size = space_size(spec, family)
+    if size is None or size > limit:
+        return None
+    space = spec.families[family]
+    axes = [("family", [family])]
+    for knob in type(space).model_fields:
+        value = getattr(space, knob) if knob != "options" else None
+        if isinstance(value, Choices) and len(value.choices) > 1:
+            axes.append((f"{family}.{knob}", _distinct(value.choices)))
+    for name, value in space.options.items():
+        if isinstance(value, Choices) and len(value.choices) > 1:
+            axes.append((f"{family}.options.{name}", _distinct(value.choices)))
+    if len(spec.workload.seeds) > 1:
+        axes.append(("seed", _distinct(spec.workload.seeds)))
+    names = [name for name, _ in axes]
+    configurations = []
+    for values in itertools.product(*(choices for _, choices in axes)):
+        params = dict(zip(names, values))
+        config = trial_config(spec, optuna.trial.FixedTrial(params), device=device)
+        configurations.append((params, config.digest()))
+    return configurations
+
+
+def _distinct(choices) -> list:
+    seen, out = set(), []
+    for choice in choices:
+        if repr(choice) not in seen:
+            seen.add(repr(choice))
+            out.append(choice)
+    return out
+

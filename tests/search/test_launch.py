@@ -155,3 +155,21 @@ def test_trial_time_limit_fails_the_trial_with_its_reason(write_spec, tmp_path):
     trial = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}").trials[0]
     assert trial.state.name == "FAIL"
     assert "exceeded trial_timeout of 1s" in trial.user_attrs["failure_reason"]
+
+
+def test_a_finite_space_is_run_in_full_without_repeats(write_spec, tmp_path, capsys):
+    """6 configurations (2 budgets x 3 seeds), a random sampler that repeats itself: every
+    configuration runs exactly once (a repeat hands its turn to one not run yet), and asking
+    for more trials than the space holds stops at the space, saying why."""
+    spec = write_spec({"families": {"lowrank": {"budget": [0.1, 0.3]}},
+                       "workload": {**TINY_SPEC["workload"], "epochs": 1, "seeds": [0, 1, 2]},
+                       "constraints": [], "sampler": {"name": "random", "seed": 0}, "trials": 9})
+    summary = launch(spec, status_interval=1e9)
+    assert summary.completed == 6
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    runs = sorted((t.user_attrs["config"]["budget"], t.user_attrs["config"]["seed"]) for t in complete)
+    assert runs == [(b, s) for b in (0.1, 0.3) for s in (0, 1, 2)]
+    pruned = [t for t in study.get_trials() if t.state.name == "PRUNED"]
+    assert pruned and all("duplicate_of" in t.user_attrs for t in pruned)  # the sampler did repeat
+    assert "search space is exhausted" in capsys.readouterr().err
