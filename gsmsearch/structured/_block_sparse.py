@@ -35,9 +35,9 @@ def _triton_importable() -> bool:
 def triton_runs(tensor: torch.Tensor) -> bool:
     """Whether the Triton kernel runs on ``tensor``: a CUDA tensor with Triton installed, or any
     tensor under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernel's import)."""
-    if not _triton_importable():
-        return False
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False  # (without importing triton: a second of every CPU process's first step)
+    return _triton_importable()
 
 
 class BlockSparseMatrix(nn.Module):
