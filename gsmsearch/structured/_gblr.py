@@ -33,7 +33,7 @@ from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
 from ._block_sparse import triton_runs
 from ._gblr_autograd import gblr_linear, kernels_work, live_grid_rows, masked_factors
-from ._mask import boxcar_mask, gaudi_mask
+from ._mask import gaudi_mask
 
 __all__ = ["GBLRLinear"]
 

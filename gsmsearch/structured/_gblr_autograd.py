@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._block_sparse import triton_runs
-from ._mask import flat_index_tables, index_mask_backward, index_mask_forward
+from ._mask import _index_rows, flat_index_tables, index_mask_backward, index_mask_forward
 
 __all__ = ["gblr_linear", "masked_factors"]
 
@@ -138,11 +138,7 @@ def side_sizes(m: int, n: int, device: torch.device) -> torch.Tensor:
 def grid_rows(widths: torch.Tensor, locations: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Both sides' table rows at once (``_mask._index_rows`` on the stacked (2, K) widths and
     locations, ``sizes`` (2, 1) = [[m], [n]]): (3, 2, K) int64 = (upper, lower, whole periods)."""
-    length = torch.round(widths.detach() * sizes).long()  # (2, K) L, any integer
-    wraps = torch.div(length, sizes, rounding_mode="floor")  # whole periods
-    start = torch.round(locations.detach() * sizes).long().remainder(sizes)
-    upper = 2 * sizes + 1 - start  # table rows of P(d + 1) and P(d + 1 - L0)
-    return torch.stack([upper, upper - (length - wraps * sizes), wraps])
+    return torch.stack(_index_rows(widths, locations, sizes))
 
 
 def live_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int):
@@ -333,7 +329,8 @@ def gblr_linear(
     ``kernels``: each side's masks and gradients in one Triton launch where Triton runs (CUDA
     tensors, ``_mask_kernel``); False keeps the torch ops everywhere.  ``rows``: the components'
     :func:`grid_rows` if the caller has them (:func:`live_grid_rows`), for the Triton path."""
-    if kernels and triton_runs(x) and kernels_work(x.device):
+    # rows given: the caller (GBLRLinear) has already found the kernels usable here
+    if kernels and (rows is not None or (triton_runs(x) and kernels_work(x.device))):
         return _GBLRKernelFunction.apply(x, widths, locations, row_factors, col_factors, bias,
                                          None if sigma is None else float(sigma), bool(factored),
                                          bool(recompute_inner), rows)

@@ -193,9 +193,10 @@ def flat_index_tables(n: int, sigma: Optional[float], dtype: torch.dtype, device
     return prefix_rows.as_strided((3 * n + 1,), (1,)), q_rows.as_strided((3 * n + 1,), (1,))
 
 
-def _index_rows(width, location, n: int):
+def _index_rows(width, location, n):
     """Per component: the table rows of P(d + 1) and P(d + 1 - L0) (d = i - s), and the whole
-    periods c = L div n (widths outside [0, 1) only; L = L0 + c n)."""
+    periods c = L div n (widths outside [0, 1) only; L = L0 + c n).  ``n`` an int, or a tensor
+    broadcasting against the widths (both sides at once: (2, 1) sizes for (2, K) widths)."""
     length = torch.round(width.detach() * n).long()  # (K,) L, any integer
     wraps = torch.div(length, n, rounding_mode="floor")  # (K,) c
     start = torch.round(location.detach() * n).long().remainder(n)  # (K,) s in [0, n)

@@ -5,13 +5,12 @@ must be set before the kernel is defined): those checks run in a fresh interpret
 (``interpreter.interpreted``) and compare the kernel with the torch path of the same blocks and with the
 dense products.  ``bench/gpu.sh`` runs the compiled kernel on a GPU against the same references.
 """
-import os
 import textwrap
 
 import pytest
 import torch
 
-from gsmsearch.structured import GBLRLinear, export
+from gsmsearch.structured import export
 from gsmsearch.structured._block_sparse import BlockSparseMatrix, triton_runs
 from gsmsearch.structured._export import ExportedGBLR
 
@@ -91,8 +90,15 @@ def test_bsr_plan_matches_the_layer_and_skips_empty_blocks(block, source):
         assert exported.executed_flops() < 0.7 * layer.in_features * layer.out_features
 
 
-def test_bsr_plan_is_not_timed_by_auto_on_cpu():
-    assert not triton_runs(torch.zeros(1)) or os.environ.get("TRITON_INTERPRET") == "1"
+def test_bsr_plan_is_not_timed_by_auto_on_cpu(monkeypatch):
+    """On a CPU the bsr plan runs its torch path (slower than tiled): ``auto`` must not even build
+    it there, so its construction failing here would show."""
+    assert not triton_runs(torch.zeros(1))
+
+    def built(*args, **kwargs):
+        raise AssertionError("auto built the bsr plan on a CPU")
+
+    monkeypatch.setattr(ExportedGBLR, "_build_bsr", built)
     exported = export(random_layer(m=64, n=56, K=20, r=2, seed=2, dtype=torch.float32), plan="auto")
     assert exported.plan in ("grouped", "factored", "tiled")
 
