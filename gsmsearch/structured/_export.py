@@ -10,10 +10,12 @@ A group is a run of components, sorted by interval start, whose factors are zero
 union of their intervals (its window).  A window that wraps past the end runs as two slices of the
 same GEMM (no gathers, no copies of x); between the stages, one column permutation of t (skipped
 when the two orders agree).  GEMMs read and write strided slices in place (``addmm(out=...)``).
-Two plans:
+Plans:
 - ``"grouped"``: the run boundaries minimise a measured cost model by dynamic programming over
   the sorted components (per GEMM: window x effective rank + a fixed per-call cost, see
-  :class:`PlanCost`); stage-1 ranks below 16 are zero-padded to 16 (as fast, and counted).
+  :class:`PlanCost`), within classes of similar interval length (so the few long components
+  of a greedy fit do not pad the many short ones between them to the whole axis);
+  stage-1 ranks below 16 are zero-padded to 16 (as fast, and counted).
   Small dense-rule components (h c <= r (h + c)) become factored pieces (their block times an
   identity), so they join groups too.
 - ``"factored"``: every live component in one group over the whole axis on both sides (the
@@ -151,6 +153,47 @@ def _segment_runs(starts: np.ndarray, ends: np.ndarray, ranks: np.ndarray, overh
         runs.append(order[i:j])
         j = i
     return runs[::-1], float(best[count])
+
+
+def _length_class_runs(starts: np.ndarray, ends: np.ndarray, ranks: np.ndarray, overhead: float,
+                       rank_offset: float, min_rank: float, size: int):
+    """Like :func:`_segment_runs`, but runs may interleave: a run is contiguous in start order
+    only among components of similar length.  The start-ordered DP alone cannot keep long
+    components out of the windows of the short ones between them (a long component starting
+    at 100 and one at 130 share a run only with every short one starting in between), so a
+    structure of a few long and many short components (a greedy fit of a real weight) padded
+    its short ones to the whole axis.  Components are split into classes by octave of length,
+    each class is partitioned by the DP, and adjacent classes are merged while that lowers the
+    modelled cost.  Returns (list of index arrays into the inputs, total cost)."""
+    lengths = np.minimum(ends - starts, size)
+    octave = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    classes = [np.flatnonzero(octave == c) for c in np.unique(octave)]
+
+    def solve(members):
+        runs, cost = _segment_runs(starts[members], ends[members], ranks[members], overhead,
+                                   rank_offset, min_rank, size)
+        return [members[run] for run in runs], cost
+
+    solved = [solve(members) for members in classes]
+    while len(classes) > 1:
+        best = None
+        for i in range(len(classes) - 1):
+            union = np.concatenate([classes[i], classes[i + 1]])
+            runs, cost = solve(union)
+            gain = solved[i][1] + solved[i + 1][1] - cost
+            if gain > 0 and (best is None or gain > best[0]):
+                best = (gain, i, union, (runs, cost))
+        if best is None:
+            break
+        _, i, union, result = best
+        classes[i : i + 2] = [union]
+        solved[i : i + 2] = [result]
+    total = float(sum(cost for _, cost in solved))
+    if len(classes) > 1:  # greedy merging can stop short of one class: keep the better of the two
+        single = solve(np.arange(len(starts)))
+        if single[1] <= total:
+            return single
+    return [run for runs, _ in solved for run in runs], total
 
 
 def _slices(begin: int, end: int, size: int):
@@ -405,8 +448,8 @@ class ExportedGBLR(nn.Module):
             col_runs, row_runs = [everything], [everything]
         elif self.plan == "grouped":
             overhead, offset = cost.overhead(), cost.rank_offset
-            col_runs, col_cost = _segment_runs(col_s, col_e, ranks, overhead, offset, 1, n)
-            row_runs, row_cost = _segment_runs(row_s, row_e, ranks, overhead, offset, 1, m)
+            col_runs, col_cost = _length_class_runs(col_s, col_e, ranks, overhead, offset, 1, n)
+            row_runs, row_cost = _length_class_runs(row_s, row_e, ranks, overhead, offset, 1, m)
             if col_cost + row_cost >= m * n + cost.overhead():  # one dense GEMM is cheaper
                 block = sum(_scatter_dense(p, m, n) for p in pieces)
                 self.blocks.append((0, m, 0, n))

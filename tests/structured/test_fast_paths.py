@@ -6,6 +6,7 @@
   dense-masked-matrix computation;
 - export plans ("grouped", "exact") vs the trained layer, FLOP accounting.
 """
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -298,6 +299,55 @@ def test_grouped_plan_falls_back_to_dense_when_cheaper():
     x = torch.randn(9, 56)
     with torch.no_grad():
         assert torch.allclose(exported(x), layer(x), atol=1e-4)
+
+
+def _long_and_short_layer(m=512, n=256, long=6, short=90, seed=5):
+    """A few near-full-length components among many short ones at scattered starts -- the shape
+    of a greedy fit of a real weight (bench/RESULTS.md section 2, "MiniLM greedy")."""
+    g = torch.Generator().manual_seed(seed)
+    K = long + short
+    layer = GBLRLinear(n, m, num_components=K, bias=True)
+    with torch.no_grad():
+        layer.row_factors.copy_(torch.randn(K, 1, m, generator=g))
+        layer.col_factors.copy_(torch.randn(K, 1, n, generator=g))
+        layer.locations.copy_(torch.rand(2, K, generator=g))
+        layer.widths[:, :long] = 0.9 + 0.1 * torch.rand(2, long, generator=g)
+        layer.widths[:, long:] = 0.01 + 0.03 * torch.rand(2, short, generator=g)
+    return layer
+
+
+def test_grouped_plan_keeps_long_components_out_of_short_ones_windows():
+    """Grouping runs within classes of similar length: a run that is contiguous in start order
+    alone holds every short component starting between two long ones, and so pads them to the
+    whole axis (before: 10x the method's count here; by length class 2.4x -- what is left is
+    the cost model's trade of padding for fewer narrow GEMM calls), and the result is the same
+    function."""
+    from gsmsearch.structured._export import _length_class_runs, _segment_runs
+
+    layer = _long_and_short_layer()
+    exported = ExportedGBLR.from_gblr(layer, plan="grouped")
+    assert exported.executed_flops() < 3 * exported.flops()
+    x = torch.randn(40, layer.in_features)
+    with torch.no_grad():
+        ref = layer(x)
+        assert float((exported(x) - ref).norm() / ref.norm()) < 1e-5
+    # the partition covers every component once, and never models worse than one start-ordered DP
+    cost = PlanCost()
+    modelled = {}
+    for side, size in ((0, layer.out_features), (1, layer.in_features)):
+        live = layer.live_components()
+        starts = layer.interval_starts()[side, live].numpy()
+        ends = starts + layer.interval_lengths()[side, live].numpy()
+        ranks = np.ones(len(starts), dtype=np.int64)
+        args = (starts, ends, ranks, cost.overhead(), cost.rank_offset, 1, size)
+        runs, by_class = _length_class_runs(*args)
+        assert sorted(np.concatenate(runs).tolist()) == list(range(len(starts)))
+        single_runs, single = _segment_runs(*args)
+        assert by_class <= single
+        modelled[side] = (by_class, single)
+    # and here better (the model's per-call and narrow-GEMM terms, which the classes do not
+    # change, are most of what is left)
+    assert sum(c for c, _ in modelled.values()) < 0.75 * sum(s for _, s in modelled.values())
 
 
 def test_export_rejects_unknown_plan():
