@@ -31,7 +31,8 @@ Plans:
   with one column permutation t -> t' between the stage orders.  On structures of many
   mid-width components (a learned layer at f = 0.3: 256 components of 40-80% width) it executes
   about 0.36 of the dense multiply-adds where the factored plan executes 0.5.
-- ``"bsr"``: the tiled plan's layout (t's columns in cyclic-centre order per stage) as two
+- ``"bsr"``: the tiled plan's layout (t's columns in cyclic-centre order per stage, or by
+  length class first where that stores fewer blocks) as two
   block-sparse matrices of (block x block) tiles, each stage one Triton kernel launch on a GPU
   (:class:`~gsmsearch.structured._block_sparse.BlockSparseMatrix`; the stage-2 kernel reads t
   through the permutation, so t' is never written).  On a CPU it runs the same blocks in torch:
@@ -246,6 +247,43 @@ def _centre_order(intervals, size: int) -> np.ndarray:
     lengths = np.array([length for _, length in intervals])
     centre = np.where(lengths >= size, -1.0, (starts + lengths / 2.0) % size)
     return np.lexsort((np.arange(len(starts)), centre))
+
+
+def _class_centre_order(intervals, size: int, octaves: int) -> np.ndarray:
+    """Pieces sorted by class of interval length (``octaves`` octaves per class, longest class
+    first), then by cyclic centre within a class."""
+    lengths = np.array([min(length, size) for _, length in intervals])
+    centre_rank = np.empty(len(intervals), dtype=np.int64)
+    centre_rank[_centre_order(intervals, size)] = np.arange(len(intervals))
+    classes = np.floor(np.log2(np.maximum(lengths, 1)) / octaves).astype(np.int64)
+    return np.lexsort((centre_rank, -classes))
+
+
+def _occupied_blocks(intervals, first, ranks, size: int, block: Tuple[int, int]) -> int:
+    """Non-zero (features x t-columns) blocks of one "bsr" stage whose t columns are laid out
+    as ``first`` gives (pieces' cyclic ``intervals`` along the features)."""
+    features, columns = block
+    occupied = set()
+    for (start, length), a, rank in zip(intervals, first, ranks):
+        feature_blocks = {((start + q) % size) // features for q in range(0, min(length, size), features)}
+        feature_blocks.add(((start + min(length, size) - 1) % size) // features)
+        for t_block in range(int(a) // columns, (int(a) + int(rank) - 1) // columns + 1):
+            occupied.update((f, t_block) for f in feature_blocks)
+    return len(occupied)
+
+
+def _bsr_layout(intervals, ranks: np.ndarray, size: int, block: Tuple[int, int]) -> np.ndarray:
+    """t's columns for one "bsr" stage: cyclic-centre order (the tiled plan's), or by length
+    class first when that stores fewer blocks (a few long pieces among many short ones: in
+    centre order every block of t-columns would hold a long piece and span the whole axis)."""
+    best = None
+    for order in (_centre_order(intervals, size),
+                  *(_class_centre_order(intervals, size, octaves) for octaves in (1, 2, 3))):
+        first = _first_columns(order, ranks)
+        count = _occupied_blocks(intervals, first, ranks, size, block)
+        if best is None or count < best[0]:
+            best = (count, first)
+    return best[1]
 
 
 def _first_columns(order: np.ndarray, ranks: np.ndarray) -> np.ndarray:
@@ -530,8 +568,9 @@ class ExportedGBLR(nn.Module):
         self.inner = inner = int(ranks.sum())
         source = pieces[0].U if pieces else (self.bias if self.bias is not None else torch.zeros(()))
         dtype, device = source.dtype, source.device
-        col_first = _first_columns(_centre_order([(p.col_start, p.c) for p in pieces], n), ranks)
-        row_first = _first_columns(_centre_order([(p.row_start, p.h) for p in pieces], m), ranks)
+        features, columns = block
+        col_first = _bsr_layout([(p.col_start, p.c) for p in pieces], ranks, n, (features, columns))
+        row_first = _bsr_layout([(p.row_start, p.h) for p in pieces], ranks, m, (features, columns))
         V = torch.zeros(n, max(inner, 1), dtype=dtype, device=device)  # stage 1: (in, inner)
         U = torch.zeros(max(inner, 1), m, dtype=dtype, device=device)  # stage 2: (inner, out)
         order = np.arange(max(inner, 1), dtype=np.int64)  # t' column j holds t column order[j]
@@ -540,7 +579,6 @@ class ExportedGBLR(nn.Module):
             V[torch.arange(p.col_start, p.col_start + p.c) % n, a : a + p.rank] = p.V
             U[b : b + p.rank, torch.arange(p.row_start, p.row_start + p.h) % m] = p.U.T
             order[b : b + p.rank] = np.arange(a, a + p.rank)
-        features, columns = block
         self.stage1 = BlockSparseMatrix(V, (features, columns))
         self.stage2 = BlockSparseMatrix(U, (columns, features))
         # stage 1's column blocks are t's (narrow): a 64-wide one runs as the tensor cores' M side

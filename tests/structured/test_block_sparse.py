@@ -90,6 +90,31 @@ def test_bsr_plan_matches_the_layer_and_skips_empty_blocks(block, source):
         assert exported.executed_flops() < 0.7 * layer.in_features * layer.out_features
 
 
+def test_bsr_layout_groups_short_pieces_apart_from_long_ones(monkeypatch):
+    """A few long components among many short ones: in cyclic-centre order every block of t's
+    columns holds a long one and so spans the whole axis; laid out by length class first the
+    short ones share blocks that stay short (here 86 blocks instead of 126).  The plan takes the
+    layout storing fewer blocks, and computes the same function."""
+    from gsmsearch.structured import _export
+
+    from .test_fast_paths import _long_and_short_layer
+
+    layer = _long_and_short_layer()
+    x = torch.randn(23, layer.in_features)
+    with torch.no_grad():
+        ref = layer(x)
+        chosen = ExportedGBLR.from_gblr(layer, plan="bsr", block=(32, 8))
+        assert torch.allclose(chosen(x), ref, atol=1e-4 * float(ref.abs().max()))
+        centre_only = lambda intervals, ranks, size, block: _export._first_columns(
+            _export._centre_order(intervals, size), ranks)
+        monkeypatch.setattr(_export, "_bsr_layout", centre_only)
+        centre = ExportedGBLR.from_gblr(layer, plan="bsr", block=(32, 8))
+        assert torch.allclose(centre(x), ref, atol=1e-4 * float(ref.abs().max()))
+    stored = lambda e: e.stage1.stored_blocks + e.stage2.stored_blocks
+    assert stored(chosen) < 0.75 * stored(centre)
+    assert chosen.executed_flops() < 0.75 * centre.executed_flops()
+
+
 def test_bsr_plan_is_not_timed_by_auto_on_cpu(monkeypatch):
     """On a CPU the bsr plan runs its torch path (slower than tiled): ``auto`` must not even build
     it there, so its construction failing here would show."""
