@@ -94,6 +94,8 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
     unfused = _variant(layer, UnfusedGBLR).to(device)
     torch_ops = _variant(layer).to(device)
     torch_ops.use_kernels = False  # the same Function with torch ops for the masks
+    sync_free = _variant(layer).to(device)
+    sync_free.sync_free = True  # no host read of the widths per step: every component runs
     import warnings
 
     from gsmsearch.structured import _gblr_autograd
@@ -105,9 +107,10 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
         kernels_error = "; ".join(str(w.message) for w in caught if "Triton kernels failed" in str(w.message))
     if kernels_error:
         print(f"training kernels failed, timing the torch-op path in their place: {kernels_error}")
-        layer.use_kernels = recompute.use_kernels = False
-    modules = {"nn.Linear": linear, "gblr": layer, "gblr recompute intermediate": recompute,
-               "gblr torch-op masks": torch_ops, "gblr unfused (before)": unfused}
+        layer.use_kernels = recompute.use_kernels = sync_free.use_kernels = False
+    modules = {"nn.Linear": linear, "gblr": layer, "gblr sync-free": sync_free,
+               "gblr recompute intermediate": recompute, "gblr torch-op masks": torch_ops,
+               "gblr unfused (before)": unfused}
     times = _interleaved({**{name: step(module) for name, module in modules.items()},
                           "gblr cached masks": cached, "reference": reference}, repeats, device)
     memory = {}
@@ -119,6 +122,7 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
             "kernels_error": kernels_error, "host_syncs_per_step": syncs,
             "ratio_vs_linear": {k: v / times["nn.Linear"] for k, v in times.items()},
             "memory": memory, "fused_vs_unfused_grad_error": _grad_error(layer, unfused, x, step),
+            "sync_free_vs_gblr_grad_error": _grad_error(sync_free, layer, x, step),
             "kernels_vs_torch_ops_grad_error_fp32": _grad_error(
                 layer, torch_ops, x, lambda module: (lambda: module(x).sum().backward()))}
 
@@ -363,7 +367,8 @@ def main(argv=None) -> int:
         f"{k} {v['kept_for_backward_mib']:.1f} / {'-' if v['step_peak_mib'] is None else format(v['step_peak_mib'], '.1f')}"
         for k, v in t["memory"].items()))
     print(f"fused vs unfused gradients, largest relative error: {t['fused_vs_unfused_grad_error']:.1e}; "
-          f"Triton mask kernels vs torch ops, float32: {t['kernels_vs_torch_ops_grad_error_fp32']:.1e}")
+          f"Triton mask kernels vs torch ops, float32: {t['kernels_vs_torch_ops_grad_error_fp32']:.1e}; "
+          f"sync-free vs gblr: {t['sync_free_vs_gblr_grad_error']:.1e}")
     print(f"host syncs per training step: {t['host_syncs_per_step']}")
     names = list(dict.fromkeys(n for r in report["export"] for n in r["speedups"]))
     print(f"{'export structure':18s} {'f':>6s} {'best':>9s} {'speedup':>8s} {'0.6/f':>6s} "

@@ -32,7 +32,7 @@ from torch import nn
 from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
 from ._block_sparse import triton_runs
-from ._gblr_autograd import gblr_linear, kernels_work, live_grid_rows, masked_factors
+from ._gblr_autograd import all_grid_rows, gblr_linear, kernels_work, live_grid_rows, masked_factors
 from ._mask import gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -70,10 +70,14 @@ class GBLRLinear(StructuredLinear):
 
     On CUDA with Triton installed, each side's masks, masked factors and their gradients run as
     one Triton kernel each (``_mask_kernel``); set ``layer.use_kernels = False`` (or the class
-    attribute) for the torch ops everywhere.
+    attribute) for the torch ops everywhere.  On that path the training forward reads the widths
+    to the host once per step (to drop dead components); ``layer.sync_free = True`` skips that
+    read: every component runs, a dead one with a zero mask (the same function and gradients,
+    the GEMMs over all K components; for the GPU benchmark to compare, ``bench/gpu.sh``).
     """
 
     use_kernels = True
+    sync_free = False
 
     def __init__(
         self,
@@ -358,7 +362,12 @@ class GBLRLinear(StructuredLinear):
             return y
         rows = None
         if self.use_kernels and triton_runs(x) and kernels_work(x.device):  # Triton: wraps per component
-            active, rows = live_grid_rows(self.widths, self.locations, self.out_features, self.in_features)
+            if self.sync_free:  # no host read: every component, the dead ones masked to zero
+                active, rows = None, all_grid_rows(self.widths, self.locations, self.out_features,
+                                                   self.in_features)
+            else:
+                active, rows = live_grid_rows(self.widths, self.locations, self.out_features,
+                                              self.in_features)
             row_wrapped = col_wrapped = None
         else:
             active, row_wrapped, col_wrapped = self._training_structure()

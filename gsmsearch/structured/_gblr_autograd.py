@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from ._block_sparse import triton_runs
 from ._mask import _index_rows, flat_index_tables, index_mask_backward, index_mask_forward
 
-__all__ = ["gblr_linear", "masked_factors"]
+__all__ = ["gblr_linear", "masked_factors", "all_grid_rows", "live_grid_rows"]
 
 
 def masked_factors(factors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,6 +154,18 @@ def live_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int
         host = host[:, index]
     rows = grid_rows(host[:2], host[2:], sizes).to(widths.device, non_blocking=True)
     return (None if index is None else index.to(widths.device, non_blocking=True)), rows
+
+
+def all_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """:func:`grid_rows` of every component, computed on the device without a host read (the
+    sync-free training path, ``GBLRLinear.sync_free``).  A component that :func:`live_grid_rows`
+    would leave out (no interval of positive length) gets lower = upper and no whole periods:
+    a zero mask, so it adds exact zeros to the output and gets exact-zero gradients, as if it
+    had been dropped."""
+    sizes = side_sizes(m, n, widths.device)
+    upper, lower, wraps = _index_rows(widths, locations, sizes)
+    live = torch.round(widths.detach() * sizes).gt(0).any(0)  # (K,), as live_grid_rows finds them
+    return torch.stack((upper, torch.where(live, lower, upper), wraps * live))
 
 
 class _Sides:

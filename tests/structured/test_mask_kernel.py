@@ -110,6 +110,69 @@ def test_training_kernels_under_the_interpreter_match_reference_and_torch_path()
         assert launched.count("masked_factors_kernel") == 4, (name, launched)
 
 
+_SYNC_FREE = textwrap.dedent(
+    """
+    import json, torch
+    import gsmsearch.structured._gblr as gblr_module
+    from tests.structured.test_fast_paths import random_layer
+
+    PARAMS = ("widths", "locations", "row_factors", "col_factors", "bias")
+
+    def step(layer, x, target, sync_free):
+        layer.sync_free = sync_free
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        (y * target).sum().backward()
+        return [y.detach()] + [getattr(layer, p).grad.clone() for p in PARAMS] + (
+            [x.grad.clone()] if x.requires_grad else [])
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("the sync-free path read the widths to the host")
+
+    errors, dead_grads = {}, {}
+    for sigma in (None, 2.0):
+        for path in ("factored", "dense-build"):
+            for input_grad in (True, False):
+                layer = random_layer(seed=4, sigma=sigma)  # component 0 dead, 1 one side empty
+                with torch.no_grad():
+                    layer.widths[:, 5] = -0.2  # negative on both sides: dead as well
+                layer._use_factored = lambda *a: path == "factored"
+                x = torch.randn(23, 40, dtype=torch.float64, requires_grad=input_grad)
+                target = torch.randn(23, 48, dtype=torch.float64)
+                dropped = step(layer, x, target, False)
+                original = gblr_module.live_grid_rows
+                gblr_module.live_grid_rows = no_host_read
+                try:
+                    every = step(layer, x, target, True)
+                finally:
+                    gblr_module.live_grid_rows = original
+                key = f"sigma={sigma} {path} input_grad={input_grad}"
+                errors[key] = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+                                  for a, b in zip(every, dropped))
+                # the dead components' gradients: exact zeros on both paths
+                dead_grads[key] = max(float(g[..., k].abs().max()) if g.dim() == 2 else float(g[k].abs().max())
+                                      for g in (every[1], every[2], every[3], every[4],
+                                                dropped[1], dropped[2], dropped[3], dropped[4])
+                                      for k in (0, 5))
+    print("RESULT " + json.dumps({"errors": errors, "dead_grads": dead_grads}))
+    """
+)
+
+
+def test_sync_free_path_computes_what_dropping_dead_components_does():
+    """``layer.sync_free`` (Triton path, no host read of the widths): every component runs, the
+    dead ones (zero or negative widths on both sides) with zero masks -- the same output and
+    gradients as dropping them, float64, both evaluation orders, with and without input grad,
+    and without calling the host read at all."""
+    result = interpreted(_SYNC_FREE)
+    assert len(result["errors"]) == 8
+    for name, err in result["errors"].items():
+        assert err < 1e-12, (name, err)
+    for name, largest in result["dead_grads"].items():
+        assert largest == 0.0, (name, largest)
+
+
 _LAUNCHES = textwrap.dedent(
     """
     import collections, json, torch
