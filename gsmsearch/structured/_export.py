@@ -31,8 +31,8 @@ Plans:
   with one column permutation t -> t' between the stage orders.  On structures of many
   mid-width components (a learned layer at f = 0.3: 256 components of 40-80% width) it executes
   about 0.36 of the dense multiply-adds where the factored plan executes 0.5.
-- ``"bsr"``: the tiled plan's layout (t's columns in cyclic-centre order per stage, or by
-  length class first where that stores fewer blocks) as two
+- ``"bsr"``: t's columns laid out per stage in the order that stores the fewest blocks (the
+  tiled plan's cyclic-centre order, the grouped plan's runs, or by length class first), as two
   block-sparse matrices of (block x block) tiles, each stage one Triton kernel launch on a GPU
   (:class:`~gsmsearch.structured._block_sparse.BlockSparseMatrix`; the stage-2 kernel reads t
   through the permutation, so t' is never written).  On a CPU it runs the same blocks in torch:
@@ -259,6 +259,19 @@ def _class_centre_order(intervals, size: int, octaves: int) -> np.ndarray:
     return np.lexsort((centre_rank, -classes))
 
 
+def _grouped_order(intervals, ranks: np.ndarray, size: int) -> np.ndarray:
+    """Pieces in the order of the grouped plan's runs along this axis (each run: pieces of
+    similar length whose intervals share a short window, :func:`_length_class_runs`)."""
+    if not len(intervals):
+        return np.arange(0)
+    starts = np.array([start for start, _ in intervals])
+    ends = starts + np.array([length for _, length in intervals])
+    cost = PlanCost()
+    runs, _ = _length_class_runs(starts, ends, np.asarray(ranks), cost.overhead(), cost.rank_offset, 1, size)
+    runs.sort(key=lambda run: (int(starts[run].min()), -len(run)))
+    return np.concatenate(runs)
+
+
 def _occupied_blocks(intervals, first, ranks, size: int, block: Tuple[int, int]) -> int:
     """Non-zero (features x t-columns) blocks of one "bsr" stage whose t columns are laid out
     as ``first`` gives (pieces' cyclic ``intervals`` along the features)."""
@@ -273,11 +286,12 @@ def _occupied_blocks(intervals, first, ranks, size: int, block: Tuple[int, int])
 
 
 def _bsr_layout(intervals, ranks: np.ndarray, size: int, block: Tuple[int, int]) -> np.ndarray:
-    """t's columns for one "bsr" stage: cyclic-centre order (the tiled plan's), or by length
-    class first when that stores fewer blocks (a few long pieces among many short ones: in
-    centre order every block of t-columns would hold a long piece and span the whole axis)."""
+    """t's columns for one "bsr" stage (first column of each piece): of cyclic-centre order
+    (the tiled plan's), the grouped plan's runs and length class first, the order storing the
+    fewest blocks (a few long pieces among many short ones: in centre order every block of
+    t-columns would hold a long piece and span the whole axis)."""
     best = None
-    for order in (_centre_order(intervals, size),
+    for order in (_centre_order(intervals, size), _grouped_order(intervals, ranks, size),
                   *(_class_centre_order(intervals, size, octaves) for octaves in (1, 2, 3))):
         first = _first_columns(order, ranks)
         count = _occupied_blocks(intervals, first, ranks, size, block)
