@@ -323,6 +323,51 @@ def export_speed(device, dtype, *, size, tokens, budgets, repeats, steps=150, pr
     return rows
 
 
+def decisions(report: dict) -> dict:
+    """What the numbers decide, so that one GPU call settles the defaults: the faster training
+    path (with or without the host read), the "bsr" block shape and stage-1 orientation that
+    do best over the structures (geometric mean of the speedups over dense), gathered vs
+    written-out t', and each issue target met or missed."""
+    import math
+
+    out = {}
+    train = report["train"]["ratio_vs_linear"]
+    variants = {k: train[k] for k in ("gblr", "gblr sync-free") if k in train}
+    if variants:
+        best = min(variants, key=variants.get)
+        out["training"] = {"faster": best, "ratios": variants, "target_1.3_met": variants[best] <= 1.3}
+    rows = report["export"]
+
+    def geomean(name):
+        values = [r["speedups"][name] for r in rows if name in r["speedups"]]
+        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+    bsr = sorted({n for r in rows for n in r["speedups"] if n.startswith("bsr")})
+    if bsr:
+        means = {n: geomean(n) for n in bsr}
+        best = max(means, key=lambda n: means[n] if means[n] == means[n] else -1.0)
+        out["bsr"] = {"best": best, "geomean_speedup": means}
+    out["targets"] = {r["structure"]: {"f": r["f"], "best_plan": r["best_plan"], "speedup": r["speedup"],
+                                       "needed": r["target_0.6_over_f"],
+                                       "met": r["speedup"] >= r["target_0.6_over_f"]}
+                      for r in rows if r["f"] <= 0.3}
+    return out
+
+
+def _print_decisions(d: dict) -> None:
+    if "training" in d:
+        t = d["training"]
+        print(f"decide: training path {t['faster']} ({', '.join(f'{k} {v:.2f}x' for k, v in t['ratios'].items())}; "
+              f"target 1.3x {'met' if t['target_1.3_met'] else 'missed'})")
+    if "bsr" in d:
+        means = d["bsr"]["geomean_speedup"]
+        print(f"decide: bsr block {d['bsr']['best']} (geometric-mean speedups: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])) + ")")
+    for name, t in d["targets"].items():
+        print(f"target 0.6/f: {name:18s} f {t['f']:.3f} needs {t['needed']:.2f}x, {t['best_plan']} gives "
+              f"{t['speedup']:.2f}x: {'met' if t['met'] else 'missed'}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -384,6 +429,8 @@ def main(argv=None) -> int:
                 print(f"  {r['structure']:18s} " + " ".join(f"{n} {v:.2f}" for n, v in r["speedups_cuda_graph"].items()))
     print("executed fraction of dense multiply-adds: " + "; ".join(
         f"{r['structure']} " + " ".join(f"{n} {v:.2f}" for n, v in r["executed_f"].items()) for r in report["export"]))
+    report["decisions"] = decisions(report)
+    _print_decisions(report["decisions"])
     out = args.out if not args.smoke else args.out.replace(".json", "-smoke.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -52,6 +52,16 @@ def test_gpu_bench_skips_without_cuda_and_smoke_runs_anywhere(tmp_path):
     assert report["export"] and all(max(r["relative_error"].values()) < 1e-4 for r in report["export"])
     assert any(plan.startswith("bsr") for plan in report["export"][0]["speedups"])
     assert report["train"]["kernels_vs_torch_ops_grad_error_fp32"] < 1e-4
+    assert report["train"]["sync_free_vs_gblr_grad_error"] < 1e-4
+    # what the run decides: each one from the numbers above it
+    decided = report["decisions"]
+    ratios = report["train"]["ratio_vs_linear"]
+    assert decided["training"]["faster"] == min(("gblr", "gblr sync-free"), key=ratios.get)
+    best = max((n for n in report["export"][0]["speedups"] if n.startswith("bsr")),
+               key=lambda n: decided["bsr"]["geomean_speedup"][n])
+    assert decided["bsr"]["best"] == best
+    for r in report["export"]:
+        assert decided["targets"][r["structure"]]["met"] == (r["speedup"] >= 0.6 / r["f"])
 
 
 def test_live_only_structures_keep_function_and_cost(tmp_path):
