@@ -47,12 +47,13 @@ def code_fingerprint(module) -> str:
 
 
 def _code_version(workload) -> str:
-    """gsmsearch version + the code of the workload's module and of the training loop."""
+    """gsmsearch version + the code of the workload's module, of the training loop and of its
+    optimizer."""
     import gsmsearch
-    from . import _loop
+    from . import _loop, _optimizer
 
     digest = hashlib.sha256(gsmsearch.__version__.encode())
-    for module in (inspect.getmodule(type(workload)), _loop):
+    for module in (inspect.getmodule(type(workload)), _loop, _optimizer):
         digest.update(code_fingerprint(module).encode())
     return digest.hexdigest()[:12]
 
