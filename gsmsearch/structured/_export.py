@@ -278,8 +278,9 @@ def _occupied_blocks(intervals, first, ranks, size: int, block: Tuple[int, int])
     features, columns = block
     occupied = set()
     for (start, length), a, rank in zip(intervals, first, ranks):
-        feature_blocks = {((start + q) % size) // features for q in range(0, min(length, size), features)}
-        feature_blocks.add(((start + min(length, size) - 1) % size) // features)
+        feature_blocks = set()
+        for begin, end, _, _ in _slices(start % size, start % size + min(length, size), size):
+            feature_blocks.update(range(begin // features, (end - 1) // features + 1))
         for t_block in range(int(a) // columns, (int(a) + int(rank) - 1) // columns + 1):
             occupied.update((f, t_block) for f in feature_blocks)
     return len(occupied)

@@ -115,6 +115,29 @@ def test_bsr_layout_groups_short_pieces_apart_from_long_ones(monkeypatch):
     assert chosen.executed_flops() < 0.75 * centre.executed_flops()
 
 
+def test_occupied_block_count_matches_the_dense_layout():
+    """The layout choice counts blocks without building the matrices: the count equals the
+    non-zero blocks of the dense stage matrix, wrapping intervals and ragged last blocks
+    included."""
+    import numpy as np
+
+    from gsmsearch.structured._export import _first_columns, _occupied_blocks
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        size, features, columns = int(rng.integers(5, 300)), int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        k = int(rng.integers(1, 30))
+        intervals = [(int(rng.integers(0, size)), int(rng.integers(1, size + 5))) for _ in range(k)]
+        ranks = rng.integers(1, 4, size=k)
+        first = _first_columns(rng.permutation(k), ranks)
+        dense = np.zeros((size, int(ranks.sum())), bool)
+        for (start, length), a, rank in zip(intervals, first, ranks):
+            dense[np.ix_((start + np.arange(min(length, size))) % size, np.arange(a, a + rank))] = True
+        expected = sum(dense[i : i + features, j : j + columns].any()
+                       for i in range(0, size, features) for j in range(0, dense.shape[1], columns))
+        assert _occupied_blocks(intervals, first, ranks, size, (features, columns)) == expected
+
+
 def test_bsr_plan_is_not_timed_by_auto_on_cpu(monkeypatch):
     """On a CPU the bsr plan runs its torch path (slower than tiled): ``auto`` must not even build
     it there, so its construction failing here would show."""
