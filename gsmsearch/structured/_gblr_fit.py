@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ._cost import component_costs, gblr_flops
@@ -213,6 +214,35 @@ def _best_intervals(gain: torch.Tensor, price: torch.Tensor):
     return start, length
 
 
+def _best_interval(gain: torch.Tensor, price: float) -> Tuple[int, int]:
+    """:func:`_best_intervals` of one row (``gain`` (n,) on the CPU) in numpy: the same
+    arithmetic in the same dtype and the same tie rules -- a prefix sum accumulated in float64
+    and rounded per element (what torch's CPU cumsum does), running minima / maxima that move
+    to the last of equal values (torch's cummin / cummax), the first of equal extremes (its
+    max / min) -- without a dozen torch dispatches on a short vector; the greedy fit's
+    Gauss-Seidel refits call it thousands of times per layer."""
+    g = gain.numpy()
+    n = g.shape[0]
+    s = g - g.dtype.type(price)
+    P = np.empty(n + 1, dtype=g.dtype)
+    P[0] = 0
+    P[1:] = np.cumsum(s, dtype=np.float64)  # rounded to P's dtype element by element
+    index = np.arange(n + 1)
+    cmin = np.minimum.accumulate(P)
+    imin = np.maximum.accumulate(np.where(P == cmin, index, 0))
+    best = P - cmin
+    j1 = int(np.argmax(best))
+    i1 = int(imin[j1])
+    cmax = np.maximum.accumulate(P)
+    imax = np.maximum.accumulate(np.where(P == cmax, index, 0))
+    worst = P - cmax
+    j2 = int(np.argmin(worst))
+    i2 = int(imax[j2])
+    if P[-1] - worst[j2] > best[j1]:  # wrapping: the total minus the worst non-wrapping run
+        return j2 % n, n - (j2 - i2)
+    return i1 % n, j1 - i1
+
+
 def _interval_mask(start: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
     """(p, n) bool masks of cyclic intervals."""
     idx = torch.arange(n, device=start.device)
@@ -333,8 +363,7 @@ def _single_power(R: torch.Tensor, comp_V: torch.Tensor, comp: _Comp, price: flo
                 RV = t if RV is None else RV + t
             if RV is None:
                 RV = torch.zeros(m, r, dtype=R.dtype)
-            s, l = _best_intervals((RV * RV).sum(-1)[None], torch.tensor([price * r], dtype=R.dtype))
-            rs, rl = int(s[0]), int(l[0])
+            rs, rl = _best_interval((RV * RV).sum(-1), price * r)
         mask = torch.zeros(m, 1, dtype=R.dtype)
         for a, b in _segments(rs, rl, m):
             mask[a:b] = 1
@@ -351,8 +380,7 @@ def _single_power(R: torch.Tensor, comp_V: torch.Tensor, comp: _Comp, price: flo
                 RtU = t if RtU is None else RtU + t
             if RtU is None:
                 RtU = torch.zeros(n, r, dtype=R.dtype)
-            s, l = _best_intervals((RtU * RtU).sum(-1)[None], torch.tensor([price * r], dtype=R.dtype))
-            cs, cl = int(s[0]), int(l[0])
+            cs, cl = _best_interval((RtU * RtU).sum(-1), price * r)
         cmask = torch.zeros(n, 1, dtype=R.dtype)
         for c, d in _segments(cs, cl, n):
             cmask[c:d] = 1
