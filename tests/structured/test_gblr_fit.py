@@ -222,3 +222,25 @@ def test_bad_weight():
         fit_gblr(torch.randn(4), 0.5)
     with pytest.raises(ValueError, match="weight"):
         fit_gblr(torch.full((3, 3), float("nan")), 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_row_interval_search_equals_the_batched_one(dtype):
+    """The refits' numpy search returns exactly what the batched torch search returns --
+    random gains, gains with ties (repeated values, zeros, a constant row), wrapping and empty
+    optima, both dtypes -- so the fits it drives stay bit for bit the same."""
+    from gsmsearch.structured._gblr_fit import _best_interval, _best_intervals
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (1, 2, 7, 64, 384, 1536):
+        rows += [torch.rand(n, generator=g, dtype=dtype) ** 4,
+                 torch.randint(0, 3, (n,), generator=g).to(dtype),       # ties everywhere
+                 torch.zeros(n, dtype=dtype), torch.full((n,), 0.5, dtype=dtype)]
+        spike = torch.zeros(n, dtype=dtype)
+        spike[[0, -1]] = 1.0  # best interval wraps past the end
+        rows.append(spike)
+    for gain in rows:
+        for price in (0.0, 0.25, 0.5, 1.0, 3.0):
+            start, length = _best_intervals(gain[None], torch.tensor([price], dtype=dtype))
+            assert _best_interval(gain, price) == (int(start[0]), int(length[0])), (gain.numel(), price)
