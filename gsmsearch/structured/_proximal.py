@@ -22,11 +22,11 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._base import StructuredLinear
-from ._cost import component_costs
 
 __all__ = [
     "gblr_layers",
@@ -168,14 +168,29 @@ class ProjectFlops(BudgetController):
         # of one per layer and bisection step (each read waits for the GPU's queue to drain)
         host = torch.cat([layer.widths.flatten() for layer in layers]).cpu()
         host_widths = [w.view(2, -1) for w in host.split([layer.widths.numel() for layer in layers])]
+        # every layer's components in one row of numpy arrays, so that each of the bisection's
+        # ~45 evaluations is a few vector ops, not a dozen torch dispatches per layer (with a
+        # binding budget the controller took longer than the model's forward and backward,
+        # bench/RESULTS.md section 1); the same per-element float arithmetic as torch's (NumPy
+        # computes a float32 array minus a Python float in float32, as torch does), the layers'
+        # integer costs summed exactly and weighted in layer order
+        rows = torch.cat([w[0] for w in host_widths]).numpy()
+        cols = torch.cat([w[1] for w in host_widths]).numpy()
+        counts = [w.shape[1] for w in host_widths]
+        out_sizes = np.repeat(np.array([layer.out_features for layer in layers], dtype=rows.dtype), counts)
+        in_sizes = np.repeat(np.array([layer.in_features for layer in layers], dtype=rows.dtype), counts)
+        ranks = np.repeat(np.array([layer.rank for layer in layers], dtype=np.int64), counts)
+        bounds = np.concatenate([[0], np.cumsum(counts)])  # layer l: components bounds[l]:bounds[l+1]
 
         def flops_after(shift: float) -> float:
+            h = np.round(np.clip(rows - shift, 0, 1) * out_sizes).astype(np.int64)
+            c = np.round(np.clip(cols - shift, 0, 1) * in_sizes).astype(np.int64)
+            costs = np.where((h > 0) & (c > 0), np.minimum(ranks * (h + c), h * c), 0)
+            running = np.concatenate([[0], np.cumsum(costs)])  # int64: exact
+            sums = running[bounds[1:]] - running[bounds[:-1]]
             total = 0.0
-            for weight, layer, widths in zip(weights, layers, host_widths):
-                w = (widths - shift).clamp(0, 1)
-                h = torch.round(w[0] * layer.out_features).long()
-                c = torch.round(w[1] * layer.in_features).long()
-                total += weight * int(component_costs(h, c, layer.rank).sum())
+            for weight, layer_flops in zip(weights, sums.tolist()):
+                total += weight * layer_flops
             return total
 
         shift = _bisect_shift(flops_after, target)

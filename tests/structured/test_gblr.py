@@ -351,3 +351,69 @@ def test_bad_constructor_arguments():
         GBLRLinear(0, 4)
     with pytest.raises(ValueError, match="unknown structured family 'nope'"):
         replace_linears(model_with_layers(), "nope")
+
+
+def _project_flops_per_layer(controller, layers):
+    """ProjectFlops' projection as it was written before session 7 (one torch evaluation per
+    layer per bisection step): the reference the vectorised one must equal bit for bit."""
+    from gsmsearch.structured._cost import component_costs
+    from gsmsearch.structured._proximal import _bisect_shift
+
+    weights = [1.0] * len(layers) if controller.weights is None else [float(w) for w in controller.weights]
+    target = controller.target_relative_flops * sum(
+        w * layer.in_features * layer.out_features for w, layer in zip(weights, layers))
+    host = [layer.widths.detach().clone() for layer in layers]
+
+    def flops_after(shift):
+        total = 0.0
+        for weight, layer, widths in zip(weights, layers, host):
+            w = (widths - shift).clamp(0, 1)
+            h = torch.round(w[0] * layer.out_features).long()
+            c = torch.round(w[1] * layer.in_features).long()
+            total += weight * int(component_costs(h, c, layer.rank).sum())
+        return total
+
+    shift = _bisect_shift(flops_after, target)
+    with torch.no_grad():
+        if shift > 0:
+            for layer in layers:
+                layer.widths.sub_(shift).clamp_(0.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [None, [49.0, 49.0, 64.0, 64.0, 1.0]])
+def test_project_flops_equals_the_per_layer_projection_bit_for_bit(dtype, weights):
+    """The controller evaluates every layer's cost in one vector pass per bisection step (it
+    was one torch evaluation per layer: slower than the model's own step with a binding
+    budget); the widths it leaves are exactly the per-layer version's, over steps where the
+    budget binds, for layers of different sizes and ranks and per-layer row weights."""
+    from gsmsearch.structured import proximal_step
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 64, 1), (64, 48, 2), (96, 32, 1), (32, 96, 3), (40, 40, 1)]
+    ours = [GBLRLinear(n, m, rank_per_component=r).to(dtype) for n, m, r in shapes]
+    theirs = [GBLRLinear(n, m, rank_per_component=r).to(dtype) for n, m, r in shapes]
+    for a, b in zip(ours, theirs):
+        with torch.no_grad():
+            a.widths.copy_(torch.rand(a.widths.shape, generator=g, dtype=dtype))
+            b.widths.copy_(a.widths)
+    shifted = 0
+    for budget in (0.5, 0.3, 0.2, 0.1):
+        controller = ProjectFlops(budget, weights=weights)
+        for _ in range(3):
+            with torch.no_grad():  # what an optimizer step does: some widths grow
+                bump = 0.1 * torch.rand(sum(l.widths.numel() for l in ours), generator=g, dtype=dtype)
+                for a, b, part in zip(ours, theirs, bump.split([l.widths.numel() for l in ours])):
+                    a.widths.add_(part.view_as(a.widths))
+                    b.widths.add_(part.view_as(b.widths))
+            controller.step(ours, lam=1e-3, lr_width=1e-2)
+            proximal_step(theirs, 1e-3, 1e-2)
+            row_weights = weights or [1.0] * len(theirs)
+            cost = lambda: sum(w * l.flops() for w, l in zip(row_weights, theirs))
+            dense = sum(w * l.in_features * l.out_features for w, l in zip(row_weights, theirs))
+            shifted += cost() > budget * dense  # the projection has to move the widths
+            _project_flops_per_layer(controller, theirs)
+            assert cost() <= budget * dense
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a.widths, b.widths)
+    assert shifted >= 6  # the budget really bound on most steps
