@@ -13,6 +13,7 @@ under an exclusive file lock and writes it atomically; others wait and read it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from ._dense_cache import code_fingerprint, default_cache_dir, written_once
 __all__ = ["cached_gblr_fit", "gblr_fit_key"]
 
 
+@functools.lru_cache(maxsize=1)
 def _fit_code_version() -> str:
     """gsmsearch and torch versions + the code of the modules a fit's result depends on."""
     import gsmsearch
