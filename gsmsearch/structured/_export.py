@@ -168,33 +168,35 @@ def _length_class_runs(starts: np.ndarray, ends: np.ndarray, ranks: np.ndarray, 
     modelled cost.  Returns (list of index arrays into the inputs, total cost)."""
     lengths = np.minimum(ends - starts, size)
     octave = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
-    classes = [np.flatnonzero(octave == c) for c in np.unique(octave)]
+    members = [np.flatnonzero(octave == c) for c in np.unique(octave)]
+    solved = {}  # (first, last + 1) octave class -> runs and cost of those classes together
 
-    def solve(members):
-        runs, cost = _segment_runs(starts[members], ends[members], ranks[members], overhead,
-                                   rank_offset, min_rank, size)
-        return [members[run] for run in runs], cost
+    def solve(first: int, stop: int):
+        if (first, stop) not in solved:
+            union = np.concatenate(members[first:stop])
+            runs, cost = _segment_runs(starts[union], ends[union], ranks[union], overhead,
+                                       rank_offset, min_rank, size)
+            solved[first, stop] = ([union[run] for run in runs], cost)
+        return solved[first, stop]
 
-    solved = [solve(members) for members in classes]
+    classes = [(c, c + 1) for c in range(len(members))]  # merged classes: ranges of octaves
     while len(classes) > 1:
         best = None
         for i in range(len(classes) - 1):
-            union = np.concatenate([classes[i], classes[i + 1]])
-            runs, cost = solve(union)
-            gain = solved[i][1] + solved[i + 1][1] - cost
+            (a, _), (_, b) = classes[i], classes[i + 1]
+            gain = solve(*classes[i])[1] + solve(*classes[i + 1])[1] - solve(a, b)[1]
             if gain > 0 and (best is None or gain > best[0]):
-                best = (gain, i, union, (runs, cost))
+                best = (gain, i, (a, b))
         if best is None:
             break
-        _, i, union, result = best
-        classes[i : i + 2] = [union]
-        solved[i : i + 2] = [result]
-    total = float(sum(cost for _, cost in solved))
+        _, i, merged = best
+        classes[i : i + 2] = [merged]
+    total = float(sum(solve(*c)[1] for c in classes))
     if len(classes) > 1:  # greedy merging can stop short of one class: keep the better of the two
-        single = solve(np.arange(len(starts)))
+        single = solve(0, len(members))
         if single[1] <= total:
             return single
-    return [run for runs, _ in solved for run in runs], total
+    return [run for c in classes for run in solve(*c)[0]], total
 
 
 def _slices(begin: int, end: int, size: int):
