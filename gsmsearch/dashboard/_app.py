@@ -141,8 +141,13 @@ def _content_security_policy(app) -> str:
 
 def create_app(spec, cache: DataCache):
     """The Dash app for ``spec`` over the studies of ``cache`` (call ``app.run`` to serve)."""
+    import hashlib
+    import json
+
     import dash
     from dash import ALL, Input, Output, State, ctx, dash_table, dcc, html, no_update
+    from dash.exceptions import PreventUpdate
+    from plotly.utils import PlotlyJSONEncoder
 
     views = cache.views()
     app = dash.Dash(__name__, title=html_text.escape(spec.title), update_title=None, serve_locally=True,
@@ -163,6 +168,7 @@ def create_app(spec, cache: DataCache):
                f"y={ref.y:g} for every family. Refreshes every {spec.refresh_seconds:g} s.", style=_CSS["muted"]),
         html.Ul(id="studies"),
         dcc.Interval(id="refresh", interval=int(spec.refresh_seconds * 1000)),
+        dcc.Store(id="shown"),  # digest of what the last refresh sent to this page
         dcc.Store(id="selected"),
         html.Section([
             html.H2("Pareto fronts per family", style=_CSS["h2"]),
@@ -215,9 +221,11 @@ def create_app(spec, cache: DataCache):
         Output("trials", "data"),
         Output("trials", "columns"),
         Output("studies", "children"),
+        Output("shown", "data"),
         Input("refresh", "n_intervals"),
+        State("shown", "data"),
     )
-    def refresh(_):
+    def refresh(_, shown):
         views_now = cache.views()
         rows, columns = _trial_table_data(views_now, spec)
         studies = []
@@ -230,9 +238,15 @@ def create_app(spec, cache: DataCache):
                 states[r.state] = states.get(r.state, 0) + 1
             counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "no trials yet"
             studies.append(html.Li([html.B(view.label), f" (study {view.name}, {view.storage}): {counts}"]))
-        return (by_key(views_now, 0, _figures.pareto_figure), by_key(views_now, 1, _figures.comparison_figure),
-                by_key(views_now, 2, _figures.hypervolume_figure), _budget_tables(views_now, spec), rows, columns,
-                studies)
+        outputs = (by_key(views_now, 0, _figures.pareto_figure), by_key(views_now, 1, _figures.comparison_figure),
+                   by_key(views_now, 2, _figures.hypervolume_figure), _budget_tables(views_now, spec), rows,
+                   columns, studies)
+        # send only what changed: a figure redrawn with the same data drops its hover label (and
+        # a click in progress on it), the table its active cell
+        digest = hashlib.sha256(json.dumps(outputs, cls=PlotlyJSONEncoder, sort_keys=True).encode()).hexdigest()
+        if digest == shown:
+            raise PreventUpdate
+        return (*outputs, digest)
 
     @app.callback(
         Output("selected", "data"),

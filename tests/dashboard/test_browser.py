@@ -163,6 +163,24 @@ def test_serving_does_not_change_the_database(server):
     assert _digest(server["db"]) == server["before"]
 
 
+def test_an_unchanged_study_is_not_redrawn(page, server):
+    """The page refreshes every second here, but redraws only what changed: a figure redrawn
+    with the same data loses its hover label (and, under load, the click in progress on it)
+    and the table its active cell."""
+    page.goto(server["address"])
+    _wait_count(page, "#pareto-0 .scatterlayer .point", MAIN_POINTS)
+    page.wait_for_timeout(1500)  # the first refresh after the page's own first render
+    page.evaluate("""() => { window.__redraws = 0;
+        document.querySelectorAll('.js-plotly-plot').forEach(
+            g => g.on('plotly_afterplot', () => { window.__redraws += 1; })); }""")
+    requests = []
+    page.on("request", lambda r: requests.append(r.url) if "_dash-update-component" in r.url else None)
+    page.wait_for_timeout(3500)  # three refresh intervals
+    assert len(requests) >= 3  # the refresh did run
+    assert page.evaluate("() => window.__redraws") == 0
+    assert page.errors == []
+
+
 def test_the_page_follows_a_running_study(page, server):
     import warnings
 
