@@ -174,18 +174,27 @@ class ProjectFlops(BudgetController):
         # bench/RESULTS.md section 1); the same per-element float arithmetic as torch's (NumPy
         # computes a float32 array minus a Python float in float32, as torch does), the layers'
         # integer costs summed exactly and weighted in layer order
-        rows = torch.cat([w[0] for w in host_widths]).numpy()
-        cols = torch.cat([w[1] for w in host_widths]).numpy()
         counts = [w.shape[1] for w in host_widths]
-        out_sizes = np.repeat(np.array([layer.out_features for layer in layers], dtype=rows.dtype), counts)
-        in_sizes = np.repeat(np.array([layer.in_features for layer in layers], dtype=rows.dtype), counts)
-        ranks = np.repeat(np.array([layer.rank for layer in layers], dtype=np.int64), counts)
+        rows = torch.cat([w[0] for w in host_widths])
+        cols = torch.cat([w[1] for w in host_widths])
+        per_component = lambda values, dtype: torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts))
+        out_sizes = per_component([layer.out_features for layer in layers], rows.dtype)
+        in_sizes = per_component([layer.in_features for layer in layers], rows.dtype)
+        ranks = per_component([layer.rank for layer in layers], torch.long)
         bounds = np.concatenate([[0], np.cumsum(counts)])  # layer l: components bounds[l]:bounds[l+1]
+        as_numpy = rows.dtype in (torch.float32, torch.float64)  # NumPy has no bfloat16
+        if as_numpy:
+            rows, cols, out_sizes, in_sizes, ranks = (t.numpy() for t in (rows, cols, out_sizes, in_sizes, ranks))
 
         def flops_after(shift: float) -> float:
-            h = np.round(np.clip(rows - shift, 0, 1) * out_sizes).astype(np.int64)
-            c = np.round(np.clip(cols - shift, 0, 1) * in_sizes).astype(np.int64)
-            costs = np.where((h > 0) & (c > 0), np.minimum(ranks * (h + c), h * c), 0)
+            if as_numpy:
+                h = np.round(np.clip(rows - shift, 0, 1) * out_sizes).astype(np.int64)
+                c = np.round(np.clip(cols - shift, 0, 1) * in_sizes).astype(np.int64)
+            else:  # the same arithmetic in torch
+                h = torch.round((rows - shift).clamp(0, 1) * out_sizes).long().numpy()
+                c = torch.round((cols - shift).clamp(0, 1) * in_sizes).long().numpy()
+            r = ranks if as_numpy else ranks.numpy()
+            costs = np.where((h > 0) & (c > 0), np.minimum(r * (h + c), h * c), 0)
             running = np.concatenate([[0], np.cumsum(costs)])  # int64: exact
             sums = running[bounds[1:]] - running[bounds[:-1]]
             total = 0.0

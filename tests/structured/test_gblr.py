@@ -380,7 +380,7 @@ def _project_flops_per_layer(controller, layers):
                 layer.widths.sub_(shift).clamp_(0.0, 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weights", [None, [49.0, 49.0, 64.0, 64.0, 1.0]])
 def test_project_flops_equals_the_per_layer_projection_bit_for_bit(dtype, weights):
     """The controller evaluates every layer's cost in one vector pass per bisection step (it
