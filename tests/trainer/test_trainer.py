@@ -538,3 +538,24 @@ def test_activation_allocation_calibrates_on_training_inputs(tmp_path):
     assert result.structured_relative_flops <= 0.3 + 1e-9
     with pytest.raises(ValueError, match="budget_allocation 'activation' needs mode finetune"):
         tiny(family="lowrank", budget=0.3, mode="scratch", budget_allocation="activation")
+
+
+def test_a_fixed_structure_computes_no_structure_gradients():
+    """With structure_lr = 0 (fine-tuning a fit) the widths' and locations' gradients would only
+    be multiplied by a zero learning rate: the loop does not compute them, the structure stays
+    exactly where it was, and the content still trains.  With a structure lr they are learned."""
+    workload = get_workload("digits-mlp", **TINY)
+    splits = workload.load_data(seed=0)
+    for structure_lr in (0.0, 1e-2):
+        model = build_trial_model(tiny(family="gblr", budget=0.4, mode="scratch"), workload)
+        layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
+        before = [(l.widths.detach().clone(), l.locations.detach().clone(), l.row_factors.detach().clone())
+                  for l in layers]
+        loop = TrainingLoop(workload, model, splits, epochs=1, batch_size=64, lr=3e-3, structure_lr=structure_lr)
+        loop.run()
+        frozen = structure_lr == 0
+        for layer, (widths, locations, factors) in zip(layers, before):
+            assert layer.widths.requires_grad is not frozen and layer.locations.requires_grad is not frozen
+            assert (layer.widths.grad is None) == frozen
+            assert torch.equal(layer.widths, widths) == frozen and torch.equal(layer.locations, locations) == frozen
+            assert not torch.equal(layer.row_factors, factors)  # the content trained either way
