@@ -141,6 +141,12 @@ def grid_rows(widths: torch.Tensor, locations: torch.Tensor, sizes: torch.Tensor
     return torch.stack(_index_rows(widths, locations, sizes))
 
 
+def _live(widths: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(K,) whether each component has an interval of positive length on either side (the
+    ones the training forward runs), from (2, K) widths and (2, 1) sizes."""
+    return torch.round(widths * sizes).gt(0).any(0)
+
+
 def live_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int):
     """(indices of the live components or None when all are, their :func:`grid_rows`) for the
     Triton path, from one device-to-host read: the widths and locations are read once (the read
@@ -148,7 +154,7 @@ def live_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int
     in one copy -- a dozen fewer launches than computing them on the device."""
     host = torch.cat([widths.detach(), locations.detach()]).cpu()  # (4, K)
     sizes = torch.tensor([[m], [n]])
-    live = torch.round(host[:2] * sizes).gt(0).any(0)  # a non-empty interval on either side
+    live = _live(host[:2], sizes)
     index = None if bool(live.all()) else torch.nonzero(live).flatten()
     if index is not None:
         host = host[:, index]
@@ -164,7 +170,7 @@ def all_grid_rows(widths: torch.Tensor, locations: torch.Tensor, m: int, n: int)
     had been dropped."""
     sizes = side_sizes(m, n, widths.device)
     upper, lower, wraps = _index_rows(widths, locations, sizes)
-    live = torch.round(widths.detach() * sizes).gt(0).any(0)  # (K,), as live_grid_rows finds them
+    live = _live(widths.detach(), sizes)  # as live_grid_rows finds them
     return torch.stack((upper, torch.where(live, lower, upper), wraps * live))
 
 

@@ -180,11 +180,11 @@ class ProjectFlops(BudgetController):
         per_component = lambda values, dtype: torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts))
         out_sizes = per_component([layer.out_features for layer in layers], rows.dtype)
         in_sizes = per_component([layer.in_features for layer in layers], rows.dtype)
-        ranks = per_component([layer.rank for layer in layers], torch.long)
+        ranks = np.repeat(np.array([layer.rank for layer in layers], dtype=np.int64), counts)
         bounds = np.concatenate([[0], np.cumsum(counts)])  # layer l: components bounds[l]:bounds[l+1]
         as_numpy = rows.dtype in (torch.float32, torch.float64)  # NumPy has no bfloat16
         if as_numpy:
-            rows, cols, out_sizes, in_sizes, ranks = (t.numpy() for t in (rows, cols, out_sizes, in_sizes, ranks))
+            rows, cols, out_sizes, in_sizes = (t.numpy() for t in (rows, cols, out_sizes, in_sizes))
 
         def flops_after(shift: float) -> float:
             if as_numpy:
@@ -193,8 +193,7 @@ class ProjectFlops(BudgetController):
             else:  # the same arithmetic in torch
                 h = torch.round((rows - shift).clamp(0, 1) * out_sizes).long().numpy()
                 c = torch.round((cols - shift).clamp(0, 1) * in_sizes).long().numpy()
-            r = ranks if as_numpy else ranks.numpy()
-            costs = np.where((h > 0) & (c > 0), np.minimum(r * (h + c), h * c), 0)
+            costs = np.where((h > 0) & (c > 0), np.minimum(ranks * (h + c), h * c), 0)
             running = np.concatenate([[0], np.cumsum(costs)])  # int64: exact
             sums = running[bounds[1:]] - running[bounds[:-1]]
             total = 0.0
