@@ -214,22 +214,23 @@ def _requeue_unfinished(study) -> int:
     return count
 
 
-def _known_digests(study, running) -> Dict[str, int]:
-    """config digest -> trial number, for COMPLETE trials and those running now."""
+def _known_digests(trials) -> Dict[str, int]:
+    """config digest -> trial number, for COMPLETE trials and those running now (``trials``: the
+    study's trials, read once by the caller)."""
     known = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         digest = t.user_attrs.get("config_digest")
         if digest and (t.state.name == "COMPLETE" or t.state.name == "RUNNING"):
             known[digest] = t.number
     return known
 
 
-def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int]):
+def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int], trials):
     """Ask for the next trial: a re-enqueued configuration first, else the least-tried family
-    among those whose space is not exhausted (``exhausted``: family -> duplicates in a row)."""
+    among those whose space is not exhausted (``exhausted``: family -> duplicates in a row;
+    ``trials``: the study's trials, read once by the caller)."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.WAITING for t in trials):
         counts = {family: 0 for family in spec.families if exhausted.get(family, 0) < DUPLICATES_IN_A_ROW}
         if not counts:
@@ -310,8 +311,9 @@ def launch(
             with_retries(lambda: study.set_user_attr("driver", {**driver_id, "heartbeat": time.time()}))
             last_heartbeat = time.monotonic()
 
-    def done_count() -> int:
-        return sum(1 for t in study.get_trials(deepcopy=False)
+    def done_count(trials=None) -> int:
+        trials = study.get_trials(deepcopy=False) if trials is None else trials
+        return sum(1 for t in trials
                    if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and t.user_attrs.get("final", True)))
 
     def submit(trial, config: Dict[str, Any], attempt: int) -> None:
@@ -393,8 +395,13 @@ def launch(
             results have arrived but are not in the database yet (they count as done)."""
             nonlocal launched_target, exhausted_reported
             in_flight = len(running)
-            while in_flight < spec.concurrency and done_count() + unrecorded + in_flight < launched_target:
-                trial = _next_trial(study, spec, exhausted)
+            while in_flight < spec.concurrency:
+                # one read of the study per proposal: the count, the family choice and the
+                # duplicate check all see the same trials (none of them changes what they read)
+                trials = with_retries(lambda: study.get_trials(deepcopy=False))
+                if done_count(trials) + unrecorded + in_flight >= launched_target:
+                    break
+                trial = _next_trial(study, spec, exhausted, trials)
                 if trial is None:
                     if not exhausted_reported:
                         display.line(f"[{spec.name}] every family's search space is exhausted "
@@ -404,7 +411,7 @@ def launch(
                     break
                 config = trial_config(spec, trial, device=device).to_dict()
                 digest = TrialConfig.from_dict(config).digest()
-                known = _known_digests(study, running)
+                known = _known_digests(trials)
                 if digest in known:
                     # never run a configuration twice: record the proposal as pruned and ask again
                     family = config["family"]
