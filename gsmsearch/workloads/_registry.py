@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 __all__ = [
     "LinearFactory",
@@ -32,6 +32,7 @@ __all__ = [
     "get_workload",
     "workload_names",
     "move_to_device",
+    "make_loader",
 ]
 
 #: ``linear_factory(in_features, out_features, bias=True) -> nn.Module``; ``nn.Linear`` fits.
@@ -51,6 +52,30 @@ def move_to_device(batch: Any, device: Optional[torch.device]) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(move_to_device(value, device) for value in batch)
     return batch
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: Optional[torch.Generator] = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    collate_fn: Optional[Callable[[list], Any]] = None,
+) -> DataLoader:
+    """A DataLoader over ``dataset``.  A :class:`TensorDataset` with the default collation is read
+    a whole batch at a time (one gather per tensor, where the default reads every sample with its
+    own ``__getitem__`` and stacks them: 8-16% of a digits trial's training time).  Same
+    sampler, so the same batches in the same order, with the same values; a batch is a tuple."""
+    if collate_fn is None and isinstance(dataset, TensorDataset):
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        # the loader keeps the generator too: each pass draws its base seed from it before the
+        # sampler's permutation, as the default loader does
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, int(batch_size), drop_last),
+                          generator=generator, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=int(batch_size), shuffle=shuffle, generator=generator,
+                      drop_last=drop_last, num_workers=num_workers, collate_fn=collate_fn)
 
 
 @dataclasses.dataclass
@@ -87,15 +112,8 @@ class DataSplits:
         generator = None
         if shuffle and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
-        return DataLoader(
-            self[split],
-            batch_size=int(batch_size),
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            collate_fn=self.collate_fn,
-        )
+        return make_loader(self[split], batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                           num_workers=num_workers, collate_fn=self.collate_fn)
 
 
 class Workload(abc.ABC):
@@ -237,9 +255,7 @@ class Workload(abc.ABC):
     def _loader_for_eval(
         self, split: Dataset, batch_size: Optional[int], collate_fn: Optional[Callable]
     ) -> DataLoader:
-        return DataLoader(
-            split, batch_size=int(batch_size or self.default_batch_size), collate_fn=collate_fn
-        )
+        return make_loader(split, int(batch_size or self.default_batch_size), collate_fn=collate_fn)
 
 
 def attention_flops(layers: int, tokens: int, width: int) -> int:
