@@ -62,8 +62,12 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
     layer = GBLRLinear(n, m, num_components=K, sigma=sigma).to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    from bench.train_step import structure_moved
+
     def step(module):
         def run():
+            if module is not frozen:
+                structure_moved(module)  # learned while training: read every step
             with autocast:
                 y = module(x)
             y.float().sum().backward()
@@ -103,6 +107,10 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
         half_dead.widths[:, ::2] = 0.0
     half_dead_sync_free = _variant(half_dead).to(device)
     half_dead_sync_free.sync_free = True
+    # fine-tuning a fit (structure_lr = 0): the structure is read once, then kept
+    frozen = _variant(half_dead).to(device)
+    frozen.widths.requires_grad_(False)
+    frozen.locations.requires_grad_(False)
     import warnings
 
     from gsmsearch.structured import _gblr_autograd
@@ -114,10 +122,11 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
         kernels_error = "; ".join(str(w.message) for w in caught if "Triton kernels failed" in str(w.message))
     if kernels_error:
         print(f"training kernels failed, timing the torch-op path in their place: {kernels_error}")
-        for module in (layer, recompute, sync_free, half_dead, half_dead_sync_free):
+        for module in (layer, recompute, sync_free, half_dead, half_dead_sync_free, frozen):
             module.use_kernels = False
     modules = {"nn.Linear": linear, "gblr": layer, "gblr sync-free": sync_free,
                "gblr half dead": half_dead, "gblr half dead sync-free": half_dead_sync_free,
+               "gblr half dead frozen structure": frozen,
                "gblr recompute intermediate": recompute, "gblr torch-op masks": torch_ops,
                "gblr unfused (before)": unfused}
     times = _interleaved({**{name: step(module) for name, module in modules.items()},

@@ -50,8 +50,19 @@ def _reference_step(layer: GBLRLinear, x: torch.Tensor, sigma: Optional[float]):
     return step
 
 
+def structure_moved(module: nn.Module) -> None:
+    """What an optimizer step does to a GBLR layer's widths and locations, for a step timed
+    without one: it changes them in place (their version counters move), so the next forward
+    reads the structure again as in training from scratch.  No effect on other modules."""
+    if isinstance(module, GBLRLinear):
+        with torch.no_grad():
+            module.widths.add_(0.0)
+            module.locations.add_(0.0)
+
+
 def _layer_step(module: nn.Module, x: torch.Tensor):
     def step():
+        structure_moved(module)  # structure learned while training: read every step
         y = module(x)
         y.backward(torch.ones_like(y))
 

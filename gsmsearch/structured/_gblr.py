@@ -277,10 +277,26 @@ class GBLRLinear(StructuredLinear):
             return None
         return torch.nonzero(active).flatten()
 
+    def _while_unchanged(self, name: str, params, compute):
+        """``compute()``, kept under ``name`` while ``params`` are unchanged (their version
+        counters see every in-place update, as for the inference cache): with a frozen structure
+        (``structure_lr = 0``, fine-tuning a fit) the training forward reads the widths from the
+        device once, not on every step."""
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, compute())
+            self.__dict__[name] = cached
+        return cached[1]
+
     def _training_structure(self):
         """(indices of the components that matter or None when all do, row side wraps, column
         side wraps), read from the device in one transfer: on a GPU every host read waits for the
-        queued work to finish, and the training forward needs all three (it took three reads)."""
+        queued work to finish, and the training forward needs all three (it took three reads).
+        Computed again only when the widths change."""
+        return self._while_unchanged("_structure_cache", (self.widths,), self._read_training_structure)
+
+    def _read_training_structure(self):
         m, n = self.out_features, self.in_features
         w = self.widths.detach()
         rows, cols = torch.round(w[0] * m), torch.round(w[1] * n)
@@ -365,9 +381,10 @@ class GBLRLinear(StructuredLinear):
             if self.sync_free:  # no host read: every component, the dead ones masked to zero
                 active, rows = None, all_grid_rows(self.widths, self.locations, self.out_features,
                                                    self.in_features)
-            else:
-                active, rows = live_grid_rows(self.widths, self.locations, self.out_features,
-                                              self.in_features)
+            else:  # one host read, only when the structure changed
+                active, rows = self._while_unchanged(
+                    "_rows_cache", (self.widths, self.locations),
+                    lambda: live_grid_rows(self.widths, self.locations, self.out_features, self.in_features))
             row_wrapped = col_wrapped = None
         else:
             active, row_wrapped, col_wrapped = self._training_structure()

@@ -243,6 +243,43 @@ def test_no_grad_cache_is_invalidated_by_updates():
         assert float((after - expected).norm() / expected.norm()) < 1e-5
 
 
+def test_training_structure_is_read_again_only_when_the_widths_change(monkeypatch):
+    """The training forward's host read of the live components and wrap flags is kept while the
+    widths are unchanged (a frozen structure reads once), and every way the widths change in
+    training -- a copy, the optimizer, the budget controller -- makes it read again."""
+    reads = []
+    original = GBLRLinear._read_training_structure
+    monkeypatch.setattr(GBLRLinear, "_read_training_structure", lambda self: reads.append(1) or original(self))
+    layer = random_layer(m=24, n=16, K=6, r=1, seed=2, sigma=None)
+    layer.widths.requires_grad_(False)
+    layer.locations.requires_grad_(False)
+    x = torch.randn(7, 16, dtype=torch.float64)
+
+    def check():  # the output is the dense definition's with the current widths
+        y = layer(x)
+        y.sum().backward()
+        expected = x @ layer.to_dense().T + layer.bias
+        assert torch.allclose(y, expected, atol=1e-10)
+
+    for _ in range(3):
+        check()
+    assert len(reads) == 1
+    with torch.no_grad():
+        layer.widths[:, 0] = 0.0  # component 0 dies: it must be dropped, not served stale
+    check()
+    assert len(reads) == 2
+    assert layer._training_structure()[0].tolist() == [1, 2, 3, 4, 5]
+    layer.widths.requires_grad_(True)
+    opt = torch.optim.SGD(param_groups(layer, lr=1e-3, structure_lr=1e-2), lr=1e-3)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    check()
+    assert len(reads) == 3  # the step changed the widths
+    ProjectFlops(0.2).step([layer], lam=1e-3, lr_width=1e-2)
+    check()
+    assert len(reads) == 4
+
+
 def learned_layer(budget=0.3, size=64, steps=40):
     """A structure learned by a short proximal run (sigma 2, ProjectFlops)."""
     torch.manual_seed(0)
