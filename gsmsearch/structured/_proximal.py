@@ -19,7 +19,7 @@ across layers by training):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -148,6 +148,9 @@ class ProjectFlops(BudgetController):
 
     target_relative_flops: float
     weights: Optional[Sequence[float]] = None
+    # what the last step left: (target, weights, the widths' and locations' identities and
+    # version counters), for recognising a step that can only be the identity
+    _after_last_step: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not 0.0 < self.target_relative_flops <= 1.0:
@@ -155,8 +158,25 @@ class ProjectFlops(BudgetController):
                 f"target_relative_flops must be in (0, 1], got {self.target_relative_flops}"
             )
 
+    def _state(self, layers) -> tuple:
+        structure = tuple((p.data_ptr(), p._version) for layer in layers for p in (layer.widths, layer.locations))
+        weights = None if self.weights is None else tuple(float(w) for w in self.weights)
+        return (float(self.target_relative_flops), weights, structure)
+
     @torch.no_grad()
     def step(self, layers, lam, lr_width):
+        # A frozen structure (lam * lr_width == 0) that nothing has changed since this
+        # controller's last step, under the same target: the step is the identity -- the
+        # proximal step's threshold is 0 and its clamp and wrap find every value in range (it
+        # put them there), and the projection finds the budget met (it met it) -- so it is
+        # skipped, which also keeps the layers' cached structure (GBLRLinear) valid and spares
+        # a host read of the widths per step.
+        if float(lam) * float(lr_width) == 0.0 and self._after_last_step == self._state(layers):
+            return
+        self._project(layers, lam, lr_width)
+        self._after_last_step = self._state(layers)
+
+    def _project(self, layers, lam, lr_width):
         proximal_step(layers, lam, lr_width)
         weights = [1.0] * len(layers) if self.weights is None else [float(w) for w in self.weights]
         if len(weights) != len(layers):

@@ -334,6 +334,69 @@ def test_budget_controllers_end_at_target_on_toy_regression(controller, check):
     assert float(loss.detach()) < first_loss  # it still learned while shrinking
 
 
+class _AlwaysProjects(ProjectFlops):
+    """ProjectFlops without recognising the identity step (the reference for the test below)."""
+
+    def step(self, layers, lam, lr_width):
+        self._project(layers, lam, lr_width)
+
+
+def _frozen_fine_tune(controller, targets):
+    """A fine-tune of a fitted structure (structure lr 0, widths and locations frozen), the
+    controller's target per step from ``targets``; returns every parameter and the number of
+    steps that changed the widths' version."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(40, 56), nn.Tanh(), nn.Linear(56, 40))
+    replace_linears(model, "gblr", budget=0.4, sigma=None)  # from_dense fits
+    layers = gblr_layers(model)
+    with torch.no_grad():
+        layers[0].widths[0, :3] = 1.2  # out of range: the first step clamps them
+        layers[1].locations[1, :2] += 1.5  # outside [0, 1): the first step wraps them
+    for layer in layers:
+        for p in layer.structural_parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, lr=1e-3, structure_lr=0.0, weight_decay=0.01))
+    writes = 0
+    for step, target in enumerate(targets):
+        x = torch.randn(32, 40)
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        before = [layer.widths._version for layer in layers]
+        controller.target_relative_flops = target
+        controller.step(layers, lam=1.0, lr_width=0.0)
+        writes += before != [layer.widths._version for layer in layers]
+    return [p.detach().clone() for p in model.parameters()], writes
+
+
+def test_project_flops_skips_only_steps_that_are_the_identity():
+    """With a frozen structure the controller's step after the first is the identity; skipping
+    it must leave training bit for bit as it was, and a new target still projects."""
+    targets = [0.35] * 6 + [0.25] * 6
+    got, writes = _frozen_fine_tune(ProjectFlops(1.0), targets)
+    expected, reference_writes = _frozen_fine_tune(_AlwaysProjects(1.0), targets)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert reference_writes == len(targets)
+    assert writes == 2  # the first step (clamp, wrap, project) and the new target's
+
+
+def test_project_flops_runs_whenever_the_structure_or_threshold_moves():
+    layer = GBLRLinear(24, 24, sigma=None)
+    controller = ProjectFlops(0.3)
+    controller.step([layer], lam=1.0, lr_width=0.0)
+    widths = layer.widths.detach().clone()
+    controller.step([layer], lam=1.0, lr_width=0.0)  # identity: skipped
+    assert torch.equal(layer.widths, widths)
+    with torch.no_grad():
+        layer.widths.fill_(1.0)  # changed since: projected again
+    controller.step([layer], lam=1.0, lr_width=0.0)
+    assert layer.flops() <= 0.3 * 24 * 24 * 2 and not torch.equal(layer.widths, torch.ones_like(widths))
+    projected = layer.widths.detach().clone()
+    controller.step([layer], lam=1.0, lr_width=0.05)  # a positive threshold: the proximal step shrinks
+    assert (layer.widths <= projected).all() and not torch.equal(layer.widths, projected)
+
+
 def test_sigma_schedule():
     s = SigmaSchedule(1.0, 100.0, start_epoch=5, end_epoch=15)
     assert s(0) == 1.0 and s(5) == 1.0 and s(10) == pytest.approx(50.5) and s(15) == 100.0 and s(99) == 100.0
