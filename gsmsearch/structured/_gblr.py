@@ -32,7 +32,8 @@ from torch import nn
 from ._base import StructuredLinear, register_family
 from ._cost import component_costs, gblr_flops, interval_lengths
 from ._block_sparse import triton_runs
-from ._gblr_autograd import all_grid_rows, gblr_linear, kernels_work, live_grid_rows, masked_factors
+from ._gblr_autograd import (all_grid_rows, gblr_linear, grid_rows, kernels_work, live_grid_rows, masked_factors,
+                             side_sizes)
 from ._mask import gaudi_mask
 
 __all__ = ["GBLRLinear"]
@@ -389,6 +390,13 @@ class GBLRLinear(StructuredLinear):
         else:
             active, row_wrapped, col_wrapped = self._training_structure()
         widths, locations, row_factors, col_factors = self._active_parameters(active)
+        if rows is None:  # the torch path: both sides' table rows, once per structure
+            sizes = side_sizes(self.out_features, self.in_features, widths.device)
+            rows = self._while_unchanged("_torch_rows_cache", (self.widths, self.locations),
+                                         lambda: grid_rows(widths, locations, sizes))
+            kernels = False
+        else:
+            kernels = True
         weight_grad = any(
             p.requires_grad for p in (self.row_factors, self.col_factors, self.widths, self.locations)
         )
@@ -396,7 +404,7 @@ class GBLRLinear(StructuredLinear):
         factored = self._use_factored(tokens, inner, weight_grad, x.requires_grad)
         return gblr_linear(x, widths, locations, row_factors, col_factors, bias, self.sigma,
                            factored=factored, recompute_inner=self.recompute_intermediate,
-                           wrapped=(row_wrapped, col_wrapped), kernels=rows is not None, rows=rows)
+                           wrapped=(row_wrapped, col_wrapped), kernels=kernels, rows=rows)
 
     def extra_repr(self) -> str:
         return (

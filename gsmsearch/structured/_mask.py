@@ -205,13 +205,15 @@ def _index_rows(width, location, n):
     return upper, lower, wraps
 
 
-def index_mask_forward(width, location, n: int, sigma: Optional[float], wrapped: Optional[bool] = None):
+def index_mask_forward(width, location, n: int, sigma: Optional[float], wrapped: Optional[bool] = None,
+                       rows=None):
     """(K, n) masks of grid-rounded ``width``/``location`` (no autograd), the table rows (upper,
     lower) their backward needs (:func:`index_mask_backward`), and whether any width covers a
     whole period (full-width components do).  Pass ``wrapped`` from an earlier call on the same
-    values to skip that check (a host sync on a GPU)."""
+    values to skip that check (a host sync on a GPU), and ``rows`` = :func:`_index_rows` of the
+    same values if already computed."""
     prefix_rows, _ = _index_tables(n, sigma, width.dtype, width.device)
-    upper, lower, wraps = _index_rows(width, location, n)
+    upper, lower, wraps = _index_rows(width, location, n) if rows is None else rows
     mask = prefix_rows.index_select(0, upper)
     mask -= prefix_rows.index_select(0, lower)  # (K, n)
     if wrapped is None:

@@ -269,6 +269,10 @@ def test_training_structure_is_read_again_only_when_the_widths_change(monkeypatc
     check()
     assert len(reads) == 2
     assert layer._training_structure()[0].tolist() == [1, 2, 3, 4, 5]
+    with torch.no_grad():
+        layer.locations += 0.3  # the locations alone: the table rows are computed again
+    check()
+    assert len(reads) == 2
     layer.widths.requires_grad_(True)
     opt = torch.optim.SGD(param_groups(layer, lr=1e-3, structure_lr=1e-2), lr=1e-3)
     layer(x).pow(2).sum().backward()
