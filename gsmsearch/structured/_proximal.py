@@ -62,14 +62,22 @@ def proximal_step(layers: Iterable[nn.Module], lam: float, lr_width: float) -> N
         raise ValueError(f"lambda * lr_width must be >= 0, got {threshold}")
     for layer in layers:
         layer.widths.copy_(torch.nn.functional.softshrink(layer.widths, threshold).clamp_(0.0, 1.0))
-        layer.locations.remainder_(1.0)
+        _wrap_(layer.locations)
+
+
+def _wrap_(locations: torch.Tensor) -> None:
+    """Locations into [0, 1) in place.  ``remainder`` alone can give exactly 1.0 (a tiny negative
+    location plus 1 rounds up), which the next wrap would turn into 0.0; 1.0 is the same grid
+    position as 0.0, so it is stored as 0.0 and wrapping twice is wrapping once."""
+    locations.remainder_(1.0)
+    locations.masked_fill_(locations >= 1.0, 0.0)
 
 
 @torch.no_grad()
 def _clamp_all(layers) -> None:
     for layer in layers:
         layer.widths.clamp_(0.0, 1.0)
-        layer.locations.remainder_(1.0)
+        _wrap_(layer.locations)
 
 
 def _bisect_shift(evaluate, target: float, iterations: int = 50, low: float = 0.0) -> float:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from gsmsearch.structured._proximal import _wrap_
 from gsmsearch.structured import (
     GBLRLinear,
     ProjectFlops,
@@ -343,8 +344,8 @@ class _AlwaysProjects(ProjectFlops):
 
 def _frozen_fine_tune(controller, targets):
     """A fine-tune of a fitted structure (structure lr 0, widths and locations frozen), the
-    controller's target per step from ``targets``; returns every parameter and the number of
-    steps that changed the widths' version."""
+    controller's target per step from ``targets``; returns every parameter after every step and
+    the number of steps that changed the widths' version."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(40, 56), nn.Tanh(), nn.Linear(56, 40))
     replace_linears(model, "gblr", budget=0.4, sigma=None)  # from_dense fits
@@ -352,11 +353,12 @@ def _frozen_fine_tune(controller, targets):
     with torch.no_grad():
         layers[0].widths[0, :3] = 1.2  # out of range: the first step clamps them
         layers[1].locations[1, :2] += 1.5  # outside [0, 1): the first step wraps them
+        layers[1].locations[0, 0] = -1e-9  # wraps to 1.0 in float32 (stored as 0.0)
     for layer in layers:
         for p in layer.structural_parameters():
             p.requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, lr=1e-3, structure_lr=0.0, weight_decay=0.01))
-    writes = 0
+    writes, snapshots = 0, []
     for step, target in enumerate(targets):
         x = torch.randn(32, 40)
         model(x).pow(2).mean().backward()
@@ -366,7 +368,8 @@ def _frozen_fine_tune(controller, targets):
         controller.target_relative_flops = target
         controller.step(layers, lam=1.0, lr_width=0.0)
         writes += before != [layer.widths._version for layer in layers]
-    return [p.detach().clone() for p in model.parameters()], writes
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+    return snapshots, writes
 
 
 def test_project_flops_skips_only_steps_that_are_the_identity():
@@ -375,8 +378,9 @@ def test_project_flops_skips_only_steps_that_are_the_identity():
     targets = [0.35] * 6 + [0.25] * 6
     got, writes = _frozen_fine_tune(ProjectFlops(1.0), targets)
     expected, reference_writes = _frozen_fine_tune(_AlwaysProjects(1.0), targets)
-    for a, b in zip(got, expected):
-        assert torch.equal(a, b)
+    for step, (now, reference) in enumerate(zip(got, expected)):
+        for a, b in zip(now, reference):
+            assert torch.equal(a, b), step
     assert reference_writes == len(targets)
     assert writes == 2  # the first step (clamp, wrap, project) and the new target's
 
@@ -395,6 +399,17 @@ def test_project_flops_runs_whenever_the_structure_or_threshold_moves():
     projected = layer.widths.detach().clone()
     controller.step([layer], lam=1.0, lr_width=0.05)  # a positive threshold: the proximal step shrinks
     assert (layer.widths <= projected).all() and not torch.equal(layer.widths, projected)
+
+
+def test_wrapping_locations_twice_is_wrapping_once():
+    locations = torch.tensor([-1e-9, -0.25, 0.0, 0.5, 0.9999999, 1.0, 1.75, -3.0])
+    assert float(torch.tensor(-1e-9).remainder(1.0)) == 1.0  # why: remainder alone can give 1.0
+    _wrap_(locations)
+    once = locations.clone()
+    assert ((once >= 0) & (once < 1)).all()
+    _wrap_(locations)
+    assert torch.equal(locations, once)
+    assert once.tolist() == pytest.approx([0.0, 0.75, 0.0, 0.5, 0.9999999, 0.0, 0.75, 0.0])
 
 
 def test_sigma_schedule():
