@@ -36,7 +36,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._cost import component_costs, gblr_flops
+from ._cost import gblr_flops
 from ._mask import boxcar_mask, gaudi_mask
 
 __all__ = ["GBLRFactors", "fit_gblr", "lowrank_fit", "FIT_METHODS", "FIT_OPTIONS"]

@@ -18,7 +18,6 @@ across layers by training):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 

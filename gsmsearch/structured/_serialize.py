@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Union
 
-import torch
 from torch import nn
 
 from ._base import StructuredLinear, get_family

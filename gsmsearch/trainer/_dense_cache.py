@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
-import torch
 from torch import nn
 
 __all__ = ["default_cache_dir", "dense_cache_key", "cached_dense_state", "code_fingerprint", "written_once"]

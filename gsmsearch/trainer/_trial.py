@@ -1,7 +1,6 @@
 """One trial: build the workload's model with the configured structure, train it, measure it."""
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time

@@ -7,7 +7,6 @@ import sys
 import time
 
 import optuna
-import pytest
 
 from gsmsearch.search import launch
 

@@ -1,13 +1,12 @@
 """``gsmsearch.search`` loads its names on first use: every public name resolves to the object of
 the module that defines it, and a process that runs only what a Ray worker runs (the runner and a
 whole trial) never imports the driver's stack (pydantic, Optuna, SQLAlchemy, Ray's client)."""
-import json
-import subprocess
 import sys
 
 import pytest
 
 import gsmsearch.search as search
+from tests.fresh_process import fresh_python
 
 
 @pytest.mark.parametrize("name", sorted(search.__all__))
@@ -36,8 +35,6 @@ def test_what_a_worker_runs_imports_no_driver_stack(tmp_path):
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'optuna', 'sqlalchemy', 'ray', 'yaml'})\n"
         "print('RESULT ' + json.dumps({'ok': out['ok'], 'heavy': heavy}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    result = fresh_python(script)
     assert result["ok"] is True
     assert result["heavy"] == []

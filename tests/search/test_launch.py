@@ -8,10 +8,9 @@ import time
 
 import optuna
 import pytest
-import yaml
 
 from gsmsearch.cli import main
-from gsmsearch.search import launch, pareto_front
+from gsmsearch.search import launch
 
 from .conftest import TINY_SPEC
 from .test_pareto import brute_front

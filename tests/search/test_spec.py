@@ -96,14 +96,6 @@ def test_shorthands_for_parameters():
     assert space.options["rank_per_component"].choices == [1, 2]
 
 
-def test_example_studies_are_valid():
-    root = Path(__file__).resolve().parents[2] / "studies"
-    specs = sorted(root.glob("*.yaml"))
-    assert len(specs) >= 5
-    for path in specs:
-        load_spec(path)  # raises SpecError with the reason if not
-
-
 def test_space_size_counts_distinct_configurations():
     from gsmsearch.search._space import space_size
 
@@ -117,6 +109,11 @@ def test_space_size_counts_distinct_configurations():
 
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "studies").glob("*.yaml"))
+
+
+def test_the_example_studies_are_there():
+    names = {path.stem for path in EXAMPLES}
+    assert len(names) >= 5 and "quickstart" in names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -1,5 +1,4 @@
 """Gaudi masks: exact boxcars, mass conservation, closed-form gradients."""
-import math
 
 import pytest
 import torch

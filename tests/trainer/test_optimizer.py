@@ -1,15 +1,13 @@
 """The trainer's CPU AdamW is torch.optim.AdamW's update bit for bit, reads and writes torch's
 checkpoint layout, and spares a fresh process the import of torch._dynamo (its reason to exist:
 1.0-1.4 s of every Ray worker's first trial)."""
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from gsmsearch.structured import GBLRLinear, param_groups
 from gsmsearch.trainer._optimizer import CPUAdamW, adamw
+from tests.fresh_process import fresh_python
 
 
 def _model(seed=0):
@@ -107,8 +105,6 @@ def test_a_trial_in_a_fresh_process_does_not_import_dynamo(tmp_path):
         "print('RESULT ' + json.dumps({'dynamo': 'torch._dynamo' in sys.modules,\n"
         "                              'quality': result.quality}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads([l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    result = fresh_python(script)
     assert result["quality"] > 0.2  # it trained
     assert result["dynamo"] is False

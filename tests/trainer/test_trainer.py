@@ -10,7 +10,6 @@ import torch
 
 from gsmsearch.structured import DenseLinear, GBLRLinear, ProjectFlops, StructuredLinear
 from gsmsearch.trainer import TrialConfig, TrialFailed, build_trial_model, dense_state, layer_budgets, run_trial
-from gsmsearch.trainer._dense_cache import cached_dense_state
 from gsmsearch.trainer._loop import TrainingLoop, lr_factor
 from gsmsearch.workloads import get_workload
 
