@@ -35,6 +35,10 @@ TRIALS = {
         workload="animal-mnist-mixer", family="gblr", mode="scratch", epochs=3, budget=0.3),
     "animal-mnist-mixer scratch, dense, 3 epochs": dict(
         workload="animal-mnist-mixer", family="dense", mode="scratch", epochs=3),
+    "animal-mnist-mixer fine-tune, GBLR 0.3, 3 epochs": dict(
+        workload="animal-mnist-mixer", family="gblr", mode="finetune", epochs=3, budget=0.3),
+    "animal-mnist-mixer fine-tune, dense, 3 epochs": dict(
+        workload="animal-mnist-mixer", family="dense", mode="finetune", epochs=3),
 }
 
 # what each process runs: one trial, its training time and test quality
