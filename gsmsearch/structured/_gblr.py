@@ -20,6 +20,12 @@ holds each parameter's storage and version counter, which every in-place update 
 Components whose two intervals are both empty contribute nothing and receive no gradient, so they
 are dropped from the computation; a component with one side still open is kept, because the empty
 side's width gradient (bounded and non-zero at w = 0) is what lets it grow back.
+In training, what depends only on the widths and locations -- the live components, the index
+table rows, and (when neither needs a gradient: a frozen structure, fine-tuning a fit) the masks
+themselves -- is computed again only when they change (the same version-counter key); a frozen
+structure's masks stay in memory between steps (K' (in + out) values, the size of the factors at
+rank 1).  Changing ``widths``/``locations`` through ``.data`` bypasses the version counter, as for
+the inference cache: update them in place under ``torch.no_grad()`` instead.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from ._cost import component_costs, gblr_flops, interval_lengths
 from ._block_sparse import triton_runs
 from ._gblr_autograd import (all_grid_rows, gblr_linear, grid_rows, kernels_work, live_grid_rows, masked_factors,
                              side_sizes)
-from ._mask import gaudi_mask
+from ._mask import gaudi_mask, index_mask_forward
 
 __all__ = ["GBLRLinear"]
 
@@ -278,12 +284,12 @@ class GBLRLinear(StructuredLinear):
             return None
         return torch.nonzero(active).flatten()
 
-    def _while_unchanged(self, name: str, params, compute):
-        """``compute()``, kept under ``name`` while ``params`` are unchanged (their version
-        counters see every in-place update, as for the inference cache): with a frozen structure
-        (``structure_lr = 0``, fine-tuning a fit) the training forward reads the widths from the
-        device once, not on every step."""
-        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+    def _while_unchanged(self, name: str, params, compute, extra=()):
+        """``compute()``, kept under ``name`` while ``params`` (and ``extra``) are unchanged (their
+        version counters see every in-place update, as for the inference cache): with a frozen
+        structure (``structure_lr = 0``, fine-tuning a fit) the training forward reads the widths
+        from the device once, not on every step."""
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params) + tuple(extra)
         cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
             cached = (key, compute())
@@ -377,7 +383,7 @@ class GBLRLinear(StructuredLinear):
                     dense["W"] = Um.T @ Vm  # (out, in), reused while the parameters are unchanged
                 y = _linear(x, dense["W"], bias)
             return y
-        rows = None
+        rows = masks = None
         if self.use_kernels and triton_runs(x) and kernels_work(x.device):  # Triton: wraps per component
             if self.sync_free:  # no host read: every component, the dead ones masked to zero
                 active, rows = None, all_grid_rows(self.widths, self.locations, self.out_features,
@@ -395,6 +401,13 @@ class GBLRLinear(StructuredLinear):
             rows = self._while_unchanged("_torch_rows_cache", (self.widths, self.locations),
                                          lambda: grid_rows(widths, locations, sizes))
             kernels = False
+            if not (self.widths.requires_grad or self.locations.requires_grad):
+                # a frozen structure: its masks are kept between steps (K' (out + in) values, the
+                # factors' size at rank 1) instead of being built twice per step
+                masks = self._while_unchanged(
+                    "_mask_cache", (self.widths, self.locations),
+                    lambda: self._frozen_masks(widths, locations, rows, row_wrapped, col_wrapped),
+                    extra=(self.sigma,))
         else:
             kernels = True
         weight_grad = any(
@@ -404,7 +417,17 @@ class GBLRLinear(StructuredLinear):
         factored = self._use_factored(tokens, inner, weight_grad, x.requires_grad)
         return gblr_linear(x, widths, locations, row_factors, col_factors, bias, self.sigma,
                            factored=factored, recompute_inner=self.recompute_intermediate,
-                           wrapped=(row_wrapped, col_wrapped), kernels=kernels, rows=rows)
+                           wrapped=(row_wrapped, col_wrapped), kernels=kernels, rows=rows, masks=masks)
+
+    def _frozen_masks(self, widths, locations, rows, row_wrapped: bool, col_wrapped: bool):
+        """Both sides' masks of these (live) widths and locations, as the training Function builds
+        them (``index_mask_forward`` on the same table rows)."""
+        with torch.no_grad():
+            row_mask = index_mask_forward(widths[0], locations[0], self.out_features, self.sigma, row_wrapped,
+                                          (rows[0, 0], rows[1, 0], rows[2, 0]))[0]
+            col_mask = index_mask_forward(widths[1], locations[1], self.in_features, self.sigma, col_wrapped,
+                                          (rows[0, 1], rows[1, 1], rows[2, 1]))[0]
+        return row_mask, col_mask
 
     def extra_repr(self) -> str:
         return (

@@ -48,7 +48,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _GBLRLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_width, row_location, col_width, col_location, row_factors, col_factors,
-                bias, sigma, factored, recompute_inner, wrapped, rows):
+                bias, sigma, factored, recompute_inner, wrapped, rows, masks):
         m, n = row_factors.shape[-1], col_factors.shape[-1]
         dtype = _compute_dtype(x)
         # each side's table rows (upper, lower, whole periods): given by the layer (computed once
@@ -58,8 +58,13 @@ class _GBLRLinearFunction(torch.autograd.Function):
         else:
             rows = ((rows[0, 0], rows[1, 0], rows[2, 0]), (rows[0, 1], rows[1, 1], rows[2, 1]))
         with torch.autocast(x.device.type, enabled=False):
-            row_mask, _, _, row_wrapped = index_mask_forward(row_width, row_location, m, sigma, wrapped[0], rows[0])
-            col_mask, _, _, col_wrapped = index_mask_forward(col_width, col_location, n, sigma, wrapped[1], rows[1])
+            if masks is not None:  # a frozen structure's masks, kept by the layer (read only here)
+                (row_mask, col_mask), row_wrapped, col_wrapped = masks, wrapped[0], wrapped[1]
+            else:
+                row_mask, _, _, row_wrapped = index_mask_forward(row_width, row_location, m, sigma, wrapped[0],
+                                                                 rows[0])
+                col_mask, _, _, col_wrapped = index_mask_forward(col_width, col_location, n, sigma, wrapped[1],
+                                                                 rows[1])
             Um = masked_factors(row_factors, row_mask).to(dtype)
             Vm = masked_factors(col_factors, col_mask).to(dtype)
             del row_mask, col_mask
@@ -79,7 +84,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
                               col_factors, kept)
         ctx.sigma, ctx.factored, ctx.dtype, ctx.has_bias = sigma, factored, dtype, bias is not None
         ctx.wrapped = (row_wrapped, col_wrapped)  # backward rebuilds the masks without re-checking
-        ctx.rows = rows
+        ctx.rows, ctx.masks = rows, masks
         return y.reshape(*x.shape[:-1], m)
 
     @staticmethod
@@ -97,13 +102,17 @@ class _GBLRLinearFunction(torch.autograd.Function):
             x2 = x.reshape(-1, n).to(dtype)
             row_wrapped, col_wrapped = ctx.wrapped
             row_rows, col_rows = ctx.rows
-            col_mask, col_upper, col_lower, _ = index_mask_forward(col_width, col_location, n, sigma, col_wrapped,
-                                                                   col_rows)
+
+            def side_mask(side, width, location, size, wrapped, side_rows):  # (mask, upper, lower)
+                if ctx.masks is not None:
+                    return ctx.masks[side], side_rows[0], side_rows[1]
+                return index_mask_forward(width, location, size, sigma, wrapped, side_rows)[:3]
+
+            col_mask, col_upper, col_lower = side_mask(1, col_width, col_location, n, col_wrapped, col_rows)
             Vm = masked_factors(col_factors, col_mask).to(dtype)
             grad_x = None
             if ctx.factored:
-                row_mask, row_upper, row_lower, _ = index_mask_forward(row_width, row_location, m, sigma, row_wrapped,
-                                                                       row_rows)
+                row_mask, row_upper, row_lower = side_mask(0, row_width, row_location, m, row_wrapped, row_rows)
                 Um = masked_factors(row_factors, row_mask).to(dtype)
                 inner = kept if kept is not None else x2 @ Vm.T  # (T, K' r), kept or recomputed
                 d_inner = dy @ Um.T  # (T, K' r)
@@ -121,8 +130,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
                     grad_x = dy @ kept  # W (m, n)
                 dUm = Vm @ dW.T  # before the row side is built: Vm is done with here
                 del Vm, kept
-                row_mask, row_upper, row_lower, _ = index_mask_forward(row_width, row_location, m, sigma, row_wrapped,
-                                                                       row_rows)
+                row_mask, row_upper, row_lower = side_mask(0, row_width, row_location, m, row_wrapped, row_rows)
                 Um = masked_factors(row_factors, row_mask).to(dtype)
                 dVm = Um @ dW
                 del Um, dW
@@ -138,7 +146,7 @@ class _GBLRLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         (d_row_width, d_row_location, d_row_factors), (d_col_width, d_col_location, d_col_factors) = row_grads, col_grads
         return (grad_x, d_row_width, d_row_location, d_col_width, d_col_location, d_row_factors,
-                d_col_factors, grad_bias, None, None, None, None, None)
+                d_col_factors, grad_bias, None, None, None, None, None, None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -349,6 +357,7 @@ def gblr_linear(
     wrapped: Tuple[Optional[bool], Optional[bool]] = (None, None),
     kernels: bool = True,
     rows: Optional[torch.Tensor] = None,
+    masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """GBLR's y = x W^T + b with W = sum_k (row_factors_k * row_mask_k)^T (col_factors_k * col_mask_k),
     differentiable in everything.  widths/locations: (2, K') fractions (row side first), rounded
@@ -358,7 +367,9 @@ def gblr_linear(
     ``kernels``: each side's masks and gradients in one Triton launch where Triton runs (CUDA
     tensors, ``_mask_kernel``); False keeps the torch ops everywhere.  ``rows``: the components'
     :func:`grid_rows` (3, 2, K') if the caller has them (:func:`live_grid_rows`), for either path;
-    with ``kernels`` and rows given, the caller (GBLRLinear) has found the kernels usable here."""
+    with ``kernels`` and rows given, the caller (GBLRLinear) has found the kernels usable here.
+    ``masks``: the (K', out) and (K', in) masks of these widths and locations, for the torch path
+    (a frozen structure's, kept by the layer; then ``wrapped`` must be given)."""
     if kernels and (rows is not None or (triton_runs(x) and kernels_work(x.device))):
         return _GBLRKernelFunction.apply(x, widths, locations, row_factors, col_factors, bias,
                                          None if sigma is None else float(sigma), bool(factored),
@@ -369,5 +380,5 @@ def gblr_linear(
     return _GBLRLinearFunction.apply(
         x, widths[0], locations[0], widths[1], locations[1],
         row_factors, col_factors, bias, None if sigma is None else float(sigma),
-        bool(factored), bool(recompute_inner), tuple(wrapped), rows,
+        bool(factored), bool(recompute_inner), tuple(wrapped), rows, masks,
     )

@@ -106,24 +106,39 @@ def reference_forward(layer, x):
 @pytest.mark.parametrize("sigma", [None, 0.7, 6.0])
 @pytest.mark.parametrize("path", ["factored", "factored-recompute", "dense-build"])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_gblr_forward_backward_matches_reference(sigma, path, input_grad):
+@pytest.mark.parametrize("frozen", [False, True], ids=["learned", "frozen-structure"])
+def test_gblr_forward_backward_matches_reference(sigma, path, input_grad, frozen):
+    """Frozen: widths and locations need no gradient, so the layer keeps its masks between steps;
+    two steps with a factor update between them, and a sigma change before the second."""
     layer = random_layer(seed=3, sigma=sigma)
     layer._use_factored = lambda *args: path.startswith("factored")  # force the path under test
     layer.recompute_intermediate = path == "factored-recompute"
-    x = torch.randn(37, 40, dtype=torch.float64, requires_grad=input_grad)
-    params = (layer.widths, layer.locations, layer.row_factors, layer.col_factors, layer.bias)
-    target = torch.randn(37, 48, dtype=torch.float64)
-    (layer(x) * target).sum().backward()
-    got = [p.grad.clone() for p in params] + ([x.grad.clone()] if input_grad else [])
-    layer.zero_grad()
-    x.grad = None
-    out = reference_forward(layer, x)
-    (out * target).sum().backward()
-    ref = [p.grad for p in params] + ([x.grad] if input_grad else [])
-    with torch.no_grad():
-        assert torch.allclose(layer(x), out, atol=1e-10)
-    for a, b in zip(got, ref):
-        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+    params = [layer.widths, layer.locations, layer.row_factors, layer.col_factors, layer.bias]
+    if frozen:
+        for p in params[:2]:
+            p.requires_grad_(False)
+        params = params[2:]
+    for step in range(2 if frozen else 1):
+        if step:
+            with torch.no_grad():
+                layer.row_factors.mul_(1.5)  # content changes, the structure does not
+            layer.sigma = None if sigma is None else sigma * 2
+        x = torch.randn(37, 40, dtype=torch.float64, requires_grad=input_grad)
+        target = torch.randn(37, 48, dtype=torch.float64)
+        layer.zero_grad()
+        (layer(x) * target).sum().backward()
+        got = [p.grad.clone() for p in params] + ([x.grad.clone()] if input_grad else [])
+        layer.zero_grad()
+        x.grad = None
+        out = reference_forward(layer, x)
+        (out * target).sum().backward()
+        ref = [p.grad for p in params] + ([x.grad] if input_grad else [])
+        with torch.no_grad():
+            assert torch.allclose(layer(x), out, atol=1e-10)
+        for a, b in zip(got, ref):
+            assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+    if frozen:
+        assert "_mask_cache" in layer.__dict__  # the path under test kept its masks
 
 
 @pytest.mark.parametrize("widths", [
