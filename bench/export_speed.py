@@ -8,6 +8,8 @@ FLOP ideal 1/f (speedup x f).  Exactness of every plan is checked against the la
 """
 from __future__ import annotations
 
+import copy
+
 import os
 import tempfile
 from typing import Dict, List
@@ -151,7 +153,12 @@ def run_baselines(*, size=1024, tokens=4096, repeats=7, target=0.25, threads=1, 
                     module(x)
             return run
 
-        times = interleaved({"dense": call(dense), family: call(layer)}, repeats=repeats)
+        candidates = {"dense": call(dense), family: call(layer)}
+        if family == "blocksparse":  # beside it, the same layer in one pass (before session 8's chunks)
+            one_pass = copy.deepcopy(layer)
+            one_pass.cpu_token_chunk = tokens
+            candidates["blocksparse one pass"] = call(one_pass)
+        times = interleaved(candidates, repeats=repeats)
         speedup = times["dense"]["wall_ms"] / times[family]["wall_ms"]
         row = {
             "family": family, "config": config, "relative_flops": f, "shape": [size, size], "tokens": tokens,
@@ -159,6 +166,8 @@ def run_baselines(*, size=1024, tokens=4096, repeats=7, target=0.25, threads=1, 
             "cpu_speedup": times["dense"]["cpu_ms"] / times[family]["cpu_ms"],
             "fraction_of_ideal": speedup * f,
         }
+        if "blocksparse one pass" in times:
+            row["speedup_one_pass"] = times["dense"]["wall_ms"] / times["blocksparse one pass"]["wall_ms"]
         if memory:
             row["peak_rss_delta_mib"] = _memory({"dense": dense, family: layer}, (tokens, size), threads)
         rows.append(row)

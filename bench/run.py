@@ -97,6 +97,9 @@ def print_tables(report: dict) -> None:
             mem_s = "/".join(f"{v:.0f}" for v in mem.values()) if mem else "-"
             print(f"{r['family']:14s} {json.dumps(r['config']):44s} {r['relative_flops']:6.3f} "
                   f"{r['speedup']:8.2f} {r['fraction_of_ideal']:7.2f} {mem_s:>13s}")
+            if "speedup_one_pass" in r:
+                print(f"{'':14s} the same layer in one pass over all tokens (before session 8): "
+                      f"{r['speedup_one_pass']:.2f}")
 
 
 def main(argv=None) -> int:

@@ -129,32 +129,46 @@ class BlockSparseLinear(StructuredLinear):
             nn.init.normal_(self.left, std=((1 - share) / (3 * self.lowrank_rank)) ** 0.5)
         init_bias_like_linear(self.bias, self.in_features)
 
+    #: tokens per chunk on CPU: each chunk's gathered input (slots x in x chunk) stays in cache
+    #: for the batched matmul that reads it (1024 x 1024, 32-blocks, 4096 tokens: 42 ms at 128,
+    #: 47 at 256, 54 at 512, 72-75 in one pass; bench/RESULTS.md section 3); one chunk on
+    #: other devices
+    cpu_token_chunk = 128
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computed transposed, Y^T = W X^T, so that the gather of input blocks copies
         contiguous (block, tokens) slabs and each block row is one GEMM of shape
-        (bs x slots*bs) @ (slots*bs x T): one transpose copy of x, one ``index_select``,
-        one ``bmm`` (no Python loop over blocks), then the low-rank term as an ``addmm``."""
+        (bs x slots*bs) @ (slots*bs x T): per chunk of tokens one transpose copy of x, one
+        ``index_select``, one ``bmm`` (no Python loop over blocks) and the low-rank term as an
+        ``addmm``."""
         gr, gc = self.grid
         bs, slots = self.block_size, self.slots_per_row
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
-        x_t = flat.t()                                                   # (in, T)
-        if gc * bs != self.in_features:
-            x_t = F.pad(x_t, (0, 0, 0, gc * bs - self.in_features))      # (gc*bs, T), a copy
-        else:
-            x_t = x_t.contiguous()
-        tokens = x_t.shape[1]
-        gathered = x_t.view(gc, bs, tokens).index_select(0, self._slot_cols)  # (gr*slots, bs, T)
-        gathered = gathered.view(gr, slots * bs, tokens)
+        tokens = flat.shape[0]
         if self.blocks.shape[0] == gr * slots:
             weight = self.blocks                                         # row-major, no spare slot
         else:
             weight = self.blocks.new_zeros(gr * slots, bs, bs).index_copy(0, self._slot_of_block, self.blocks)
         weight = weight.view(gr, slots, bs, bs).transpose(1, 2).reshape(gr, bs, slots * bs)
-        y_t = torch.bmm(weight, gathered).view(gr * bs, tokens)[: self.out_features]  # (out, T)
-        if self.lowrank_rank:
-            y_t = torch.addmm(y_t, self.left, self.right.T @ flat.t())
-        return self._add_bias(y_t.t().reshape(*lead, self.out_features))
+        chunk = self.cpu_token_chunk if x.device.type == "cpu" else max(tokens, 1)
+        parts = []
+        for start in range(0, max(tokens, 1), chunk):
+            part = flat[start:start + chunk]
+            x_t = part.t()                                               # (in, c)
+            if gc * bs != self.in_features:
+                x_t = F.pad(x_t, (0, 0, 0, gc * bs - self.in_features))  # (gc*bs, c), a copy
+            else:
+                x_t = x_t.contiguous()
+            width = x_t.shape[1]
+            gathered = x_t.view(gc, bs, width).index_select(0, self._slot_cols)  # (gr*slots, bs, c)
+            gathered = gathered.view(gr, slots * bs, width)
+            y_t = torch.bmm(weight, gathered).view(gr * bs, width)[: self.out_features]  # (out, c)
+            if self.lowrank_rank:
+                y_t = torch.addmm(y_t, self.left, self.right.T @ part.t())
+            parts.append(y_t.t())
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._add_bias(y.reshape(*lead, self.out_features))
 
     def sparse_dense(self) -> torch.Tensor:
         """The block-sparse part alone as a dense (out, in) matrix."""

@@ -417,11 +417,13 @@ def test_export_rejects_unknown_plan():
     (100, 60, {"block_size": 8, "butterfly_size": 4, "lowrank_rank": 3}, True),   # padded, uneven rows
     (96, 64, {"block_size": 7, "butterfly_size": 4, "lowrank_rank": 0}, True),
 ])
-def test_blocksparse_forward_backward_match_dense_definition(in_features, out_features, knobs, spare_slots):
+@pytest.mark.parametrize("chunk", [256, 3], ids=["one-chunk", "chunks-of-3"])
+def test_blocksparse_forward_backward_match_dense_definition(in_features, out_features, knobs, spare_slots, chunk):
     from gsmsearch.structured import BlockSparseLinear
 
     torch.manual_seed(0)
     layer = BlockSparseLinear(in_features, out_features, **knobs).double()
+    layer.cpu_token_chunk = chunk  # 10 tokens: one chunk, or four (the last of one token)
     # the uneven case really exercises the zero-filled spare slots
     assert (layer.blocks.shape[0] < layer.grid[0] * layer.slots_per_row) == spare_slots
     _check_against_dense_definition(layer, in_features)
