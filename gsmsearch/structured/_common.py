@@ -4,7 +4,9 @@
 - the budget test every ``from_dense`` uses (``flops <= budget * in * out``, no slack);
 - balanced block layouts: ``n`` split into ``parts`` blocks whose sizes differ by at most one
   (the first ``n % parts`` blocks are one longer), stored padded to the largest size so the
-  blocks can go through one batched matmul, and the gathers between the flat and blocked views.
+  blocks can go through one batched matmul, and the gathers between the flat and blocked views;
+- ``version_key``: the key of the caches kept while parameters are unchanged (GBLR, the budget
+  controller).
 """
 from __future__ import annotations
 
@@ -211,3 +213,11 @@ def top_energy(x: torch.Tensor, rank: int) -> torch.Tensor:
     gram = x @ x.transpose(-1, -2) if m <= n else x.transpose(-1, -2) @ x
     eig = torch.linalg.eigvalsh(gram.double())          # ascending
     return eig[..., -rank:].clamp_min(0).sum(-1).to(x.dtype)
+
+
+def version_key(tensors) -> tuple:
+    """What identifies these tensors' current values without reading them: each one's storage,
+    version counter (every in-place update bumps it) and device.  The key of every cache that
+    must be recomputed when a parameter changes (GBLR's inference factors and training
+    structure, the budget controller's identity steps)."""
+    return tuple((t.data_ptr(), t._version, t.device) for t in tensors)

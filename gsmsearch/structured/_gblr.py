@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ._base import StructuredLinear, register_family
+from ._common import version_key
 from ._cost import component_costs, gblr_flops, interval_lengths
 from ._block_sparse import triton_runs
 from ._gblr_autograd import (all_grid_rows, gblr_linear, grid_rows, kernels_work, live_grid_rows, masked_factors,
@@ -289,7 +290,7 @@ class GBLRLinear(StructuredLinear):
         version counters see every in-place update, as for the inference cache): with a frozen
         structure (``structure_lr = 0``, fine-tuning a fit) the training forward reads the widths
         from the device once, not on every step."""
-        key = tuple((p.data_ptr(), p._version, p.device) for p in params) + tuple(extra)
+        key = version_key(params) + tuple(extra)
         cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
             cached = (key, compute())
@@ -332,7 +333,7 @@ class GBLRLinear(StructuredLinear):
 
     def _cache_key(self, x: torch.Tensor):
         params = (self.widths, self.locations, self.row_factors, self.col_factors)
-        return (self.sigma, x.dtype, x.device) + tuple((p.data_ptr(), p._version) for p in params)
+        return (self.sigma, x.dtype, x.device) + version_key(params)
 
     def _inference_factors(self, x: torch.Tensor):
         """Masked factors under no_grad, cached while the parameters are unchanged (their version

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._base import StructuredLinear
+from ._common import version_key
 
 __all__ = [
     "gblr_layers",
@@ -166,7 +167,7 @@ class ProjectFlops(BudgetController):
             )
 
     def _state(self, layers) -> tuple:
-        structure = tuple((p.data_ptr(), p._version) for layer in layers for p in (layer.widths, layer.locations))
+        structure = version_key(p for layer in layers for p in (layer.widths, layer.locations))
         weights = None if self.weights is None else tuple(float(w) for w in self.weights)
         return (float(self.target_relative_flops), weights, structure)
 
