@@ -326,12 +326,14 @@ def launch(
         )
         running[ref] = _Running(trial, config, worker, ref, attempt, time.monotonic(), time.time())
 
-    def record_failure(entry: _Running, reason: str, *, final: bool) -> None:
-        trial = entry.trial
+    def fail_trial(trial, family: str, reason: str, *, final: bool) -> None:
         with_retries(lambda: trial.set_user_attr("failure_reason", reason[:2000]))
         with_retries(lambda: trial.set_user_attr("final", final))
         with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
-        display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) FAILED: {reason}")
+        display.line(f"[{spec.name}] trial {trial.number} ({family}) FAILED: {reason}")
+
+    def record_failure(entry: _Running, reason: str, *, final: bool) -> None:
+        fail_trial(entry.trial, entry.config["family"], reason, final=final)
 
     def record_orchestration(entry: _Running, outcome: Dict[str, Any], received: float) -> Dict[str, float]:
         timing = {
@@ -385,6 +387,7 @@ def launch(
     import ray
 
     exhausted: Dict[str, int] = {}
+    asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
     finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
     exhausted_reported = False
     try:
@@ -402,6 +405,8 @@ def launch(
                 if done_count(trials) + unrecorded + in_flight >= launched_target:
                     break
                 trial = _next_trial(study, spec, exhausted, trials)
+                if trial is not None:
+                    asked[trial.number] = trial
                 if trial is None:
                     if not exhausted_reported:
                         display.line(f"[{spec.name}] every family's search space is exhausted "
@@ -480,13 +485,21 @@ def launch(
             display.status(study, spec, len(running))
     except KeyboardInterrupt:
         summary.interrupted = True
+        reason = "interrupted (Ctrl-C); `launch --resume` runs it again from its checkpoint"
         for entry in running.values():
             try:
                 ray.kill(entry.worker)
             except Exception:  # noqa: BLE001
                 pass
-            record_failure(entry, "interrupted (Ctrl-C); `launch --resume` runs it again from its checkpoint",
-                           final=False)
+            record_failure(entry, reason, final=False)
+        # a trial this driver asked for that is in no slot (Ctrl-C between the ask and the
+        # submission, or while a dead worker's trial was being resubmitted) is still RUNNING
+        # in the database: it is interrupted too, not left for the stale check of a later launch
+        from optuna.trial import TrialState
+
+        for number in sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+                             & set(asked)):
+            fail_trial(asked[number], asked[number].params.get("family", "?"), reason, final=False)
         print(f"[{spec.name}] stopped; continue with: gsmsearch launch {spec_path} --resume", file=out)
     finally:
         try:

@@ -88,6 +88,29 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(write_spec, tmp_path):
     assert {t.user_attrs["requeued_from"] for t in requeued} == {t.number for t in interrupted}
 
 
+def test_ctrl_c_between_ask_and_submission_leaves_no_running_trial(write_spec, tmp_path, monkeypatch):
+    """The narrow window the signal test above can hit by chance: Ctrl-C after a trial has been
+    asked for and before it has a worker.  It is marked interrupted like the running one."""
+    from gsmsearch.search import _runner
+
+    spec = write_spec({"trials": 4, "workload": SLOW})
+    original, calls = _runner.make_worker, []
+
+    def make_worker(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the second trial: asked, configured, no worker yet
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(_runner, "make_worker", make_worker)
+    summary = launch(spec, status_interval=1e9, out=open(os.devnull, "w"))
+    assert summary.interrupted
+    trials = _trials(f"sqlite:///{tmp_path / 'tiny.db'}")
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    for t in trials:
+        assert "interrupted" in t.user_attrs["failure_reason"] and t.user_attrs["final"] is False
+
+
 def test_postgres_restart_mid_study_is_survived(write_spec, postgres_server, postgres_url, tmp_path):
     spec = write_spec({"storage": postgres_url, "trials": 4, "workload": SLOW})
     log = open(tmp_path / "driver.log", "w")
