@@ -143,6 +143,42 @@ def _driver_alive(driver: Dict[str, Any]) -> bool:
     return True
 
 
+def _spec_changes(stored: Any, spec: StudySpec, limit: int = 6) -> str:
+    """What differs between the spec a study was launched with and ``spec``, as
+    ``field: old -> new`` items; "" when they are the same study.
+
+    The stored spec is read with today's parser before comparing, so a study written by an older
+    gsmsearch, whose canonical form spelled out fields at their defaults, is recognised as the
+    same study (its digest differs, its meaning does not)."""
+    from pydantic import ValidationError
+
+    if not isinstance(stored, dict):
+        return "the study records no spec"
+    try:
+        before = StudySpec.model_validate(stored)
+    except ValidationError:
+        return "the recorded spec no longer parses"
+    if before.digest() == spec.digest():
+        return ""
+    items: List[str] = []
+    unset = object()  # a key only one side has (a family added or removed)
+
+    def show(value: Any) -> str:
+        text = "(absent)" if value is unset else json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    def walk(old: Any, new: Any, where: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                walk(old.get(key, unset), new.get(key, unset), f"{where}.{key}" if where else key)
+        elif old != new:
+            items.append(f"{where}: {show(old)} -> {show(new)}")
+
+    walk(json.loads(before.model_dump_json()), json.loads(spec.model_dump_json()), "")
+    shown = "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
+    return shown or "different digest"
+
+
 def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
     import optuna
 
@@ -152,10 +188,12 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
         study = with_retries(lambda: optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler))
         stored = study.user_attrs.get("spec_hash")
         if stored != spec.digest() and not force:
-            raise SpecError(
-                f"study {spec.name!r} was launched with a different spec (hash {str(stored)[:12]} vs "
-                f"{spec.digest()[:12]}); pass --force to continue it with this spec, or rename the study"
-            )
+            changes = _spec_changes(study.user_attrs.get("spec"), spec)
+            if changes:
+                raise SpecError(
+                    f"study {spec.name!r} was launched with a different spec ({changes}); pass --force "
+                    f"to continue it with this spec, or rename the study"
+                )
         if list(study.directions) != [
             optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
             for d in spec.directions

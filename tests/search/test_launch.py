@@ -71,11 +71,38 @@ def test_study_on_sqlite_end_to_end(write_spec, tmp_path, capsys):
     # relaunching with a different spec refuses; --resume on a finished study runs nothing new
     changed = write_spec({"trials": 5}, name="changed.yaml")
     assert main(["launch", str(changed), "--resume"]) == 2
-    assert "different spec" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different spec (trials: 4 -> 5)" in err, err
     assert main(["launch", str(spec)]) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert main(["launch", str(spec), "--resume"]) == 0
     check_study(f"sqlite:///{tmp_path / 'tiny.db'}")
+
+
+def test_study_recorded_by_an_older_canonical_form_resumes(write_spec, tmp_path, capsys):
+    """Studies written before canonical() left defaults out recorded every field spelled out,
+    so their digest differs; the same spec must still resume, and a real change still refuses
+    naming the field."""
+    import hashlib
+
+    from gsmsearch.search._spec import load_spec
+
+    spec = write_spec({"trials": 2})
+    assert main(["launch", str(spec)]) == 0
+    db = f"sqlite:///{tmp_path / 'tiny.db'}"
+    study = optuna.load_study(study_name="tiny", storage=db)
+    spelled_out = json.loads(load_spec(spec).model_dump_json())  # the older form: defaults included
+    study.set_user_attr("spec", spelled_out)
+    study.set_user_attr("spec_hash", hashlib.sha256(json.dumps(spelled_out, sort_keys=True).encode()).hexdigest())
+    assert study.user_attrs["spec_hash"] != load_spec(spec).digest()
+    capsys.readouterr()
+    assert main(["launch", str(spec), "--resume"]) == 0
+    assert optuna.load_study(study_name="tiny", storage=db).user_attrs["spec_hash"] == load_spec(spec).digest()
+    study.set_user_attr("spec", spelled_out)
+    study.set_user_attr("spec_hash", "0" * 64)
+    changed = write_spec({"trials": 2, "retries": 3}, name="changed.yaml")
+    assert main(["launch", str(changed), "--resume"]) == 2
+    assert "different spec (retries: 1 -> 3)" in capsys.readouterr().err
 
 
 def test_study_on_postgres_end_to_end(write_spec, postgres_url):
