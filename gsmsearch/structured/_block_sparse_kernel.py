@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import TRITON_FP_FUSION as FP_FUSION
+
 __all__ = ["block_sparse_matmul"]
 
 
@@ -96,5 +98,6 @@ def block_sparse_matmul(a: torch.Tensor, blocks: torch.Tensor, column_pointers: 
                   bias if bias is not None else dummy, out,
                   M, K, n, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
                   GATHER=index is not None, HAS_BIAS=bias is not None, TOKENS_AS_N=bool(tokens_as_n),
-                  BM=BM, BK=BK, BN=BN, num_warps=num_warps, num_stages=num_stages)
+                  BM=BM, BK=BK, BN=BN, num_warps=num_warps, num_stages=num_stages,
+                  enable_fp_fusion=FP_FUSION)
     return out

@@ -17,6 +17,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+# The Triton kernels' floating-point contraction (a*b+c as one FMA), pinned on: Triton 3.9 warns
+# that 3.10 turns its default off, which would change the kernels' rounding under the same code.
+TRITON_FP_FUSION = True
+
 
 def check_int(name: str, value, low: int, high: Optional[int] = None, *, context: str = "") -> int:
     """``value`` as an int in [low, high]; otherwise ValueError naming ``name`` and ``value``."""

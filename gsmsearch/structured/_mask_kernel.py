@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import TRITON_FP_FUSION as FP_FUSION
+
 __all__ = ["masked_factors_kernel", "side_grads_kernel"]
 
 BLOCK = 1024  # elements of one side per program step
@@ -85,7 +87,7 @@ def masked_factors_kernel(factors: torch.Tensor, prefix: torch.Tensor, upper: to
     if K:
         block = min(BLOCK, triton.next_power_of_2(D))
         _masked_kernel[(K, triton.cdiv(D, block))](factors.contiguous(), prefix, upper, lower, wraps,
-                                                   out, R, D, BD=block)
+                                                   out, R, D, BD=block, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -100,5 +102,6 @@ def side_grads_kernel(d_masked: torch.Tensor, factors: torch.Tensor, prefix: tor
     if K:
         block = min(BLOCK, triton.next_power_of_2(D))
         _side_grads_kernel[(K,)](d_masked.contiguous(), factors.contiguous(), prefix, q, upper, lower,
-                                 wraps, d_factors, d_width, d_location, R, D, BD=block)
+                                 wraps, d_factors, d_width, d_location, R, D, BD=block,
+                                 enable_fp_fusion=FP_FUSION)
     return d_factors

@@ -14,6 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gsmsearch.structured import _block_sparse_kernel, _mask_kernel
+from gsmsearch.structured._common import TRITON_FP_FUSION
 
 H100 = GPUTarget("cuda", 90, 32)
 
@@ -23,7 +24,7 @@ def compile_for_h100(fn, signature: dict, constants: dict, aligned: tuple, **opt
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constants}},
                        constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=H100, options=options)
+    return triton.compile(source, target=H100, options={"enable_fp_fusion": TRITON_FP_FUSION, **options})
 
 
 BSR_SIGNATURE = {"a_ptr": "*bf16", "index_ptr": "*i32", "blocks_ptr": "*bf16", "pointers_ptr": "*i32",
