@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 
 from ..trainer import TrialConfig
 from ..trainer._trial import family_option_names
-from ._spec import Choices, Range, StudySpec
+from ._spec import Choices, Range, StudySpec, WorkloadSpec
 
 __all__ = ["suggest", "trial_config", "space_size", "config_errors", "family_configurations"]
 
@@ -112,15 +112,33 @@ def config_errors(spec: StudySpec) -> List[str]:
                 for message in str(error).split("; "):
                     if message not in seen:  # a bad first value fails every knob's tries
                         seen.add(message)
-                        errors.append(f"families.{family}.{_blamed(message, knobs, tried)}: {message}")
+                        errors.append(f"{_blamed(message, knobs, tried, family)}: {message}")
+        errors += _workload_refusals(spec, family, knobs)
     return errors
 
 
-def _blamed(message: str, knobs, tried: str) -> str:
-    """The knob a trainer message is about: the one it starts with (its messages name their
-    field first), else the knob whose value was being tried."""
-    named = [knob for knob in knobs if message.split(" ", 1)[0] == knob]
-    return named[0] if named else tried
+def _blamed(message: str, knobs, tried: str, family: str) -> str:
+    """Where a trainer message points in the spec: the family knob it starts with (its messages
+    name their field first), else the workload setting it starts with, else the knob whose value
+    was being tried."""
+    first = message.split(" ", 1)[0]
+    if first in knobs:
+        return f"families.{family}.{first}"
+    if first in WorkloadSpec.model_fields:
+        return f"workload.{first}"
+    return f"families.{family}.{tried}"
+
+
+def _workload_refusals(spec: StudySpec, family: str, knobs) -> List[str]:
+    """Knob values the workload itself refuses (the trainer's checks cannot know them)."""
+    from ..workloads._registry import _WORKLOADS
+
+    workload = _WORKLOADS[spec.workload.name]
+    if not workload.supports_distill and any(float(v) > 0 for v in knobs.get("distill", [])
+                                             if isinstance(v, (int, float))):
+        return [f"families.{family}.distill: workload {spec.workload.name!r} trains by distillation "
+                f"already (its loss); leave distill at 0"]
+    return []
 
 
 def space_size(spec: StudySpec, family: str):

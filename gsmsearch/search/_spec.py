@@ -375,7 +375,8 @@ def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Op
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "mysql"):
         raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
-    if parsed.password is not None and "${" not in url and not allow_password:
+    password_from_env = re.search(r"://[^:/@]*:\$\{[A-Za-z_][A-Za-z0-9_]*\}@", url) is not None
+    if parsed.password is not None and not password_from_env and not allow_password:
         raise ValueError(
             "do not write a password into the spec; use ${ENV_VAR} in the URL, PGPASSWORD or ~/.pgpass"
         )

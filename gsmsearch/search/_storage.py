@@ -32,6 +32,10 @@ def resolve_storage_url(url: Optional[str], *, spec_dir: Path, study_name: str) 
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         # relative SQLite paths are relative to the spec, not to the working directory
         relative = url[len("sqlite:///"):]
+        if relative.startswith("${") and os.path.isabs(os.path.expandvars(relative)):
+            return url  # sqlite:///${DIR}/x.db with an absolute DIR: already absolute once expanded
+        if "${" in relative:  # keep the variables for open_storage to expand (and to name if unset)
+            return f"sqlite:///{Path(spec_dir).resolve()}/{relative}"
         return f"sqlite:///{(Path(spec_dir) / relative).resolve()}"
     return url
 

@@ -121,8 +121,44 @@ class TrialConfig:
             errors.append(f"budget_control {self.budget_control!r} needs target_mean_width")
         if self.batch_size is not None and int(self.batch_size) < 1:
             errors.append(f"batch_size must be >= 1, got {self.batch_size!r}")
+        errors += self._optimisation_errors()
         if errors:
             raise ValueError("; ".join(errors))
+
+    def _optimisation_errors(self) -> List[str]:
+        """Values a trial would otherwise take and train badly with, or fail on only once it
+        runs (the sigma schedule, the fit): checked up front so a study refuses them."""
+        from ..structured._gblr_fit import FIT_METHODS
+
+        errors = []
+        if self.fit_method not in FIT_METHODS:
+            errors.append(f"fit_method must be one of {', '.join(FIT_METHODS)}, got {self.fit_method!r}")
+        if self.lr is not None and not float(self.lr) > 0:
+            errors.append(f"lr must be > 0, got {self.lr!r}")
+        if self.weight_decay is not None and not float(self.weight_decay) >= 0:
+            errors.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("sigma_init", "sigma_final", "target_mean_width"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                errors.append(f"{name} must be > 0, got {value!r}")
+        for name in ("sigma_start_epoch", "sigma_end_epoch"):
+            value = getattr(self, name)
+            if value is not None and not float(value) >= 0:
+                errors.append(f"{name} must be >= 0, got {value!r}")
+        if self.family == "gblr" and self.mode == "scratch" and self.sigma_init is not None:
+            if self.sigma_final is None:
+                errors.append("sigma_final must be set when sigma_init is (None only for exact masks throughout)")
+            start = self.sigma_start_epoch if self.sigma_start_epoch is not None else int(self.epochs) / 4
+            end = self.sigma_end_epoch if self.sigma_end_epoch is not None else int(self.epochs)
+            if float(end) < float(start):
+                shown_end = f"{end}" + (" = epochs" if self.sigma_end_epoch is None else "")
+                shown_start = f"{start}" + (" = epochs/4" if self.sigma_start_epoch is None else "")
+                errors.append(f"sigma_start_epoch ({shown_start}) must be <= sigma_end_epoch ({shown_end})"
+                              if self.sigma_start_epoch is not None else
+                              f"sigma_end_epoch ({shown_end}) must be >= sigma_start_epoch ({shown_start})")
+        if int(self.latency_batch) < 1:
+            errors.append(f"latency_batch must be >= 1, got {self.latency_batch!r}")
+        return errors
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

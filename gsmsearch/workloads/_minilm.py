@@ -88,6 +88,8 @@ def collate_sentences(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.T
 class MiniLMCompress(Workload):
     """Distil the dense all-MiniLM-L6-v2 into a student with structured linear layers."""
 
+    supports_distill = False  # its loss is distillation against the dense encoder already
+
     candidate_patterns = (
         "encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.key",
         "encoder.layer.*.attention.self.value", "encoder.layer.*.attention.output.dense",

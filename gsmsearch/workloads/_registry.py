@@ -132,6 +132,8 @@ class Workload(abc.ABC):
     default_batch_size: int = 64
     default_lr: float = 1e-3
     default_weight_decay: float = 0.0
+    #: whether fine-tune mode's ``distill`` term applies (False: the loss already is distillation)
+    supports_distill: bool = True
     # lr schedule of the dense pre-training and of trials that leave lr_schedule unset
     default_lr_schedule: str = "constant"
     #: training samples run through the dense model to measure each layer's inputs for
