@@ -16,10 +16,17 @@ def run_guarded(func, *args, **kwargs) -> int:
     debug = os.environ.get("GSMSEARCH_DEBUG", "") not in ("", "0")
     try:
         result = func(*args, **kwargs)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return int(result or 0)
     except KeyboardInterrupt:
         print("gsmsearch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`gsmsearch status SPEC | head`): stop quietly, as a command killed
+        # by SIGPIPE would; point stdout at /dev/null so the interpreter's final flush is silent
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into messages
         if debug:
             traceback.print_exc()

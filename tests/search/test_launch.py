@@ -199,3 +199,16 @@ def test_a_finite_space_is_run_in_full_without_repeats(write_spec, tmp_path, cap
     pruned = [t for t in study.get_trials() if t.state.name == "PRUNED"]
     assert pruned and all("duplicate_of" in t.user_attrs for t in pruned)  # the sampler did repeat
     assert "search space is exhausted" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`gsmsearch list ... | head` where the reader has gone: no error message, no traceback,
+    the status of a command stopped by SIGPIPE (141)."""
+    db = tmp_path / "s.db"
+    optuna.create_study(study_name="piped", storage=f"sqlite:///{db}")
+    reader = subprocess.Popen([sys.executable, "-m", "gsmsearch", "list", "--storage", f"sqlite:///{db}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # before the command writes anything
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141, err
+    assert err == ""
