@@ -29,3 +29,19 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make quickstart" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_compose_study_keeps_its_workdir_on_the_volume_every_ray_node_mounts():
+    """A retried trial resumes from its checkpoint on whichever worker it lands: the compose
+    study's workdir must be on a volume that the head and every worker mount."""
+    from gsmsearch.search import load_spec
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    workdir = load_spec(ROOT / "studies/quickstart_postgres.yaml").workdir
+    assert workdir and Path(workdir).is_absolute()
+    for name in ("ray-head", "ray-worker"):
+        mounts = [v.split(":")[1] for v in compose["services"][name]["volumes"]
+                  if not v.split(":")[0].startswith((".", "/"))]  # named volumes: shared
+        assert any(Path(workdir).is_relative_to(m) for m in mounts), (name, mounts, workdir)
+    # the dashboard comes back if it starts before the database answers
+    assert compose["services"]["dashboard"]["restart"] in ("unless-stopped", "always", "on-failure")

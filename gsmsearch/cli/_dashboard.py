@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("target", nargs="?", default=None, metavar="SPEC|STUDY", help=_TARGET_HELP)
     p.add_argument("--storage", default=None, help=_STORAGE_HELP)
     p.add_argument("--study", action="append", default=None, metavar="NAME",
-                   help="with --storage alone: show only this study (repeatable)")
+                   help="with --storage alone: show only this study (repeatable; without it, every study in "
+                        "the storage, including those launched after the dashboard started)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; anything but loopback needs --allow-remote)")
     p.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050)")
@@ -70,14 +71,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def load_target(target, storage, studies=None):
-    """(dashboard spec, study sources, default output stem) for the command line's arguments."""
+def load_target(target, storage, studies=None, *, discover=False):
+    """(dashboard spec, study sources, default output stem) for the command line's arguments.
+    ``discover``: with --storage alone (no --study), return no sources: the caller lists the
+    storage's studies as it runs (the live dashboard), so an empty storage is not an error."""
     from ..dashboard import dashboard_spec_from_dict, load_dashboard_spec, resolve_sources, sources_in_storage
-    from ..dashboard._source import StudySource
+    from ..dashboard._source import StudySource, readonly_url_and_engine_kwargs
 
     if target is None:
         if not storage:
             raise UsageError("give a dashboard or study spec, or --storage URL")
+        if discover and not studies:
+            from ..search import redact
+
+            spec = dashboard_spec_from_dict({"title": f"Studies in {redact(storage)}", "storage": storage,
+                                             "studies": []}, "--storage", from_command_line=True)
+            readonly_url_and_engine_kwargs(storage)  # a missing SQLite file fails here, not later
+            return spec, [], "studies"
         sources = sources_in_storage(storage, studies)
         from ..search import redact
 
@@ -112,23 +122,29 @@ def run_dashboard(args) -> int:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     if args.refresh is not None and not 1 <= args.refresh <= 3600:
         raise UsageError(f"--refresh must be between 1 and 3600 seconds, got {args.refresh:g}")
-    spec, sources, _ = load_target(args.target, args.storage, args.study)
+    discover = args.target is None and not args.study
+    spec, sources, _ = load_target(args.target, args.storage, args.study, discover=discover)
     if args.refresh is not None:
         spec = spec.model_copy(update={"refresh_seconds": args.refresh})
     from ..dashboard import DataCache, create_app
 
-    cache = DataCache(sources, max_age=min(2.0, spec.refresh_seconds / 2))
+    cache = DataCache(sources, max_age=min(2.0, spec.refresh_seconds / 2),
+                      discover=args.storage if discover else None)
     for view in cache.views():
         if view.error:
             print(f"gsmsearch: warning: {view.error}", file=sys.stderr)
+    if discover and cache.listing_error:
+        print(f"gsmsearch: warning: no studies listed yet ({cache.listing_error}); trying again at each refresh",
+              file=sys.stderr)
     app = create_app(spec, cache)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     if not _is_loopback(args.host):
         print(f"gsmsearch: warning: serving on {args.host}: anyone who can reach it can read these studies",
               file=sys.stderr)
-    print(f"gsmsearch dashboard: http://{shown}:{args.port}/ ({len(sources)} stud{'y' if len(sources) == 1 else 'ies'}, "
-          f"read-only; Ctrl-C to stop)", file=sys.stderr, flush=True)
+    count = len(cache.sources)
+    print(f"gsmsearch dashboard: http://{shown}:{args.port}/ ({count} stud{'y' if count == 1 else 'ies'}"
+          f"{', and any launched later' if discover else ''}, read-only; Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         app.run(host=args.host, port=args.port, debug=False)
     except OSError as error:

@@ -149,64 +149,71 @@ def create_app(spec, cache: DataCache):
     from dash.exceptions import PreventUpdate
     from plotly.utils import PlotlyJSONEncoder
 
-    views = cache.views()
     app = dash.Dash(__name__, title=html_text.escape(spec.title), update_title=None, serve_locally=True,
                     suppress_callback_exceptions=False)
     app.index_string = app.index_string.replace("<html>", '<html lang="en">')
-    keys = [view.key for view in views]
 
-    def graphs(kind: str):
+    def graphs(kind: str, keys: List[str]):
         return html.Div([
             html.Div(dcc.Graph(id={"type": kind, "study": key}, config={"displaylogo": False}),
                      id=f"{kind}-{key}", style=_CSS["cell"]) for key in keys
         ], style=_CSS["row"])
 
     ref = spec.reference
-    app.layout = html.Div([
-        html.H1(spec.title, style={"fontSize": "1.5em", "margin": "18px 0 4px"}),
-        html.P(f"Quality: {spec.axes.y}; cost: {spec.axes.x}; hypervolume reference point x={ref.x:g}, "
-               f"y={ref.y:g} for every family. Refreshes every {spec.refresh_seconds:g} s.", style=_CSS["muted"]),
-        html.Ul(id="studies"),
-        dcc.Interval(id="refresh", interval=int(spec.refresh_seconds * 1000)),
-        dcc.Store(id="shown"),  # digest of what the last refresh sent to this page
-        dcc.Store(id="selected"),
-        html.Section([
-            html.H2("Pareto fronts per family", style=_CSS["h2"]),
-            html.P("Bright: each family's front (feasible, non-dominated); dimmed: dominated; crosses: infeasible; "
-                   "stars: the dense model. Dotted line: the dense model's cost. Hover for a trial's configuration, "
-                   "click for its structure.", style=_CSS["muted"]),
-            graphs("pareto"),
-        ], id="section-pareto"),
-        html.Section([html.H2("GBLR against each hand-crafted family", style=_CSS["h2"]), graphs("compare")],
-                     id="section-compare"),
-        html.Section([html.H2("Hypervolume", style=_CSS["h2"]), graphs("hypervolume")], id="section-hypervolume"),
-        html.Section([
-            html.H2("Best quality at a budget", style=_CSS["h2"]),
-            html.P(f"Per family, the best feasible trial with {spec.axes.x} at most the budget (best per column "
-                   "highlighted).", style=_CSS["muted"]),
-            html.Div(id="budgets", style=_CSS["row"]),
-        ], id="section-budgets"),
-        html.Section([
-            html.H2("Trials", style=_CSS["h2"]),
-            html.P("Sort with the arrows, filter in the row under the headers (e.g. FAIL, gblr, > 0.9); click a "
-                   "row for the trial's structure.", style=_CSS["muted"]),
-            dash_table.DataTable(
-                id="trials", sort_action="native", filter_action="native", page_size=20,
-                style_table={"overflowX": "auto"},
-                style_cell={"fontSize": "0.85em", "textAlign": "left", "maxWidth": "420px",
-                            "whiteSpace": "normal", "fontFamily": "inherit"},
-                style_header={"fontWeight": 600, "background": "#f4f4f4"},
-                style_data_conditional=[{"if": {"filter_query": '{state} = "FAIL"', "column_id": "state"},
-                                         "color": "#b00"},
-                                        {"if": {"filter_query": '{front} = "yes"'}, "fontWeight": 600}],
-            ),
-        ], id="section-trials"),
-        html.Section([
-            html.H2("Trial detail", id="detail-heading", style=_CSS["h2"]),
-            html.Div([html.P("Click a point in a front or a row of the table.", style=_CSS["muted"])],
-                     id="detail"),
-        ], id="section-detail"),
-    ], style=_CSS["page"])
+
+    def layout():
+        """Built at every page load: a dashboard of a whole storage shows the studies it holds now."""
+        keys = [view.key for view in cache.views()]
+        return page(keys)
+
+    def page(keys: List[str]):
+        return html.Div([
+            html.H1(spec.title, style={"fontSize": "1.5em", "margin": "18px 0 4px"}),
+            html.P(f"Quality: {spec.axes.y}; cost: {spec.axes.x}; hypervolume reference point x={ref.x:g}, "
+                   f"y={ref.y:g} for every family. Refreshes every {spec.refresh_seconds:g} s.", style=_CSS["muted"]),
+            html.Ul(id="studies"),
+            dcc.Interval(id="refresh", interval=int(spec.refresh_seconds * 1000)),
+            dcc.Store(id="shown"),  # digest of what the last refresh sent to this page
+            dcc.Store(id="selected"),
+            html.Section([
+                html.H2("Pareto fronts per family", style=_CSS["h2"]),
+                html.P("Bright: each family's front (feasible, non-dominated); dimmed: dominated; crosses: infeasible; "
+                       "stars: the dense model. Dotted line: the dense model's cost. Hover for a trial's configuration, "
+                       "click for its structure.", style=_CSS["muted"]),
+                graphs("pareto", keys),
+            ], id="section-pareto"),
+            html.Section([html.H2("GBLR against each hand-crafted family", style=_CSS["h2"]), graphs("compare", keys)],
+                         id="section-compare"),
+            html.Section([html.H2("Hypervolume", style=_CSS["h2"]), graphs("hypervolume", keys)], id="section-hypervolume"),
+            html.Section([
+                html.H2("Best quality at a budget", style=_CSS["h2"]),
+                html.P(f"Per family, the best feasible trial with {spec.axes.x} at most the budget (best per column "
+                       "highlighted).", style=_CSS["muted"]),
+                html.Div(id="budgets", style=_CSS["row"]),
+            ], id="section-budgets"),
+            html.Section([
+                html.H2("Trials", style=_CSS["h2"]),
+                html.P("Sort with the arrows, filter in the row under the headers (e.g. FAIL, gblr, > 0.9); click a "
+                       "row for the trial's structure.", style=_CSS["muted"]),
+                dash_table.DataTable(
+                    id="trials", sort_action="native", filter_action="native", page_size=20,
+                    style_table={"overflowX": "auto"},
+                    style_cell={"fontSize": "0.85em", "textAlign": "left", "maxWidth": "420px",
+                                "whiteSpace": "normal", "fontFamily": "inherit"},
+                    style_header={"fontWeight": 600, "background": "#f4f4f4"},
+                    style_data_conditional=[{"if": {"filter_query": '{state} = "FAIL"', "column_id": "state"},
+                                             "color": "#b00"},
+                                            {"if": {"filter_query": '{front} = "yes"'}, "fontWeight": 600}],
+                ),
+            ], id="section-trials"),
+            html.Section([
+                html.H2("Trial detail", id="detail-heading", style=_CSS["h2"]),
+                html.Div([html.P("Click a point in a front or a row of the table.", style=_CSS["muted"])],
+                         id="detail"),
+            ], id="section-detail"),
+        ], style=_CSS["page"])
+
+    app.layout = layout
 
     def by_key(views_now, kind, make):
         index = {view.key: view for view in views_now}
@@ -229,6 +236,10 @@ def create_app(spec, cache: DataCache):
         views_now = cache.views()
         rows, columns = _trial_table_data(views_now, spec)
         studies = []
+        if cache.discover and (cache.listing_error or not views_now):
+            reason = f" ({cache.listing_error})" if cache.listing_error else ""
+            studies.append(html.Li(f"No studies in this storage yet{reason}; a launched study appears here, "
+                                   f"its figures after a page reload.", style=_CSS["muted"]))
         for view in views_now:
             if view.error:
                 studies.append(html.Li(f"{view.label}: {view.error}", style={"color": "#b00"}))

@@ -170,13 +170,29 @@ class DataCache:
     """The latest views of a dashboard's studies, re-read at most every ``max_age`` seconds
     (one read-only storage per URL, shared by the server's threads)."""
 
-    def __init__(self, sources: List[StudySource], max_age: float = 2.0) -> None:
+    def __init__(self, sources: List[StudySource], max_age: float = 2.0, *,
+                 discover: Optional[str] = None) -> None:
+        """``discover``: a storage URL whose studies are listed again at every re-read (the
+        dashboard of a whole storage: studies launched after it started appear; a database
+        without Optuna's tables yet, as a fresh PostgreSQL, shows as "no studies yet")."""
         self.sources = list(sources)
         self.max_age = max_age
+        self.discover = discover
+        self.listing_error: Optional[str] = None  # why the last listing of ``discover`` failed
         self._storages: Dict[str, Any] = {}
         self._views: Optional[List[StudyView]] = None
         self._read_at = 0.0
         self._lock = threading.Lock()
+
+    def _list_studies(self) -> None:
+        try:
+            names = [s.study_name for s in self._storage(self.discover).get_all_studies()]
+        except Exception as error:  # noqa: BLE001 - shown on the page, tried again next time
+            self.listing_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return
+        self.listing_error = None
+        known = {source.name for source in self.sources}
+        self.sources += [StudySource(name=n, url=self.discover, label=n) for n in names if n not in known]
 
     def _storage(self, url: str):
         if url not in self._storages:
@@ -188,6 +204,8 @@ class DataCache:
 
         with self._lock:
             if refresh or self._views is None or time.monotonic() - self._read_at > self.max_age:
+                if self.discover:
+                    self._list_studies()
                 views = []
                 for index, source in enumerate(self.sources):
                     try:

@@ -109,7 +109,7 @@ class ReferencePoint(Point):
 class DashboardSpec(_Strict):
     title: str = Field("gsmsearch dashboard", max_length=300)
     storage: Optional[str] = None  # default storage for studies given by name
-    studies: List[StudyRef] = Field(min_length=1, max_length=12)
+    studies: List[StudyRef] = Field(default_factory=list, max_length=12)  # >= 1 in a spec file
     families: Optional[List[str]] = Field(None, min_length=1)
     axes: Axes = Axes()
     hypervolume_reference: Optional[Point] = None  # default: x = 1 (dense cost), y = 0
@@ -129,6 +129,14 @@ class DashboardSpec(_Strict):
         if bad:
             raise ValueError(f"budgets are positive numbers on the x axis, got {bad[0]!r}")
         return sorted(set(budgets))
+
+    @model_validator(mode="after")
+    def _some_studies(self, info: ValidationInfo):
+        # `gsmsearch dashboard --storage URL` alone shows whatever studies the storage holds,
+        # none yet included; a spec file names at least one
+        if not self.studies and not (info.context or {}).get("from_command_line"):
+            raise ValueError("studies: should have at least 1 item (a study name or a spec)")
+        return self
 
     @model_validator(mode="after")
     def _storage_for_names(self):

@@ -64,6 +64,13 @@ def server(seeded_db, tmp_path_factory):
     shutil.copy(seeded_db[0], db)
     url = f"sqlite:///{db}"
     before = _digest(db)
+    process, address = start_dashboard(url)
+    yield {"address": address, "db": db, "url": url, "before": before, "process": process}
+    stop(process)
+
+
+def start_dashboard(url: str):
+    """`gsmsearch dashboard --storage URL` on a free loopback port, once it answers."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gsmsearch", "dashboard", "--storage", url, "--port", str(port), "--refresh", "1"],
@@ -83,7 +90,10 @@ def server(seeded_db, tmp_path_factory):
             process.terminate()
             pytest.fail("the dashboard did not answer within 60 s")
         time.sleep(0.2)
-    yield {"address": address, "db": db, "url": url, "before": before, "process": process}
+    return process, address
+
+
+def stop(process) -> None:
     process.terminate()
     try:
         process.wait(timeout=10)
@@ -97,6 +107,11 @@ def _count(page, selector: str) -> int:
 
 def _wait_count(page, selector: str, expected: int) -> None:
     page.wait_for_function("([s, n]) => document.querySelectorAll(s).length === n", arg=[selector, expected])
+
+
+def _wait_text(page, selector: str, text: str) -> None:
+    page.wait_for_function("([s, t]) => (document.querySelector(s) || {innerText: ''}).innerText.includes(t)",
+                           arg=[selector, text])
 
 
 def test_every_view_renders_with_the_expected_traces_and_points(page, server):
@@ -197,6 +212,30 @@ def test_the_page_follows_a_running_study(page, server):
         study.add_trial(_complete("gblr", 0.05, 0.83, 99))
     _wait_count(page, "#pareto-0 .scatterlayer .point", MAIN_POINTS + 1)
     assert page.errors == []
+
+
+def test_a_dashboard_of_a_whole_storage_starts_empty_and_shows_studies_launched_later(page, tmp_path):
+    """A fresh database with no Optuna tables yet (a new PostgreSQL in the compose setup; here an
+    empty SQLite file): the dashboard serves, says there are no studies, and shows a study
+    created afterwards: listed at the next refresh, its figures after a reload."""
+    from .conftest import MAIN_TRIALS, seed_study
+
+    db = tmp_path / "fresh.db"
+    db.touch()
+    url = f"sqlite:///{db}"
+    process, address = start_dashboard(url)
+    try:
+        page.goto(address)
+        _wait_text(page, "#studies", "No studies in this storage yet")
+        assert _count(page, "#pareto-0") == 0
+        seed_study(url, "launched-later", MAIN_TRIALS)
+        _wait_text(page, "#studies", "launched-later")
+        page.reload()
+        _wait_count(page, "#pareto-0 .scatterlayer .point", len(MAIN_TRIALS))
+        assert "No studies" not in page.inner_text("#studies")
+        assert page.errors == []
+    finally:
+        stop(process)
 
 
 def test_static_report_works_from_a_file_url_without_network(page, seeded_db, tmp_path):
