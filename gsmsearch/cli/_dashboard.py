@@ -51,10 +51,13 @@ def add_parser(subparsers) -> None:
                     "the dashboard's views, for CI artifacts and batch jobs.",
         epilog="examples:\n  gsmsearch report studies/quickstart.yaml -o quickstart-report.html\n"
                "  gsmsearch report quickstart --storage sqlite:///studies/quickstart.db\n"
+               "  gsmsearch report --storage sqlite:///studies/quickstart.db   (every study in it)\n"
                "  gsmsearch report dashboards/quickstart.yaml -o report.html",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", metavar="STUDY", help=_TARGET_HELP)
+    p.add_argument("target", nargs="?", default=None, metavar="SPEC|STUDY", help=_TARGET_HELP)
     p.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    p.add_argument("--study", action="append", default=None, metavar="NAME",
+                   help="with --storage alone: report only this study (repeatable)")
     p.add_argument("-o", "--output", default=None, help="output file (default: NAME-report.html)")
     p.add_argument("--max-details", type=int, default=80,
                    help="trial details kept in the report: every completed trial up to this many, else the "
@@ -160,7 +163,7 @@ def run_report(args) -> int:
 
     if args.max_details < 0:
         raise UsageError(f"--max-details must be >= 0, got {args.max_details}")
-    spec, sources, stem = load_target(args.target, args.storage)
+    spec, sources, stem = load_target(args.target, args.storage, args.study)
     views = DataCache(sources).views()
     for view in views:
         if view.error:

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("list", help="list the studies in a storage",
                               epilog="example:\n  gsmsearch list --storage sqlite:///studies/quickstart.db",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage", required=True, help=STORAGE_HELP)
+    p.add_argument("--storage", required=True,
+                   help="storage URL (e.g. sqlite:///studies/quickstart.db or postgresql+psycopg://user@host/db)")
     p.set_defaults(run=run_list)
 
     p = subparsers.add_parser("status", help="trial counts and the Pareto front of a study",

@@ -148,6 +148,12 @@ def test_report_from_a_study_spec_and_a_dashboard_spec(tmp_path, seeded_db, caps
     dash = _write(tmp_path, {"title": "two", "storage": url, "studies": [{"study": second}, {"spec": "study.yaml"}]})
     assert main(["report", str(dash), "-o", "two.html"]) == 0
     assert "2 studies" in capsys.readouterr().out
+    # --storage alone: every study in it, or the --study ones
+    assert main(["report", "--storage", url, "-o", "all.html"]) == 0
+    assert "2 studies" in capsys.readouterr().out and (tmp_path / "all.html").is_file()
+    assert main(["report", "--storage", url, "--study", second, "-o", "one.html"]) == 0
+    assert "1 study" in capsys.readouterr().out
+    assert second in (tmp_path / "one.html").read_text()
 
 
 def test_report_errors_are_one_line(tmp_path, seeded_db, capsys):
