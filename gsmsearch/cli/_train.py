@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -49,6 +50,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target-mean-width", type=float, default=None)
     p.add_argument("--sigma-init", type=_optional_float, default=1.0, help="'exact' for boxcar masks")
     p.add_argument("--sigma-final", type=_optional_float, default=100.0)
+    p.add_argument("--sigma-start-epoch", type=float, default=None, help="default: epochs / 4")
+    p.add_argument("--sigma-end-epoch", type=float, default=None, help="default: epochs")
+    p.add_argument("--budget-anneal-epochs", type=float, default=None,
+                   help="budget 1 -> --budget over these epochs (default: epochs/2 in scratch mode, 0 in finetune)")
+    p.add_argument("--fit-method", choices=["greedy", "reference"], default="greedy",
+                   help="finetune: GBLR from_dense initialisation")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -65,6 +72,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each epoch here; resume if present")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency measurement")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(run=run)
 
@@ -72,19 +80,10 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..trainer import TrialConfig, run_trial
 
-    config = TrialConfig(
-        workload=args.workload, workload_options=args.workload_options, family=args.family,
-        family_options=args.family_options, budget=args.budget, mode=args.mode,
-        budget_allocation=args.budget_allocation, distill=args.distill,
-        distill_temperature=args.distill_temperature,
-        include=args.include, exclude=args.exclude, lam=args.lam,
-        budget_control=args.budget_control, target_mean_width=args.target_mean_width,
-        sigma_init=args.sigma_init, sigma_final=args.sigma_final, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, structure_lr=args.structure_lr,
-        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
-        warmup_epochs=args.warmup_epochs, seed=args.seed, device=args.device,
-        measure_latency=not args.no_latency,
-    )
+    # every trial-config field has its flag (dashes for underscores; tests/trainer checks this)
+    fields = {f.name for f in dataclasses.fields(TrialConfig)}
+    config = TrialConfig(**{name: value for name, value in vars(args).items() if name in fields},
+                         measure_latency=not args.no_latency)
 
     def progress(report):
         if not args.json:

@@ -558,3 +558,23 @@ def test_a_fixed_structure_computes_no_structure_gradients():
             assert (layer.widths.grad is None) == frozen
             assert torch.equal(layer.widths, widths) == frozen and torch.equal(layer.locations, locations) == frozen
             assert not torch.equal(layer.row_factors, factors)  # the content trained either way
+
+
+def test_cli_train_has_a_flag_for_every_trial_config_field():
+    """`gsmsearch train --help` lists every trial-config flag: each field parses from its flag
+    (dashes for underscores) into the config the command builds, at a non-default value."""
+    import dataclasses
+
+    from gsmsearch.cli import build_parser
+    from gsmsearch.trainer import TrialConfig
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args(["train"]))
+    missing = [f.name for f in dataclasses.fields(TrialConfig)
+               if f.name not in defaults and f.name != "measure_latency"]
+    assert missing == [], f"no gsmsearch train flag for: {missing}"
+    assert "no_latency" in defaults
+    args = parser.parse_args(["train", "--fit-method", "reference", "--sigma-start-epoch", "1.5",
+                              "--sigma-end-epoch", "3", "--budget-anneal-epochs", "2", "--latency-batch", "8"])
+    assert (args.fit_method, args.sigma_start_epoch, args.sigma_end_epoch, args.budget_anneal_epochs,
+            args.latency_batch) == ("reference", 1.5, 3.0, 2.0, 8)
