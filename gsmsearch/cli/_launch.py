@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("launch", help=HELP, description=HELP, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="study spec (YAML)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the spec's executor.address, else RAY_ADDRESS, else a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue an existing study")
     p.add_argument("--force", action="store_true",
                    help="continue even if the spec changed or another driver seems to be running")
