@@ -14,7 +14,7 @@ from ..trainer import TrialConfig
 from ..trainer._trial import family_option_names
 from ._spec import Choices, Range, StudySpec, WorkloadSpec
 
-__all__ = ["suggest", "trial_config", "space_size", "config_errors", "family_configurations"]
+__all__ = ["suggest", "trial_config", "space_size", "config_errors", "layer_errors", "family_configurations"]
 
 
 def suggest(trial, name: str, param) -> Any:
@@ -115,6 +115,38 @@ def config_errors(spec: StudySpec) -> List[str]:
                         errors.append(f"{_blamed(message, knobs, tried, family)}: {message}")
         errors += _workload_refusals(spec, family, knobs)
     return errors
+
+
+def layer_errors(spec: StudySpec) -> List[str]:
+    """``workload.include: ...`` when the workload's include/exclude patterns select no linear
+    layer, which would fail every trial.  The model is built on the meta device (no memory, no
+    weights); a workload that cannot be built here (its data or weights live on the cluster) is
+    left to the trial's own check."""
+    workload_spec = spec.workload
+    if workload_spec.include is None and not workload_spec.exclude:
+        return []
+    import torch
+
+    from ..structured import matching_linears
+    from ..workloads import get_workload
+
+    import warnings
+
+    try:
+        workload = get_workload(workload_spec.name, **workload_spec.options)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pre-trained weights loaded onto meta tensors: a no-op
+            model = workload.build_model()
+    except Exception:  # noqa: BLE001 - not buildable here: the trial checks it
+        return []
+    include = workload_spec.include if workload_spec.include is not None else list(workload.candidate_patterns)
+    if matching_linears(model, include, workload_spec.exclude):
+        return []
+    names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    where = "include" if workload_spec.include is not None else "exclude"
+    return [f"workload.{where}: no linear layer of {workload_spec.name!r} is left by include={include} "
+            f"exclude={workload_spec.exclude}; its linear layers: {shown or 'none'}"]
 
 
 def _blamed(message: str, knobs, tried: str, family: str) -> str:

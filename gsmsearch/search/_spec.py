@@ -351,9 +351,9 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
         spec = StudySpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(_format_errors(source, error)) from None
-    from ._space import config_errors  # the trainer's own checks of every knob value
+    from ._space import config_errors, layer_errors  # the trainer's own checks of every knob value
 
-    errors = config_errors(spec)
+    errors = config_errors(spec) or layer_errors(spec)
     if errors:
         raise SpecError("\n".join(f"{source}: {line}" for line in errors))
     return spec
