@@ -143,6 +143,17 @@ def _driver_alive(driver: Dict[str, Any]) -> bool:
     return True
 
 
+def _check_workdir(workdir: Path) -> None:
+    """The workdir can be created (or is a writable folder): checked before anything is written."""
+    existing = Path(workdir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"workdir {workdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {workdir}: {existing} is not writable")
+
+
 def _spec_changes(stored: Any, spec: StudySpec, limit: int = 6) -> str:
     """What differs between the spec a study was launched with and ``spec``, as
     ``field: old -> new`` items; "" when they are the same study.
@@ -300,7 +311,7 @@ def launch(
     import optuna
 
     from ..trainer import TrialConfig
-    from ._runner import make_worker, start_ray
+    from ._runner import check_resources, make_worker, start_ray
     from ._space import family_configurations, trial_config
 
     out = out if out is not None else sys.stderr
@@ -321,6 +332,10 @@ def launch(
             print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=out)
         return summary
 
+    # what the environment must offer is checked before the database is touched
+    _check_workdir(paths["workdir"])
+    where = start_ray(address or spec.executor.address, num_cpus=spec.executor.num_cpus)
+    check_resources(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
     storage = open_storage(url)
     study = _open_study(spec, storage, resume=resume, force=force)
     stale = fail_stale_trials(study, reason="stale: its driver stopped before the trial finished")
@@ -328,7 +343,6 @@ def launch(
     if stale or requeued:
         print(f"[{spec.name}] marked {len(stale)} stale RUNNING trial(s) FAIL; re-enqueued "
               f"{requeued} unfinished configuration(s)", file=out)
-    where = start_ray(address or spec.executor.address, num_cpus=spec.executor.num_cpus)
     print(f"[{spec.name}] storage {summary.storage}; {where}; up to {spec.concurrency} concurrent "
           f"trial(s)", file=out)
     for key in ("checkpoints", "cache", "structures"):

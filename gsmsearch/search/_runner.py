@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-__all__ = ["start_ray", "make_worker", "execute_trial"]
+__all__ = ["start_ray", "check_resources", "make_worker", "execute_trial"]
 
 
 def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
@@ -21,6 +21,7 @@ def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
     if ray.is_initialized():
         return "existing Ray session"
     if address:
+        _check_reachable(address)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return f"Ray cluster at {address}"
     # A local, single-machine Ray: every server on loopback, no token needed between them.
@@ -35,6 +36,35 @@ def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
         configure_logging=True,
     )
     return f"local Ray ({num_cpus or os.cpu_count()} CPUs, 127.0.0.1)"
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A clear error at once for a ``host:port`` / ``ray://host:port`` nobody answers on (Ray
+    itself retries such an address for minutes).  ``auto`` is left to Ray, which fails fast."""
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {error.strerror or error}") from None
+
+
+def check_resources(cpus: float, gpus: float) -> None:
+    """A trial asking for more CPUs or GPUs than the whole Ray cluster has would wait forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if cpus > have_cpus:
+        raise ValueError(f"resources.cpus_per_trial: a trial asks for {cpus:g} CPUs, the Ray cluster has "
+                         f"{have_cpus:g}")
+    if gpus > have_gpus:
+        raise ValueError(f"resources.gpus_per_trial: a trial asks for {gpus:g} GPUs, the Ray cluster has "
+                         f"{have_gpus:g}")
 
 
 def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,

@@ -5,12 +5,13 @@ database is touched, so a bad spec writes nothing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -49,7 +50,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `budget: true` or `trials: "5"` is an error, not 1.0 / 5; numbers must be finite
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class Range(_Strict):
@@ -69,6 +71,8 @@ class Range(_Strict):
             raise ValueError(f"a log range needs low > 0, got low={self.low}")
         if self.log and self.step is not None:
             raise ValueError("step and log cannot be combined")
+        if self.step is not None and not self.step > 0:
+            raise ValueError(f"step must be > 0, got {self.step}")
         return self
 
 
@@ -121,7 +125,7 @@ class FamilySpace(_Strict):
     @classmethod
     def _budget_fraction(cls, value):
         values = _param_values(value)
-        bad = [v for v in values if not isinstance(v, (int, float)) or not 0 < v <= 1]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1]
         if bad:
             raise ValueError(f"budgets are fractions of the dense FLOPs in (0, 1], got {bad[0]!r}")
         return value
@@ -163,7 +167,7 @@ class WorkloadSpec(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)
     include: Optional[List[str]] = None
     exclude: List[str] = Field(default_factory=list)
-    seeds: List[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: List[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1)
 
     @model_validator(mode="after")
     def _known_options(self):
@@ -375,12 +379,50 @@ def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Op
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "mysql"):
         raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
+    if backend == "sqlite" and (parsed.database or ":memory:") == ":memory:":
+        raise ValueError(f"{url!r} is an in-memory database: the study would be lost when the driver "
+                         f"exits; give a file, e.g. sqlite:///study.db")
+    if backend == "sqlite" and parsed.query:
+        raise ValueError(f"{url!r}: SQLite URLs take a file path without ?options (the dashboard opens "
+                         f"studies read-only by itself)")
+    secret_options = sorted(k for k in parsed.query if k.lower() in ("password", "passfile", "sslpassword"))
+    if secret_options and not allow_password:
+        raise ValueError(f"do not write a password into the spec (?{secret_options[0]}=...); use PGPASSWORD "
+                         f"or ~/.pgpass")
     password_from_env = re.search(r"://[^:/@]*:\$\{[A-Za-z_][A-Za-z0-9_]*\}@", url) is not None
     if parsed.password is not None and not password_from_env and not allow_password:
         raise ValueError(
             "do not write a password into the spec; use ${ENV_VAR} in the URL, PGPASSWORD or ~/.pgpass"
         )
     return url
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    one silently: `trials: 1` ... `trials: 50` would run 50)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: later keys override it
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        duplicate = key in seen
+                    except TypeError:  # an unhashable key: the base class reports it
+                        break
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def read_yaml(path: Union[str, Path]) -> Any:
@@ -395,7 +437,7 @@ def read_yaml(path: Union[str, Path]) -> Any:
     except (PermissionError, IsADirectoryError, UnicodeDecodeError) as error:
         raise SpecError(f"{path}: cannot read the file ({error.__class__.__name__}: {error})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

@@ -67,6 +67,9 @@ def open_storage(url: str, *, must_exist: bool = False):
     """An Optuna RDBStorage for ``url`` with engine settings that survive restarts and locks."""
     import optuna
 
+    from ._spec import check_storage_url
+
+    check_storage_url(url, allow_password=True)  # the same rules for a URL typed on the command line
     expanded = _expand(url)
     if expanded.startswith("sqlite:"):
         path = expanded.split("sqlite:///", 1)[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -77,6 +78,9 @@ class TrialConfig:
     latency_batch: int = 256
 
     def __post_init__(self) -> None:
+        wrong_type = self._type_errors()
+        if wrong_type:  # the value checks below compare numbers
+            raise ValueError("; ".join(wrong_type))
         errors = []
         if self.mode not in MODES:
             errors.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -125,6 +129,22 @@ class TrialConfig:
         if errors:
             raise ValueError("; ".join(errors))
 
+    def _type_errors(self) -> List[str]:
+        """Numbers where numbers go (a YAML ``lr: fast`` or ``budget: true`` named as such)."""
+        errors = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"float": (int, float), "Optional[float]": (int, float), "int": (int,),
+                    "Optional[int]": (int,)}.get(str(f.type))
+            if kind is None or (value is None and str(f.type).startswith("Optional")):
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                what = "an integer" if kind == (int,) else "a number"
+                errors.append(f"{f.name} must be {what}, got {value!r}")
+            elif isinstance(value, float) and not math.isfinite(value):
+                errors.append(f"{f.name} must be finite, got {value!r}")
+        return errors
+
     def _optimisation_errors(self) -> List[str]:
         """Values a trial would otherwise take and train badly with, or fail on only once it
         runs (the sigma schedule, the fit): checked up front so a study refuses them."""
@@ -137,10 +157,13 @@ class TrialConfig:
             errors.append(f"lr must be > 0, got {self.lr!r}")
         if self.weight_decay is not None and not float(self.weight_decay) >= 0:
             errors.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        for name in ("sigma_init", "sigma_final", "target_mean_width"):
+        for name in ("sigma_init", "sigma_final"):
             value = getattr(self, name)
             if value is not None and not float(value) > 0:
                 errors.append(f"{name} must be > 0, got {value!r}")
+        if self.target_mean_width is not None and not 0 < float(self.target_mean_width) <= 1:
+            errors.append(f"target_mean_width must be in (0, 1] (a fraction of each side), got "
+                          f"{self.target_mean_width!r}")
         for name in ("sigma_start_epoch", "sigma_end_epoch"):
             value = getattr(self, name)
             if value is not None and not float(value) >= 0:
@@ -156,6 +179,8 @@ class TrialConfig:
                 errors.append(f"sigma_start_epoch ({shown_start}) must be <= sigma_end_epoch ({shown_end})"
                               if self.sigma_start_epoch is not None else
                               f"sigma_end_epoch ({shown_end}) must be >= sigma_start_epoch ({shown_start})")
+        if not 0 <= int(self.seed) <= 2**32 - 1:
+            errors.append(f"seed must be in [0, 2**32 - 1], got {self.seed!r}")
         if int(self.latency_batch) < 1:
             errors.append(f"latency_batch must be >= 1, got {self.latency_batch!r}")
         return errors

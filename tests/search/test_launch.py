@@ -1,5 +1,6 @@
 """End-to-end studies on a real local Ray (loopback) with SQLite and PostgreSQL storages."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -212,3 +213,23 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     err = reader.stderr.read().decode()
     assert reader.wait(timeout=120) == 141, err
     assert err == ""
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"workdir": "afile/sub"}, r"workdir .*afile/sub: .*afile is a file, not a folder"),
+    ({"resources": {"cpus_per_trial": 64}}, r"resources\.cpus_per_trial: a trial asks for 64 CPUs, the Ray cluster has \d+"),
+    ({"resources": {"gpus_per_trial": 1}}, r"resources\.gpus_per_trial: a trial asks for 1 GPUs, the Ray cluster has 0"),
+    ({"executor": {"address": "127.0.0.1:1"}}, r"cannot reach the Ray cluster at 127\.0\.0\.1:1"),
+])
+def test_what_the_environment_cannot_offer_fails_before_anything_is_written(write_spec, tmp_path, extra, message):
+    """A workdir under a file, more CPUs/GPUs per trial than the cluster has (a trial would wait
+    forever), an address nobody answers on (Ray would retry for minutes): a clear error at once,
+    exit 2, no database, no workdir.  A fresh process, so the Ray address is really dialled."""
+    (tmp_path / "afile").write_text("x")
+    spec = write_spec(extra)
+    done = subprocess.run([sys.executable, "-m", "gsmsearch", "launch", str(spec)], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 2, done.stderr
+    assert re.search(message, done.stderr), done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "study.yaml"]
