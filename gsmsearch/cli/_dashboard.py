@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ._errors import UsageError
+from ._studies import check_output_path
 
 _TARGET_HELP = ("a dashboard spec (dashboards/NAME.yaml), a study spec (studies/NAME.yaml), or a study "
                 "name with --storage")
@@ -115,6 +116,19 @@ def load_target(target, storage, studies=None, *, discover=False):
     return spec, sources, target
 
 
+def _spec_files(target, spec) -> list:
+    """The spec files behind the command line's target: the target itself (a dashboard or study
+    spec) and the study specs a dashboard spec names (relative to it)."""
+    if target is None or not Path(target).is_file():
+        return []
+    base = Path(target).resolve().parent
+    files = [Path(target)]
+    for ref in spec.studies:
+        if ref.spec is not None:
+            files.append(Path(ref.spec) if Path(ref.spec).is_absolute() else base / ref.spec)
+    return files
+
+
 def run_dashboard(args) -> int:
     import logging
 
@@ -139,6 +153,8 @@ def run_dashboard(args) -> int:
     if discover and cache.listing_error:
         print(f"gsmsearch: warning: no studies listed yet ({cache.listing_error}); trying again at each refresh",
               file=sys.stderr)
+    if not discover and all(view.error for view in cache.views()):
+        raise UsageError("none of the studies could be read; not serving an empty dashboard")
     app = create_app(spec, cache)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -164,14 +180,15 @@ def run_report(args) -> int:
     if args.max_details < 0:
         raise UsageError(f"--max-details must be >= 0, got {args.max_details}")
     spec, sources, stem = load_target(args.target, args.storage, args.study)
+    safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "study"
+    output = check_output_path(args.output or f"{safe_stem}-report.html", databases=[s.url for s in sources],
+                               specs=_spec_files(args.target, spec))
     views = DataCache(sources).views()
     for view in views:
         if view.error:
             print(f"gsmsearch: warning: {view.error}", file=sys.stderr)
     if all(view.error for view in views):
         raise UsageError("none of the studies could be read; no report written")
-    safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "study"
-    output = Path(args.output or f"{safe_stem}-report.html")
     size = write_report(views, spec, output, max_details=args.max_details)
     trials = sum(len(v.records) for v in views)
     print(f"wrote {output} ({size / 1e6:.1f} MB, {len(views)} stud{'y' if len(views) == 1 else 'ies'}, "

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Iterable, Optional
 
 from ._errors import UsageError
 
@@ -22,6 +24,61 @@ def _resolve(study_arg: str, storage: str):
     if not storage:
         raise UsageError("give --storage URL with a study name (or pass the study's spec file)")
     return study_arg, storage
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_file(url: str) -> Optional[Path]:
+    """The resolved path of the SQLite file behind a storage URL (None for other databases or a
+    URL that cannot be read here)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(os.path.expandvars(url))
+        if parsed.get_backend_name() != "sqlite":
+            return None
+        database = parsed.database or ""
+        if database.startswith("file:"):
+            database = database[len("file:"):].split("?", 1)[0]
+        if database in ("", ":memory:"):
+            return None
+        return Path(database).expanduser().resolve()
+    except Exception:  # noqa: BLE001 - the storage itself reports a bad URL
+        return None
+
+
+def check_output_path(output, *, databases: Iterable[str] = (), specs: Iterable = (),
+                      flag: str = "-o/--output") -> Path:
+    """``output`` as a Path once it is safe to write: its folder exists, it is not a folder, and
+    it is neither a study's database (a storage URL in ``databases``), a spec file given (``specs``)
+    nor any SQLite database.  Raises UsageError otherwise; nothing is written here."""
+    path = Path(output)
+    resolved = path.resolve()
+    for url in databases:
+        db = sqlite_file(url)
+        if db is not None and resolved == db:
+            raise UsageError(f"refusing to overwrite {output}: it is the study's database")
+    for spec in specs:
+        if spec is not None and resolved == Path(spec).resolve():
+            raise UsageError(f"refusing to overwrite {output}: it is the spec file")
+    if path.is_dir():
+        raise UsageError(f"{flag} {output}: is a directory; expected an output file")
+    parent = resolved.parent
+    if not parent.exists():
+        raise UsageError(f"{flag} {output}: its folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {output}: {parent} is not a folder")
+    if path.is_file():
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(16)
+        except OSError:
+            head = b""
+        if head == SQLITE_MAGIC:
+            raise UsageError(f"refusing to overwrite {output}: it is an SQLite database (a study's "
+                             f"storage?); choose another -o file")
+    return path
 
 
 def _load(name: str, url: str):
@@ -115,6 +172,12 @@ def run_status(args) -> int:
 
 def run_export(args) -> int:
     name, url = _resolve(args.study, args.storage)
+    output = args.output or f"{name}.{args.format}"
+    if output == "-" and args.format != "csv":
+        raise UsageError("-o - (stdout) is for --format csv; give a file for parquet")
+    if output != "-":
+        spec = args.study if Path(args.study).is_file() else None
+        check_output_path(output, databases=[url], specs=[spec])
     study = _load(name, url)
     frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs",
                                           "system_attrs", "datetime_start", "datetime_complete",
@@ -125,7 +188,6 @@ def run_export(args) -> int:
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
-    output = args.output or f"{name}.{args.format}"
     if args.format == "csv":
         if output == "-":
             frame.to_csv(sys.stdout, index=False)

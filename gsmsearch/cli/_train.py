@@ -4,7 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
+
+from ._errors import UsageError
 
 HELP = "train one model with one structure configuration and print the result"
 EXAMPLES = """examples:
@@ -77,6 +81,61 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _check_family_options(config) -> None:
+    """Every --family-options name is one the family takes in this mode (else a TypeError deep
+    in the layer constructors)."""
+    from ..trainer._trial import family_option_names
+
+    known = family_option_names(config.family, config.mode, [config.fit_method])
+    unknown = sorted(set(config.family_options) - set(known))
+    if unknown:
+        raise UsageError(f"--family-options: unknown option {unknown[0]!r} of {config.family} in {config.mode} "
+                         f"mode; known: {', '.join(known) or 'none'}")
+
+
+def _check_device(device: str) -> None:
+    """A device torch can name and this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device}: not a device; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device here (use --device cpu)")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                             f"(cuda:0..cuda:{count - 1})")
+        return
+    if parsed.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {device}: no MPS device here (use --device cpu)")
+        return
+    raise UsageError(f"--device {device}: unsupported device type {parsed.type!r}; expected cpu, cuda, cuda:N or mps")
+
+
+def _check_checkpoint_dir(directory: str) -> None:
+    """--checkpoint-dir is a folder, or can be made one (nothing is created here)."""
+    path = Path(directory)
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--checkpoint-dir {directory}: exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"--checkpoint-dir {directory}: folder is not writable")
+        return
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--checkpoint-dir {directory}: cannot create it, {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--checkpoint-dir {directory}: cannot create it, {ancestor} is not writable")
+
+
 def run(args) -> int:
     from ..trainer import TrialConfig, run_trial
 
@@ -84,6 +143,11 @@ def run(args) -> int:
     fields = {f.name for f in dataclasses.fields(TrialConfig)}
     config = TrialConfig(**{name: value for name, value in vars(args).items() if name in fields},
                          measure_latency=not args.no_latency)
+    # bad input refused before any work (not as a TypeError/RuntimeError once training starts)
+    _check_family_options(config)
+    _check_device(config.device)
+    if args.checkpoint_dir is not None:
+        _check_checkpoint_dir(args.checkpoint_dir)
 
     def progress(report):
         if not args.json:

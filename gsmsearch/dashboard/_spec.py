@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Annotated, Any, List, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from ..search._spec import METRICS, SpecError, _format_errors, check_storage_url, read_yaml
 
@@ -65,6 +66,19 @@ class StudyRef(_Strict):
         if (self.study is None) == (self.spec is None):
             raise ValueError("give exactly one of study (a name) or spec (a study spec file)")
         return self
+
+
+def _known_family(name: str) -> str:
+    """A registered structured family, or ``dense``."""
+    from ..structured import family_names
+
+    known = ["dense"] + [f for f in family_names() if f != "dense"]
+    if name not in known:
+        raise ValueError(f"unknown family {name!r}; expected one of: {', '.join(known)}")
+    return name
+
+
+FamilyName = Annotated[str, AfterValidator(_known_family)]
 
 
 class Axes(_Strict):
@@ -110,7 +124,7 @@ class DashboardSpec(_Strict):
     title: str = Field("gsmsearch dashboard", max_length=300)
     storage: Optional[str] = None  # default storage for studies given by name
     studies: List[StudyRef] = Field(default_factory=list, max_length=12)  # >= 1 in a spec file
-    families: Optional[List[str]] = Field(None, min_length=1)
+    families: Optional[List[FamilyName]] = Field(None, min_length=1)
     axes: Axes = Axes()
     hypervolume_reference: Optional[Point] = None  # default: x = 1 (dense cost), y = 0
     budgets: List[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1, max_length=12)

@@ -42,6 +42,8 @@ def _write(tmp_path, data, name="dash.yaml"):
      r"refresh_seconds: .*greater than or equal to 1"),
     ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "references": [{"label": "x", "x": 1}]},
      r"references\[0\]\.y: required key is missing"),
+    ({"storage": "sqlite:///a.db", "studies": [{"study": "a"}], "families": ["gblr", "lowrnk"]},
+     r"families\[1\]: unknown family 'lowrnk'; expected one of: dense, .*lowrank"),
 ])
 def test_bad_dashboard_specs_name_file_and_key(tmp_path, data, message):
     path = _write(tmp_path, data)
@@ -193,3 +195,94 @@ def test_help_stays_instant():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _copied_db(tmp_path, seeded_db):
+    """A private copy of the seeded database (a test that fails must not damage the shared one)."""
+    import shutil
+
+    db_path, _, _, second = seeded_db
+    copy = tmp_path / "studies.db"
+    shutil.copy(db_path, copy)
+    return copy, f"sqlite:///{copy}", second
+
+
+def test_export_and_report_refuse_to_overwrite_the_database_or_a_spec(tmp_path, seeded_db, capsys, monkeypatch):
+    db, url, second = _copied_db(tmp_path, seeded_db)
+    monkeypatch.chdir(tmp_path)
+    os.symlink(db, tmp_path / "link.db")
+    (tmp_path / "sub").mkdir()
+    other = tmp_path / "other.db"  # another study's database: never an export target either
+    other.write_bytes(db.read_bytes())
+    study_spec = _write(tmp_path, {"name": second, "storage": url, "trials": 1, "families": {"gblr": {}},
+                                   "workload": {"name": "digits-mlp"}}, "study.yaml")
+    dash = _write(tmp_path, {"title": "t", "studies": [{"spec": "study.yaml"}]}, "dash.yaml")
+    kept = {p: _digest(p) for p in (db, other, study_spec, dash)}
+    cases = [("study's database", str(db)), ("study's database", "link.db"), ("study's database", "sub/../studies.db"),
+             ("SQLite database", str(other))]
+    commands = [["export", study_spec.name], ["export", second, "--storage", url, "--format", "parquet"],
+                ["report", str(dash)], ["report", second, "--storage", url]]
+    for command in commands:
+        for what, output in cases:
+            assert main([*command, "-o", output]) == 2, (command, output)
+            err = capsys.readouterr().err
+            assert f"refusing to overwrite {output}: it is " in err and what in err, err
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for command, spec in [(["export", "study.yaml"], "study.yaml"), (["report", "dash.yaml"], "dash.yaml"),
+                          (["report", "dash.yaml"], "study.yaml"), (["report", "study.yaml"], str(study_spec))]:
+        assert main([*command, "-o", spec]) == 2, (command, spec)
+        assert f"refusing to overwrite {spec}: it is the spec file" in capsys.readouterr().err
+    assert {p: _digest(p) for p in kept} == kept
+    assert os.path.islink(tmp_path / "link.db")
+    # an earlier export or report of the same kind is overwritten as before
+    for command, output in [(["export", "study.yaml"], "trials.csv"), (["report", "dash.yaml"], "r.html")]:
+        assert main([*command, "-o", output]) == 0
+        assert main([*command, "-o", output]) == 0
+        assert "wrote" in capsys.readouterr().out
+
+
+def test_export_and_report_name_a_bad_output_path(tmp_path, seeded_db, capsys, monkeypatch):
+    _, url, second = _copied_db(tmp_path, seeded_db)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in (["export", second, "--storage", url], ["report", second, "--storage", url]):
+        for output, message in [("no/such/dir/x.out", "its folder {} does not exist".format(tmp_path / "no/such/dir")),
+                                (".", "is a directory"), (str(tmp_path), "is a directory"),
+                                ("afile/x.out", f"{tmp_path / 'afile'} is not a folder")]:
+            assert main([*command, "-o", output]) == 2, (command, output)
+            err = capsys.readouterr().err
+            assert f"-o/--output {output}: {message}" in err and "unexpected" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+class _FakeApp:
+    """Stands in for the Dash app: records whether the dashboard would have served."""
+
+    served = []
+
+    def run(self, **kwargs):
+        self.served.append(kwargs)
+
+
+def test_dashboard_refuses_when_no_study_can_be_read(tmp_path, seeded_db, capsys, monkeypatch):
+    import optuna
+
+    import gsmsearch.dashboard as dashboard
+
+    _, url, _ = _copied_db(tmp_path, seeded_db)
+    _FakeApp.served = []
+    monkeypatch.setattr(dashboard, "create_app", lambda spec, cache: _FakeApp())
+    dash = _write(tmp_path, {"storage": url, "studies": [{"study": "nosuch"}, {"study": "nor-this"}]})
+    assert main(["dashboard", str(dash), "--port", "8059"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the studies could be read" in err and "Traceback" not in err
+    assert not _FakeApp.served
+    # one readable study is enough to serve (the other is warned about)
+    dash = _write(tmp_path, {"storage": url, "studies": [{"study": "nosuch"}, {"study": "second-sampler"}]})
+    assert main(["dashboard", str(dash), "--port", "8059"]) == 0 and len(_FakeApp.served) == 1
+    assert "warning" in capsys.readouterr().err
+    # discover mode (--storage alone): an empty storage is legitimate, studies may come later
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.storages.RDBStorage(empty)
+    assert main(["dashboard", "--storage", empty, "--port", "8059"]) == 0 and len(_FakeApp.served) == 2

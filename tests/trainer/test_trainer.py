@@ -365,6 +365,30 @@ def test_cli_train_json(tmp_path):
     assert "unknown structured family 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--family-options", '{"rankk": 1}'],
+     "--family-options: unknown option 'rankk' of gblr in scratch mode; known: num_components, rank_per_component"),
+    (["--family", "lowrank", "--mode", "finetune", "--family-options", '{"rank_per_component": 1}'],
+     "--family-options: unknown option 'rank_per_component' of lowrank in finetune mode; known: rank"),
+    (["--device", "tpu9"], "--device tpu9: not a device; expected cpu, cuda"),
+    (["--device", "cuda"], "--device cuda: no CUDA device here"),
+    (["--checkpoint-dir", "afile/sub"], "--checkpoint-dir afile/sub: cannot create it"),
+    (["--checkpoint-dir", "afile"], "--checkpoint-dir afile: exists and is not a folder"),
+])
+def test_cli_train_refuses_bad_options_before_training(tmp_path, monkeypatch, capsys, argv, message):
+    from gsmsearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GSMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["train", "--workload-options", json.dumps(TINY), "--epochs", "1", "--no-latency", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "unexpected" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing trained, cached or written
+
+
 def test_recompute_intermediate_option_trains_the_same_model(tmp_path):
     plain = run_trial(tiny(family="gblr", budget=0.3), cache_dir=tmp_path)
     lean = run_trial(tiny(family="gblr", budget=0.3, family_options={"recompute_intermediate": True}),
