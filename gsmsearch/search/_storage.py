@@ -75,6 +75,11 @@ def open_storage(url: str, *, must_exist: bool = False):
         path = expanded.split("sqlite:///", 1)[-1]
         if must_exist and not Path(path).exists():
             raise FileNotFoundError(f"no study database at {path}")
+        # said at once: retrying cannot help these (retries are for locks and restarts)
+        if Path(path).is_dir():
+            raise ValueError(f"storage {redact(url)}: {path} is a folder, not a database file")
+        if not Path(path).parent.is_dir():
+            raise ValueError(f"storage {redact(url)}: the folder {Path(path).parent} does not exist")
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}

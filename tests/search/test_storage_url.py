@@ -59,3 +59,12 @@ def test_literal_passwords_are_refused_even_beside_a_variable(url):
     with pytest.raises(ValueError, match="do not write a password into the spec"):
         check_storage_url(url)
     assert check_storage_url(url, allow_password=True) == url
+
+
+def test_sqlite_path_that_cannot_be_a_database_fails_at_once(tmp_path):
+    """Said before any connection attempt (the retries are for locks and restarts)."""
+    with pytest.raises(ValueError, match="does not exist"):
+        open_storage(f"sqlite:///{tmp_path}/missing/x.db")
+    with pytest.raises(ValueError, match="is a folder, not a database file"):
+        open_storage(f"sqlite:///{tmp_path}")
+    assert sorted(tmp_path.iterdir()) == []
