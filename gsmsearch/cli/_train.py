@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-from pathlib import Path
 
 from ._errors import UsageError
 
@@ -120,20 +118,11 @@ def _check_device(device: str) -> None:
 
 def _check_checkpoint_dir(directory: str) -> None:
     """--checkpoint-dir is a folder, or can be made one (nothing is created here)."""
-    path = Path(directory)
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"--checkpoint-dir {directory}: exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"--checkpoint-dir {directory}: folder is not writable")
-        return
-    ancestor = path.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"--checkpoint-dir {directory}: cannot create it, {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"--checkpoint-dir {directory}: cannot create it, {ancestor} is not writable")
+    from ..trainer._trial import folder_problem
+
+    problem = folder_problem(directory)
+    if problem:
+        raise UsageError(f"--checkpoint-dir {directory}: {problem}")
 
 
 def run(args) -> int:

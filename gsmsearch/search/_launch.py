@@ -145,13 +145,11 @@ def _driver_alive(driver: Dict[str, Any]) -> bool:
 
 def _check_workdir(workdir: Path) -> None:
     """The workdir can be created (or is a writable folder): checked before anything is written."""
-    existing = Path(workdir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"workdir {workdir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"workdir {workdir}: {existing} is not writable")
+    from ..trainer._trial import folder_problem
+
+    problem = folder_problem(workdir)
+    if problem:
+        raise ValueError(f"workdir {workdir}: {problem}")
 
 
 def _spec_changes(stored: Any, spec: StudySpec, limit: int = 6) -> str:

@@ -359,6 +359,25 @@ def _latency_batch(workload, splits, size: int, device: str):
     return move_to_device(next(iter(loader)), device)
 
 
+def folder_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be a folder to write in (None when it can): it exists and is not a
+    folder, or the nearest folder on its way is a file or not writable.  Nothing is created.
+    Checked for a trial's checkpoint folder and a study's workdir before anything is written."""
+    import os
+
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return "exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "the folder is not writable"
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot create it, {ancestor} is a file, not a folder"
+    return None if os.access(ancestor, os.W_OK | os.X_OK) else f"cannot create it, {ancestor} is not writable"
+
+
 def run_trial(
     config: TrialConfig,
     *,

@@ -216,7 +216,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"workdir": "afile/sub"}, r"workdir .*afile/sub: .*afile is a file, not a folder"),
+    ({"workdir": "afile/sub"}, r"workdir .*afile/sub: cannot create it, .*afile is a file, not a folder"),
     ({"resources": {"cpus_per_trial": 64}}, r"resources\.cpus_per_trial: a trial asks for 64 CPUs, the Ray cluster has \d+"),
     ({"resources": {"gpus_per_trial": 1}}, r"resources\.gpus_per_trial: a trial asks for 1 GPUs, the Ray cluster has 0"),
     ({"executor": {"address": "127.0.0.1:1"}}, r"cannot reach the Ray cluster at 127\.0\.0\.1:1"),
