@@ -14,7 +14,7 @@ from ..trainer import TrialConfig
 from ..trainer._trial import family_option_names
 from ._spec import Choices, Range, StudySpec, WorkloadSpec
 
-__all__ = ["suggest", "trial_config", "space_size", "config_errors", "layer_errors", "family_configurations"]
+__all__ = ["suggest", "trial_config", "space_size", "config_errors", "workload_errors", "family_configurations"]
 
 
 def suggest(trial, name: str, param) -> Any:
@@ -117,23 +117,29 @@ def config_errors(spec: StudySpec) -> List[str]:
     return errors
 
 
-def layer_errors(spec: StudySpec) -> List[str]:
-    """``workload.include: ...`` when the workload's include/exclude patterns select no linear
-    layer, which would fail every trial.  The model is built on the meta device (no memory, no
-    weights); a workload that cannot be built here (its data or weights live on the cluster) is
-    left to the trial's own check."""
-    workload_spec = spec.workload
-    if workload_spec.include is None and not workload_spec.exclude:
-        return []
+def workload_errors(spec: StudySpec) -> List[str]:
+    """What the workload refuses before any trial runs: its options' values (its constructor's
+    own checks: ``workload.options: ...``) and include/exclude patterns that select no linear
+    layer, which would fail every trial (``workload.include: ...``; the model is built on the
+    meta device: no memory, no weights).  Data or weights that are not on this machine
+    (:class:`MissingFiles`: a cluster study validated on a laptop) are left to the trials."""
+    import warnings
+
     import torch
 
     from ..structured import matching_linears
-    from ..workloads import get_workload
+    from ..workloads import MissingFiles, get_workload
 
-    import warnings
-
+    workload_spec = spec.workload
     try:
         workload = get_workload(workload_spec.name, **workload_spec.options)
+    except MissingFiles:
+        return []
+    except (ValueError, TypeError) as error:
+        return [f"workload.options: {error}"]
+    if workload_spec.include is None and not workload_spec.exclude:
+        return []
+    try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pre-trained weights loaded onto meta tensors: a no-op
             model = workload.build_model()

@@ -171,8 +171,8 @@ class WorkloadSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_options(self):
-        """Option names are checked against the workload's constructor (values are checked when
-        a trial builds the workload: data paths of cluster studies need not exist here)."""
+        """Option names are checked against the workload's constructor (values by the constructor
+        itself, in ``_space.workload_errors``; data paths of cluster studies need not exist here)."""
         import inspect
 
         from ..workloads._registry import _WORKLOADS
@@ -355,9 +355,9 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
         spec = StudySpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(_format_errors(source, error)) from None
-    from ._space import config_errors, layer_errors  # the trainer's own checks of every knob value
+    from ._space import config_errors, workload_errors  # the trainer's and the workload's own checks
 
-    errors = config_errors(spec) or layer_errors(spec)
+    errors = config_errors(spec) or workload_errors(spec)
     if errors:
         raise SpecError("\n".join(f"{source}: {line}" for line in errors))
     return spec

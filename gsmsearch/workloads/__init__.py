@@ -12,6 +12,7 @@ from ._registry import (
     DataSplits,
     LinearFactory,
     Workload,
+    MissingFiles,
     get_workload,
     move_to_device,
     register_workload,
@@ -22,6 +23,7 @@ from ._registry import (
 from . import _animal, _digits, _imagenet, _minilm, _wikitext  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "MissingFiles",
     "DataSplits",
     "LinearFactory",
     "Workload",

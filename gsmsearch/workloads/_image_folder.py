@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._registry import MissingFiles
+
 __all__ = ["ImageFolder", "list_image_folder", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,11 +22,11 @@ def list_image_folder(root: Union[str, Path], classes: Optional[Sequence[str]] =
     """``(classes, [(path, label), ...])`` in sorted order; classes are the sub-folder names."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"image folder {str(root)!r} does not exist")
+        raise MissingFiles(f"image folder {str(root)!r} does not exist")
     if classes is None:
         classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     if not classes:
-        raise ValueError(f"image folder {str(root)!r} has no class sub-folders")
+        raise MissingFiles(f"image folder {str(root)!r} has no class sub-folders")
     samples = []
     for label, name in enumerate(classes):
         folder = root / name

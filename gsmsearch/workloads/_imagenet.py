@@ -16,6 +16,7 @@ from torch import nn
 
 from ._image_folder import ImageFolder, list_image_folder
 from ._registry import (
+    MissingFiles,
     ClassificationWorkload,
     DataSplits,
     check_positive_int,
@@ -53,12 +54,12 @@ class ViTB16ImageNet(ViTWorkloadMixin, ClassificationWorkload):
         self.data_dir = Path(data_dir)
         train_dir = self.data_dir / "train"
         if not train_dir.is_dir() or not (self.data_dir / "val").is_dir():
-            raise ValueError(f"data_dir {str(self.data_dir)!r} must hold train/<class>/ and val/<class>/ folders")
+            raise MissingFiles(f"data_dir {str(self.data_dir)!r} must hold train/<class>/ and val/<class>/ folders")
         self.classes = sorted(entry.name for entry in train_dir.iterdir() if entry.is_dir())
         if not self.classes:
-            raise ValueError(f"data_dir {str(self.data_dir)!r}: train/ has no class folders")
+            raise MissingFiles(f"data_dir {str(self.data_dir)!r}: train/ has no class folders")
         if checkpoint is not None and not Path(checkpoint).is_file():
-            raise ValueError(f"checkpoint {str(checkpoint)!r} is not a file")
+            raise MissingFiles(f"checkpoint {str(checkpoint)!r} is not a file")
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.pretrained = self.checkpoint is not None
         if not 0.0 < float(val_fraction) < 1.0:

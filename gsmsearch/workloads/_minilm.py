@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ._bert import BertConfig, load_bert_sentence_encoder
 from ._registry import (
+    MissingFiles,
     attention_flops,
     DataSplits,
     Workload,
@@ -115,7 +116,7 @@ class MiniLMCompress(Workload):
         self.model_dir = Path(model_dir)
         for required in ("config.json", "model.safetensors", "tokenizer.json"):
             if not (self.model_dir / required).is_file():
-                raise ValueError(f"model_dir {str(self.model_dir)!r} lacks {required}")
+                raise MissingFiles(f"model_dir {str(self.model_dir)!r} lacks {required}")
         self.max_seq_length = check_positive_int("max_seq_length", max_seq_length)
         if max_sentences is not None:
             check_positive_int("max_sentences", max_sentences)

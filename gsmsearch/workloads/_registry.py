@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 __all__ = [
+    "MissingFiles",
     "LinearFactory",
     "DataSplits",
     "Workload",
@@ -34,6 +35,12 @@ __all__ = [
     "move_to_device",
     "make_loader",
 ]
+
+class MissingFiles(ValueError):
+    """A workload's data or weights are not where its options say (on this machine).  A study
+    spec is validated where it is written, often not where its trials run: this one error is
+    left to the trials, every other constructor error is the spec's."""
+
 
 #: ``linear_factory(in_features, out_features, bias=True) -> nn.Module``; ``nn.Linear`` fits.
 LinearFactory = Callable[..., nn.Module]

@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from ._gpt2 import GPT2Config, load_gpt2
 from ._registry import (
+    MissingFiles,
     DataSplits, Workload, attention_flops, check_positive_int, move_to_device, record_options,
     register_workload,
 )
@@ -44,7 +45,7 @@ def load_gpt2_tokenizer(checkpoint_dir: Union[str, Path]):
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         return tokenizer
-    raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} has no tokenizer.json nor vocab.json + merges.txt")
+    raise MissingFiles(f"checkpoint_dir {str(checkpoint_dir)!r} has no tokenizer.json nor vocab.json + merges.txt")
 
 
 @register_workload("gpt2-wikitext")
@@ -69,10 +70,10 @@ class GPT2WikiText(Workload):
         self.data_dir = Path(data_dir)
         for name in SPLIT_FILES:
             if not (self.data_dir / name).is_file():
-                raise ValueError(f"data_dir {str(self.data_dir)!r} lacks {name}")
+                raise MissingFiles(f"data_dir {str(self.data_dir)!r} lacks {name}")
         self.checkpoint_dir = Path(checkpoint_dir)
         if not (self.checkpoint_dir / "config.json").is_file() or not (self.checkpoint_dir / "model.safetensors").is_file():
-            raise ValueError(f"checkpoint_dir {str(self.checkpoint_dir)!r} must hold config.json and model.safetensors")
+            raise MissingFiles(f"checkpoint_dir {str(self.checkpoint_dir)!r} must hold config.json and model.safetensors")
         self.config = GPT2Config.from_json(self.checkpoint_dir / "config.json")
         self.context_length = check_positive_int("context_length", context_length)
         if self.context_length > self.config.n_positions:
