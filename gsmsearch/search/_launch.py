@@ -332,8 +332,13 @@ def launch(
 
     # what the environment must offer is checked before the database is touched
     _check_workdir(paths["workdir"])
-    where = start_ray(address or spec.executor.address, num_cpus=spec.executor.num_cpus)
-    check_resources(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+    cluster = address or spec.executor.address or os.environ.get("RAY_ADDRESS")
+    where = start_ray(cluster, num_cpus=spec.executor.num_cpus)
+    short = check_resources(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+    if short and not cluster:
+        raise ValueError(short)  # a local Ray never grows
+    if short:  # a cluster may scale up (an autoscaler adds nodes for waiting trials)
+        print(f"[{spec.name}] warning: {short} now; trials wait until it grows", file=out)
     storage = open_storage(url)
     study = _open_study(spec, storage, resume=resume, force=force)
     stale = fail_stale_trials(study, reason="stale: its driver stopped before the trial finished")

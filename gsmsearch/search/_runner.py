@@ -53,18 +53,19 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         raise ValueError(f"cannot reach the Ray cluster at {address}: {error.strerror or error}") from None
 
 
-def check_resources(cpus: float, gpus: float) -> None:
-    """A trial asking for more CPUs or GPUs than the whole Ray cluster has would wait forever."""
+def check_resources(cpus: float, gpus: float) -> Optional[str]:
+    """Why a trial asking for ``cpus`` CPUs and ``gpus`` GPUs cannot be placed on the Ray cluster
+    as it is now (None when it can): such a trial waits until the cluster grows, forever on a
+    fixed one."""
     import ray
 
     total = ray.cluster_resources()
     have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if cpus > have_cpus:
-        raise ValueError(f"resources.cpus_per_trial: a trial asks for {cpus:g} CPUs, the Ray cluster has "
-                         f"{have_cpus:g}")
+        return f"resources.cpus_per_trial: a trial asks for {cpus:g} CPUs, the Ray cluster has {have_cpus:g}"
     if gpus > have_gpus:
-        raise ValueError(f"resources.gpus_per_trial: a trial asks for {gpus:g} GPUs, the Ray cluster has "
-                         f"{have_gpus:g}")
+        return f"resources.gpus_per_trial: a trial asks for {gpus:g} GPUs, the Ray cluster has {have_gpus:g}"
+    return None
 
 
 def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
