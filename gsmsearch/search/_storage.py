@@ -84,7 +84,9 @@ def open_storage(url: str, *, must_exist: bool = False):
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}
     try:
-        rdb = with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs))
+        # a few seconds of retries at the start (a server just starting); the long budget of
+        # with_retries is for a connection lost mid-study, through RetryingStorage
+        rdb = with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs), attempts=4)
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
     return RetryingStorage(rdb)
