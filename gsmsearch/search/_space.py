@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from ..trainer import TrialConfig
-from ..trainer._trial import family_option_names
+from ..trainer._trial import family_option_names, gblr_fit_options
 from ._spec import Choices, Range, StudySpec, WorkloadSpec
 
 __all__ = ["suggest", "trial_config", "space_size", "config_errors", "workload_errors", "family_configurations"]
@@ -137,7 +137,8 @@ def workload_errors(spec: StudySpec) -> List[str]:
         return []
     except (ValueError, TypeError) as error:
         return [f"workload.options: {error}"]
-    if workload_spec.include is None and not workload_spec.exclude:
+    with_options = any(space.options for space in spec.families.values())
+    if workload_spec.include is None and not workload_spec.exclude and not with_options:
         return []
     try:
         with torch.device("meta"), warnings.catch_warnings():
@@ -146,13 +147,77 @@ def workload_errors(spec: StudySpec) -> List[str]:
     except Exception:  # noqa: BLE001 - not buildable here: the trial checks it
         return []
     include = workload_spec.include if workload_spec.include is not None else list(workload.candidate_patterns)
-    if matching_linears(model, include, workload_spec.exclude):
-        return []
+    targets = matching_linears(model, include, workload_spec.exclude)
+    if targets:
+        smallest = min((layer for _, layer in targets), key=lambda layer: layer.in_features * layer.out_features)
+        return _family_option_errors(spec, smallest)
     names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     where = "include" if workload_spec.include is not None else "exclude"
     return [f"workload.{where}: no linear layer of {workload_spec.name!r} is left by include={include} "
             f"exclude={workload_spec.exclude}; its linear layers: {shown or 'none'}"]
+
+
+def _family_option_errors(spec: StudySpec, shape) -> List[str]:
+    """``families.<family>.options.<name>: ...`` for option values the family refuses, found by
+    building the family's layer the way a trial does, on a random layer of the smallest matched
+    shape, at each budget the space gives (choices, or a range's ends): a value refused there at
+    every budget fails every trial.  Each value is tried with the other options at their first;
+    a family that cannot be built there even without options is left alone."""
+    import torch
+
+    from ..structured import GBLRLinear, get_family
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape.out_features, shape.in_features, generator=generator) / shape.in_features ** 0.5
+    bias = torch.zeros(shape.out_features) if shape.bias is not None else None
+    errors: List[str] = []
+    for family, space in spec.families.items():
+        if not space.options or family == "dense":
+            continue
+        if space.budget_allocation is not None and set(_values(space.budget_allocation)) != {"uniform"}:
+            continue  # per-layer budgets differ from the family's: the trials say
+        budgets = [float(b) for b in _values(space.budget)]
+        methods = [m for m in (_values(space.fit_method) if space.fit_method is not None else ["greedy"])]
+        cls = get_family(family)
+
+        def build(options, budget, method):
+            if family == "gblr" and spec.workload.mode == "scratch":
+                return GBLRLinear(shape.in_features, shape.out_features, bias=bias is not None, sigma=1.0, **options)
+            if family == "gblr":
+                return GBLRLinear.from_dense(weight, bias, budget=budget, method=method, seed=0,
+                                             **gblr_fit_options(method, options))
+            return cls.from_dense(weight, bias, budget=budget, **options)
+
+        def refusal(options):
+            """The last error when ``options`` fail at every budget (and fit method), else None: a
+            value refused only at some budgets fails those trials alone, as the search expects."""
+            error = None
+            for budget in budgets:
+                for method in methods:
+                    try:
+                        build(options, budget, method)
+                        return None
+                    except (ValueError, TypeError) as failed:
+                        error = failed
+            return error
+
+        try:
+            if refusal({}) is not None:
+                continue  # not an options problem: the trials report it
+        except Exception:  # noqa: BLE001 - idem
+            continue
+        values = {name: _values(param) for name, param in space.options.items()}
+        first = {name: vs[0] for name, vs in values.items()}
+        for name, vs in values.items():
+            for value in vs:
+                error = refusal({**first, name: value})
+                if error is not None:
+                    errors.append(f"families.{family}.options.{name}: {value!r} is refused by {family} at "
+                                  f"every budget (tried on a {shape.out_features}x{shape.in_features} layer): "
+                                  f"{error}")
+                    break
+    return errors
 
 
 def _blamed(message: str, knobs, tried: str, family: str) -> str:

@@ -231,6 +231,16 @@ def build_trial_model(config: TrialConfig, workload, *, cache_dir=None) -> nn.Mo
     return _build_trial_model(config, workload, cache_dir=cache_dir)[0]
 
 
+def gblr_fit_options(method: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` less the fit knobs of the other fit methods: a study searching ``fit_method``
+    may set each method's knobs (``steps`` for reference, ``refit_passes`` for greedy), and each
+    trial's fit takes its own method's."""
+    from ..structured._gblr_fit import FIT_OPTIONS
+
+    others = {name for m, knobs in FIT_OPTIONS.items() if m != method for name in knobs}
+    return {k: v for k, v in options.items() if k not in others or k in FIT_OPTIONS.get(method, {})}
+
+
 def family_option_names(family: str, mode: str, fit_methods=("greedy",)) -> List[str]:
     """The ``family_options`` names a trial of ``family`` in ``mode`` accepts -- those of the call
     :func:`build_trial_model` passes them to, less what the trainer sets itself (for a study
@@ -282,6 +292,7 @@ def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None, splits=
         else:
             # the greedy fit is the slow part of a fine-tune trial's start: cached on disk
             targets = matching_linears(model, include, config.exclude)
+            options = gblr_fit_options(config.fit_method, options)
             for name, linear in targets:
                 set_module(model, name, cached_gblr_fit(
                     linear.weight, linear.bias, cache_dir=cache_dir,

@@ -127,10 +127,19 @@ def test_family_option_names_follow_the_mode_and_the_fit_method():
                 "families": {"gblr": {"budget": 0.2, "fit_method": ["greedy", "reference"],
                                       "options": {"refit_passes": 1, "steps": 10,
                                                   "recompute_intermediate": [True, False]}},
-                             "lowrank": {"budget": 0.2, "options": {"rank": 4}}}}
+                             "lowrank": {"budget": 0.2, "options": {"rank": 2}}}}
     spec_from_dict(finetune)  # fit options of both methods, from_dense options: accepted
     scratch = {**finetune, "workload": TINY_SPEC["workload"],
                "families": {"gblr": {"budget": 0.2, "options": {"refit_passes": 1}}}}
     with pytest.raises(SpecError, match=r"families\.gblr\.options\.refit_passes: unknown option of "
                                         r"gblr in scratch mode"):
         spec_from_dict(scratch)  # scratch GBLR is constructed, not fitted
+
+
+def test_family_option_value_refused_only_at_some_budgets_is_left_to_the_trials():
+    """monarch num_blocks=8 does not fit a 256x64 layer at 0.3 of its FLOPs but does at 1.0: the
+    study may search that combination (those trials fail alone); at 0.3 alone it is an error."""
+    base = {"name": "s", "trials": 2, "workload": {"name": "digits-mlp", "mode": "finetune", "epochs": 2}}
+    spec_from_dict({**base, "families": {"monarch": {"budget": [0.3, 1.0], "options": {"num_blocks": [32, 8]}}}})
+    with pytest.raises(SpecError, match=r"families\.monarch\.options\.num_blocks: 8 is refused by monarch at every budget"):
+        spec_from_dict({**base, "families": {"monarch": {"budget": 0.3, "options": {"num_blocks": [32, 8]}}}})

@@ -602,3 +602,17 @@ def test_cli_train_has_a_flag_for_every_trial_config_field():
                               "--sigma-end-epoch", "3", "--budget-anneal-epochs", "2", "--latency-batch", "8"])
     assert (args.fit_method, args.sigma_start_epoch, args.sigma_end_epoch, args.budget_anneal_epochs,
             args.latency_batch) == ("reference", 1.5, 3.0, 2.0, 8)
+
+
+@pytest.mark.parametrize("method", ["greedy", "reference"])
+def test_a_study_may_set_each_fit_methods_knobs_and_each_trial_uses_its_own(method, tmp_path):
+    """A spec searching fit_method over both may give `steps` (reference) and `refit_passes`
+    (greedy): each trial's fit takes its own method's knobs, not the other's (which it refuses)."""
+    from gsmsearch.trainer._trial import gblr_fit_options
+
+    options = {"steps": 5, "refit_passes": 1, "recompute_intermediate": True}
+    assert gblr_fit_options("greedy", options) == {"refit_passes": 1, "recompute_intermediate": True}
+    assert gblr_fit_options("reference", options) == {"steps": 5, "recompute_intermediate": True}
+    result = run_trial(tiny(family="gblr", budget=0.3, mode="finetune", epochs=1, fit_method=method,
+                            family_options={"steps": 5, "refit_passes": 1}), cache_dir=tmp_path)
+    assert result.config["fit_method"] == method and result.structured_relative_flops <= 0.3 * 1.001
