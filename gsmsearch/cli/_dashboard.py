@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ._errors import UsageError
-from ._studies import check_output_path
+from ._studies import check_output_path, is_file
 
 _TARGET_HELP = ("a dashboard spec (dashboards/NAME.yaml), a study spec (studies/NAME.yaml), or a study "
                 "name with --storage")
@@ -66,6 +66,11 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run_report)
 
 
+def _title(text: str) -> str:
+    """A page title from a study name or URL, within the dashboard spec's 300 characters."""
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -88,21 +93,21 @@ def load_target(target, storage, studies=None, *, discover=False):
         if discover and not studies:
             from ..search import redact
 
-            spec = dashboard_spec_from_dict({"title": f"Studies in {redact(storage)}", "storage": storage,
+            spec = dashboard_spec_from_dict({"title": _title(f"Studies in {redact(storage)}"), "storage": storage,
                                              "studies": []}, "--storage", from_command_line=True)
             readonly_url_and_engine_kwargs(storage)  # a missing SQLite file fails here, not later
             return spec, [], "studies"
         sources = sources_in_storage(storage, studies)
         from ..search import redact
 
-        spec = dashboard_spec_from_dict({"title": f"Studies in {redact(storage)}", "storage": storage,
+        spec = dashboard_spec_from_dict({"title": _title(f"Studies in {redact(storage)}"), "storage": storage,
                                          "studies": [{"study": s.name} for s in sources]},
                                         "--storage", from_command_line=True)
         return spec, sources, "studies"
     if studies:
         raise UsageError("--study goes with --storage alone (a spec names its studies)")
     path = Path(target)
-    if target.endswith((".yaml", ".yml")) or path.is_file():
+    if target.endswith((".yaml", ".yml")) or is_file(target):
         spec = load_dashboard_spec(path)
         sources = resolve_sources(spec, path.resolve().parent)
         if storage:
@@ -111,7 +116,7 @@ def load_target(target, storage, studies=None, *, discover=False):
     if not storage:
         raise UsageError(f"{target!r} is not a spec file; give --storage URL with a study name")
     sources = sources_in_storage(storage, [target])
-    spec = dashboard_spec_from_dict({"title": f"Study {target}", "storage": storage, "studies": [{"study": target}]},
+    spec = dashboard_spec_from_dict({"title": _title(f"Study {target}"), "storage": storage, "studies": [{"study": target}]},
                                     "command line", from_command_line=True)
     return spec, sources, target
 
@@ -119,7 +124,7 @@ def load_target(target, storage, studies=None, *, discover=False):
 def _spec_files(target, spec) -> list:
     """The spec files behind the command line's target: the target itself (a dashboard or study
     spec) and the study specs a dashboard spec names (relative to it)."""
-    if target is None or not Path(target).is_file():
+    if target is None or not is_file(target):
         return []
     base = Path(target).resolve().parent
     files = [Path(target)]
@@ -180,7 +185,7 @@ def run_report(args) -> int:
     if args.max_details < 0:
         raise UsageError(f"--max-details must be >= 0, got {args.max_details}")
     spec, sources, stem = load_target(args.target, args.storage, args.study)
-    safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "study"
+    safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "study"
     output = check_output_path(args.output or f"{safe_stem}-report.html", databases=[s.url for s in sources],
                                specs=_spec_files(args.target, spec))
     views = DataCache(sources).views()

@@ -12,9 +12,18 @@ from ._errors import UsageError
 STORAGE_HELP = "storage URL (e.g. sqlite:///studies/quickstart.db); or give a spec file as STUDY"
 
 
+def is_file(text: str) -> bool:
+    """Whether a command-line argument names an existing file (a study name too long to be a
+    file name is not one, instead of an OSError)."""
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False
+
+
 def _resolve(study_arg: str, storage: str):
     """(study name, storage URL) from a spec path or a name plus --storage."""
-    if study_arg.endswith((".yaml", ".yml")) or Path(study_arg).is_file():
+    if study_arg.endswith((".yaml", ".yml")) or is_file(study_arg):
         from ..search import load_spec, resolve_storage_url, study_paths
 
         spec = load_spec(study_arg)
@@ -176,7 +185,7 @@ def run_export(args) -> int:
     if output == "-" and args.format != "csv":
         raise UsageError("-o - (stdout) is for --format csv; give a file for parquet")
     if output != "-":
-        spec = args.study if Path(args.study).is_file() else None
+        spec = args.study if is_file(args.study) else None
         check_output_path(output, databases=[url], specs=[spec])
     study = _load(name, url)
     frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs",

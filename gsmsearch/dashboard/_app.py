@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html as html_text
 import math
+import re
 from typing import Any, Dict, List
 
 from . import _data, _figures
@@ -50,6 +51,11 @@ def _simple_table(rows: List[Dict[str, Any]], columns: List[str], **kwargs):
     ], style=_CSS["table"], **kwargs)
 
 
+def _why(error: Exception) -> str:
+    text = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _text(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else ""
@@ -63,7 +69,12 @@ def _budget_tables(views, spec):
     for view in views:
         if view.error:
             continue
-        rows = _figures.budget_rows(view, spec)
+        try:
+            rows = _figures.budget_rows(view, spec)
+        except Exception as error:  # noqa: BLE001 - one odd study must not blank the page
+            cells.append(html.P(f"{view.label}: the budget table could not be computed ({_why(error)})",
+                                style=_CSS["muted"]))
+            continue
         if not rows:
             continue
         columns = [f"<= {b:g}" for b in spec.budgets]
@@ -82,20 +93,39 @@ def _trial_table_data(views, spec):
     rows = []
     for view in views:
         if not view.error:
-            rows += _data.trial_rows(view, spec.axes.x, spec.axes.y, spec.families)
+            try:
+                rows += _data.trial_rows(view, spec.axes.x, spec.axes.y, spec.families)
+            except Exception:  # noqa: BLE001 - its figures say what is wrong; the other studies' rows stay
+                continue
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c not in ("id", "failure reason")]
     columns.append("failure reason")
     numeric = {c for c in columns if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
                                          for r in rows)}
-    return rows, [{"name": c, "id": c, "type": "numeric" if c in numeric else "text"} for c in columns]
+    # the table's filter queries name columns as {id}: a column whose name has braces or quotes
+    # (a parameter or metric may be named anything) gets a plain id, its name as the header
+    ids = {c: c if not re.search(r'[{}"\'\\]', c) else f"column {index}" for index, c in enumerate(columns)}
+    if any(ids[c] != c for c in columns):
+        rows = [{ids.get(c, c): v for c, v in row.items()} for row in rows]
+    return rows, [{"name": c, "id": ids[c], "type": "numeric" if c in numeric else "text"} for c in columns]
 
 
 def _detail(view, record, spec):
-    """The detail panel of one trial (all text rendered as text by Dash)."""
+    """The detail panel of one trial (all text rendered as text by Dash); a trial whose records
+    cannot be shown gives a note saying why."""
+    from dash import html
+
+    try:
+        return _detail_children(view, record, spec)
+    except Exception as error:  # noqa: BLE001
+        return [html.H3(f"{view.label}: trial {record.number}", id="detail-title"),
+                html.P(f"This trial's detail could not be shown ({_why(error)}).", style=_CSS["muted"])]
+
+
+def _detail_children(view, record, spec):
     from dash import dcc, html
 
     result = record.user_attrs.get("result") or {}
-    facts = [{"key": "state", "value": record.state}, {"key": "family", "value": record.family},
+    facts = [{"key": "state", "value": record.state}, {"key": "family", "value": record.family or ""},
              {"key": "feasible", "value": "yes" if record.feasible else "no"}]
     facts += [{"key": m, "value": _text(_data.metric_value(record, m, view.metric_names))}
               for m in dict.fromkeys(list(view.metric_names) + [spec.axes.y, spec.axes.x])]
@@ -105,7 +135,7 @@ def _detail(view, record, spec):
     if record.failure_reason:
         facts.append({"key": "failure reason", "value": record.failure_reason})
     children = [
-        html.H3(f"{view.label}: trial {record.number} ({record.family})", id="detail-title"),
+        html.H3(f"{view.label}: trial {record.number} ({record.family or 'no family'})", id="detail-title"),
         html.Div([
             html.Div(_simple_table(facts, ["key", "value"]), style={"flex": "0 1 380px", "minWidth": "300px"}),
             html.Div(dcc.Graph(id="detail-flops", figure=_figures.layer_flops_figure(record),
@@ -113,6 +143,7 @@ def _detail(view, record, spec):
         ], style=_CSS["row"]),
     ]
     layers = _figures.structure_layers(record)
+    notes = _figures.structure_notes(record)
     if layers:
         children.append(html.H3("Learned structure (components covering each weight entry)",
                                 style={"fontSize": "1em"}))
@@ -126,9 +157,13 @@ def _detail(view, record, spec):
                               _simple_table(_figures.interval_rows(layer), columns)]),
             ], style={"flex": "1 1 420px"}))
         children.append(html.Div(blocks, style=_CSS["row"]))
-    elif record.user_attrs.get("layers"):
+    elif record.user_attrs.get("layers") and not notes:
         children.append(html.P("Hand-crafted structure: the coverage heatmap is drawn for learned (GBLR) layers.",
                                style=_CSS["muted"]))
+    if notes:
+        children.append(html.Div([html.P("Not drawn from this trial's recorded layers:", style=_CSS["muted"]),
+                                  html.Ul([html.Li(note) for note in notes], style=_CSS["muted"])],
+                                 className="structure-notes"))
     return children
 
 
@@ -215,9 +250,23 @@ def create_app(spec, cache: DataCache):
 
     app.layout = layout
 
+    memo: Dict[Any, Any] = {}  # (what, study key) -> (the view it was computed from, the result)
+
+    def computed(what, view, make):
+        """``make(view, spec)``, reused while the study is unchanged (the cache then hands out the
+        same view object): a storage of many studies refreshed every second stays responsive."""
+        kept = memo.get((what, view.key))
+        if kept is not None and kept[0] is view:
+            return kept[1]
+        result = make(view, spec)
+        memo[(what, view.key)] = (view, result)
+        return result
+
     def by_key(views_now, kind, make):
         index = {view.key: view for view in views_now}
-        return [make(index[item["id"]["study"]], spec) if item["id"]["study"] in index
+        return [computed(make.__name__, index[item["id"]["study"]],
+                         lambda view, spec: _figures.safe_figure(make, view, spec))
+                if item["id"]["study"] in index
                 else _figures.empty_figure("study not loaded") for item in ctx.outputs_list[kind]]
 
     @app.callback(

@@ -26,7 +26,7 @@ from ..search._pareto import best_within_budget, hypervolume_2d, pareto_front
 __all__ = [
     "Point", "metric_value", "trial_families", "family_points", "family_hypervolumes",
     "hypervolume_history", "budget_table", "coverage_counts", "layer_budget", "trial_rows",
-    "config_summary", "FAMILY_ORDER",
+    "config_summary", "layer_structure", "FAMILY_ORDER",
 ]
 
 #: GBLR first, then the hand-crafted families, dense last (unknown families after, sorted)
@@ -71,7 +71,7 @@ def family_sort_key(family: str):
 
 def trial_families(records, families: Optional[Sequence[str]] = None) -> List[str]:
     """The families present in ``records`` (restricted to ``families`` when given), GBLR first."""
-    found = {r.family for r in records if r.family}
+    found = {r.family for r in records if r.family and isinstance(r.family, str)}
     if families is not None:
         found &= set(families)
     return sorted(found, key=family_sort_key)
@@ -155,18 +155,23 @@ def budget_table(records, x: str, y: str, metric_names, budgets: Sequence[float]
     return out
 
 
-def _cyclic_cover(start: int, length: int, size: int) -> np.ndarray:
-    """0/1 vector of the cyclic interval [start, start + length) on ``size`` cells."""
-    cover = np.zeros(size)
+def _cover_fractions(start: int, length: int, size: int, edges: np.ndarray) -> np.ndarray:
+    """Per block of ``edges``: the fraction of its cells inside the cyclic interval
+    [start, start + length) on ``size`` cells (computed from the interval's at most two linear
+    pieces, so a layer of any size costs only its number of blocks)."""
     length = max(0, min(int(length), size))
-    if length:
-        cover[(int(start) + np.arange(length)) % size] = 1.0
-    return cover
+    start = int(start) % size
+    lower, upper = edges[:-1], edges[1:]
+    covered = np.zeros(len(edges) - 1)
+    for a, b in ((start, min(start + length, size)), (0, max(0, start + length - size))):
+        if b > a:
+            covered += np.clip(np.minimum(b, upper) - np.maximum(a, lower), 0, None)
+    return covered / np.diff(edges)
 
 
 def _block_edges(size: int, cells: int) -> np.ndarray:
     """Edges of ``cells`` near-equal blocks over ``size`` entries."""
-    return np.unique(np.linspace(0, size, cells + 1).round().astype(int))
+    return np.unique(np.linspace(0, size, cells + 1).round().astype(np.int64))
 
 
 def coverage_counts(intervals: Sequence[Sequence[int]], out_features: int, in_features: int,
@@ -190,19 +195,62 @@ def coverage_counts(intervals: Sequence[Sequence[int]], out_features: int, in_fe
         if len(interval) != 4:
             raise ValueError(f"an interval is [row_start, row_len, col_start, col_len], got {interval!r}")
         row_start, row_len, col_start, col_len = (int(v) for v in interval)
-        row = _cyclic_cover(row_start, row_len, out_features)
-        col = _cyclic_cover(col_start, col_len, in_features)
-        row_cover[k] = np.add.reduceat(row, rows[:-1]) / np.diff(rows)
-        col_cover[k] = np.add.reduceat(col, cols[:-1]) / np.diff(cols)
+        row_cover[k] = _cover_fractions(row_start, row_len, out_features, rows)
+        col_cover[k] = _cover_fractions(col_start, col_len, in_features, cols)
     counts = row_cover.T @ col_cover  # (row blocks, col blocks)
     return counts, rows, cols
+
+
+#: the largest layer side and component count drawn as a structure (larger: a malformed record)
+MAX_LAYER_SIZE = 1 << 31
+MAX_COMPONENTS = 100_000
+
+
+def _whole(value) -> Optional[int]:
+    """``value`` as an int when it is a whole number (not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def layer_structure(layer) -> Tuple[Optional[Tuple[int, int, List[List[int]]]], Optional[str]]:
+    """((out_features, in_features, intervals), None) for a layer record whose learned structure
+    can be drawn, else (None, why not).  Interval lengths are clipped to the layer's sides."""
+    if not isinstance(layer, dict):
+        return None, f"expected a mapping, got {type(layer).__name__}"
+    out_features, in_features = _whole(layer.get("out_features")), _whole(layer.get("in_features"))
+    if out_features is None or in_features is None or not (0 < out_features <= MAX_LAYER_SIZE
+                                                           and 0 < in_features <= MAX_LAYER_SIZE):
+        return None, (f"out_features and in_features must be whole numbers in 1..{MAX_LAYER_SIZE}, got "
+                      f"{str(layer.get('out_features'))[:40]!r} and {str(layer.get('in_features'))[:40]!r}")
+    intervals = layer.get("intervals")
+    if not isinstance(intervals, list):
+        return None, f"intervals must be a list, got {type(intervals).__name__}"
+    if len(intervals) > MAX_COMPONENTS:
+        return None, f"{len(intervals)} intervals (more than {MAX_COMPONENTS:,} are not drawn)"
+    clean = []
+    for k, interval in enumerate(intervals):
+        values = [_whole(v) for v in interval] if isinstance(interval, (list, tuple)) else []
+        if len(values) != 4 or any(v is None for v in values):
+            return None, (f"interval {k} is not [row_start, row_len, col_start, col_len] as whole numbers: "
+                          f"{str(interval)[:60]}")
+        row_start, row_len, col_start, col_len = values
+        clean.append([row_start % out_features, max(0, min(row_len, out_features)),
+                      col_start % in_features, max(0, min(col_len, in_features))])
+    return (out_features, in_features, clean), None
 
 
 def layer_budget(layers: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per structured layer: name, family, flops, dense_flops, its share of the layers' total
     FLOPs and its own relative FLOPs (flops / dense_flops), in the recorded order."""
     rows = []
-    for name, layer in (layers or {}).items():
+    if not isinstance(layers, dict):
+        return rows
+    for name, layer in layers.items():
         if not isinstance(layer, dict):
             continue
         flops, dense = _finite(layer.get("flops")) or 0.0, _finite(layer.get("dense_flops")) or 0.0
@@ -242,23 +290,29 @@ def _cell(value):
     return str(value)
 
 
+_FIXED_COLUMNS = {"id", "study", "number", "state", "family", "feasible", "front", "failure reason"}
+
+
 def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
     """One flat row per trial (every state) for the trials table: study, number, state, family,
     feasible, front, the objectives and axes, the sampled parameters and the failure reason."""
     points = family_points(view.records, x, y, view.metric_names, families)
     status = {(p.family, p.number): p.status for ps in points.values() for p in ps}
     metrics = list(dict.fromkeys(list(view.metric_names) + [y, x]))
+    # a metric named like one of the fixed columns (Optuna lets a study name its objectives
+    # anything) gets its own column instead of overwriting that one
+    column = {m: f"{m} (metric)" if m in _FIXED_COLUMNS else m for m in metrics}
     chosen = set(trial_families(view.records, families))
     rows = []
     for r in view.records:
         if families is not None and r.family not in chosen:
             continue
         row = {"id": f"{view.key}:{r.number}", "study": view.label, "number": r.number, "state": r.state,
-               "family": r.family or "",
+               "family": str(r.family or ""),
                "feasible": ("yes" if r.feasible else "no") if r.state == "COMPLETE" else "",
                "front": "yes" if status.get((r.family, r.number)) == "front" else ""}
         for metric in metrics:
-            row[metric] = _cell(metric_value(r, metric, view.metric_names))
+            row[column[metric]] = _cell(metric_value(r, metric, view.metric_names))
         for key, value in r.params.items():
             if key != "family":
                 row[f"param {key}"] = _cell(value)

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import _data
 
 __all__ = ["esc", "family_color", "pareto_figure", "comparison_figure", "hypervolume_figure",
-           "layer_flops_figure", "coverage_figure", "hover_text", "empty_figure", "METRIC_LABELS"]
+           "layer_flops_figure", "coverage_figure", "hover_text", "empty_figure", "safe_figure",
+           "no_points_message", "structure_layers", "structure_notes", "METRIC_LABELS"]
 
 _COLORS = {"gblr": "#d62728", "lowrank": "#1f77b4", "blockdiag": "#2ca02c", "monarch": "#9467bd",
            "blocksparse": "#8c564b", "blocklowrank": "#e377c2", "blast": "#17becf", "dense": "#111111"}
@@ -59,11 +60,58 @@ def hover_text(record, point, x: str, y: str) -> str:
 def empty_figure(message: str, height: int = 260):
     import plotly.graph_objects as go
 
+    import textwrap
+
+    message = str(message)
+    if len(message) > 600:
+        message = message[:600] + "..."
+    lines = textwrap.wrap(message, 90, break_long_words=True, break_on_hyphens=False) or [""]
     fig = go.Figure()
-    fig.add_annotation(text=esc(message), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.add_annotation(text="<br>".join(esc(line) for line in lines), showarrow=False, x=0.5, y=0.5,
+                       xref="paper", yref="paper")
     fig.update_layout(template="plotly_white", height=height, xaxis_visible=False, yaxis_visible=False,
                       margin=dict(l=20, r=20, t=30, b=20))
     return fig
+
+
+def no_points_message(view, spec, feasible: bool = False) -> str:
+    """Why a study has no point to draw on the spec's axes, in words."""
+    x, y = spec.axes.x, spec.axes.y
+    complete = [r for r in view.records if r.state == "COMPLETE"]
+    if not view.records:
+        return f"{view.label}: no trials yet"
+    if not complete:
+        return f"{view.label}: no completed trials yet"
+    families = _data.trial_families(complete, spec.families)
+    if not _data.trial_families(complete):
+        return (f"{view.label}: its completed trials record no structure family (a study not run by gsmsearch?); "
+                f"see the trials table")
+    if not families:
+        return f"{view.label}: no completed trials of the families shown ({', '.join(spec.families or [])})"
+    with_values = _data._complete_xy([r for r in complete if r.family in families], x, y, view.metric_names)
+    if not with_values:
+        names = ", ".join(view.metric_names[:6]) or "none"
+        return (f"{view.label}: no completed trial has finite values of both {y} and {x} "
+                f"(the study's objectives: {names})")
+    if feasible and not any(r.feasible for r, _, _ in with_values):
+        return f"{view.label}: no feasible completed trials yet"
+    return f"{view.label}: nothing to draw"
+
+
+def safe_figure(make, view, spec, **kwargs):
+    """``make(view, spec)``, or a figure saying why it could not be drawn: one odd study never
+    stops a page or a report."""
+    try:
+        return make(view, spec, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return empty_figure(f"{view.label}: this view could not be drawn ({type(error).__name__}: {text})")
+
+
+def short(text: Any, limit: int = 80) -> str:
+    """Text from a study cut to ``limit`` characters (for titles, which do not wrap)."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def _axis_title(metric: str) -> str:
@@ -143,7 +191,7 @@ def pareto_figure(view, spec, height: int = 460):
         return empty_figure(view.error)
     points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     if not any(points.values()):
-        return empty_figure(f"{view.label}: no completed trials yet")
+        return empty_figure(no_points_message(view, spec))
     fig = go.Figure()
     for family, family_pts in points.items():
         for trace in _family_traces(view, family, family_pts, spec):
@@ -151,7 +199,7 @@ def pareto_figure(view, spec, height: int = 460):
     _references(fig, spec)
     _dense_line(fig, spec)
     fig.update_layout(
-        template="plotly_white", height=height, title=dict(text=f"Pareto fronts: {esc(view.label)}", x=0.01),
+        template="plotly_white", height=height, title=dict(text=f"Pareto fronts: {esc(short(view.label))}", x=0.01),
         xaxis=dict(title=_axis_title(spec.axes.x), type="log" if spec.axes.log_x else "linear"),
         yaxis=dict(title=_axis_title(spec.axes.y)), legend=dict(groupclick="togglegroup"),
         margin=dict(l=60, r=20, t=50, b=50), uirevision=f"pareto-{view.key}", clickmode="event",
@@ -169,6 +217,8 @@ def comparison_figure(view, spec, height: int = 360):
         return empty_figure(view.error)
     points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     others = [f for f in points if f not in ("gblr", "dense") and points[f]]
+    if not any(points.values()):
+        return empty_figure(no_points_message(view, spec))
     if not points.get("gblr") or not others:
         return empty_figure(f"{view.label}: the comparison needs completed GBLR trials and at least one "
                             f"hand-crafted family")
@@ -188,7 +238,7 @@ def comparison_figure(view, spec, height: int = 360):
     fig.update_xaxes(title_text=_axis_title(spec.axes.x), row=1, col=1)
     fig.update_yaxes(title_text=_axis_title(spec.axes.y), row=1, col=1)
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
-                      title=dict(text=f"GBLR against each hand-crafted family: {esc(view.label)}", x=0.01),
+                      title=dict(text=f"GBLR against each hand-crafted family: {esc(short(view.label))}", x=0.01),
                       uirevision=f"compare-{view.key}")
     return fig
 
@@ -205,8 +255,8 @@ def hypervolume_figure(view, spec, height: int = 340):
                                         spec.families)
     history = _data.hypervolume_history(view.records, spec.axes.x, spec.axes.y, view.metric_names, reference,
                                         spec.families)
-    if not volumes:
-        return empty_figure(f"{view.label}: no trials yet")
+    if not any(history.values()):
+        return empty_figure(no_points_message(view, spec, feasible=True))
     fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65], horizontal_spacing=0.1,
                         subplot_titles=["hypervolume per family", "hypervolume over trials"])
     families = list(volumes)
@@ -226,7 +276,7 @@ def hypervolume_figure(view, spec, height: int = 340):
     fig.update_xaxes(title_text="trial number", row=1, col=2)
     fig.update_yaxes(title_text=f"hypervolume (ref. x={reference[0]:g}, y={reference[1]:g})", row=1, col=1)
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
-                      title=dict(text=f"Hypervolume: {esc(view.label)}", x=0.01), uirevision=f"hv-{view.key}")
+                      title=dict(text=f"Hypervolume: {esc(short(view.label))}", x=0.01), uirevision=f"hv-{view.key}")
     return fig
 
 
@@ -262,8 +312,11 @@ def coverage_figure(name: str, layer: Dict[str, Any], max_cells: int = 128, heig
     (rows = outputs, columns = inputs), block-averaged when the layer is larger than max_cells."""
     import plotly.graph_objects as go
 
-    out_features, in_features = int(layer["out_features"]), int(layer["in_features"])
-    counts, rows, cols = _data.coverage_counts(layer.get("intervals") or [], out_features, in_features, max_cells)
+    structure, why = _data.layer_structure(layer)
+    if structure is None:
+        return empty_figure(f"{name}: its structure is not drawn ({why})", height=160)
+    out_features, in_features, intervals = structure
+    counts, rows, cols = _data.coverage_counts(intervals, out_features, in_features, max_cells)
     exact = len(rows) - 1 == out_features and len(cols) - 1 == in_features
     fig = go.Figure(go.Heatmap(
         z=counts.round(3).tolist(), x=((cols[:-1] + cols[1:] - 1) / 2).tolist(),
@@ -272,13 +325,14 @@ def coverage_figure(name: str, layer: Dict[str, Any], max_cells: int = 128, heig
         hovertemplate=("row %{y:.0f}, column %{x:.0f}: %{z} component(s)" if exact else
                        "rows ~%{y:.0f}, columns ~%{x:.0f}: %{z:.2f} components (block mean)") + "<extra></extra>",
     ))
-    live = layer.get("live_components", len(layer.get("intervals") or []))
-    flops, dense = layer.get("flops"), layer.get("dense_flops")
-    cost = f", {flops:,} of {dense:,} FLOPs ({flops / dense:.1%})" if isinstance(flops, (int, float)) and dense else ""
+    live = layer.get("live_components", len(intervals))
+    live = live if _data._whole(live) is not None else len(intervals)
+    flops, dense = _data._finite(layer.get("flops")), _data._finite(layer.get("dense_flops"))
+    cost = f", {flops:,.0f} of {dense:,.0f} FLOPs ({flops / dense:.1%})" if flops is not None and dense else ""
     size = max(1.0, out_features / max(in_features, 1))
     fig.update_layout(
         template="plotly_white", height=int(min(520, max(height, 200 * min(size, 2.5)))),
-        title=dict(text=f"{esc(name)}: {out_features}x{in_features}, {live} live component(s){cost}", x=0.01,
+        title=dict(text=f"{esc(short(name, 60))}: {out_features}x{in_features}, {live} live component(s){cost}", x=0.01,
                    font_size=13),
         xaxis=dict(title="input (column)", range=[-0.5, in_features - 0.5], constrain="domain"),
         yaxis=dict(title="output (row)", autorange="reversed", scaleanchor="x", constrain="domain"),
@@ -288,26 +342,51 @@ def coverage_figure(name: str, layer: Dict[str, Any], max_cells: int = 128, heig
 
 
 def structure_layers(record) -> List[tuple]:
-    """(name, layer summary) of the trial's layers that have recorded intervals (GBLR)."""
-    layers = record.user_attrs.get("layers") or {}
-    return [(name, layer) for name, layer in layers.items()
-            if isinstance(layer, dict) and isinstance(layer.get("intervals"), list)
-            and layer.get("out_features") and layer.get("in_features")]
+    """(name, layer summary) of the trial's layers that have recorded intervals (GBLR) that can be
+    drawn (see :func:`structure_notes` for those that cannot)."""
+    layers = record.user_attrs.get("layers")
+    if not isinstance(layers, dict):
+        return []
+    return [(str(name), layer) for name, layer in layers.items()
+            if isinstance(layer, dict) and "intervals" in layer and _data.layer_structure(layer)[0] is not None]
+
+
+def structure_notes(record, limit: int = 8) -> List[str]:
+    """Why parts of the trial's recorded structure are not drawn (a malformed ``layers`` record)."""
+    layers = record.user_attrs.get("layers")
+    if layers is None or layers == {}:
+        return []
+    if not isinstance(layers, dict):
+        return [f"its layers record is a {type(layers).__name__}, not a mapping of layer names to layers"]
+    notes = []
+    for name, layer in layers.items():
+        if not isinstance(layer, dict):
+            notes.append(f"{str(name)[:200]}: not a layer record ({type(layer).__name__})")
+        elif "intervals" in layer:
+            structure, why = _data.layer_structure(layer)
+            if structure is None:
+                notes.append(f"{str(name)[:200]}: its structure is not drawn ({why})")
+    if len(notes) > limit:
+        notes = notes[:limit] + [f"and {len(notes) - limit} more"]
+    return notes
 
 
 def interval_rows(layer: Dict[str, Any], limit: int = 64) -> List[Dict[str, Any]]:
     """The component intervals as table rows (rows/columns as half-open, cyclic ranges)."""
-    out_features, in_features = int(layer["out_features"]), int(layer["in_features"])
+    structure, _ = _data.layer_structure(layer)
+    if structure is None:
+        return []
+    out_features, in_features, intervals = structure
     rows = []
-    for k, (row_start, row_len, col_start, col_len) in enumerate((layer.get("intervals") or [])[:limit]):
+    for k, (row_start, row_len, col_start, col_len) in enumerate(intervals[:limit]):
         def span(start, length, size):
             end = (start + length) % size
             wrap = " (wraps)" if start + length > size else ""
             return f"{start}..{end if end or not length else size}{wrap}"
 
-        rows.append({"component": k, "rows": span(int(row_start), int(row_len), out_features),
-                     "row length": int(row_len), "columns": span(int(col_start), int(col_len), in_features),
-                     "column length": int(col_len), "entries": int(row_len) * int(col_len)})
+        rows.append({"component": k, "rows": span(row_start, row_len, out_features),
+                     "row length": row_len, "columns": span(col_start, col_len, in_features),
+                     "column length": col_len, "entries": row_len * col_len})
     return rows
 
 

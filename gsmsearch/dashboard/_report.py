@@ -159,7 +159,12 @@ def _budget_section(views, spec) -> str:
     for view in views:
         if view.error:
             continue
-        rows = _figures.budget_rows(view, spec)
+        try:
+            rows = _figures.budget_rows(view, spec)
+        except Exception as error:  # noqa: BLE001 - one odd study must not stop the report
+            parts.append(f'<div class="cell"><h3>{_e(view.label)}</h3><p class="muted">the budget table could '
+                         f"not be computed ({_e(type(error).__name__)}: {_e(str(error)[:200])})</p></div>")
+            continue
         if not rows:
             continue
         columns = [f"<= {b:g}" for b in spec.budgets]
@@ -180,7 +185,10 @@ def _trials_section(views, spec, detailed: set) -> str:
     rows: List[Dict[str, Any]] = []
     for view in views:
         if not view.error:
-            rows += _data.trial_rows(view, spec.axes.x, spec.axes.y, spec.families)
+            try:
+                rows += _data.trial_rows(view, spec.axes.x, spec.axes.y, spec.families)
+            except Exception:  # noqa: BLE001 - its figures say what is wrong; the other studies' rows stay
+                continue
     if not rows:
         return '<p class="muted">No trials.</p>'
     columns = list(dict.fromkeys(c for row in rows for c in row if c != "id"))
@@ -238,11 +246,12 @@ def trial_detail_html(view, record, spec, figures: _Figures, max_cells: int = 96
     facts += [{"key": k, "value": _figures._fmt(v)} for k, v in _data.config_summary(record).items()]
     if record.failure_reason:
         facts.append({"key": "failure reason", "value": record.failure_reason})
-    parts = [f"<h3>{_e(view.label)}: trial {record.number} ({_e(record.family)})</h3>",
+    parts = [f"<h3>{_e(view.label)}: trial {record.number} ({_e(record.family or 'no family')})</h3>",
              '<div class="row"><div class="cell" style="flex:0 1 380px;min-width:300px">',
              _table(facts, ["key", "value"], ' class="facts"'), "</div>",
              f'<div class="cell">{figures.div(_figures.layer_flops_figure(record), main=False)}</div></div>']
     layers = _figures.structure_layers(record)
+    notes = _figures.structure_notes(record)
     if layers:
         parts.append('<h3>Learned structure (components covering each weight entry)</h3><div class="layers">')
         for name, layer in layers:
@@ -252,11 +261,27 @@ def trial_detail_html(view, record, spec, figures: _Figures, max_cells: int = 96
                          f"<details><summary>{len(layer.get('intervals') or [])} component interval(s) of "
                          f"{_e(name)}</summary>{_table(intervals, columns, ' class=intervals')}</details></div>")
         parts.append("</div>")
-    elif record.user_attrs.get("layers"):
+    elif record.user_attrs.get("layers") and not notes:
         parts.append('<p class="muted">Hand-crafted structure: its layers are listed above; the coverage '
                      "heatmap is drawn for learned (GBLR) layers.</p>")
+    if notes:
+        parts.append('<div class="structure-notes muted">Not drawn from this trial\'s recorded layers:<ul>'
+                     + "".join(f"<li>{_e(note)}</li>" for note in notes) + "</ul></div>")
     return (f'<section class="trial-detail" data-trial="{_e(view.key)}:{record.number}" hidden>'
             + "".join(parts) + "</section>")
+
+
+def _safe_detail_html(view, record, spec, figures: _Figures) -> str:
+    """:func:`trial_detail_html`, or a note saying why the trial's detail cannot be shown."""
+    kept = len(figures.blobs)
+    try:
+        return trial_detail_html(view, record, spec, figures)
+    except Exception as error:  # noqa: BLE001
+        del figures.blobs[kept:]
+        return (f'<section class="trial-detail" data-trial="{_e(view.key)}:{record.number}" hidden>'
+                f"<h3>{_e(view.label)}: trial {record.number} ({_e(record.family or 'no family')})</h3>"
+                f'<p class="muted">This trial\'s detail could not be shown ({_e(type(error).__name__)}: '
+                f"{_e(str(error)[:200])}).</p></section>")
 
 
 def _sha256(text: str) -> str:
@@ -283,7 +308,8 @@ def render_report(views, spec, *, max_details: int = 80, generated: Optional[str
                        f"{': ' + _e(workload) if workload else ''}: {_e(counts)}</li>")
 
     def per_study(kind: str, make) -> str:
-        cells = "".join(f'<div class="cell" id="{kind}-{_e(v.key)}">{figures.div(make(v, spec))}</div>' for v in views)
+        cells = "".join(f'<div class="cell" id="{kind}-{_e(v.key)}">{figures.div(_figures.safe_figure(make, v, spec))}'
+                        "</div>" for v in views)
         return f'<div class="row">{cells}</div>'
 
     pareto = per_study("pareto", _figures.pareto_figure)
@@ -293,11 +319,15 @@ def render_report(views, spec, *, max_details: int = 80, generated: Optional[str
     for view in views:
         if view.error:
             continue
-        for record in _detail_trials(view, spec, max_details):
-            details.append(trial_detail_html(view, record, spec, figures))
+        try:
+            chosen = _detail_trials(view, spec, max_details)
+        except Exception:  # noqa: BLE001 - its figures say what is wrong
+            chosen = []
+        for record in chosen:
+            details.append(_safe_detail_html(view, record, spec, figures))
             detailed.add(f"{view.key}:{record.number}")
             options.append(f'<option value="{_e(view.key)}:{record.number}">{_e(view.label)}: trial '
-                           f"{record.number} ({_e(record.family)})</option>")
+                           f"{record.number} ({_e(record.family or 'no family')})</option>")
     ref = spec.reference
     body = f"""
 <h1>{_e(spec.title)}</h1>

@@ -13,6 +13,7 @@ with ``optuna.load_study`` and only read (``get_trials``, ``user_attrs``).
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -143,6 +144,37 @@ def sources_in_storage(url: str, names: Optional[List[str]] = None) -> List[Stud
     return [StudySource(name=n, url=url, label=n) for n in available]
 
 
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan  # a constraint that is not a number: not known to hold (infeasible)
+
+
+def _records(study) -> List[TrialRecord]:
+    """The study's trial records, with what the views rely on made safe whatever the study holds
+    (it may come from plain Optuna or another tool): the family is a string or None; a constraint
+    value that is not a number counts as violated."""
+    try:
+        records = study_records(study)
+    except (TypeError, ValueError):
+        records = []
+        for trial in study.get_trials(deepcopy=False):
+            constraints = {key.split(":", 1)[1]: _number(value) for key, value in trial.system_attrs.items()
+                           if key.startswith("constraints:")}
+            records.append(TrialRecord(
+                number=trial.number, state=trial.state.name,
+                family=trial.params.get("family") or trial.user_attrs.get("family"),
+                values=list(trial.values) if trial.values is not None else None,
+                params=dict(trial.params), user_attrs=dict(trial.user_attrs), constraints=constraints))
+    for record in records:
+        if record.family is not None and not isinstance(record.family, str):
+            record.family = str(record.family)[:100]
+        if not isinstance(record.user_attrs, dict):
+            record.user_attrs = {}
+    return records
+
+
 def load_view(source: StudySource, key: str, storage=None) -> StudyView:
     """Read one study; a study that cannot be read gives a view with ``error`` set."""
     import optuna
@@ -157,7 +189,7 @@ def load_view(source: StudySource, key: str, storage=None) -> StudyView:
         view.metric_names = list(study.metric_names or [f"objective_{i}" for i in range(len(view.directions))])
         spec = study.user_attrs.get("spec")
         view.spec = spec if isinstance(spec, dict) else {}
-        view.records = study_records(study)
+        view.records = _records(study)
     except KeyError:
         view.error = f"no study {source.name!r} in {view.storage}"
     except Exception as error:  # noqa: BLE001 - one unreadable study must not stop the others
@@ -207,6 +239,7 @@ class DataCache:
                 if self.discover:
                     self._list_studies()
                 views = []
+                previous = {view.key: view for view in self._views or []}
                 for index, source in enumerate(self.sources):
                     try:
                         storage = self._storage(source.url)
@@ -216,6 +249,10 @@ class DataCache:
                         views.append(StudyView(key=str(index), name=source.name, label=source.label,
                                                storage=redact(source.url), error=str(error)))
                         continue
-                    views.append(load_view(source, str(index), storage))
+                    view = load_view(source, str(index), storage)
+                    # an unchanged study keeps its view object, so what is computed from it
+                    # (the dashboard's figures) can be reused instead of rebuilt at every refresh
+                    old = previous.get(view.key)
+                    views.append(old if old is not None and old == view else view)
                 self._views, self._read_at = views, time.monotonic()
             return self._views

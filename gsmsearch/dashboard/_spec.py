@@ -120,10 +120,14 @@ class ReferencePoint(Point):
     label: str = Field(min_length=1, max_length=200)
 
 
+#: the most studies a dashboard spec file names (a whole storage, from the command line, has no limit)
+MAX_STUDIES = 12
+
+
 class DashboardSpec(_Strict):
     title: str = Field("gsmsearch dashboard", max_length=300)
     storage: Optional[str] = None  # default storage for studies given by name
-    studies: List[StudyRef] = Field(default_factory=list, max_length=12)  # >= 1 in a spec file
+    studies: List[StudyRef] = Field(default_factory=list)  # 1..MAX_STUDIES in a spec file
     families: Optional[List[FamilyName]] = Field(None, min_length=1)
     axes: Axes = Axes()
     hypervolume_reference: Optional[Point] = None  # default: x = 1 (dense cost), y = 0
@@ -148,8 +152,13 @@ class DashboardSpec(_Strict):
     def _some_studies(self, info: ValidationInfo):
         # `gsmsearch dashboard --storage URL` alone shows whatever studies the storage holds,
         # none yet included; a spec file names at least one
-        if not self.studies and not (info.context or {}).get("from_command_line"):
+        if (info.context or {}).get("from_command_line"):
+            return self  # --storage alone: every study the storage holds, however many
+        if not self.studies:
             raise ValueError("studies: should have at least 1 item (a study name or a spec)")
+        if len(self.studies) > MAX_STUDIES:
+            raise ValueError(f"studies: should have at most {MAX_STUDIES} items, not {len(self.studies)} "
+                             f"(or show a whole storage with `--storage URL` alone)")
         return self
 
     @model_validator(mode="after")

@@ -127,3 +127,140 @@ def free_port() -> int:
 
 def finite(value) -> bool:
     return value is not None and math.isfinite(value)
+
+
+#: malformed or huge `layers` user attrs, one trial each in the "odd-layers" study
+ODD_LAYERS = [
+    {"big": {"family": "gblr", "in_features": 4096, "out_features": 4096, "flops": 10 ** 9, "dense_flops": 2 * 10 ** 9,
+             "intervals": [[i * 7 % 4096, 100 + i % 900, i * 13 % 4096, 50 + i % 1000] for i in range(2000)]}},
+    "not a mapping",
+    [1, 2, 3],
+    {"fc": "not a layer"},
+    {"fc": {"family": "gblr", "in_features": "x", "out_features": 8, "intervals": [[0, 1, 0, 1]]}},
+    {"fc": {"family": "gblr", "in_features": 8, "out_features": 8, "intervals": [[0, 1, 0], "x", [None, 1, 2, 3]]}},
+    {"fc": {"family": "gblr", "in_features": -8, "out_features": 8, "intervals": [[0, 1, 0, 1]]}},
+    {"fc": {"family": "gblr", "in_features": 8.5, "out_features": 1e30, "intervals": [[0.5, 1, 0, 1]],
+            "live_components": "<b>x</b>", "flops": "many", "dense_flops": 0}},
+    {"fc": {"family": ["gblr"], "in_features": True, "out_features": 8, "intervals": [[0, 1, 0, 1]]}},
+    {"fc": {"family": "gblr", "in_features": 8, "out_features": 8, "intervals": [[0, -5, -3, 10 ** 12]],
+            "flops": float("nan"), "dense_flops": float("inf")}},
+]
+ODD_NAME = "ünïcødé-名前-" + "L" * 300
+
+#: the studies of the odd database, in creation order
+ODD_STUDIES = ["plain-one", "plain-two", "empty", "no-complete", "one-complete", "single-objective", "three-objectives",
+               "no-metric-names", "both-maximize", "inf-values", "odd-layers", ODD_NAME, "spec-not-a-dict",
+               "odd-families", "odd-columns"]
+
+
+def _like(trial, **changes):
+    """A copy of a FrozenTrial from :func:`_complete` with some fields changed."""
+    import optuna
+
+    fields = dict(params=trial.params, distributions=trial.distributions, values=trial.values,
+                  user_attrs=dict(trial.user_attrs), system_attrs=trial.system_attrs)
+    user_attrs = changes.pop("user_attrs", {})
+    fields.update(changes)
+    fields["user_attrs"].update(user_attrs)
+    return optuna.trial.create_trial(**fields)
+
+
+def seed_odd_studies(url: str) -> None:
+    """Studies a real storage can hold that gsmsearch did not write the usual way: plain Optuna
+    studies (one and two objectives, params only), no trials, no completed trial, one trial, one
+    and three objectives, no metric names, both objectives maximised, infinite values, malformed
+    and huge layer records, non-ASCII and very long text, a spec that is not a mapping, families
+    that are not strings, and parameter / metric names that clash with the table's columns."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _seed_odd_studies(url)
+
+
+def _seed_odd_studies(url: str) -> None:
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(study_name="plain-one", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2 + t.suggest_int("n", 0, 3), n_trials=3)
+    study = optuna.create_study(study_name="plain-two", storage=url, directions=["minimize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1 - t.suggest_float("y", 0, 1)), n_trials=3)
+    optuna.create_study(study_name="empty", storage=url, directions=["maximize", "minimize"])
+    study = optuna.create_study(study_name="no-complete", storage=url, directions=["maximize", "minimize"])
+    family = {"family": CategoricalDistribution(["gblr", "lowrank"])}
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"family": "gblr"}, distributions=family,
+                                 user_attrs={"family": "gblr", "failure_reason": "boom"}))
+    study.add_trial(create_trial(state=TrialState.RUNNING, params={"family": "lowrank"}, distributions=family))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"family": "lowrank"}, distributions=family))
+    study.add_trial(create_trial(state=TrialState.WAITING, params={}, distributions={}))
+    seed_study(url, "one-complete", [("gblr", 0.2, 0.8)])
+    study = optuna.create_study(study_name="single-objective", storage=url, direction="maximize")
+    study.set_metric_names(["quality"])
+    for index, (fam, x, y) in enumerate([("gblr", 0.3, 0.9), ("lowrank", 0.2, 0.7)]):
+        study.add_trial(_like(_complete(fam, x, y, index), values=[y]))
+    study = optuna.create_study(study_name="three-objectives", storage=url,
+                                directions=["maximize", "minimize", "minimize"])
+    study.set_metric_names(["quality", "relative_flops", "latency_ms"])
+    for index, (fam, x, y) in enumerate(MAIN_TRIALS[:4]):
+        study.add_trial(_like(_complete(fam, x, y, index), values=[y, x, 0.5]))
+    study = optuna.create_study(study_name="no-metric-names", storage=url, directions=["maximize", "minimize"])
+    for index, (fam, x, y) in enumerate(MAIN_TRIALS[:3]):
+        trial = _complete(fam, x, y, index)
+        trial.user_attrs.pop("result")
+        study.add_trial(_like(trial))
+    study = optuna.create_study(study_name="both-maximize", storage=url, directions=["maximize", "maximize"])
+    study.set_metric_names(["quality", "relative_flops"])
+    for index, (fam, x, y) in enumerate(MAIN_TRIALS[:3]):
+        study.add_trial(_complete(fam, x, y, index))
+    study = optuna.create_study(study_name="inf-values", storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "relative_flops"])
+    inf = float("inf")
+    for index, (y, x) in enumerate([(0.8, 0.1), (inf, 0.2), (0.7, inf), (-inf, 0.3), (0.9, -inf)]):
+        study.add_trial(_like(_complete("gblr", 0.1, 0.8, index), values=[y, x],
+                              user_attrs={"result": {"quality": y, "relative_flops": x}}))
+    study = optuna.create_study(study_name="odd-layers", storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "relative_flops"])
+    for index, layers in enumerate(ODD_LAYERS):
+        x, y = 0.05 + 0.03 * index, 0.5 + 0.03 * index
+        study.add_trial(_like(_complete("gblr", x, y, index), user_attrs={"layers": layers}))
+    study = optuna.create_study(study_name=ODD_NAME, storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "relative_flops"])
+    study.set_user_attr("spec", {"name": "ü", "workload": "not a mapping"})
+    for index, (fam, x, y) in enumerate(MAIN_TRIALS[:3]):
+        trial = _complete(fam, x, y, index)
+        study.add_trial(_like(trial, user_attrs={
+            "failure_reason": "émoji 🎉 " + "z" * 20000,
+            "config": dict(trial.user_attrs["config"], note="日本語 " * 3000),
+            "layers": {"層" * 200 + name: layer for name, layer in trial.user_attrs["layers"].items()}}))
+    study = optuna.create_study(study_name="spec-not-a-dict", storage=url, directions=["maximize", "minimize"])
+    study.set_user_attr("spec", "a string")
+    study.add_trial(_complete("gblr", 0.2, 0.8, 0))
+    study = optuna.create_study(study_name="odd-families", storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "relative_flops"])
+    for index, fam in enumerate([["gblr"], {"a": 1}, 5, "", "Ω-family"]):
+        study.add_trial(_like(_complete("gblr", 0.1 + 0.1 * index, 0.8, index), params={"x": 0.1},
+                              distributions={"x": FloatDistribution(0, 1)}, values=[0.8, 0.1 + 0.1 * index],
+                              user_attrs={"family": fam, "result": "not a mapping", "config": ["x"]}))
+    study = optuna.create_study(study_name="odd-columns", storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "id"])  # a metric named like the table's row id
+    names = ["x{y}", 'q"uote', "state"]
+    for index in range(2):
+        params = {name: 0.1 * (index + 1) for name in names}
+        params["family"] = "gblr"
+        distributions = {name: FloatDistribution(0, 1) for name in names}
+        distributions["family"] = CategoricalDistribution(["gblr"])
+        study.add_trial(_like(_complete("gblr", 0.1 * (index + 1), 0.8, index), params=params,
+                              distributions=distributions,
+                              system_attrs={"constraints:relative_flops": "not a number"}))
+
+
+@pytest.fixture(scope="session")
+def odd_db(tmp_path_factory):
+    """An SQLite file holding the studies of :func:`seed_odd_studies`; returns (path, url)."""
+    path = tmp_path_factory.mktemp("odd") / "odd.db"
+    url = f"sqlite:///{path}"
+    seed_odd_studies(url)
+    return path, url

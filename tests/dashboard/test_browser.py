@@ -277,3 +277,47 @@ def test_static_report_works_from_a_file_url_without_network(page, seeded_db, tm
     _wait_count(page, ".trial-detail:not([hidden]) .heatmaplayer .hm", 2)
     assert refused == []
     assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def odd_server(odd_db):
+    """The dashboard of a whole storage of odd studies (see ``seed_odd_studies``), 13+ of them."""
+    process, address = start_dashboard(odd_db[1])
+    server = {"address": address, "process": process}
+    yield server
+    if process.poll() is None:
+        stop(process)
+
+
+def _open_trial(page, study: str, number: int) -> None:
+    """Filter the trials table on a study and click one of its trials' rows."""
+    box = page.locator('th.dash-filter[data-dash-column="study"] input[type=text]')
+    box.fill(study)
+    box.press("Enter")
+    page.locator('td[data-dash-column="number"]', has_text=str(number)).first.click()
+    _wait_text(page, "#detail-title", f"trial {number} (")
+
+
+def test_a_storage_of_odd_studies_renders_every_study_without_errors(page, odd_server):
+    from .conftest import ODD_NAME, ODD_STUDIES
+
+    page.goto(odd_server["address"])
+    _wait_count(page, "#section-pareto .js-plotly-plot", len(ODD_STUDIES))
+    _wait_count(page, ".js-plotly-plot", 3 * len(ODD_STUDIES))
+    _wait_text(page, "#studies", ODD_NAME)
+    listed = page.inner_text("#studies")
+    assert all(name in listed for name in ODD_STUDIES)
+    # studies with nothing to draw say why; the others draw their points
+    _wait_text(page, "#pareto-0", "record no structure family")
+    _wait_text(page, "#pareto-2", "no trials yet")
+    _wait_count(page, f"#pareto-{ODD_STUDIES.index('odd-families')} .scatterlayer .point", 4)
+    # a huge learned layer is drawn block-averaged; malformed layer records are listed as notes
+    _open_trial(page, "odd-layers", 0)
+    _wait_count(page, ".structure-heatmap .heatmaplayer .hm", 1)
+    _open_trial(page, "odd-layers", 5)
+    _wait_text(page, ".structure-notes", "interval 0 is not [row_start, row_len, col_start, col_len]")
+    page.wait_for_timeout(1500)  # a refresh or two
+    assert page.errors == []
+    stop(odd_server["process"])
+    output = odd_server["process"].stdout.read()
+    assert "Traceback" not in output and "Exception on" not in output, output[-3000:]

@@ -286,3 +286,22 @@ def test_dashboard_refuses_when_no_study_can_be_read(tmp_path, seeded_db, capsys
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     optuna.storages.RDBStorage(empty)
     assert main(["dashboard", "--storage", empty, "--port", "8059"]) == 0 and len(_FakeApp.served) == 2
+
+
+def test_a_study_name_too_long_for_a_file_name(tmp_path, seeded_db, capsys):
+    """Study names are not file names: a 300-character one gets the usual one-line error (not an
+    OSError from asking whether it is a file), and a report of it gets a short default file name."""
+    _, url, _, _ = seeded_db
+    long_name = "n" * 300
+    assert main(["status", long_name, "--storage", url]) == 2
+    assert main(["report", long_name, "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "no study" in err and "OSError" not in err and "unexpected" not in err
+    db = tmp_path / "long.db"
+    from .conftest import MAIN_TRIALS, seed_study
+
+    seed_study(f"sqlite:///{db}", long_name, MAIN_TRIALS)
+    os.chdir(tmp_path)
+    assert main(["report", long_name, "--storage", f"sqlite:///{db}"]) == 0
+    written = [p.name for p in tmp_path.glob("*-report.html")]
+    assert written == ["n" * 100 + "-report.html"], written
