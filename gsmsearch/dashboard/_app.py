@@ -188,11 +188,12 @@ def create_app(spec, cache: DataCache):
                     suppress_callback_exceptions=False)
     app.index_string = app.index_string.replace("<html>", '<html lang="en">')
 
+    def cells(kind: str, keys: List[str]):
+        return [html.Div(dcc.Graph(id={"type": kind, "study": key}, config={"displaylogo": False}),
+                         id=f"{kind}-{key}", style=_CSS["cell"]) for key in keys]
+
     def graphs(kind: str, keys: List[str]):
-        return html.Div([
-            html.Div(dcc.Graph(id={"type": kind, "study": key}, config={"displaylogo": False}),
-                     id=f"{kind}-{key}", style=_CSS["cell"]) for key in keys
-        ], style=_CSS["row"])
+        return html.Div(cells(kind, keys), id=f"{kind}-row", style=_CSS["row"])
 
     ref = spec.reference
 
@@ -209,6 +210,7 @@ def create_app(spec, cache: DataCache):
             html.Ul(id="studies"),
             dcc.Interval(id="refresh", interval=int(spec.refresh_seconds * 1000)),
             dcc.Store(id="shown"),  # digest of what the last refresh sent to this page
+            dcc.Store(id="page-keys", data=keys),  # the studies this page has figures for
             dcc.Store(id="selected"),
             html.Section([
                 html.H2("Pareto fronts per family", style=_CSS["h2"]),
@@ -287,8 +289,8 @@ def create_app(spec, cache: DataCache):
         studies = []
         if cache.discover and (cache.listing_error or not views_now):
             reason = f" ({cache.listing_error})" if cache.listing_error else ""
-            studies.append(html.Li(f"No studies in this storage yet{reason}; a launched study appears here, "
-                                   f"its figures after a page reload.", style=_CSS["muted"]))
+            studies.append(html.Li(f"No studies in this storage yet{reason}; a launched study appears here "
+                                   f"with its figures.", style=_CSS["muted"]))
         for view in views_now:
             if view.error:
                 studies.append(html.Li(f"{view.label}: {view.error}", style={"color": "#b00"}))
@@ -303,10 +305,30 @@ def create_app(spec, cache: DataCache):
                    columns, studies)
         # send only what changed: a figure redrawn with the same data drops its hover label (and
         # a click in progress on it), the table its active cell
-        digest = hashlib.sha256(json.dumps(outputs, cls=PlotlyJSONEncoder, sort_keys=True).encode()).hexdigest()
+        # (the figures present are part of it: figures added for a new study are filled at once)
+        present = [[item["id"] for item in ctx.outputs_list[kind]] for kind in range(3)]
+        digest = hashlib.sha256(json.dumps([outputs, present], cls=PlotlyJSONEncoder,
+                                           sort_keys=True).encode()).hexdigest()
         if digest == shown:
             raise PreventUpdate
         return (*outputs, digest)
+
+    @app.callback(
+        Output("pareto-row", "children"),
+        Output("compare-row", "children"),
+        Output("hypervolume-row", "children"),
+        Output("page-keys", "data"),
+        Input("refresh", "n_intervals"),
+        State("page-keys", "data"),
+        prevent_initial_call=True,
+    )
+    def new_studies(_, page_keys):
+        """A study that appeared in the storage since the page loaded gets its figures (the next
+        refresh fills them); the page is not reloaded, so nothing else the user did is lost."""
+        keys = [view.key for view in cache.views()]
+        if keys == list(page_keys or []):
+            raise PreventUpdate
+        return cells("pareto", keys), cells("compare", keys), cells("hypervolume", keys), keys
 
     @app.callback(
         Output("selected", "data"),
