@@ -143,6 +143,41 @@ def _driver_alive(driver: Dict[str, Any]) -> bool:
     return True
 
 
+class _DeferredInterrupt:
+    """Ctrl-C while the driver runs is noted and raised as KeyboardInterrupt at the loop's next
+    safe point (:meth:`check`, at the top of the loop), never between asking Optuna for a trial
+    and submitting it, nor while a finished trial's result is being recorded (a result that has
+    arrived is kept); a second Ctrl-C interrupts at once.  Only
+    in the main thread (signal handlers live there); elsewhere Ctrl-C behaves as usual."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _check_workdir(workdir: Path) -> None:
     """The workdir can be created (or is a writable folder): checked before anything is written."""
     from ..trainer._trial import folder_problem
@@ -445,6 +480,7 @@ def launch(
     asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
     finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
     exhausted_reported = False
+    interrupt = _DeferredInterrupt().__enter__()
     try:
         heartbeat()
         launched_target = spec.trials
@@ -454,6 +490,8 @@ def launch(
             nonlocal launched_target, exhausted_reported
             in_flight = len(running)
             while in_flight < spec.concurrency:
+                if interrupt.pending:  # stop asking; the loop stops once this result is recorded
+                    break
                 # one read of the study per proposal: the count, the family choice and the
                 # duplicate check all see the same trials (none of them changes what they read)
                 trials = with_retries(lambda: study.get_trials(deepcopy=False))
@@ -502,6 +540,7 @@ def launch(
                 in_flight += 1
 
         while True:
+            interrupt.check()
             heartbeat()
             fill(0)
             if not running:
@@ -557,6 +596,7 @@ def launch(
             fail_trial(asked[number], asked[number].params.get("family", "?"), reason, final=False)
         print(f"[{spec.name}] stopped; continue with: gsmsearch launch {spec_path} --resume", file=out)
     finally:
+        interrupt.__exit__()
         try:
             heartbeat(clear=True)
         except Exception:  # noqa: BLE001 - the database may be the thing that failed
