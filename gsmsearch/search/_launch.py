@@ -154,7 +154,7 @@ class _DeferredInterrupt:
         self.pending = False
         self._previous = None
 
-    def __enter__(self) -> "_DeferredInterrupt":
+    def install(self) -> "_DeferredInterrupt":
         import signal
         import threading
 
@@ -171,7 +171,7 @@ class _DeferredInterrupt:
         if self.pending:
             raise KeyboardInterrupt
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         import signal
 
         if self._previous is not None:
@@ -480,7 +480,7 @@ def launch(
     asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
     finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
     exhausted_reported = False
-    interrupt = _DeferredInterrupt().__enter__()
+    interrupt = _DeferredInterrupt().install()
     try:
         heartbeat()
         launched_target = spec.trials
@@ -596,7 +596,7 @@ def launch(
             fail_trial(asked[number], asked[number].params.get("family", "?"), reason, final=False)
         print(f"[{spec.name}] stopped; continue with: gsmsearch launch {spec_path} --resume", file=out)
     finally:
-        interrupt.__exit__()
+        interrupt.restore()
         try:
             heartbeat(clear=True)
         except Exception:  # noqa: BLE001 - the database may be the thing that failed
