@@ -27,6 +27,7 @@ from ._proximal import (
     BudgetController,
     ProjectFlops,
     ProjectMeanWidth,
+    ProximalOnly,
     SigmaSchedule,
     StopShrinkingAtTarget,
     gblr_layers,
@@ -44,7 +45,7 @@ __all__ = [
     "register_family", "component_costs", "gblr_flops", "interval_lengths", "boxcar_mask",
     "gaudi_mask", "gaudi_mask_reference", "GBLRLinear", "DenseLinear", "LowRankLinear",
     "BlockDiagonalLinear", "MonarchLinear", "BlockSparseLinear", "BlockLowRankLinear", "BlastLinear", "BudgetController", "ProjectFlops",
-    "ProjectMeanWidth", "SigmaSchedule", "StopShrinkingAtTarget", "gblr_layers", "mean_width",
+    "ProjectMeanWidth", "ProximalOnly", "SigmaSchedule", "StopShrinkingAtTarget", "gblr_layers", "mean_width",
     "param_groups", "proximal_step", "set_sigma", "ModelCost", "linear_layers", "model_cost",
     "replace_linears", "matching_linears", "set_module", "ALLOCATIONS", "allocate_budgets", "BudgetTooSmall", "ExportedGBLR", "export", "load_structure", "save_structure",
 ]

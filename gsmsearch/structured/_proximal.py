@@ -6,8 +6,11 @@ step after every optimizer step (method.md section 3):
     widths    <- clamp(softshrink(widths, lambda * lr_width), 0, 1)
     locations <- locations mod 1
 
-Budget controllers act on the whole model's GBLR layers together (a model has one budget, spread
-across layers by training):
+The proximal step always runs (it is what keeps widths in [0, 1] and locations in [0, 1), the
+ranges the masks, the FLOP count and the export assume).  Budget controllers act on the whole
+model's GBLR layers together (a model has one budget, spread across layers by training):
+- :class:`ProximalOnly`: the proximal step alone, no budget projection (``budget_control: none``;
+  a training loop without a controller runs this one);
 - :class:`StopShrinkingAtTarget`: the proximal step is skipped once the mean width is at or below
   the target (the reference's ViT recipe);
 - :class:`ProjectMeanWidth`: after each step the widths are projected onto ``mean == target``
@@ -33,6 +36,7 @@ __all__ = [
     "proximal_step",
     "mean_width",
     "BudgetController",
+    "ProximalOnly",
     "StopShrinkingAtTarget",
     "ProjectMeanWidth",
     "ProjectFlops",
@@ -103,6 +107,30 @@ class BudgetController:
         raise NotImplementedError
 
 
+def _structure_state(layers) -> tuple:
+    """The widths' and locations' identities and version counters (no read from the device)."""
+    return version_key(p for layer in layers for p in (layer.widths, layer.locations))
+
+
+@dataclass
+class ProximalOnly(BudgetController):
+    """The proximal step alone: widths soft-thresholded by ``lam * lr_width`` and clamped to
+    [0, 1], locations wrapped into [0, 1); no budget projection."""
+
+    # the widths' and locations' identities and version counters after the last step
+    _after_last_step: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    @torch.no_grad()
+    def step(self, layers, lam, lr_width):
+        # With a zero threshold and nothing changed since this controller's last step, the step
+        # is the identity (its clamp and wrap find every value where they put it): skipped, which
+        # keeps the layers' cached structure valid (a frozen structure, fine-tuning a fit).
+        if float(lam) * float(lr_width) == 0.0 and self._after_last_step == _structure_state(layers):
+            return
+        proximal_step(layers, lam, lr_width)
+        self._after_last_step = _structure_state(layers)
+
+
 @dataclass
 class StopShrinkingAtTarget(BudgetController):
     """Proximal step only while the mean width is above ``target_mean_width``."""
@@ -167,7 +195,7 @@ class ProjectFlops(BudgetController):
             )
 
     def _state(self, layers) -> tuple:
-        structure = version_key(p for layer in layers for p in (layer.widths, layer.locations))
+        structure = _structure_state(layers)
         weights = None if self.weights is None else tuple(float(w) for w in self.weights)
         return (float(self.target_relative_flops), weights, structure)
 

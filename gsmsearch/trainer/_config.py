@@ -39,6 +39,10 @@ class TrialConfig:
 
     # GBLR structure learning (ignored by the hand-crafted families)
     lam: float = 0.0  # L1 strength on widths (proximal threshold lam * structure_lr); 0 = the budget alone decides
+    # after every step the proximal step (soft-threshold by lam * structure_lr, clamp widths to
+    # [0, 1], wrap locations) runs, then: "project-flops" = shift widths onto the FLOPs budget,
+    # "project-mean-width" = onto target_mean_width, "stop-shrinking" = no proximal threshold once
+    # the mean width is at target_mean_width, "none" = no budget projection
     budget_control: str = "project-flops"
     target_mean_width: Optional[float] = None  # for project-mean-width / stop-shrinking
     # budget goes 1 -> budget over these epochs; None = epochs/2 in scratch mode, 0 in finetune mode

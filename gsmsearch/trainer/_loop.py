@@ -1,7 +1,9 @@
 """The training loop shared by trials and dense pre-training.
 
 One epoch = one pass over the shuffled training split.  After every optimizer step the GBLR
-layers get the method's proximal step through a budget controller; the Gaudi masks' sigma follows
+layers get the method's proximal step (soft-threshold by ``lam`` times the structure lr, clamp,
+wrap) through a budget controller -- :class:`~gsmsearch.structured.ProximalOnly` when none is
+given, so a loop without a budget still keeps widths in [0, 1]; the Gaudi masks' sigma follows
 a schedule per (fractional) epoch.  The loop checkpoints after every epoch (atomically) and can
 resume from such a checkpoint, so a preempted trial loses at most one epoch.
 """
@@ -21,6 +23,7 @@ from torch import nn
 from ..structured import (
     BudgetController,
     ProjectFlops,
+    ProximalOnly,
     SigmaSchedule,
     gblr_layers,
     mean_width,
@@ -98,6 +101,7 @@ class TrainingLoop:
     weight_decay: float = 0.0
     structure_lr: float = 5e-3
     lam: float = 0.0
+    # the proximal step and budget projection after every step; None = ProximalOnly (no budget)
     controller: Optional[BudgetController] = None
     sigma_schedule: Optional[SigmaSchedule] = None
     budget_schedule: Optional[Callable[[float], float]] = None  # epoch -> ProjectFlops target
@@ -121,6 +125,8 @@ class TrainingLoop:
     def __post_init__(self) -> None:
         self.model.to(self.device)
         self.layers = gblr_layers(self.model)
+        if self.layers and self.controller is None:
+            self.controller = ProximalOnly()
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
         if isinstance(self.controller, ProjectFlops) and self.controller.weights is None and self.layer_tokens:

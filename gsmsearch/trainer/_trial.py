@@ -15,6 +15,7 @@ from ..structured import (
     BudgetTooSmall,
     ProjectFlops,
     ProjectMeanWidth,
+    ProximalOnly,
     SigmaSchedule,
     StopShrinkingAtTarget,
     StructuredLinear,
@@ -327,8 +328,13 @@ def _teacher(config: TrialConfig, workload, cache_dir) -> nn.Module:
 
 
 def _controller(config: TrialConfig):
-    if config.family != "gblr" or config.budget_control == "none":
+    """The GBLR layers' step after each optimizer step: the proximal step (threshold ``lam`` times
+    the structure lr, clamp, wrap) always, then the budget projection ``budget_control`` names
+    (``none``: the proximal step alone)."""
+    if config.family != "gblr":
         return None
+    if config.budget_control == "none":
+        return ProximalOnly()
     if config.budget_control == "project-flops":
         return ProjectFlops(1.0)  # the target follows the budget schedule
     if config.budget_control == "project-mean-width":

@@ -616,3 +616,66 @@ def test_a_study_may_set_each_fit_methods_knobs_and_each_trial_uses_its_own(meth
     result = run_trial(tiny(family="gblr", budget=0.3, mode="finetune", epochs=1, fit_method=method,
                             family_options={"steps": 5, "refit_passes": 1}), cache_dir=tmp_path)
     assert result.config["fit_method"] == method and result.structured_relative_flops <= 0.3 * 1.001
+
+
+def _trained_gblr(path):
+    from gsmsearch.structured import gblr_layers, load_structure
+
+    model = load_structure(get_workload("digits-mlp", **TINY).build_model(), path)
+    return model, gblr_layers(model)
+
+
+def test_budget_control_none_runs_the_proximal_step_without_a_projection(tmp_path):
+    """`budget_control: none` drops the budget projection only: lam still shrinks the widths,
+    widths stay in [0, 1] and locations in [0, 1), and the reported FLOPs and the exported model
+    are those of the trained layers."""
+    from gsmsearch.structured import export, mean_width
+
+    widths = {}
+    for lam in (0.0, 20.0):
+        path = tmp_path / f"lam{lam}.safetensors"
+        result = run_trial(tiny(family="gblr", budget=0.3, budget_control="none", lam=lam), cache_dir=tmp_path,
+                           structure_path=path)
+        model, layers = _trained_gblr(path)
+        widths[lam] = mean_width(layers)
+        for layer in layers:
+            assert float(layer.widths.detach().min()) >= 0.0 and float(layer.widths.detach().max()) <= 1.0
+            assert float(layer.locations.detach().min()) >= 0.0 and float(layer.locations.detach().max()) < 1.0
+        for name, summary in result.layers.items():
+            assert summary["flops"] == model.get_submodule(name).flops()
+        x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            trained, deployed = model(x), export(model)(x)
+        assert torch.allclose(deployed, trained, atol=1e-5, rtol=0)
+        for name, exported in export(model).named_modules():
+            if hasattr(exported, "method_flops"):
+                assert exported.flops() == model.get_submodule(name).flops()
+    # 2 epochs x 17 steps of threshold lam * structure_lr = 20 * 5e-4 remove up to 0.34 of each
+    # width; Adam moves a width by at most ~5e-4 a step (0.017 in all) and widths that reach 0
+    # stop shrinking: measured 0.327 on seed 0 (0.326-0.328 on seeds 0-2)
+    assert widths[0.0] - widths[20.0] > 0.30
+
+
+def test_a_loop_without_a_controller_still_runs_the_proximal_step():
+    """TrainingLoop(controller=None) applies the proximal step: a threshold lam * structure_lr
+    above every width's reach empties every interval, and with lam = 0 widths and locations set
+    outside their ranges come back into [0, 1] and [0, 1) after training."""
+    workload = get_workload("digits-mlp", **TINY)
+    splits = workload.load_data(seed=0)
+    model = build_trial_model(tiny(family="gblr", budget=0.4), workload)
+    layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
+    # widths <= 1 + structure_lr after any Adam step, so a threshold of 1.1 leaves 0 everywhere
+    TrainingLoop(workload, model, splits, epochs=1, batch_size=256, lr=3e-3, structure_lr=1e-2,
+                 lam=110.0).run()
+    assert all(torch.equal(layer.widths, torch.zeros_like(layer.widths)) for layer in layers)
+    assert all(layer.flops() == 0 for layer in layers)
+    model = build_trial_model(tiny(family="gblr", budget=0.4), workload)
+    layers = [m for m in model.modules() if isinstance(m, GBLRLinear)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.widths.fill_(1.5)
+            layer.locations.fill_(-0.7)
+    TrainingLoop(workload, model, splits, epochs=1, batch_size=256, lr=3e-3, structure_lr=1e-3).run()
+    for layer in layers:
+        assert float(layer.widths.detach().max()) <= 1.0 and float(layer.widths.detach().min()) >= 0.0
+        assert float(layer.locations.detach().min()) >= 0.0 and float(layer.locations.detach().max()) < 1.0
