@@ -358,16 +358,62 @@ def deployed_params(model: nn.Module) -> int:
     return total
 
 
-def measure_latency(model: nn.Module, batch, forward: Callable, repeats: int = 7) -> float:
-    """Median wall time in ms of ``forward(model, batch)`` under no_grad (after one warm-up)."""
+def _devices(*objects) -> set:
+    """The devices of the tensors in ``objects``: modules' parameters and buffers, tensors, and
+    lists, tuples and dicts of them (a batch)."""
+    devices = set()
+    for obj in objects:
+        if isinstance(obj, torch.Tensor):
+            devices.add(obj.device)
+        elif isinstance(obj, nn.Module):
+            devices.update(t.device for t in obj.parameters())
+            devices.update(t.device for t in obj.buffers())
+        elif isinstance(obj, dict):
+            devices |= _devices(*obj.values())
+        elif isinstance(obj, (list, tuple)):
+            devices |= _devices(*obj)
+    return devices
+
+
+def device_synchronizer(devices) -> Callable[[], None]:
+    """A function that waits until every kernel queued on the CUDA devices among ``devices`` has
+    finished (``torch.cuda.synchronize`` of each); a no-op when none is a CUDA device (CPU work
+    is done when the call returns)."""
+    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    if not cuda:
+        return lambda: None
+
+    def synchronize() -> None:
+        for device in cuda:
+            torch.cuda.synchronize(device)
+
+    return synchronize
+
+
+def measure_latency(model: nn.Module, batch, forward: Callable, repeats: int = 7, warmup: int = 2, *,
+                    synchronize: Optional[Callable[[], None]] = None,
+                    clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median wall time in ms of ``forward(model, batch)`` under no_grad, over ``repeats`` timed
+    runs after ``warmup`` untimed ones.
+
+    Each timed run starts once the device is idle and ends once its work has finished: on a GPU
+    ``forward`` returns when its kernels are queued, so the device is synchronised before the
+    clock is read at both ends (``synchronize``; default: :func:`device_synchronizer` of the
+    model's and the batch's devices, a no-op on a CPU)."""
+    if int(repeats) < 1 or int(warmup) < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    sync = synchronize if synchronize is not None else device_synchronizer(_devices(model, batch))
     model.eval()
     times = []
     with torch.no_grad():
-        forward(model, batch)
-        for _ in range(repeats):
-            started = time.perf_counter()
+        for _ in range(int(warmup)):
             forward(model, batch)
-            times.append((time.perf_counter() - started) * 1e3)
+        for _ in range(int(repeats)):
+            sync()  # nothing of an earlier run still queued
+            started = clock()
+            forward(model, batch)
+            sync()  # this run's kernels done
+            times.append((clock() - started) * 1e3)
     return statistics.median(times)
 
 

@@ -679,3 +679,61 @@ def test_a_loop_without_a_controller_still_runs_the_proximal_step():
     for layer in layers:
         assert float(layer.widths.detach().max()) <= 1.0 and float(layer.widths.detach().min()) >= 0.0
         assert float(layer.locations.detach().min()) >= 0.0 and float(layer.locations.detach().max()) < 1.0
+
+
+class _QueuedDevice:
+    """A device whose calls return when their work is queued (as CUDA kernels do): ``launch``
+    advances the clock by the launch cost only, ``synchronize`` by the queued work."""
+
+    def __init__(self, work_ms):
+        self.now, self.queued, self.work = 0.0, 0.0, list(work_ms)
+        self.synchronized = 0
+
+    def clock(self):
+        return self.now
+
+    def launch(self, model, batch):
+        self.now += 1e-6  # 1 us to queue the kernels
+        self.queued += self.work.pop(0) / 1e3
+
+    def synchronize(self):
+        self.synchronized += 1
+        self.now += self.queued
+        self.queued = 0.0
+
+
+def test_latency_waits_for_queued_work_and_reports_the_median_after_warmup():
+    from gsmsearch.trainer._trial import measure_latency
+
+    # two warm-up runs (slow: compilation, caches) then five timed runs of 3, 1, 2, 5, 4 ms
+    device = _QueuedDevice([500.0, 400.0, 3.0, 1.0, 2.0, 5.0, 4.0])
+    latency = measure_latency(torch.nn.Identity(), None, device.launch, repeats=5, warmup=2,
+                              synchronize=device.synchronize, clock=device.clock)
+    assert latency == pytest.approx(3.0 + 1e-3, abs=1e-9)  # the median run's work + its launch
+    assert device.work == [] and device.synchronized == 10  # before and after each timed run
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure_latency(torch.nn.Identity(), None, device.launch, repeats=0)
+
+
+def test_latency_synchronizes_the_cuda_devices_of_the_model_and_batch(monkeypatch):
+    from gsmsearch.trainer._trial import _devices, device_synchronizer
+
+    model = torch.nn.Linear(3, 2)
+    batch = {"x": [torch.zeros(2, 3)], "y": torch.zeros(2)}
+    assert _devices(model, batch) == {torch.device("cpu")}
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    device_synchronizer({torch.device("cpu")})()
+    assert synced == []  # CPU work is done when the call returns
+    device_synchronizer({torch.device("cpu"), torch.device("cuda", 1), torch.device("cuda", 0)})()
+    assert synced == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_latency_on_cuda_counts_the_kernels_not_their_launch():
+    from gsmsearch.trainer._trial import measure_latency
+
+    a = torch.randn(4096, 4096, device="cuda")
+    one = measure_latency(torch.nn.Identity(), a, lambda m, x: x @ x, repeats=5)
+    eight = measure_latency(torch.nn.Identity(), a, lambda m, x: [x @ x for _ in range(8)], repeats=5)
+    assert eight > 4 * one  # eight GEMMs take about eight times one; their launches do not
