@@ -438,21 +438,24 @@ class ExportedGBLR(nn.Module):
     @torch.no_grad()
     def from_gblr(
         cls, layer, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None,
-        block: Optional[int] = None,
+        block: Optional[int] = None, exact_masks: bool = False, name: str = "the GBLR layer",
     ) -> "ExportedGBLR":
         """Execution plan of a trained GBLR layer (``plan`` in :data:`EXPORT_PLANS`, default
         :data:`DEFAULT_PLAN`; ``block``: the "bsr" plan's block shape, (features, t columns) or
-        one size for both, default :data:`BSR_BLOCK`)."""
+        one size for both, default :data:`BSR_BLOCK`).  A layer at a finite sigma is refused
+        unless ``exact_masks`` (see :func:`export`); ``name`` is how the error names it."""
         plan = DEFAULT_PLAN if plan is None else plan
         if plan not in EXPORT_PLANS:
             raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
+        _check_sigma(layer, name, exact_masks)
         cost = cost or PlanCost()
         bsr_block = BSR_BLOCK if block is None else block
         bsr_block = (int(bsr_block), int(bsr_block)) if isinstance(bsr_block, int) else tuple(map(int, bsr_block))
         if plan == "auto":
-            candidates = [cls.from_gblr(layer, plan=p, cost=cost) for p in ("grouped", "factored", "tiled")]
+            candidates = [cls.from_gblr(layer, plan=p, cost=cost, exact_masks=True)
+                          for p in ("grouped", "factored", "tiled")]
             if triton_runs(layer.row_factors) and layer.row_factors.is_cuda:
-                candidates += [cls.from_gblr(layer, plan="bsr", block=b) for b in BSR_BLOCKS]
+                candidates += [cls.from_gblr(layer, plan="bsr", block=b, exact_masks=True) for b in BSR_BLOCKS]
             return _fastest(candidates)
         m, n, r = layer.out_features, layer.in_features, layer.rank
         exported = cls(n, m, layer.bias)
@@ -786,22 +789,41 @@ def _fastest(candidates: List["ExportedGBLR"], rounds: int = 5) -> "ExportedGBLR
     return candidates[int(np.argmin(best))]
 
 
-def _export_layer(module: nn.Module, plan: str, cost: Optional[PlanCost]) -> nn.Module:
+def _check_sigma(layer, name: str, exact_masks: bool) -> None:
+    """Refuse a GBLR layer at a finite sigma unless ``exact_masks`` (see :func:`export`)."""
+    sigma = getattr(layer, "sigma", None)
+    if sigma is not None and not exact_masks:
+        raise ValueError(
+            f"export: {name} has sigma={sigma} (Gaussian-smoothed masks), but an exported plan "
+            f"runs exact boxcar masks; set its sigma to None (set_sigma(model, None)) or pass "
+            f"exact_masks=True to export the exact masks"
+        )
+
+
+def _export_layer(module: nn.Module, plan: str, cost: Optional[PlanCost], name: str,
+                  exact_masks: bool) -> nn.Module:
     from ._gblr import GBLRLinear
 
     if isinstance(module, GBLRLinear):
-        return ExportedGBLR.from_gblr(module, plan=plan, cost=cost)
+        return ExportedGBLR.from_gblr(module, plan=plan, cost=cost, exact_masks=exact_masks, name=name)
     if isinstance(module, StructuredLinear) and hasattr(module, "export"):
         return module.export()
     return module
 
 
 def export(
-    module_or_model: nn.Module, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None
+    module_or_model: nn.Module, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None,
+    exact_masks: bool = False,
 ) -> nn.Module:
     """Inference copy of a structured layer or of a whole model, in eval mode, with every GBLR
     layer replaced by its mask-free execution plan (``plan`` in :data:`EXPORT_PLANS`, default
-    :data:`DEFAULT_PLAN`; ``cost``: the grouped plan's :class:`PlanCost`).  The input is left untouched."""
+    :data:`DEFAULT_PLAN`; ``cost``: the grouped plan's :class:`PlanCost`).  The input is left untouched.
+
+    A plan runs exact 0/1 boxcar masks: what a GBLR layer computes at ``sigma=None``.  A layer at
+    a finite ``sigma`` computes Gaussian-smoothed masks, a different function, so it is refused
+    (``ValueError`` naming the layer and its sigma) unless ``exact_masks=True``: export the exact
+    masks that layer converges to as sigma grows (the layer's own output at ``sigma=None``).
+    Training ends with ``set_sigma(model, None)`` for the same reason."""
     from ._surgery import set_module
 
     plan = DEFAULT_PLAN if plan is None else plan
@@ -809,10 +831,12 @@ def export(
         raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
     model = copy.deepcopy(module_or_model).eval()
     if isinstance(model, StructuredLinear):
-        return _export_layer(model, plan, cost).eval()
+        return _export_layer(model, plan, cost, "the GBLR layer", exact_masks).eval()
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, StructuredLinear)]
     for name, layer in targets:
-        set_module(model, name, _export_layer(layer, plan, cost))
+        _check_sigma(layer, f"GBLR layer {name!r}", exact_masks)  # every layer before any work
+    for name, layer in targets:
+        set_module(model, name, _export_layer(layer, plan, cost, f"GBLR layer {name!r}", exact_masks))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

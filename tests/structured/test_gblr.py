@@ -192,6 +192,35 @@ def test_export_drops_dead_components_and_merges_lowrank():
     assert torch.allclose(exported(x), layer(x), atol=1e-5)
 
 
+def test_export_refuses_a_layer_at_finite_sigma_unless_asked_for_the_exact_masks():
+    """An exported plan runs exact boxcar masks; a layer at a finite sigma computes smoothed ones,
+    so export names it and refuses, and exact_masks=True exports the layer's sigma=None function."""
+    layer = random_layer(m=32, n=24, K=8, r=2, seed=0)
+    layer.sigma = 2.0
+    with pytest.raises(ValueError, match=r"export: the GBLR layer has sigma=2\.0 .* exact_masks=True"):
+        export(layer)
+    model = nn.Sequential(nn.Linear(24, 24), random_layer(m=32, n=24, K=8, r=2, seed=1))
+    model[1].sigma = 5.0
+    with pytest.raises(ValueError, match=r"export: GBLR layer .1. has sigma=5\.0"):
+        export(model.double(), plan="grouped")
+    x = torch.randn(9, 24, dtype=torch.float64)
+    for plan in ("exact", "grouped", "auto"):
+        exported = export(layer, plan=plan, exact_masks=True)
+        with torch.no_grad():
+            smoothed = layer(x)
+            layer.sigma = None
+            boxcar = layer(x)
+            layer.sigma = 2.0
+            got = exported(x)
+        assert torch.allclose(got, boxcar, atol=1e-12, rtol=1e-12)
+        assert (got - smoothed).abs().max() > 0.1  # the smoothed function is another one
+    assert layer.sigma == 2.0  # the input is left untouched
+    deployed = export(model, exact_masks=True)
+    with torch.no_grad():
+        model[1].sigma = None
+        assert torch.allclose(deployed(x), model(x), atol=1e-12, rtol=1e-12)
+
+
 def model_with_layers():
     torch.manual_seed(0)
     return nn.Sequential(
