@@ -40,7 +40,7 @@ Plans:
 - ``"auto"`` (``export()``'s default, see :data:`DEFAULT_PLAN`): builds ``"grouped"``,
   ``"factored"`` and ``"tiled"`` (and on a GPU with Triton, ``"bsr"`` at each of
   :data:`BSR_BLOCKS`), times them on a calibration batch and keeps the fastest (the cost model
-  alone misjudged strided slices and the permutation on learned structures; timing does not).
+  alone misjudges strided slices and the permutation on learned structures; timing does not).
 - ``"exact"``: only components with identical intervals share a GEMM and small components run
   as dense blocks, so the plan executes exactly the method's count
   (``executed_flops() == flops()``).
@@ -71,10 +71,9 @@ TILE_SIZES = (64, 128, 256)  # candidate tile lengths of the "tiled" plan
 # not pad t to a whole feature-sized block.
 BSR_BLOCKS = ((64, 32), (128, 32), (128, 64), (128, 128))
 BSR_BLOCK = (128, 32)
-# ``export()``'s plan when none is given.  "exact" keeps the executed multiply-adds equal to the
-# method's count (tests/structured/test_gblr.py checks that with a FLOP counter); "grouped" is the
-# fast plan (bench/): switching the default is a one-line change once that check compares
-# against ``executed_flops()``.
+# ``export()``'s plan when none is given: "auto" times the candidate plans on a calibration batch
+# and keeps the fastest, so it may execute more multiply-adds than the method's count (padding,
+# ``executed_flops()``); "exact" is the plan that executes exactly that count.
 DEFAULT_PLAN = "auto"
 CALIBRATION_TOKENS = 2048  # rows of the calibration batch "auto" times the candidate plans on
 
@@ -162,8 +161,8 @@ def _length_class_runs(starts: np.ndarray, ends: np.ndarray, ranks: np.ndarray, 
     only among components of similar length.  The start-ordered DP alone cannot keep long
     components out of the windows of the short ones between them (a long component starting
     at 100 and one at 130 share a run only with every short one starting in between), so a
-    structure of a few long and many short components (a greedy fit of a real weight) padded
-    its short ones to the whole axis.  Components are split into classes by octave of length,
+    structure of a few long and many short components (a greedy fit of a real weight) would
+    pad its short ones to the whole axis.  Components are split into classes by octave of length,
     each class is partitioned by the DP, and adjacent classes are merged while that lowers the
     modelled cost.  Returns (list of index arrays into the inputs, total cost)."""
     lengths = np.minimum(ends - starts, size)

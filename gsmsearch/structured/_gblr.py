@@ -300,7 +300,7 @@ class GBLRLinear(StructuredLinear):
     def _training_structure(self):
         """(indices of the components that matter or None when all do, row side wraps, column
         side wraps), read from the device in one transfer: on a GPU every host read waits for the
-        queued work to finish, and the training forward needs all three (it took three reads).
+        queued work to finish, and the training forward needs all three (one read each would be three).
         Computed again only when the widths change."""
         return self._while_unchanged("_structure_cache", (self.widths,), self._read_training_structure)
 

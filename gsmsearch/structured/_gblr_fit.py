@@ -145,11 +145,12 @@ def fit_gblr(
         num_components: K; default min(m, n).  Unused components get width 0 and zero factors.
         method: ``"greedy"`` (default) or ``"reference"``.
         seed: seed for the random parts (start vectors, reference locations).
-        options: method knobs.  greedy: ``refit_passes`` (final Gauss-Seidel passes, 3),
-            ``batch`` (candidates per round, 16), ``power_iters`` (8), ``decay`` (price factor per
-            level, 0.6), ``lowrank_fallback`` (True: return truncated SVD if it is better),
-            ``max_levels`` (60), ``threads`` (torch intra-op threads during the fit, 1; None
-            leaves the global setting; many small ops make 1 thread fastest on a busy machine).  reference: ``steps`` (1000), ``lr`` (1e-2).
+        options: method knobs, defaults in :data:`FIT_OPTIONS`.  greedy: ``refit_passes``
+            (final Gauss-Seidel passes, 2), ``batch`` (candidates per round, 16),
+            ``power_iters`` (8), ``decay`` (price factor per level, 0.6), ``lowrank_fallback``
+            (True: return truncated SVD if it is better), ``max_levels`` (60), ``threads`` (torch
+            intra-op threads during the fit, 1; None leaves the global setting; many small ops
+            make 1 thread fastest on a busy machine).  reference: ``steps`` (1000), ``lr`` (1e-2).
 
     Returns:
         :class:`GBLRFactors` with ``flops() <= budget * m * n``.

@@ -33,8 +33,8 @@ Three evaluations of the same function live here:
   rounding, |error| <= 1e-5 in float32 and 1e-12 in float64 for every sigma (tests check 0.05 ..
   1e4 and None).  With ``sigma=None`` the kernel is the exact unit impulse, so the forward is the
   exact 0/1 boxcar.
-- :func:`gaudi_mask_fft`: the earlier production path (irfft forward, closed-form backward against
-  ``rfft`` of the incoming gradient); kept as a second reference and for comparisons.
+- :func:`gaudi_mask_fft`: irfft forward, closed-form backward against ``rfft`` of the incoming
+  gradient; a second reference, for comparisons.
 """
 from __future__ import annotations
 

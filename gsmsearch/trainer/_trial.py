@@ -80,10 +80,9 @@ class TrialResult:
         )
 
 
-# scratch-mode width lr: the method's ViT-B setting (method.md section 5).  Its small-model setting,
-# 5e-3, was the default until session 4; on 20-30 epoch runs 5e-4 was better on validation on all
-# three tasks tested (Mixer +2.5, ViT +2.0 test points on average over 3 seeds; digits within one
-# image), bench/RESULTS.md 6i.
+# scratch-mode width lr: the method's ViT-B setting (method.md section 5).  Against its small-model
+# setting, 5e-3, on 20-30 epoch runs 5e-4 is better on validation on all three tasks tested (Mixer
+# +2.5, ViT +2.0 test points on average over 3 seeds; digits within one image), bench/RESULTS.md 6i.
 SCRATCH_STRUCTURE_LR = 5e-4
 
 

@@ -375,9 +375,8 @@ def _long_and_short_layer(m=512, n=256, long=6, short=90, seed=5):
 def test_grouped_plan_keeps_long_components_out_of_short_ones_windows():
     """Grouping runs within classes of similar length: a run that is contiguous in start order
     alone holds every short component starting between two long ones, and so pads them to the
-    whole axis (before: 10x the method's count here; by length class 2.4x -- what is left is
-    the cost model's trade of padding for fewer narrow GEMM calls), and the result is the same
-    function."""
+    whole axis (10x the method's count here; by length class 2.4x -- what is left is the cost
+    model's trade of padding for fewer narrow GEMM calls), and the result is the same function."""
     from gsmsearch.structured._export import _length_class_runs, _segment_runs
 
     layer = _long_and_short_layer()

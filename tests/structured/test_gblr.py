@@ -461,8 +461,8 @@ def test_bad_constructor_arguments():
 
 
 def _project_flops_per_layer(controller, layers):
-    """ProjectFlops' projection as it was written before session 7 (one torch evaluation per
-    layer per bisection step): the reference the vectorised one must equal bit for bit."""
+    """ProjectFlops' projection written plainly (one torch evaluation per layer per bisection
+    step): the reference the vectorised one must equal bit for bit."""
     from gsmsearch.structured._cost import component_costs
     from gsmsearch.structured._proximal import _bisect_shift
 
@@ -490,9 +490,9 @@ def _project_flops_per_layer(controller, layers):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weights", [None, [49.0, 49.0, 64.0, 64.0, 1.0]])
 def test_project_flops_equals_the_per_layer_projection_bit_for_bit(dtype, weights):
-    """The controller evaluates every layer's cost in one vector pass per bisection step (it
-    was one torch evaluation per layer: slower than the model's own step with a binding
-    budget); the widths it leaves are exactly the per-layer version's, over steps where the
+    """The controller evaluates every layer's cost in one vector pass per bisection step (one
+    torch evaluation per layer is slower than the model's own step with a binding budget);
+    the widths it leaves are exactly the per-layer version's, over steps where the
     budget binds, for layers of different sizes and ranks and per-layer row weights."""
     from gsmsearch.structured import proximal_step
 
