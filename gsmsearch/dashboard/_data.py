@@ -11,7 +11,10 @@ an x (cost, minimised) / y (quality, maximised) pair of metrics:
 - :func:`budget_table`: at each budget, each family's best quality with x <= budget;
 - :func:`coverage_counts`: how many GBLR components cover each weight entry, from the recorded
   intervals (exact, or block-averaged for big layers);
-- :func:`layer_budget`: how a trial's FLOPs are spread over its layers.
+- :func:`layer_budget`: how a trial's FLOPs are spread over its layers;
+- :func:`drawn_records`: where configurations ran with several seeds, one record per
+  configuration holding its means (what the fronts, hypervolumes and budget table are computed
+  from), with each one's :class:`SeedSpread`; :func:`configuration_rows` tabulates them.
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..search._pareto import best_within_budget, hypervolume_2d, pareto_front
+from ..search._pareto import (Configuration, Spread, best_within_budget, configuration_key, group_configurations,
+                              has_repeats, hypervolume_2d, pareto_front, trial_seed)
+from ..search._study import TrialRecord
 
 __all__ = [
     "Point", "metric_value", "trial_families", "family_points", "family_hypervolumes",
     "hypervolume_history", "budget_table", "coverage_counts", "layer_budget", "trial_rows",
-    "config_summary", "layer_structure", "FAMILY_ORDER",
+    "config_summary", "layer_structure", "FAMILY_ORDER", "SeedSpread", "drawn_records", "configuration_rows",
 ]
 
 #: GBLR first, then the hand-crafted families, dense last (unknown families after, sorted)
@@ -123,9 +128,13 @@ def family_hypervolumes(records, x: str, y: str, metric_names, reference: Tuple[
 def hypervolume_history(records, x: str, y: str, metric_names, reference: Tuple[float, float],
                         families=None) -> Dict[str, List[Tuple[int, float]]]:
     """family -> [(trial number, hypervolume of the family's feasible COMPLETE trials numbered up
-    to it)], one entry per such trial, in trial order; "all" holds the same over every family."""
+    to it)], one entry per such trial, in trial order; "all" holds the same over every family.
+    Where configurations ran with several seeds: of the means of the configurations' seeds
+    numbered up to it, one entry per COMPLETE trial with both values."""
     out: Dict[str, List[Tuple[int, float]]] = {}
     chosen = trial_families(records, families)
+    if has_repeats(group_configurations(records)):
+        return _seeded_history(records, x, y, metric_names, reference, chosen)
     rows = sorted(_complete_xy([r for r in records if r.feasible and r.family in chosen], x, y, metric_names),
                   key=lambda row: row[0].number)
     for family in chosen + ["all"]:
@@ -295,9 +304,15 @@ _FIXED_COLUMNS = {"id", "study", "number", "state", "family", "feasible", "front
 
 def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
     """One flat row per trial (every state) for the trials table: study, number, state, family,
-    feasible, front, the objectives and axes, the sampled parameters and the failure reason."""
-    points = family_points(view.records, x, y, view.metric_names, families)
+    feasible, front (where configurations ran with several seeds: its configuration's means are
+    on the front), the objectives and axes, the sampled parameters and the failure reason."""
+    drawn, spreads = drawn_records(view.records, x, y, view.metric_names)
+    points = family_points(drawn, x, y, view.metric_names, families)
     status = {(p.family, p.number): p.status for ps in points.values() for p in ps}
+    for number, spread in spreads.items():  # a trial is on the front when its configuration is
+        family = spread.configuration.family
+        for trial, *_ in spread.seeds:
+            status[(family, trial)] = status.get((family, number))
     metrics = list(dict.fromkeys(list(view.metric_names) + [y, x]))
     # a metric named like one of the fixed columns (Optuna lets a study name its objectives
     # anything) gets its own column instead of overwriting that one
@@ -321,4 +336,123 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
             reason = f"duplicate of trial {r.user_attrs['duplicate_of']}"
         row["failure reason"] = "" if reason is None else str(reason)
         rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """The seeds behind a configuration's drawn point: x and y over its completed seeds with both
+    values, (trial number, seed, x, y) of each, and the configuration (failed and pending seeds)."""
+
+    configuration: Configuration
+    x: Spread
+    y: Spread
+    seeds: Tuple[Tuple[int, Any, float, float], ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def failed(self) -> List[Tuple[int, Any]]:
+        return [(r.number, trial_seed(r)) for r in self.configuration.failed]
+
+    @property
+    def pending(self) -> List[Tuple[int, Any]]:
+        return [(r.number, trial_seed(r)) for r in self.configuration.pending]
+
+
+def _xy(x: str, y: str, metric_names):
+    return lambda record: (metric_value(record, x, metric_names), metric_value(record, y, metric_names))
+
+
+def _mean_record(configuration: Configuration, x: str, y: str, metric_names):
+    """(a COMPLETE record holding the configuration's mean x and y and mean constraints, its
+    SeedSpread), or None when no completed seed has both values."""
+    value = _xy(x, y, metric_names)
+    usable = configuration.usable(value)
+    if not usable:
+        return None
+    x_spread, y_spread = configuration.spreads(value)
+    first = usable[0][0]
+    record = TrialRecord(number=first.number, state="COMPLETE", family=configuration.family, values=None,
+                         params=dict(first.params), user_attrs={"result": {x: x_spread.mean, y: y_spread.mean},
+                                                                "config": first.user_attrs.get("config")},
+                         constraints=configuration.mean_constraints(value))
+    seeds = tuple((r.number, trial_seed(r), xv, yv) for r, (xv, yv) in usable)
+    return record, SeedSpread(configuration, x_spread, y_spread, seeds)
+
+
+def drawn_records(records, x: str, y: str, metric_names) -> Tuple[list, Dict[int, SeedSpread]]:
+    """What the figures and the budget table are computed from: ``(records, {})`` when every
+    configuration ran once; else one COMPLETE record per configuration with a completed seed that
+    has both values, holding the means of x and y and of each constraint (so a configuration is
+    feasible when its mean constraints hold), numbered as its first such trial, and
+    {that number: its SeedSpread}.  Trials of other states are left out (no configuration of
+    theirs has a mean)."""
+    configurations = group_configurations(records)
+    if not has_repeats(configurations):
+        return list(records), {}
+    out, spreads = [], {}
+    for configuration in configurations:
+        made = _mean_record(configuration, x, y, metric_names)
+        if made is not None:
+            out.append(made[0])
+            spreads[made[0].number] = made[1]
+    return out, spreads
+
+
+def _seeded_history(records, x, y, metric_names, reference, chosen) -> Dict[str, List[Tuple[int, float]]]:
+    out: Dict[str, List[Tuple[int, float]]] = {family: [] for family in chosen + ["all"]}
+    value = _xy(x, y, metric_names)
+    rows = sorted(_complete_xy([r for r in records if r.family in chosen], x, y, metric_names),
+                  key=lambda row: row[0].number)
+    groups: Dict[Any, Configuration] = {}
+    means: Dict[Any, Tuple[str, float, float]] = {}  # key -> (family, x, y) of the feasible ones
+    for record, _, _ in rows:
+        key = configuration_key(record)
+        group = groups.setdefault(key, Configuration(family=record.family, params={}))
+        group.complete.append(record)
+        if group.feasible(value):
+            x_spread, y_spread = group.spreads(value)
+            means[key] = (record.family, x_spread.mean, y_spread.mean)
+        else:
+            means.pop(key, None)
+        for family in (record.family, "all"):
+            points = [(xm, ym) for f, xm, ym in means.values() if family == "all" or f == family]
+            out[family].append((record.number, _hypervolume(points, reference)))
+    return out
+
+
+def _mean_text(spread: Spread) -> str:
+    return f"{spread.mean:.4g}" if spread.std is None else f"{spread.mean:.4g} ± {spread.std:.2g}"
+
+
+def configuration_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
+    """One row per configuration with a completed seed, where configurations ran with several
+    seeds (else no rows), cheapest first per family: study, family, its knobs, front (of the
+    family's means), feasible (by its mean constraints), n (completed seeds with both values), y
+    and x as mean ± sample std (the mean alone for one seed), the trials behind it and its
+    failed and pending seeds."""
+    records, spreads = drawn_records(view.records, x, y, view.metric_names)
+    if not spreads:
+        return []
+    points = family_points(records, x, y, view.metric_names, families)
+    rows = []
+    for family, family_pts in points.items():
+        for point in sorted(family_pts, key=lambda p: (p.x, -p.y)):
+            spread = spreads[point.number]
+            knobs = {k.split(".", 1)[-1]: v for k, v in spread.configuration.params.items()}
+            failed = ", ".join(f"seed {s} (trial {n})" for n, s in spread.failed)
+            rows.append({
+                "id": f"{view.key}:{point.number}", "study": view.label, "family": family,
+                "configuration": ", ".join(f"{k}={_cell(v)}" for k, v in knobs.items()) or "(no knobs)",
+                "front": "yes" if point.status == "front" else "",
+                "feasible": "no" if point.status == "infeasible" else "yes",
+                "n": spread.n, f"{y} (mean ± std)": _mean_text(spread.y),
+                f"{x} (mean ± std)": _mean_text(spread.x),
+                "trials": ", ".join(f"{n} (seed {s})" for n, s, _, _ in spread.seeds),
+                "failed seeds": failed,
+                "pending seeds": ", ".join(f"seed {s} (trial {n})" for n, s in spread.pending),
+            })
     return rows

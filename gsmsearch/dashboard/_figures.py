@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _data
 
@@ -22,7 +22,7 @@ _COLORS = {"gblr": "#d62728", "lowrank": "#1f77b4", "blockdiag": "#2ca02c", "mon
            "blocksparse": "#8c564b", "blocklowrank": "#e377c2", "blast": "#17becf", "dense": "#111111"}
 _OTHER_COLORS = ("#ff7f0e", "#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a")
 METRIC_LABELS = {
-    "quality": "quality (test)", "relative_flops": "relative FLOPs (vs dense)",
+    "quality": "quality (test)", "val_quality": "quality (validation)", "relative_flops": "relative FLOPs (vs dense)",
     "structured_relative_flops": "relative FLOPs of the structured layers",
     "relative_linear_flops": "relative FLOPs of the linear layers", "flops_per_sample": "FLOPs per sample",
     "params": "parameters", "latency_ms": "latency (ms)", "train_seconds": "training time (s)",
@@ -49,12 +49,36 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def hover_text(record, point, x: str, y: str) -> str:
-    lines = [f"<b>trial {record.number}</b> ({esc(point.family)}, {point.status})",
-             f"{esc(y)}: {point.y:.4g}", f"{esc(x)}: {point.x:.4g}"]
+def hover_text(record, point, x: str, y: str, spread: Optional[_data.SeedSpread] = None) -> str:
+    """A trial's hover text; with ``spread``, its configuration's: the means with their spread,
+    n, each seed's values and the seeds that failed or are still running."""
+    if spread is None:
+        lines = [f"<b>trial {record.number}</b> ({esc(point.family)}, {point.status})",
+                 f"{esc(y)}: {point.y:.4g}", f"{esc(x)}: {point.x:.4g}"]
+    else:
+        tried = spread.configuration.trials
+        count = f"n={spread.n}" + (f" of {tried} seeds" if tried != spread.n else " seed" if spread.n == 1 else " seeds")
+        lines = [f"<b>configuration of trial {record.number}</b> ({esc(point.family)}, {point.status}, {count})",
+                 f"{esc(y)}: {_spread_text(spread.y)}", f"{esc(x)}: {_spread_text(spread.x)}"]
+        lines += [f"  seed {esc(seed)} (trial {number}): {esc(y)} {yv:.4g}, {esc(x)} {xv:.4g}"
+                  for number, seed, xv, yv in spread.seeds[:8]]
+        if spread.n > 8:
+            lines.append(f"  and {spread.n - 8} more seeds")
+        for what, seeds in (("failed", spread.failed), ("running", spread.pending)):
+            if seeds:
+                lines.append(f"{what}: " + ", ".join(f"seed {esc(s)} (trial {n})" for n, s in seeds[:6])
+                             + (" ..." if len(seeds) > 6 else ""))
     for key, value in _data.config_summary(record).items():
-        lines.append(f"{esc(key)}: {esc(_fmt(value))}")
-    return "<br>".join(lines[:24])
+        if spread is None or key != "seed":
+            lines.append(f"{esc(key)}: {esc(_fmt(value))}")
+    return "<br>".join(lines[:30])
+
+
+def _spread_text(spread) -> str:
+    """Mean ± sample std (with the range) over seeds; the value alone for one seed."""
+    if spread.std is None:
+        return f"{spread.mean:.4g}"
+    return f"{spread.mean:.4g} ± {spread.std:.2g} (std; range {spread.low:.4g} to {spread.high:.4g})"
 
 
 def empty_figure(message: str, height: int = 260):
@@ -114,8 +138,20 @@ def short(text: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
-def _axis_title(metric: str) -> str:
-    return esc(METRIC_LABELS.get(metric, metric))
+def _axis_title(metric: str, over_seeds: str = "") -> str:
+    """The metric's label; ``over_seeds`` ("mean" or "mean ± std"): what a point and its error
+    bar stand for where configurations ran with several seeds."""
+    label = esc(METRIC_LABELS.get(metric, metric))
+    return f"{label}: {over_seeds} over seeds" if over_seeds else label
+
+
+def _seed_axes(spreads) -> Tuple[str, str]:
+    """(x, y) axis suffixes for :func:`_axis_title`: the y axis of a seeded study has error bars
+    (sample std); the x axis only where x varies across some configuration's seeds."""
+    if not spreads:
+        return "", ""
+    x_varies = any(s.x.varies for s in spreads.values())
+    return ("mean ± std" if x_varies else "mean"), "mean ± std"
 
 
 def _dense_line(fig, spec, **where) -> None:
@@ -142,14 +178,42 @@ _STYLE = {
 }
 
 
+def _error_bars(group, spreads, axis: str, color: str, opacity: float) -> Optional[dict]:
+    """Error bars of ``axis`` ("x" or "y") for the points of one trace: ± the sample std over
+    the configuration's seeds; none for a configuration with one seed (no spread is known), nor
+    on x for one whose x is the same for every seed; no bars at all when no point's value varies
+    across its seeds on that axis."""
+    if not spreads:
+        return None
+    chosen = [getattr(spreads[p.number], axis) for p in group]
+    if not any(s.varies for s in chosen) and (axis == "x" or not any(s.std is not None for s in chosen)):
+        return None
+    # a cost that does not vary across a configuration's seeds (FLOPs usually) gets no bar
+    array = [s.std if axis == "y" or s.varies else None for s in chosen]
+    return dict(type="data", symmetric=True, array=array, visible=True, thickness=1.2, width=3,
+                color=color if opacity >= 1 else _faded(color, opacity))
+
+
+def _faded(color: str, opacity: float) -> str:
+    red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red},{green},{blue},{max(opacity, 0.35)})"
+
+
 def _family_traces(view, family: str, points: List[_data.Point], spec, *, statuses=("front", "dominated", "infeasible"),
-                   showlegend: bool = True):
+                   showlegend: bool = True, records=None, spreads=None):
     """Scatter traces of one family: its front (markers joined as the attainment staircase),
-    then dominated and infeasible trials, dimmed.  Empty groups add no trace."""
+    then dominated and infeasible points, dimmed.  Empty groups add no trace.  ``records`` and
+    ``spreads``: from :func:`_data.drawn_records` (a point per configuration, with error bars,
+    where configurations ran with several seeds)."""
     import plotly.graph_objects as go
 
-    records = {r.number: r for r in view.records}
+    records = {r.number: r for r in (view.records if records is None else records)}
+    spreads = spreads or {}
     color = family_color(family)
+
+    def hover(group):
+        return [hover_text(records[p.number], p, spec.axes.x, spec.axes.y, spreads.get(p.number)) for p in group]
+
     if family == "dense":
         # the dense model is the reference every structure is measured against: always drawn in
         # full, whatever the study's constraints say about it
@@ -157,8 +221,8 @@ def _family_traces(view, family: str, points: List[_data.Point], spec, *, status
         return [go.Scatter(
             x=[p.x for p in group], y=[p.y for p in group], mode="markers", name="dense model",
             marker=dict(color=color, size=14, symbol="star"), legendgroup="dense", showlegend=showlegend,
-            text=[hover_text(records[p.number], p, spec.axes.x, spec.axes.y) for p in group],
-            customdata=[[view.key, p.number] for p in group],
+            error_x=_error_bars(group, spreads, "x", color, 1.0), error_y=_error_bars(group, spreads, "y", color, 1.0),
+            text=hover(group), customdata=[[view.key, p.number] for p in group],
             hovertemplate="%{text}<extra></extra>", hoverlabel=_HOVER)] if group else []
     traces = []
     for status in statuses:
@@ -173,10 +237,11 @@ def _family_traces(view, family: str, points: List[_data.Point], spec, *, status
             line=dict(color=color, width=2, shape="hv"),
             marker=dict(color=color, size=style["size"], symbol=symbol,
                         opacity=style["opacity"], line=dict(width=0)),
+            error_x=_error_bars(group, spreads, "x", color, style["opacity"]),
+            error_y=_error_bars(group, spreads, "y", color, style["opacity"]),
             name=f"{esc(family)} {status}" if status != "front" else esc(family),
             legendgroup=esc(family), showlegend=showlegend,
-            text=[hover_text(records[p.number], p, spec.axes.x, spec.axes.y) for p in group],
-            customdata=[[view.key, p.number] for p in group],
+            text=hover(group), customdata=[[view.key, p.number] for p in group],
             hovertemplate="%{text}<extra></extra>", hoverlabel=_HOVER,
         ))
     return traces
@@ -189,19 +254,22 @@ def pareto_figure(view, spec, height: int = 460):
 
     if view.error:
         return empty_figure(view.error)
-    points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
+    records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
+    points = _data.family_points(records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     if not any(points.values()):
         return empty_figure(no_points_message(view, spec))
     fig = go.Figure()
     for family, family_pts in points.items():
-        for trace in _family_traces(view, family, family_pts, spec):
+        for trace in _family_traces(view, family, family_pts, spec, records=records, spreads=spreads):
             fig.add_trace(trace)
     _references(fig, spec)
     _dense_line(fig, spec)
+    over_x, over_y = _seed_axes(spreads)
+    title = "Pareto fronts of the means over seeds" if spreads else "Pareto fronts"
     fig.update_layout(
-        template="plotly_white", height=height, title=dict(text=f"Pareto fronts: {esc(short(view.label))}", x=0.01),
-        xaxis=dict(title=_axis_title(spec.axes.x), type="log" if spec.axes.log_x else "linear"),
-        yaxis=dict(title=_axis_title(spec.axes.y)), legend=dict(groupclick="togglegroup"),
+        template="plotly_white", height=height, title=dict(text=f"{title}: {esc(short(view.label))}", x=0.01),
+        xaxis=dict(title=_axis_title(spec.axes.x, over_x), type="log" if spec.axes.log_x else "linear"),
+        yaxis=dict(title=_axis_title(spec.axes.y, over_y)), legend=dict(groupclick="togglegroup"),
         margin=dict(l=60, r=20, t=50, b=50), uirevision=f"pareto-{view.key}", clickmode="event",
     )
     return fig
@@ -215,7 +283,8 @@ def comparison_figure(view, spec, height: int = 360):
 
     if view.error:
         return empty_figure(view.error)
-    points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
+    records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
+    points = _data.family_points(records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     others = [f for f in points if f not in ("gblr", "dense") and points[f]]
     if not any(points.values()):
         return empty_figure(no_points_message(view, spec))
@@ -230,13 +299,14 @@ def comparison_figure(view, spec, height: int = 360):
             if not points.get(name):
                 continue
             for trace in _family_traces(view, name, points[name], spec, statuses=("front", "dominated"),
-                                        showlegend=first or name == family):
+                                        showlegend=first or name == family, records=records, spreads=spreads):
                 fig.add_trace(trace, row=1, col=column)
         _references(fig, spec, showlegend=first, row=1, col=column)
         _dense_line(fig, spec, row=1, col=column)
     fig.update_xaxes(type="log" if spec.axes.log_x else "linear")
-    fig.update_xaxes(title_text=_axis_title(spec.axes.x), row=1, col=1)
-    fig.update_yaxes(title_text=_axis_title(spec.axes.y), row=1, col=1)
+    over_x, over_y = _seed_axes(spreads)
+    fig.update_xaxes(title_text=_axis_title(spec.axes.x, over_x), row=1, col=1)
+    fig.update_yaxes(title_text=_axis_title(spec.axes.y, over_y), row=1, col=1)
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
                       title=dict(text=f"GBLR against each hand-crafted family: {esc(short(view.label))}", x=0.01),
                       uirevision=f"compare-{view.key}")
@@ -251,7 +321,8 @@ def hypervolume_figure(view, spec, height: int = 340):
     if view.error:
         return empty_figure(view.error)
     reference = (spec.reference.x, spec.reference.y)
-    volumes = _data.family_hypervolumes(view.records, spec.axes.x, spec.axes.y, view.metric_names, reference,
+    records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
+    volumes = _data.family_hypervolumes(records, spec.axes.x, spec.axes.y, view.metric_names, reference,
                                         spec.families)
     history = _data.hypervolume_history(view.records, spec.axes.x, spec.axes.y, view.metric_names, reference,
                                         spec.families)
@@ -275,8 +346,9 @@ def hypervolume_figure(view, spec, height: int = 340):
             hovertemplate="trial %{x}: %{y:.4g}<extra>" + esc(family) + "</extra>"), row=1, col=2)
     fig.update_xaxes(title_text="trial number", row=1, col=2)
     fig.update_yaxes(title_text=f"hypervolume (ref. x={reference[0]:g}, y={reference[1]:g})", row=1, col=1)
+    title = "Hypervolume of the means over seeds" if spreads else "Hypervolume"
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
-                      title=dict(text=f"Hypervolume: {esc(short(view.label))}", x=0.01), uirevision=f"hv-{view.key}")
+                      title=dict(text=f"{title}: {esc(short(view.label))}", x=0.01), uirevision=f"hv-{view.key}")
     return fig
 
 
@@ -400,23 +472,32 @@ def figure_json(fig) -> str:
 
 def budget_rows(view, spec) -> List[Dict[str, Any]]:
     """Rows of the "best quality at budget" table: one per family, a cell per budget."""
-    table = _data.budget_table(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.budgets,
+    records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
+    table = _data.budget_table(records, spec.axes.x, spec.axes.y, view.metric_names, spec.budgets,
                                spec.families)
     rows = []
     for family, cells in table.items():
         row = {"family": family}
         for budget in spec.budgets:
             best = cells.get(budget)
-            row[f"<= {budget:g}"] = None if best is None else (best.y, best.x, best.number)
+            spread = None if best is None else spreads.get(best.number)
+            row[f"<= {budget:g}"] = (None if best is None else (best.y, best.x, best.number) if spread is None
+                                     else (best.y, best.x, best.number, spread.y.std, spread.n))
         rows.append(row)
     return rows
 
 
 def budget_cell_text(cell: Optional[tuple]) -> str:
+    """A trial's quality, or (where configurations ran with several seeds) a configuration's mean
+    quality ± sample std over its n seeds."""
     if cell is None:
         return "-"
-    y, x, number = cell
-    return f"{y:.4f} (trial {number}, x={x:.3g})"
+    if len(cell) == 3:
+        y, x, number = cell
+        return f"{y:.4f} (trial {number}, x={x:.3g})"
+    y, x, number, std, n = cell
+    spread = "" if std is None else f" ± {std:.2g}"
+    return f"{y:.4f}{spread} (n={n}, configuration of trial {number}, x={x:.3g})"
 
 
 def best_cells(rows: Sequence[Dict[str, Any]], budgets) -> Dict[str, Optional[str]]:

@@ -264,3 +264,59 @@ def odd_db(tmp_path_factory):
     url = f"sqlite:///{path}"
     seed_odd_studies(url)
     return path, url
+
+
+#: the multi-seed study: (family, budget knob, seed, relative_flops, quality) of its COMPLETE
+#: trials; GBLR's relative FLOPs vary a little with the seed (learned widths), the others' do not
+SEEDED_TRIALS = [
+    ("gblr", 0.2, 0, 0.20, 0.84), ("gblr", 0.2, 1, 0.21, 0.86), ("gblr", 0.2, 2, 0.19, 0.85),
+    ("gblr", 0.3, 0, 0.30, 0.88), ("gblr", 0.3, 1, 0.30, 0.90),  # seed 2 failed
+    ("gblr", 0.1, 0, 0.10, 0.80),  # one seed only (its others not run yet)
+    ("lowrank", 0.2, 0, 0.20, 0.83), ("lowrank", 0.2, 1, 0.20, 0.70), ("lowrank", 0.2, 2, 0.20, 0.72),
+    ("lowrank", 0.3, 0, 0.30, 0.80), ("lowrank", 0.3, 1, 0.30, 0.81), ("lowrank", 0.3, 2, 0.30, 0.79),
+    ("dense", None, 0, 1.00, 0.97), ("dense", None, 1, 1.00, 0.96), ("dense", None, 2, 1.00, 0.98),
+]
+#: (family, budget knob, seed) of its failed trial
+SEEDED_FAILED = ("gblr", 0.3, 2)
+#: configurations drawn (one point each): gblr 0.1 / 0.2 / 0.3, lowrank 0.2 / 0.3, dense
+SEEDED_POINTS = 6
+
+
+def _seeded_trial(family, budget, seed, x, y, index, state=None):
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState
+
+    trial = _complete(family, x, y, index)
+    params = {"family": family, "seed": seed}
+    distributions = {"family": trial.distributions["family"], "seed": CategoricalDistribution([0, 1, 2])}
+    config = dict(trial.user_attrs["config"], seed=seed, budget=budget)
+    if budget is not None:
+        params[f"{family}.budget"] = budget
+        distributions[f"{family}.budget"] = FloatDistribution(0.01, 1.0)
+    if state == TrialState.FAIL:
+        return optuna.trial.create_trial(
+            state=state, params=params, distributions=distributions,
+            user_attrs={"family": family, "config": config, "failure_reason": "loss is nan", "final": True})
+    return _like(trial, params=params, distributions=distributions, user_attrs={"config": config})
+
+
+def seed_multi_seed_study(url: str, name: str):
+    """A study whose configurations ran with seeds 0, 1 and 2 (see ``SEEDED_TRIALS``)."""
+    from optuna.trial import TrialState
+
+    study = seed_study(url, name, [])
+    for index, (family, budget, seed, x, y) in enumerate(SEEDED_TRIALS):
+        study.add_trial(_seeded_trial(family, budget, seed, x, y, index))
+    family, budget, seed = SEEDED_FAILED
+    study.add_trial(_seeded_trial(family, budget, seed, 0.3, 0.0, len(SEEDED_TRIALS), state=TrialState.FAIL))
+    return study
+
+
+@pytest.fixture(scope="session")
+def multi_seed_db(tmp_path_factory):
+    """An SQLite file with the multi-seed study "seeds"; returns (path, url)."""
+    path = tmp_path_factory.mktemp("seeds") / "seeds.db"
+    url = f"sqlite:///{path}"
+    seed_multi_seed_study(url, "seeds")
+    return path, url
