@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ._errors import UsageError
-from ._studies import check_output_path, is_file
+from ._output import check_output_path, write_output
+from ._studies import is_file
 
 _TARGET_HELP = ("a dashboard spec (dashboards/NAME.yaml), a study spec (studies/NAME.yaml), or a study "
                 "name with --storage")
@@ -180,7 +181,7 @@ def run_dashboard(args) -> int:
 
 
 def run_report(args) -> int:
-    from ..dashboard import DataCache, write_report
+    from ..dashboard import DataCache, render_report
 
     if args.max_details < 0:
         raise UsageError(f"--max-details must be >= 0, got {args.max_details}")
@@ -194,7 +195,8 @@ def run_report(args) -> int:
             print(f"gsmsearch: warning: {view.error}", file=sys.stderr)
     if all(view.error for view in views):
         raise UsageError("none of the studies could be read; no report written")
-    size = write_report(views, spec, output, max_details=args.max_details)
+    text = render_report(views, spec, max_details=args.max_details)
+    size = write_output(output, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     trials = sum(len(v.records) for v in views)
     print(f"wrote {output} ({size / 1e6:.1f} MB, {len(views)} stud{'y' if len(views) == 1 else 'ies'}, "
           f"{trials} trials); open it in a browser, no network needed")

@@ -41,5 +41,19 @@ def run_guarded(func, *args, **kwargs) -> int:
         else:
             kind, code = f"unexpected {type(error).__name__}", 1
         hint = "" if debug else " (set GSMSEARCH_DEBUG=1 for a traceback)"
-        print(f"gsmsearch: {kind}: {error}{hint if code == 1 else ''}", file=sys.stderr)
+        print(f"gsmsearch: {kind}: {_bounded(str(error))}{hint if code == 1 else ''}", file=sys.stderr)
         return code
+
+
+#: A message is cut to this many lines of this many characters (a value echoed from hostile input
+#: must not print megabytes).
+MAX_LINES, MAX_LINE_CHARS = 40, 1000
+
+
+def _bounded(message: str) -> str:
+    lines = message.splitlines() or [""]
+    cut = [line if len(line) <= MAX_LINE_CHARS else f"{line[:MAX_LINE_CHARS]}... ({len(line)} characters)"
+           for line in lines[:MAX_LINES]]
+    if len(lines) > MAX_LINES:
+        cut.append(f"... and {len(lines) - MAX_LINES} more lines")
+    return "\n".join(cut)

@@ -26,9 +26,30 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _check_storage_variables(spec_path: str) -> None:
+    """Before the study starts (and Ray with it): every ${VAR} of the spec's storage URL is set,
+    else an error naming the spec file.  Only the raw YAML is read here; launch validates it."""
+    from ..search import SpecError, load_spec
+    from ..search._spec import read_yaml
+    from ..search._storage import unset_variables
+    from ._studies import check_storage_variables
+
+    try:
+        data = read_yaml(spec_path)
+    except SpecError:
+        return  # launch reports it, with every other problem of the spec
+    storage = data.get("storage") if isinstance(data, dict) else None
+    if isinstance(storage, str) and unset_variables(storage):
+        load_spec(spec_path)  # the spec's own errors come first
+        check_storage_variables(spec_path, storage)
+
+
 def run(args) -> int:
     from ..search import launch
     from ._format import front_table
+
+    if not args.dry_run:
+        _check_storage_variables(args.spec)
 
     summary = launch(args.spec, address=args.address, resume=args.resume, force=args.force,
                      dry_run=args.dry_run, status_interval=args.status_interval)

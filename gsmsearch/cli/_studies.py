@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from ._errors import UsageError
+from ._output import check_output_path, write_output
 
 STORAGE_HELP = "storage URL (e.g. sqlite:///studies/quickstart.db); or give a spec file as STUDY"
 
@@ -27,76 +27,35 @@ def _resolve(study_arg: str, storage: str):
         from ..search import load_spec, resolve_storage_url, study_paths
 
         spec = load_spec(study_arg)
-        url = storage or resolve_storage_url(spec.storage, spec_dir=study_paths(spec, Path(study_arg))["spec_dir"],
-                                             study_name=spec.name)
+        if storage:
+            return spec.name, storage
+        check_storage_variables(study_arg, spec.storage)
+        url = resolve_storage_url(spec.storage, spec_dir=study_paths(spec, Path(study_arg))["spec_dir"],
+                                  study_name=spec.name)
         return spec.name, url
     if not storage:
         raise UsageError("give --storage URL with a study name (or pass the study's spec file)")
     return study_arg, storage
 
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
+def check_storage_variables(spec_path, storage: Optional[str]) -> None:
+    """A SpecError naming the spec file when its storage URL uses a ${VAR} that is not set."""
+    from ..search import SpecError
+    from ..search._storage import unset_variables
 
-
-def sqlite_file(url: str) -> Optional[Path]:
-    """The resolved path of the SQLite file behind a storage URL (None for other databases or a
-    URL that cannot be read here)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(os.path.expandvars(url))
-        if parsed.get_backend_name() != "sqlite":
-            return None
-        database = parsed.database or ""
-        if database.startswith("file:"):
-            database = database[len("file:"):].split("?", 1)[0]
-        if database in ("", ":memory:"):
-            return None
-        return Path(database).expanduser().resolve()
-    except Exception:  # noqa: BLE001 - the storage itself reports a bad URL
-        return None
-
-
-def check_output_path(output, *, databases: Iterable[str] = (), specs: Iterable = (),
-                      flag: str = "-o/--output") -> Path:
-    """``output`` as a Path once it is safe to write: its folder exists, it is not a folder, and
-    it is neither a study's database (a storage URL in ``databases``), a spec file given (``specs``)
-    nor any SQLite database.  Raises UsageError otherwise; nothing is written here."""
-    path = Path(output)
-    resolved = path.resolve()
-    for url in databases:
-        db = sqlite_file(url)
-        if db is not None and resolved == db:
-            raise UsageError(f"refusing to overwrite {output}: it is the study's database")
-    for spec in specs:
-        if spec is not None and resolved == Path(spec).resolve():
-            raise UsageError(f"refusing to overwrite {output}: it is the spec file")
-    if path.is_dir():
-        raise UsageError(f"{flag} {output}: is a directory; expected an output file")
-    parent = resolved.parent
-    if not parent.exists():
-        raise UsageError(f"{flag} {output}: its folder {parent} does not exist")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {output}: {parent} is not a folder")
-    if path.is_file():
-        try:
-            with open(path, "rb") as handle:
-                head = handle.read(16)
-        except OSError:
-            head = b""
-        if head == SQLITE_MAGIC:
-            raise UsageError(f"refusing to overwrite {output}: it is an SQLite database (a study's "
-                             f"storage?); choose another -o file")
-    return path
+    missing = unset_variables(storage or "")
+    if missing:
+        raise SpecError(f"{spec_path}: storage: ${{{missing[0]}}} is not set in the environment (the storage URL "
+                        f"uses it)")
 
 
 def _load(name: str, url: str):
     import optuna
 
-    from ..search import open_storage
+    from ..search._storage import open_readonly_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(url, must_exist=True)
+    storage = open_readonly_storage(url)
     names = [s.study_name for s in storage.get_all_studies()]
     if name not in names:
         raise UsageError(f"no study {name!r} in that storage; it has: {', '.join(names) or '(none)'}")
@@ -132,11 +91,11 @@ def add_parser(subparsers) -> None:
 def run_list(args) -> int:
     import optuna
 
-    from ..search import open_storage
+    from ..search._storage import open_readonly_storage
     from ._format import table
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(args.storage, must_exist=True)
+    storage = open_readonly_storage(args.storage)
     rows = []
     for summary in storage.get_all_studies():
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -197,13 +156,12 @@ def run_export(args) -> int:
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
             frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
-    if args.format == "csv":
-        if output == "-":
-            frame.to_csv(sys.stdout, index=False)
-        else:
-            frame.to_csv(output, index=False)
+    if output == "-":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "csv":
+        write_output(output, lambda tmp: frame.to_csv(tmp, index=False))
     else:
-        frame.to_parquet(output, index=False)
+        write_output(output, lambda tmp: frame.to_parquet(tmp, index=False))
     if output != "-":
         print(f"wrote {len(frame)} trials to {output}")
     return 0

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from ._errors import UsageError
 
@@ -120,7 +121,9 @@ def _check_checkpoint_dir(directory: str) -> None:
     """--checkpoint-dir is a folder, or can be made one (nothing is created here)."""
     from ..trainer._trial import folder_problem
 
-    problem = folder_problem(directory)
+    from ..search._spec import system_folder_problem
+
+    problem = system_folder_problem(Path(directory)) or folder_problem(directory)
     if problem:
         raise UsageError(f"--checkpoint-dir {directory}: {problem}")
 

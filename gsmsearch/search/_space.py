@@ -86,8 +86,11 @@ def config_errors(spec: StudySpec) -> List[str]:
     """``families.<family>.<knob>: <what is wrong>`` for every knob value the trainer would
     refuse (an unknown budget_control, distill outside [0, 1] or in scratch mode, ...), so a
     study fails before it starts, not at the trial that samples the value.  Every value of each
-    knob is tried with every value of each other knob (the other knobs at their first value; ranges
-    at both ends): the trainer's checks involve at most two fields at once."""
+    knob is tried alone (the other knobs at their first value; ranges at both ends), then with the
+    values of each other knob that passed alone -- all of a categorical knob's, a numeric knob's
+    smallest and largest (the trainer's checks involve at most two fields at once, and its
+    two-field numeric checks are orderings) -- so a knob with many choices costs a linear, not
+    quadratic, number of tries."""
     errors: List[str] = []
     seen = set()
     for family, space in spec.families.items():
@@ -101,20 +104,43 @@ def config_errors(spec: StudySpec) -> List[str]:
         base = _workload_config(spec, family, spec.workload.seeds[0], "cpu")
         base.update({knob: values[0] for knob, values in knobs.items()})
         names = list(knobs)
-        trials = [(knob, {knob: value}) for knob in names for value in knobs[knob]]
-        trials += [(second, {first: a, second: b})
-                   for i, first in enumerate(names) for second in names[i + 1:]
-                   for a in knobs[first][1:] for b in knobs[second][1:]]
-        for tried, values in trials:
+
+        def attempt(tried, values) -> bool:
             try:
                 TrialConfig(**{**base, **values})
+                return True
             except (ValueError, TypeError) as error:
                 for message in str(error).split("; "):
                     if message not in seen:  # a bad first value fails every knob's tries
                         seen.add(message)
                         errors.append(f"{_blamed(message, knobs, tried, family)}: {message}")
+                return False
+
+        passed = {knob: [value for value in _distinct(knobs[knob]) if attempt(knob, {knob: value})]
+                  for knob in names}
+        paired = {knob: [v for v in _pair_values(passed[knob]) if repr(v) != repr(knobs[knob][0])]
+                  for knob in names}
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                for a in paired[first]:
+                    for b in paired[second]:
+                        attempt(second, {first: a, second: b})
         errors += _workload_refusals(spec, family, knobs)
     return errors
+
+
+def _pair_values(values: list) -> list:
+    """The values of a knob worth pairing with another knob's: every non-numeric one, and the
+    smallest and largest number."""
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    others = [v for v in values if not (isinstance(v, (int, float)) and not isinstance(v, bool))]
+    ends = _distinct([min(numbers), max(numbers)]) if numbers else []
+    return others + ends
+
+
+#: Most layers built to check a study's family option values (each a from_dense fit); beyond it,
+#: the remaining values are left to the trials.
+MAX_OPTION_BUILDS = 400
 
 
 def workload_errors(spec: StudySpec) -> List[str]:
@@ -163,7 +189,8 @@ def _family_option_errors(spec: StudySpec, shape) -> List[str]:
     building the family's layer the way a trial does, on a random layer of the smallest matched
     shape, at each budget the space gives (choices, or a range's ends): a value refused there at
     every budget fails every trial.  Each value is tried with the other options at their first;
-    a family that cannot be built there even without options is left alone."""
+    a family that cannot be built there even without options is left alone.  At most
+    MAX_OPTION_BUILDS layers are built in all; values beyond that are left to the trials."""
     import torch
 
     from ..structured import GBLRLinear, get_family
@@ -172,16 +199,20 @@ def _family_option_errors(spec: StudySpec, shape) -> List[str]:
     weight = torch.randn(shape.out_features, shape.in_features, generator=generator) / shape.in_features ** 0.5
     bias = torch.zeros(shape.out_features) if shape.bias is not None else None
     errors: List[str] = []
+    builds = [0]
     for family, space in spec.families.items():
         if not space.options or family == "dense":
             continue
         if space.budget_allocation is not None and set(_values(space.budget_allocation)) != {"uniform"}:
             continue  # per-layer budgets differ from the family's: the trials say
-        budgets = [float(b) for b in _values(space.budget)]
-        methods = [m for m in (_values(space.fit_method) if space.fit_method is not None else ["greedy"])]
+        budgets = _distinct([float(b) for b in _values(space.budget)])
+        methods = _distinct(_values(space.fit_method) if space.fit_method is not None else ["greedy"])
         cls = get_family(family)
 
         def build(options, budget, method):
+            builds[0] += 1
+            if builds[0] > MAX_OPTION_BUILDS:
+                raise _OutOfBuilds
             if family == "gblr" and spec.workload.mode == "scratch":
                 return GBLRLinear(shape.in_features, shape.out_features, bias=bias is not None, sigma=1.0, **options)
             if family == "gblr":
@@ -207,17 +238,24 @@ def _family_option_errors(spec: StudySpec, shape) -> List[str]:
                 continue  # not an options problem: the trials report it
         except Exception:  # noqa: BLE001 - idem
             continue
-        values = {name: _values(param) for name, param in space.options.items()}
+        values = {name: _distinct(_values(param)) for name, param in space.options.items()}
         first = {name: vs[0] for name, vs in values.items()}
         for name, vs in values.items():
             for value in vs:
-                error = refusal({**first, name: value})
+                try:
+                    error = refusal({**first, name: value})
+                except _OutOfBuilds:
+                    return errors
                 if error is not None:
                     errors.append(f"families.{family}.options.{name}: {value!r} is refused by {family} at "
                                   f"every budget (tried on a {shape.out_features}x{shape.in_features} layer): "
                                   f"{error}")
                     break
     return errors
+
+
+class _OutOfBuilds(Exception):
+    """MAX_OPTION_BUILDS reached: the option values not yet tried are left to the trials."""
 
 
 def _blamed(message: str, knobs, tried: str, family: str) -> str:

@@ -2,6 +2,21 @@
 
 Every error names the file, the key path and what was expected; validation happens before any
 database is touched, so a bad spec writes nothing.
+
+Limits on what a spec may hold (each refused with an error naming the field, value and bound):
+
+- the file: a regular file (or a link to one) of at most ``MAX_SPEC_BYTES`` (1 MiB); YAML nested
+  at most ``MAX_YAML_DEPTH`` (64) levels and expanding, aliases followed, to at most
+  ``MAX_YAML_NODES`` (100,000) values, so an alias bomb is refused before it is expanded;
+- ``trials`` <= 100,000, ``concurrency`` <= 4,096, ``retries`` <= 100, ``workload.epochs``
+  <= 10,000, ``workload.seeds`` <= 1,000 entries;
+- a parameter's choices <= ``MAX_CHOICES`` (1,000), and ``MAX_TOTAL_CHOICES`` (10,000) choices in
+  all families together;
+- ``workdir`` (given, or the default beside the spec) is not the filesystem root, a top-level
+  folder such as /home, /var or /tmp itself, nor inside /etc, /usr, /bin, /sbin, /lib*, /boot,
+  /dev, /proc, /sys or /run (see :data:`SYSTEM_FOLDERS`).
+
+Values echoed in error messages are cut to a short excerpt.
 """
 from __future__ import annotations
 
@@ -22,7 +37,45 @@ __all__ = [
     "spec_from_dict",
     "METRICS",
     "FAMILY_KNOBS",
+    "MAX_SPEC_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
+    "MAX_CHOICES",
+    "MAX_TOTAL_CHOICES",
+    "SYSTEM_FOLDERS",
+    "excerpt",
+    "read_text_file",
+    "system_folder_problem",
 ]
+
+#: Largest spec file read (bytes); a spec is a few kilobytes.
+MAX_SPEC_BYTES = 1 << 20
+#: Deepest nesting of a YAML document (a spec nests about 5 levels).
+MAX_YAML_DEPTH = 64
+#: Most values (scalars, lists and mappings, keys included) a YAML document may expand to with
+#: its aliases followed.
+MAX_YAML_NODES = 100_000
+#: Most choices one parameter may list, and all parameters of a study together.
+MAX_CHOICES = 1_000
+MAX_TOTAL_CHOICES = 10_000
+#: (folders refused as they are, folders refused with everything inside them) for a workdir.
+SYSTEM_FOLDERS = (
+    ("/", "/home", "/var", "/opt", "/srv", "/mnt", "/media", "/tmp", "/root", "/var/tmp"),
+    ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev", "/proc",
+     "/sys", "/run", "/var/lib", "/var/log", "/var/cache", "/var/spool"),
+)
+
+
+def excerpt(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: what an error message may echo."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cut(line: str, limit: int = 600) -> str:
+    return line if len(line) <= limit else f"{line[:limit]}... (message cut, {len(line)} characters)"
 
 #: Result metrics a study may use as objectives or constraints, and their natural direction.
 METRICS = {
@@ -72,7 +125,7 @@ class Range(_Strict):
         if self.log and self.step is not None:
             raise ValueError("step and log cannot be combined")
         if self.step is not None and not self.step > 0:
-            raise ValueError(f"step must be > 0, got {self.step}")
+            raise ValueError(f"step must be > 0, got {excerpt(self.step)}")
         return self
 
 
@@ -80,6 +133,13 @@ class Choices(_Strict):
     """A categorical choice: ``{choices: [0.1, 0.2, 0.3]}``."""
 
     choices: List[Union[float, int, str, bool, None]] = Field(min_length=1)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _few_enough(cls, choices):
+        if isinstance(choices, list) and len(choices) > MAX_CHOICES:
+            raise ValueError(f"{len(choices)} choices; at most {MAX_CHOICES} per parameter")
+        return choices
 
 
 Scalar = Union[float, int, str, bool, None]
@@ -118,7 +178,7 @@ class FamilySpace(_Strict):
     @classmethod
     def _parse_options(cls, value):
         if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping of option names to values, got {value!r}")
+            raise ValueError(f"expected a mapping of option names to values, got {excerpt(value)}")
         return {key: _parse_param(v) for key, v in value.items()}
 
     @field_validator("budget")
@@ -127,7 +187,7 @@ class FamilySpace(_Strict):
         values = _param_values(value)
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1]
         if bad:
-            raise ValueError(f"budgets are fractions of the dense FLOPs in (0, 1], got {bad[0]!r}")
+            raise ValueError(f"budgets are fractions of the dense FLOPs in (0, 1], got {excerpt(bad[0])}")
         return value
 
 
@@ -143,7 +203,8 @@ def _parse_param(value):
         if "low" in value or "high" in value:
             return Range(**value)
     raise ValueError(
-        f"expected a value, a list of choices, {{choices: [...]}} or {{low: .., high: .., log: ..}}; got {value!r}"
+        f"expected a value, a list of choices, {{choices: [...]}} or {{low: .., high: .., log: ..}}; "
+        f"got {excerpt(value)}"
     )
 
 
@@ -159,15 +220,16 @@ class WorkloadSpec(_Strict):
     name: str
     options: Dict[str, Any] = Field(default_factory=dict)
     mode: Literal["scratch", "finetune"] = "scratch"
-    epochs: int = Field(10, ge=1)
-    batch_size: Optional[int] = Field(None, ge=1)
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: Optional[int] = Field(None, ge=1, le=1 << 24)
     lr: Optional[float] = Field(None, gt=0)
     weight_decay: Optional[float] = Field(None, ge=0)
     lr_schedule: Optional[Literal["constant", "cosine"]] = None  # None: the workload's
-    warmup_epochs: float = Field(0.0, ge=0)
-    include: Optional[List[str]] = None
-    exclude: List[str] = Field(default_factory=list)
-    seeds: List[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1)
+    warmup_epochs: float = Field(0.0, ge=0, le=10_000)
+    include: Optional[List[str]] = Field(None, max_length=1_000)
+    exclude: List[str] = Field(default_factory=list, max_length=1_000)
+    seeds: List[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
+                                                                 max_length=1_000)
 
     @model_validator(mode="after")
     def _known_options(self):
@@ -181,7 +243,7 @@ class WorkloadSpec(_Strict):
                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
         for option in self.options:
             if option not in accepted:
-                raise ValueError(f"workload {self.name!r} has no option {option!r}; its options are: "
+                raise ValueError(f"workload {self.name!r} has no option {excerpt(option)}; its options are: "
                                  f"{', '.join(accepted) or '(none)'}")
         return self
 
@@ -191,7 +253,7 @@ class WorkloadSpec(_Strict):
         from ..workloads import workload_names
 
         if name not in workload_names():
-            raise ValueError(f"unknown workload {name!r}; expected one of: {', '.join(workload_names())}")
+            raise ValueError(f"unknown workload {excerpt(name)}; expected one of: {', '.join(workload_names())}")
         return name
 
 
@@ -203,7 +265,7 @@ class Objective(_Strict):
     @classmethod
     def _known_metric(cls, metric):
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; expected one of: {', '.join(METRICS)}")
+            raise ValueError(f"unknown metric {excerpt(metric)}; expected one of: {', '.join(METRICS)}")
         return metric
 
     @property
@@ -236,13 +298,13 @@ class Sampler(_Strict):
 
 
 class Resources(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0, le=4096)
+    gpus_per_trial: float = Field(0.0, ge=0, le=1024)
 
 
 class Executor(_Strict):
     address: Optional[str] = None  # None: a local Ray; "auto" or "ray://host:port": a cluster
-    num_cpus: Optional[int] = Field(None, ge=1)  # size of a local Ray (default: all cores)
+    num_cpus: Optional[int] = Field(None, ge=1, le=4096)  # size of a local Ray (default: all cores)
 
 
 class StudySpec(_Strict):
@@ -254,14 +316,14 @@ class StudySpec(_Strict):
         default_factory=lambda: [Objective(metric="quality"), Objective(metric="relative_flops")],
         min_length=1,
     )
-    constraints: List[Constraint] = Field(default_factory=list)
+    constraints: List[Constraint] = Field(default_factory=list, max_length=100)
     families: Dict[str, FamilySpace] = Field(min_length=1)
     sampler: Sampler = Sampler()
-    trials: int = Field(ge=1)
-    concurrency: int = Field(1, ge=1)
+    trials: int = Field(ge=1, le=100_000)
+    concurrency: int = Field(1, ge=1, le=4096)
     resources: Resources = Resources()
-    retries: int = Field(1, ge=0)
-    trial_timeout: Optional[float] = Field(None, gt=0)  # seconds per trial attempt
+    retries: int = Field(1, ge=0, le=100)
+    trial_timeout: Optional[float] = Field(None, gt=0, le=366 * 86400)  # seconds per trial attempt
     executor: Executor = Executor()
 
     @field_validator("name")
@@ -269,7 +331,8 @@ class StudySpec(_Strict):
     def _name_chars(cls, name):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise ValueError(
-                f"study names use letters, digits, '.', '_' and '-', starting with a letter or digit; got {name!r}"
+                f"study names use letters, digits, '.', '_' and '-', starting with a letter or digit; "
+                f"got {excerpt(name)}"
             )
         return name
 
@@ -281,13 +344,32 @@ class StudySpec(_Strict):
         known = ["dense"] + [f for f in family_names() if f != "dense"]
         for name in families:
             if name not in known:
-                raise ValueError(f"unknown family {name!r}; expected one of: {', '.join(known)}")
+                raise ValueError(f"unknown family {excerpt(name)}; expected one of: {', '.join(known)}")
         return families
 
     @field_validator("storage")
     @classmethod
     def _storage_url(cls, url):
         return check_storage_url(url)
+
+    @field_validator("workdir")
+    @classmethod
+    def _not_a_system_folder(cls, workdir):
+        if workdir is not None and os.path.isabs(workdir):
+            problem = system_folder_problem(Path(workdir))
+            if problem:
+                raise ValueError(problem)
+        return workdir
+
+    @model_validator(mode="after")
+    def _total_choices(self):
+        spaces = self.families.values()
+        params = [getattr(space, knob) for space in spaces for knob in FAMILY_KNOBS]
+        params += [param for space in spaces for param in space.options.values()]
+        total = sum(len(p.choices) for p in params if isinstance(p, Choices))
+        if total > MAX_TOTAL_CHOICES:
+            raise ValueError(f"the families list {total} choices in all; at most {MAX_TOTAL_CHOICES} per study")
+        return self
 
     @model_validator(mode="after")
     def _objectives_distinct(self):
@@ -339,12 +421,12 @@ def _format_errors(source: str, error: ValidationError) -> str:
         elif item["type"] == "missing":
             message = "required key is missing"
         elif "input" in item and item["type"] not in ("value_error",):
-            message += f" (got {item['input']!r})"
+            message += f" (got {excerpt(item['input'])})"
         # a union reports one failure per branch: keep the first per key path
         if where in seen:
             continue
         seen.add(where)
-        lines.append(f"{source}: {where}: {message}")
+        lines.append(_cut(f"{source}: {where}: {message}"))
     return "\n".join(lines)
 
 
@@ -359,7 +441,7 @@ def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
 
     errors = config_errors(spec) or workload_errors(spec)
     if errors:
-        raise SpecError("\n".join(f"{source}: {line}" for line in errors))
+        raise SpecError("\n".join(_cut(f"{source}: {line}") for line in errors))
     return spec
 
 
@@ -374,16 +456,17 @@ def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Op
     try:
         parsed = make_url(os.path.expandvars(url))
     except ArgumentError:
-        raise ValueError(f"not a database URL: {url!r} (expected e.g. sqlite:///study.db or "
+        raise ValueError(f"not a database URL: {excerpt(url)} (expected e.g. sqlite:///study.db or "
                          "postgresql+psycopg://user@host/db)") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "mysql"):
-        raise ValueError(f"unsupported database {backend!r} in {url!r}; use sqlite, postgresql or mysql")
+        raise ValueError(f"unsupported database {excerpt(backend)} in {excerpt(url)}; use sqlite, postgresql "
+                         f"or mysql")
     if backend == "sqlite" and (parsed.database or ":memory:") == ":memory:":
-        raise ValueError(f"{url!r} is an in-memory database: the study would be lost when the driver "
+        raise ValueError(f"{excerpt(url)} is an in-memory database: the study would be lost when the driver "
                          f"exits; give a file, e.g. sqlite:///study.db")
     if backend == "sqlite" and parsed.query:
-        raise ValueError(f"{url!r}: SQLite URLs take a file path without ?options (the dashboard opens "
+        raise ValueError(f"{excerpt(url)}: SQLite URLs take a file path without ?options (the dashboard opens "
                          f"studies read-only by itself)")
     secret_options = sorted(k for k in parsed.query if k.lower() in ("password", "passfile", "sslpassword"))
     if secret_options and not allow_password:
@@ -397,13 +480,102 @@ def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Op
     return url
 
 
+def system_folder_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` (links followed) must not be written into by gsmsearch, or None: it is the
+    filesystem root, a top-level folder (/home, /var, /tmp, ...) itself, or inside a system
+    hierarchy (/etc, /usr, /dev, /proc, ...); see :data:`SYSTEM_FOLDERS`."""
+    resolved = Path(os.path.abspath(str(folder)))
+    try:
+        resolved = resolved.resolve()
+    except (OSError, RuntimeError):  # a link loop: the folder checks of the driver report it
+        pass
+    exact, trees = SYSTEM_FOLDERS
+    if str(resolved) in exact:
+        return f"{resolved} is a system folder; choose a folder of its own (e.g. under your home folder)"
+    for tree in trees:
+        if resolved == Path(tree) or Path(tree) in resolved.parents:
+            return f"{resolved} is inside {tree}, a system folder; choose a folder of your own"
+    return None
+
+
+def read_text_file(path: Union[str, Path], *, limit: int = MAX_SPEC_BYTES, what: str = "file") -> str:
+    """The text of ``path`` if it is a regular file (or a link to one) of at most ``limit``
+    bytes, else a SpecError naming it: a FIFO, a device, a socket, a link loop or a huge file is
+    refused without blocking or reading it all."""
+    import stat
+
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: cannot read the file: it is a folder") from None
+    except OSError as error:  # a link loop, a name too long, no permission, a socket, ...
+        raise SpecError(f"{path}: cannot read the file: {error.strerror or error}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise SpecError(f"{path}: cannot read the file: it is a folder")
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecError(f"{path}: cannot read the file: it is {_file_kind(info.st_mode)}, not a regular {what}")
+        if info.st_size > limit:
+            raise SpecError(f"{path}: the file has {info.st_size} bytes; a {what} may have at most {limit}")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise SpecError(f"{path}: the file has more than {limit} bytes; a {what} may have at most {limit}")
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read the file: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 @functools.lru_cache(maxsize=None)
-def _unique_key_loader():
+def _bounded_loader():
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
-    one silently: `trials: 1` ... `trials: 50` would run 50)."""
+    one silently: `trials: 1` ... `trials: 50` would run 50), nesting deeper than MAX_YAML_DEPTH
+    and documents that expand, aliases followed, beyond MAX_YAML_NODES values (an alias bomb
+    composes into a small graph but expands exponentially when validated or printed)."""
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
+    class BoundedLoader(yaml.SafeLoader):
+        _depth = 0
+
+        def compose_node(self, parent, index):
+            if self._depth >= MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _TooLarge(f"nested deeper than {MAX_YAML_DEPTH} levels (line {mark.line + 1}, column "
+                                f"{mark.column + 1})")
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def construct_document(self, node):
+            _check_expansion(node)
+            return super().construct_document(node)
+
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 seen = {}
@@ -417,32 +589,86 @@ def _unique_key_loader():
                         break
                     if duplicate:
                         raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                            None, None, f"key {excerpt(key)} is given twice (first on line {seen[key] + 1})",
                             key_node.start_mark)
                     seen[key] = key_node.start_mark.line
             return super().construct_mapping(node, deep=deep)
 
-    return UniqueKeyLoader
+    return BoundedLoader
+
+
+class _TooLarge(Exception):
+    """A YAML document that expands beyond the limits (reported without a YAML position)."""
+
+
+def _check_expansion(root) -> None:
+    """Count the values ``root`` expands to with its aliases followed (each shared node counted
+    once per reference), without expanding it: sizes are memoised per node.  Refuses more than
+    MAX_YAML_NODES values, nesting deeper than MAX_YAML_DEPTH and a node that contains itself."""
+    import yaml
+
+    sizes = {}  # id(node) -> (values it expands to, levels below it)
+    open_nodes = set()
+
+    def visit(node, depth):
+        if depth > MAX_YAML_DEPTH:
+            raise _TooLarge(f"nested deeper than {MAX_YAML_DEPTH} levels once its aliases are expanded")
+        key = id(node)
+        if key in sizes:
+            size, height = sizes[key]
+            if depth + height > MAX_YAML_DEPTH:
+                raise _TooLarge(f"nested deeper than {MAX_YAML_DEPTH} levels once its aliases are expanded")
+            return size, height
+        if key in open_nodes:
+            raise _TooLarge(f"an alias at line {node.start_mark.line + 1} refers to a node that contains it")
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        open_nodes.add(key)
+        size, height = 1, 0
+        for child in children:
+            child_size, child_height = visit(child, depth + 1)
+            size += child_size
+            height = max(height, child_height + 1)
+            if size > MAX_YAML_NODES:
+                raise _TooLarge(f"the document expands (aliases followed) to more than {MAX_YAML_NODES} "
+                                f"values; a spec needs far fewer")
+        open_nodes.discard(key)
+        sizes[key] = (size, height)
+        return size, height
+
+    visit(root, 0)
 
 
 def read_yaml(path: Union[str, Path]) -> Any:
-    """The YAML document in ``path``, or a SpecError naming the file and what went wrong."""
+    """The YAML document in ``path``, or a SpecError naming the file and what went wrong (see the
+    module docstring for the limits on the file and the document)."""
     import yaml
 
     path = Path(path)
+    text = read_text_file(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as error:
-        raise SpecError(f"{path}: cannot read the file ({error.__class__.__name__}: {error})") from None
-    try:
-        return yaml.load(text, Loader=_unique_key_loader())
+        return yaml.load(text, Loader=_bounded_loader())
+    except _TooLarge as error:
+        raise SpecError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SpecError(f"{path}: not valid YAML at {where}: {getattr(error, 'problem', error)}") from None
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError(_cut(f"{path}: not valid YAML at {where}: {problem}")) from None
 
 
 def load_spec(path: Union[str, Path]) -> StudySpec:
-    return spec_from_dict(read_yaml(path), str(path))
+    spec = spec_from_dict(read_yaml(path), str(path))
+    spec_dir = Path(path).resolve().parent
+    workdir = Path(spec.workdir) if spec.workdir else spec_dir / ".gsmsearch" / spec.name
+    if not workdir.is_absolute():
+        workdir = spec_dir / workdir
+    problem = system_folder_problem(workdir)
+    if problem:
+        given = "workdir" if spec.workdir else "workdir (the default, beside the spec)"
+        raise SpecError(f"{path}: {given}: {problem}")
+    return spec

@@ -6,6 +6,11 @@
 - Engines use ``pool_pre_ping`` (PostgreSQL/MySQL: a connection lost to a server restart is
   replaced instead of failing a write) and a long SQLite busy timeout.
 - Only the driver writes to the database (workers return results to it), so SQLite is safe.
+- An SQLite storage is a regular file or a new path: a device, FIFO or socket is refused (SQLite
+  would write a journal beside it).
+- Commands that only read (`status`, `list`, `export`) open storages with
+  :func:`open_readonly_storage`: connections that cannot write, and Optuna's tables are never
+  created; a database without them is "no gsmsearch/Optuna study".
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ __all__ = [
     "resolve_storage_url",
     "redact",
     "open_storage",
+    "open_readonly_storage",
+    "unset_variables",
     "with_retries",
     "fail_stale_trials",
 ]
@@ -41,20 +48,50 @@ def resolve_storage_url(url: Optional[str], *, spec_dir: Path, study_name: str) 
 
 
 def redact(url: str) -> str:
-    """The URL for messages and logs: password hidden, ${VAR} left as written."""
+    """The URL for messages and logs: password hidden, ${VAR} left as written (not URL-encoded),
+    cut to 300 characters."""
+    import re
+
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        text = make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - never let a message fail
         return "<unparseable storage URL>"
+    text = re.sub(r"%24%7B([A-Za-z_][A-Za-z0-9_]*)%7D", r"${\1}", text, flags=re.IGNORECASE)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def unset_variables(url: str) -> list:
+    """The ``${VAR}`` names in ``url`` that the environment does not set."""
+    return [name for name in _env_names(url) if name not in os.environ]
 
 
 def _expand(url: str) -> str:
-    missing = [name for name in _env_names(url) if name not in os.environ]
+    missing = unset_variables(url)
     if missing:
         raise ValueError(f"storage URL {redact(url)} uses ${{{missing[0]}}}, which is not set")
     return os.path.expandvars(url)
+
+
+def _sqlite_path_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot hold an SQLite database (None when it can): an existing path that is
+    not a regular file (links followed), or a folder that does not exist."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            return f"the folder {path.parent} does not exist"
+        return None
+    except OSError as error:  # a link loop, a name too long, ...
+        return f"{path}: {error.strerror or error}"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{path} is a folder, not a database file"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file (a device, FIFO or socket cannot hold a database)"
+    return None
 
 
 def _env_names(url: str):
@@ -76,10 +113,9 @@ def open_storage(url: str, *, must_exist: bool = False):
         if must_exist and not Path(path).exists():
             raise FileNotFoundError(f"no study database at {path}")
         # said at once: retrying cannot help these (retries are for locks and restarts)
-        if Path(path).is_dir():
-            raise ValueError(f"storage {redact(url)}: {path} is a folder, not a database file")
-        if not Path(path).parent.is_dir():
-            raise ValueError(f"storage {redact(url)}: the folder {Path(path).parent} does not exist")
+        problem = _sqlite_path_problem(Path(path))
+        if problem:
+            raise ValueError(f"storage {redact(url)}: {problem}")
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}
@@ -89,6 +125,64 @@ def open_storage(url: str, *, must_exist: bool = False):
         rdb = with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs), attempts=4)
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
+    return RetryingStorage(rdb)
+
+
+#: Tables every Optuna storage has (gsmsearch studies are Optuna studies).
+OPTUNA_TABLES = ("studies", "trials", "version_info", "alembic_version")
+
+
+def open_readonly_storage(url: str):
+    """An Optuna storage for ``url`` that reads and never writes: its connections refuse writes
+    (SQLite ``mode=ro``, PostgreSQL ``default_transaction_read_only``, MySQL ``READ ONLY``
+    sessions), a missing SQLite file is not created, and Optuna's tables are not created: a
+    database without them raises "no gsmsearch/Optuna study in URL"."""
+    import optuna
+    import sqlalchemy
+    from sqlalchemy.engine import URL, make_url
+
+    from ._spec import check_storage_url
+
+    check_storage_url(url, allow_password=True)
+    parsed = make_url(_expand(url))
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        path = Path(parsed.database or "").expanduser().absolute()
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"no study database at {path}")
+        problem = _sqlite_path_problem(path)
+        if problem:
+            raise ValueError(f"storage {redact(url)}: {problem}")
+        from urllib.parse import quote
+
+        readonly = URL.create("sqlite", database="file:" + quote(str(path.resolve())),
+                              query={"mode": "ro", "uri": "true"}).render_as_string(hide_password=False)
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    elif backend == "postgresql":
+        readonly = parsed.render_as_string(hide_password=False)
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"options": "-c default_transaction_read_only=on"}}
+    else:  # mysql (check_storage_url allows no other)
+        readonly = parsed.render_as_string(hide_password=False)
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"init_command": "SET SESSION TRANSACTION READ ONLY"}}
+
+    def tables():
+        engine = sqlalchemy.create_engine(readonly, **engine_kwargs)
+        try:
+            return set(sqlalchemy.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+
+    try:
+        present = with_retries(tables, attempts=4)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
+    if not set(OPTUNA_TABLES) <= present:
+        raise ValueError(f"no gsmsearch/Optuna study in {redact(url)} (it has no Optuna tables)")
+    try:
+        rdb = with_retries(lambda: optuna.storages.RDBStorage(readonly, engine_kwargs=engine_kwargs,
+                                                              skip_table_creation=True), attempts=4)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"cannot open storage {redact(url)} read-only: {_short(error)}") from None
     return RetryingStorage(rdb)
 
 
@@ -140,7 +234,7 @@ RetryingStorage = _LazyClass(_retrying_storage_class)
 
 def _short(error: Exception) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0][:300] if text else type(error).__name__
 
 
 def _transient(error: Exception) -> bool:
