@@ -1,14 +1,25 @@
 """`gsmsearch launch`: the driver of a study.
 
 The driver is the only process that writes to the study database.  It asks Optuna for trials
-(ask/tell), runs them on Ray worker actors, and tells Optuna the results.  What survives what:
+(ask/tell), runs them on Ray worker actors, and tells Optuna the results.  :class:`Driver` holds
+its phases and :func:`launch` runs them in order: open (create or continue the study), recover
+(what a dead driver left), then step after step ask -> submit -> collect -> tell, and shut down.
+
+No configuration runs twice: the sampler's proposal of one that has completed, has failed for
+good or is running is recorded PRUNED (``duplicate_of``) and another is asked for; once every
+family's space is exhausted the study stops, saying so.  The only re-runs are of a trial left
+without a verdict: a retry, or a re-enqueued configuration after a dead driver or Ctrl-C.
+
+What survives what:
 
 - a trial that fails (exception, worker crash, time limit) is retried up to ``retries`` times
-  from its last per-epoch checkpoint; after that it is recorded FAIL with its reason;
+  from its last per-epoch checkpoint; after that it is recorded FAIL with its reason, for good
+  (user attribute ``final``), as is a trial that reports it can never succeed as configured;
 - a killed driver leaves RUNNING trials behind: the next ``launch --resume`` marks them FAIL
-  ("stale") and re-enqueues their configurations, which resume from their checkpoints;
-- Ctrl-C stops the running trials, records them FAIL ("interrupted") and exits; ``--resume``
-  continues the same way;
+  ("stale", not final) and re-enqueues their configurations, which resume from their checkpoints;
+- Ctrl-C (deferred to the loop's next safe point; a second one interrupts at once) stops the
+  running trials, records them FAIL ("interrupted", not final) and exits; ``--resume`` continues
+  the same way;
 - transient database errors (a restarted PostgreSQL, a locked SQLite) are retried.
 """
 from __future__ import annotations
@@ -21,14 +32,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
+from ..trainer import TrialConfig
 from ._spec import SpecError, StudySpec, load_spec
 from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
-from ._space import space_size
+from ._space import family_configurations, space_size, trial_config
 from ._study import front_records, study_hypervolume, study_records
 
-__all__ = ["launch", "LaunchSummary", "make_sampler", "study_paths"]
+__all__ = ["launch", "Driver", "LaunchSummary", "make_sampler", "study_paths"]
 
 DRIVER_STALE_SECONDS = 60.0
 DUPLICATES_IN_A_ROW = 8  # a family whose sampler repeats finished configurations this often is exhausted
@@ -121,6 +133,7 @@ def _counts_as_done(record) -> bool:
 class _Running:
     trial: Any
     config: Dict[str, Any]
+    digest: str  # of the config: names its checkpoint folder
     worker: Any
     ref: Any
     attempt: int
@@ -145,7 +158,7 @@ def _driver_alive(driver: Dict[str, Any]) -> bool:
 
 class _DeferredInterrupt:
     """Ctrl-C while the driver runs is noted and raised as KeyboardInterrupt at the loop's next
-    safe point (:meth:`check`, at the top of the loop), never between asking Optuna for a trial
+    safe point (:meth:`check`, at the top of each :meth:`Driver.step`), never between asking Optuna for a trial
     and submitting it, nor while a finished trial's result is being recorded (a result that has
     arrived is kept); a second Ctrl-C interrupts at once.  Only
     in the main thread (signal handlers live there); elsewhere Ctrl-C behaves as usual."""
@@ -273,20 +286,28 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
     return study
 
 
+def _finished_for_good(trial) -> bool:
+    """A trial with a verdict: COMPLETE, or FAIL and not to be run again (``final``; a FAIL
+    without the mark counts as final)."""
+    name = trial.state.name
+    return name == "COMPLETE" or (name == "FAIL" and trial.user_attrs.get("final", True))
+
+
 def _requeue_unfinished(study) -> int:
     """Enqueue again the configurations of trials that stopped without a verdict (stale or
-    interrupted) and that no COMPLETE trial has run since; returns how many.  A re-enqueued trial
-    carries ``requeued_from`` (finished trials cannot be updated, so the mark is on the new one)."""
+    interrupted) and that no trial has finished for good since (completed, or failed with
+    ``final``); returns how many.  A re-enqueued trial carries ``requeued_from`` (finished trials
+    cannot be updated, so the mark is on the new one)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    completed = {t.user_attrs.get("config_digest") for t in trials if t.state == TrialState.COMPLETE}
+    finished = {t.user_attrs.get("config_digest") for t in trials if _finished_for_good(t)}
     requeued = {t.user_attrs.get("requeued_from") for t in trials}
     count = 0
     for trial in trials:
         if trial.state != TrialState.FAIL or trial.user_attrs.get("final", True):
             continue
-        if trial.number in requeued or trial.user_attrs.get("config_digest") in completed:
+        if trial.number in requeued or trial.user_attrs.get("config_digest") in finished:
             continue
         if not trial.params:
             continue
@@ -297,12 +318,13 @@ def _requeue_unfinished(study) -> int:
 
 
 def _known_digests(trials) -> Dict[str, int]:
-    """config digest -> trial number, for COMPLETE trials and those running now (``trials``: the
+    """config digest -> trial number, for every configuration that must not run again: those
+    finished for good (COMPLETE, or FAIL with ``final``) and those running now (``trials``: the
     study's trials, read once by the caller)."""
     known = {}
     for t in trials:
         digest = t.user_attrs.get("config_digest")
-        if digest and (t.state.name == "COMPLETE" or t.state.name == "RUNNING"):
+        if digest and (_finished_for_good(t) or t.state.name == "RUNNING"):
             known[digest] = t.number
     return known
 
@@ -310,18 +332,21 @@ def _known_digests(trials) -> Dict[str, int]:
 def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int], trials):
     """Ask for the next trial: a re-enqueued configuration first, else the least-tried family
     among those whose space is not exhausted (``exhausted``: family -> duplicates in a row;
-    ``trials``: the study's trials, read once by the caller)."""
+    ``trials``: the study's trials, read once by the caller).  A family's count is its distinct
+    configurations run or running, so a configuration recorded twice counts once against the
+    size of a finite space."""
     from optuna.trial import TrialState
 
     if not any(t.state == TrialState.WAITING for t in trials):
-        counts = {family: 0 for family in spec.families if exhausted.get(family, 0) < DUPLICATES_IN_A_ROW}
-        if not counts:
+        tried: Dict[str, set] = {family: set() for family in spec.families
+                                 if exhausted.get(family, 0) < DUPLICATES_IN_A_ROW}
+        if not tried:
             return None
         for t in trials:
             family = t.params.get("family")
-            if family in counts and t.state in (TrialState.COMPLETE, TrialState.RUNNING) or (
-                    family in counts and t.state == TrialState.FAIL and t.user_attrs.get("final", True)):
-                counts[family] += 1
+            if family in tried and (_finished_for_good(t) or t.state == TrialState.RUNNING):
+                tried[family].add(t.user_attrs.get("config_digest") or ("trial", t.number))
+        counts = {family: len(configs) for family, configs in tried.items()}
         # a family whose finite space has been run entirely gets no more proposals
         counts = {f: c for f, c in counts.items() if (space_size(spec, f) or float("inf")) > c}
         if not counts:
@@ -331,101 +356,244 @@ def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int], trials):
     return with_retries(study.ask)
 
 
-def launch(
-    spec_path,
-    *,
-    address: Optional[str] = None,
-    resume: bool = False,
-    force: bool = False,
-    dry_run: bool = False,
-    out: Optional[TextIO] = None,
-    status_interval: float = 30.0,
-) -> LaunchSummary:
-    import optuna
+@dataclass
+class _Proposal:
+    """What one ask gave: a trial with a configuration not run yet (``duplicate_of`` None), or a
+    repeat of configuration ``duplicate_of`` (a trial number), already recorded PRUNED."""
+    trial: Any
+    config: Dict[str, Any]
+    digest: str
+    duplicate_of: Optional[int] = None
 
-    from ..trainer import TrialConfig
-    from ._runner import check_resources, make_worker, start_ray
-    from ._space import family_configurations, trial_config
 
-    out = out if out is not None else sys.stderr
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = load_spec(spec_path)  # every spec error is raised here, before any write
-    paths = study_paths(spec, Path(spec_path))
-    url = resolve_storage_url(spec.storage, spec_dir=paths["spec_dir"], study_name=spec.name)
-    summary = LaunchSummary(study_name=spec.name, storage=redact(url))
-    device = "cuda" if spec.resources.gpus_per_trial > 0 else "cpu"
+class Driver:
+    """One launch of a study, phase by phase.  :func:`launch` runs them in this order:
 
-    if dry_run:
-        preview = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
-        print(f"spec {spec_path}: valid (hash {spec.digest()[:12]})", file=out)
-        print(f"storage: {summary.storage}\nworkdir: {paths['workdir']}", file=out)
-        for family in list(spec.families)[: min(len(spec.families), spec.trials)]:
-            preview.enqueue_trial({"family": family})
-            config = trial_config(spec, preview.ask(), device=device)
-            print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=out)
-        return summary
+    - :meth:`open`: create the study, or continue it after the checks of a resume;
+    - :meth:`recover`: mark FAIL the trials a dead driver left RUNNING, and re-enqueue them;
+    - :meth:`run`: :meth:`step` until no trial is running and none is left to start, then
+      :meth:`shutdown` (after :meth:`interrupted` on Ctrl-C);
+    - :meth:`summarize`.
 
-    # what the environment must offer is checked before the database is touched
-    _check_workdir(paths["workdir"])
-    cluster = address or spec.executor.address or os.environ.get("RAY_ADDRESS")
-    where = start_ray(cluster, num_cpus=spec.executor.num_cpus)
-    short = check_resources(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
-    if short and not cluster:
-        raise ValueError(short)  # a local Ray never grows
-    if short:  # a cluster may scale up (an autoscaler adds nodes for waiting trials)
-        print(f"[{spec.name}] warning: {short} now; trials wait until it grows", file=out)
-    storage = open_storage(url)
-    study = _open_study(spec, storage, resume=resume, force=force)
-    stale = fail_stale_trials(study, reason="stale: its driver stopped before the trial finished")
-    requeued = _requeue_unfinished(study)
-    if stale or requeued:
-        print(f"[{spec.name}] marked {len(stale)} stale RUNNING trial(s) FAIL; re-enqueued "
-              f"{requeued} unfinished configuration(s)", file=out)
-    print(f"[{spec.name}] storage {summary.storage}; {where}; up to {spec.concurrency} concurrent "
-          f"trial(s)", file=out)
-    for key in ("checkpoints", "cache", "structures"):
-        paths[key].mkdir(parents=True, exist_ok=True)
+    One :meth:`step` is one turn of the loop: the interrupt's safe point, the heartbeat,
+    :meth:`fill` (:meth:`ask` and :meth:`submit` until every slot is busy), :meth:`collect` (one
+    finished trial: :meth:`tell` its result, or :meth:`retry_or_fail`), the time limit, and the
+    progress line.  Ray is touched only by :meth:`submit` (through ``make_worker``),
+    :meth:`collect` and the worker kills; every other phase reaches only the study."""
 
-    display = _Display(out, spec.trials, status_interval)
-    running: Dict[Any, _Running] = {}
-    idle: List[Any] = []
-    driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
-    last_heartbeat = 0.0
+    def __init__(self, spec: StudySpec, spec_path, *, paths: Optional[Dict[str, Path]] = None,
+                 storage_label: str = "", out: Optional[TextIO] = None, status_interval: float = 30.0,
+                 device: Optional[str] = None, make_worker=None) -> None:
+        self.spec, self.spec_path = spec, spec_path
+        self.paths = paths if paths is not None else study_paths(spec, Path(spec_path))
+        self.out = out if out is not None else sys.stderr
+        self.device = device or ("cuda" if spec.resources.gpus_per_trial > 0 else "cpu")
+        self.make_worker = make_worker  # (cpus, gpus) -> a worker actor; _runner.make_worker
+        self.summary = LaunchSummary(study_name=spec.name, storage=storage_label)
+        self.display = _Display(self.out, spec.trials, status_interval)
+        self.study = None
+        self.running: Dict[Any, _Running] = {}  # Ray object ref -> the trial it will return
+        self.idle: List[Any] = []  # workers free for the next trial
+        self.asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
+        self.exhausted: Dict[str, int] = {}  # family -> duplicates in a row (unbounded spaces)
+        self.finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
+        self.exhausted_reported = False
+        self.target = spec.trials  # lowered to what was done when every space is exhausted
+        self.interrupt = _DeferredInterrupt()  # installed by run()
+        self.driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.last_heartbeat = 0.0
 
-    def heartbeat(clear: bool = False) -> None:
-        nonlocal last_heartbeat
-        if clear:
-            with_retries(lambda: study.set_user_attr("driver", None))
-            return
-        if time.monotonic() - last_heartbeat > DRIVER_STALE_SECONDS / 4:
-            with_retries(lambda: study.set_user_attr("driver", {**driver_id, "heartbeat": time.time()}))
-            last_heartbeat = time.monotonic()
+    # -- open, recover ---------------------------------------------------------------------
 
-    def done_count(trials=None) -> int:
-        trials = study.get_trials(deepcopy=False) if trials is None else trials
-        return sum(1 for t in trials
-                   if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and t.user_attrs.get("final", True)))
+    def open(self, url: str, *, resume: bool = False, force: bool = False):
+        """Open the storage at ``url`` and create or continue the study (see :func:`_open_study`
+        for what a continuation is refused for)."""
+        self.study = _open_study(self.spec, open_storage(url), resume=resume, force=force)
+        return self.study
 
-    def submit(trial, config: Dict[str, Any], attempt: int) -> None:
-        worker = idle.pop() if idle else make_worker(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
-        digest = config["_digest"]
+    def recover(self) -> Tuple[int, int]:
+        """Mark FAIL ("stale", not final) the trials left RUNNING by a driver that stopped, and
+        re-enqueue the configurations left without a verdict; returns (stale, re-enqueued)."""
+        stale = fail_stale_trials(self.study, reason="stale: its driver stopped before the trial finished")
+        requeued = _requeue_unfinished(self.study)
+        if stale or requeued:
+            print(f"[{self.spec.name}] marked {len(stale)} stale RUNNING trial(s) FAIL; re-enqueued "
+                  f"{requeued} unfinished configuration(s)", file=self.out)
+        return len(stale), requeued
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Step until the study is done; Ctrl-C (deferred to the next step) interrupts it."""
+        self.interrupt.install()
+        try:
+            self.heartbeat()
+            while self.step():
+                pass
+        except KeyboardInterrupt:
+            self.interrupted()
+        finally:
+            self.shutdown()
+
+    def step(self) -> bool:
+        """One turn of the loop; False once no trial is running and none was started."""
+        self.interrupt.check()
+        self.heartbeat()
+        self.fill(0)
+        if not self.running:
+            return False
+        self.collect()
+        self.enforce_time_limit()
+        self.display.status(self.study, self.spec, len(self.running))
+        return True
+
+    def heartbeat(self) -> None:
+        """Record this driver and the time on the study, at most every quarter of the stale delay."""
+        if time.monotonic() - self.last_heartbeat > DRIVER_STALE_SECONDS / 4:
+            with_retries(lambda: self.study.set_user_attr("driver", {**self.driver_id, "heartbeat": time.time()}))
+            self.last_heartbeat = time.monotonic()
+
+    def done_count(self, trials=None) -> int:
+        trials = with_retries(lambda: self.study.get_trials(deepcopy=False)) if trials is None else trials
+        return sum(1 for t in trials if _finished_for_good(t))
+
+    def fill(self, unrecorded: int = 0) -> None:
+        """Start trials until every slot is busy or the target is reached; ``unrecorded``
+        results have arrived but are not in the database yet (they count as done)."""
+        in_flight = len(self.running)
+        while in_flight < self.spec.concurrency:
+            if self.interrupt.pending:  # stop asking; the loop stops once this result is recorded
+                break
+            # one read of the study per proposal: the count, the family choice and the
+            # duplicate check all see the same trials (none of them changes what they read)
+            trials = with_retries(lambda: self.study.get_trials(deepcopy=False))
+            if self.done_count(trials) + unrecorded + in_flight >= self.target:
+                break
+            proposal = self.ask(trials)
+            if proposal is None:
+                if not self.exhausted_reported:
+                    self.display.line(f"[{self.spec.name}] every family's search space is exhausted "
+                                      f"(the samplers only propose configurations already run)")
+                    self.exhausted_reported = True
+                self.target = self.done_count() + unrecorded + in_flight
+                break
+            if proposal.duplicate_of is not None:
+                continue
+            self.submit(proposal.trial, proposal.config, proposal.digest, attempt=0)
+            in_flight += 1
+
+    def ask(self, trials) -> Optional[_Proposal]:
+        """Ask Optuna for one trial and build its configuration (``trials``: the study's trials,
+        read once by the caller); None when every family's space is exhausted.
+
+        Never run a configuration twice: one that has completed, failed for good or is running
+        is recorded PRUNED with ``duplicate_of``, and in a finite space the sampler's turn goes to
+        a configuration not run yet (enqueued, so the next ask gets it; asking again would be a
+        coupon collector, and 8 repeats in a row would call the family exhausted with
+        configurations left)."""
+        from optuna.trial import TrialState
+
+        trial = _next_trial(self.study, self.spec, self.exhausted, trials)
+        if trial is None:
+            return None
+        self.asked[trial.number] = trial
+        config = trial_config(self.spec, trial, device=self.device).to_dict()
+        digest = TrialConfig.from_dict(config).digest()
+        family = config["family"]
+        known = _known_digests(trials)
+        if digest in known:
+            with_retries(lambda: trial.set_user_attr("duplicate_of", known[digest]))
+            with_retries(lambda: trial.set_user_attr("family", family))
+            with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
+            if family not in self.finite:
+                self.finite[family] = family_configurations(self.spec, family, device=self.device)
+            if self.finite[family] is None:
+                self.exhausted[family] = self.exhausted.get(family, 0) + 1
+            else:
+                unseen = [params for params, d in self.finite[family] if d not in known]
+                if unseen:
+                    choice = random.Random(f"{self.spec.name}/{trial.number}").choice(unseen)
+                    with_retries(lambda: self.study.enqueue_trial(choice, skip_if_exists=False))
+                else:
+                    self.exhausted[family] = DUPLICATES_IN_A_ROW
+            return _Proposal(trial, config, digest, duplicate_of=known[digest])
+        self.exhausted[family] = 0
+        with_retries(lambda: trial.set_user_attr("config", config))
+        with_retries(lambda: trial.set_user_attr("config_digest", digest))
+        with_retries(lambda: trial.set_user_attr("family", family))
+        return _Proposal(trial, config, digest)
+
+    def submit(self, trial, config: Dict[str, Any], digest: str, attempt: int) -> None:
+        """Start ``trial`` on an idle worker, or on a new one."""
+        resources = self.spec.resources
+        worker = self.idle.pop() if self.idle else self.make_worker(resources.cpus_per_trial,
+                                                                    resources.gpus_per_trial)
         ref = worker.run.remote(
-            {k: v for k, v in config.items() if k != "_digest"},
-            str(paths["checkpoints"] / digest), str(paths["cache"]),
-            str(paths["structures"] / f"trial-{trial.number}.safetensors"),
+            config, str(self.paths["checkpoints"] / digest), str(self.paths["cache"]),
+            str(self.paths["structures"] / f"trial-{trial.number}.safetensors"),
         )
-        running[ref] = _Running(trial, config, worker, ref, attempt, time.monotonic(), time.time())
+        self.running[ref] = _Running(trial, config, digest, worker, ref, attempt, time.monotonic(), time.time())
 
-    def fail_trial(trial, family: str, reason: str, *, final: bool) -> None:
-        with_retries(lambda: trial.set_user_attr("failure_reason", reason[:2000]))
-        with_retries(lambda: trial.set_user_attr("final", final))
-        with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True))
-        display.line(f"[{spec.name}] trial {trial.number} ({family}) FAILED: {reason}")
+    def collect(self, timeout: float = 1.0) -> None:
+        """Wait up to ``timeout`` seconds for a trial to return; retry it if its worker died or
+        raised, else start the next trial on its worker and :meth:`tell` its outcome."""
+        import ray
 
-    def record_failure(entry: _Running, reason: str, *, final: bool) -> None:
-        fail_trial(entry.trial, entry.config["family"], reason, final=final)
+        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        for ref in ready:
+            entry = self.running.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
+                self.retry_or_fail(entry, f"worker died: {type(error).__name__}")
+                continue
+            except ray.exceptions.RayTaskError as error:
+                cause = error.cause if getattr(error, "cause", None) is not None else error
+                self.retry_or_fail(entry, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
+                continue
+            self.idle.append(entry.worker)
+            received = time.time()
+            # keep the worker busy: start the next trial first, then write this result
+            self.fill(1)
+            self.tell(entry, outcome, received)
 
-    def record_orchestration(entry: _Running, outcome: Dict[str, Any], received: float) -> Dict[str, float]:
+    def enforce_time_limit(self) -> None:
+        """Retry (or fail) every trial running longer than ``trial_timeout``."""
+        if self.spec.trial_timeout is None:
+            return
+        now = time.monotonic()
+        for ref, entry in list(self.running.items()):
+            if now - entry.started > self.spec.trial_timeout:
+                self.running.pop(ref)
+                self.retry_or_fail(entry, f"exceeded trial_timeout of {self.spec.trial_timeout:g}s")
+
+    def retry_or_fail(self, entry: _Running, reason: str) -> None:
+        """Stop ``entry``'s worker; resubmit the trial from its last checkpoint while it has
+        retries left, else record it failed for good."""
+        _kill(entry.worker)
+        if entry.attempt < self.spec.retries:
+            self.display.line(f"[{self.spec.name}] trial {entry.trial.number} attempt {entry.attempt + 1} failed "
+                              f"({reason}); retrying from its last checkpoint")
+            self.submit(entry.trial, entry.config, entry.digest, entry.attempt + 1)
+        else:
+            self.record_failure(entry.trial, entry.config["family"],
+                                f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
+
+    # -- recording -------------------------------------------------------------------------
+
+    def tell(self, entry: _Running, outcome: Dict[str, Any], received: float) -> None:
+        """Record a returned trial: its orchestration timing, then its result (or the failure
+        the worker reported), and the timing record of :attr:`LaunchSummary.timings`."""
+        timing = self.record_orchestration(entry, outcome, received)
+        if outcome["ok"]:
+            self.record_result(entry, outcome["result"])
+        else:
+            self.record_failure(entry.trial, entry.config["family"], outcome["reason"], final=True)
+        timing["record_s"] = time.time() - received
+        self.summary.timings.append({**timing, "started": outcome["started"], "finished": outcome["finished"],
+                                     "worker": outcome.get("actor_id")})
+
+    def record_orchestration(self, entry: _Running, outcome: Dict[str, Any], received: float) -> Dict[str, float]:
         timing = {
             "submit_to_start_s": outcome["started"] - entry.submitted,
             "run_s": outcome["finished"] - outcome["started"],
@@ -436,13 +604,17 @@ def launch(
         with_retries(lambda: entry.trial.set_user_attr("attempts", entry.attempt + 1))
         return timing
 
-    def record_result(entry: _Running, result: Dict[str, Any]) -> None:
-        trial = entry.trial
+    def record_result(self, entry: _Running, result: Dict[str, Any]) -> None:
+        """Tell Optuna a trial's objective values and constraints, with the result's scalars,
+        per-layer summary and curves as user attributes; a result without one of the objectives
+        is recorded as a failure for good."""
+        spec, trial = self.spec, entry.trial
         values = []
         for metric in spec.metric_names:
             value = result.get(metric)
             if value is None or value != value:
-                record_failure(entry, f"metric {metric!r} missing from the trial's result", final=True)
+                self.record_failure(trial, entry.config["family"],
+                                    f"metric {metric!r} missing from the trial's result", final=True)
                 return
             values.append(float(value))
         for constraint in spec.constraints:
@@ -455,164 +627,133 @@ def launch(
         with_retries(lambda: trial.set_user_attr("result", attrs))
         with_retries(lambda: trial.set_user_attr("layers", result.get("layers", {})))
         with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))
-        with_retries(lambda: study.tell(trial, values, skip_if_finished=True))
-        display.durations.append(time.monotonic() - entry.started)
+        with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
+        self.display.durations.append(time.monotonic() - entry.started)
         shown = ", ".join(f"{m} {v:.4g}" for m, v in zip(spec.metric_names, values))
-        display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) done: {shown}")
+        self.display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) done: {shown}")
 
-    def retry_or_fail(entry: _Running, reason: str) -> None:
-        import ray
+    def record_failure(self, trial, family: str, reason: str, *, final: bool) -> None:
+        """Tell Optuna ``trial`` FAILED, with its reason and whether it is ``final`` (not
+        final: ``--resume`` runs its configuration again)."""
+        from optuna.trial import TrialState
 
-        try:
-            ray.kill(entry.worker)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
-        if entry.attempt < spec.retries:
-            display.line(f"[{spec.name}] trial {entry.trial.number} attempt {entry.attempt + 1} failed "
-                         f"({reason}); retrying from its last checkpoint")
-            submit(entry.trial, entry.config, entry.attempt + 1)
-        else:
-            record_failure(entry, f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
+        with_retries(lambda: trial.set_user_attr("failure_reason", reason[:2000]))
+        with_retries(lambda: trial.set_user_attr("final", final))
+        with_retries(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
+        self.display.line(f"[{self.spec.name}] trial {trial.number} ({family}) FAILED: {reason}")
 
-    import ray
+    # -- stop ------------------------------------------------------------------------------
 
-    exhausted: Dict[str, int] = {}
-    asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
-    finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
-    exhausted_reported = False
-    interrupt = _DeferredInterrupt().install()
-    try:
-        heartbeat()
-        launched_target = spec.trials
-        def fill(unrecorded: int) -> None:
-            """Start trials until every slot is busy or the target is reached; ``unrecorded``
-            results have arrived but are not in the database yet (they count as done)."""
-            nonlocal launched_target, exhausted_reported
-            in_flight = len(running)
-            while in_flight < spec.concurrency:
-                if interrupt.pending:  # stop asking; the loop stops once this result is recorded
-                    break
-                # one read of the study per proposal: the count, the family choice and the
-                # duplicate check all see the same trials (none of them changes what they read)
-                trials = with_retries(lambda: study.get_trials(deepcopy=False))
-                if done_count(trials) + unrecorded + in_flight >= launched_target:
-                    break
-                trial = _next_trial(study, spec, exhausted, trials)
-                if trial is not None:
-                    asked[trial.number] = trial
-                if trial is None:
-                    if not exhausted_reported:
-                        display.line(f"[{spec.name}] every family's search space is exhausted "
-                                     f"(the samplers only propose configurations already run)")
-                        exhausted_reported = True
-                    launched_target = done_count() + unrecorded + in_flight
-                    break
-                config = trial_config(spec, trial, device=device).to_dict()
-                digest = TrialConfig.from_dict(config).digest()
-                known = _known_digests(trials)
-                if digest in known:
-                    # never run a configuration twice: record the proposal as pruned and ask again
-                    family = config["family"]
-                    with_retries(lambda: trial.set_user_attr("duplicate_of", known[digest]))
-                    with_retries(lambda: trial.set_user_attr("family", family))
-                    with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.PRUNED,
-                                                    skip_if_finished=True))
-                    # a finite space: hand the sampler's turn to a configuration not run yet
-                    # (asking again is a coupon collector, and 8 repeats in a row would call
-                    # the family exhausted with configurations left)
-                    if family not in finite:
-                        finite[family] = family_configurations(spec, family, device=device)
-                    if finite[family] is None:
-                        exhausted[family] = exhausted.get(family, 0) + 1
-                    else:
-                        unseen = [params for params, d in finite[family] if d not in known]
-                        if unseen:
-                            choice = random.Random(f"{spec.name}/{trial.number}").choice(unseen)
-                            with_retries(lambda: study.enqueue_trial(choice, skip_if_exists=False))
-                        else:
-                            exhausted[family] = DUPLICATES_IN_A_ROW
-                    continue
-                exhausted[config["family"]] = 0
-                with_retries(lambda: trial.set_user_attr("config", config))
-                with_retries(lambda: trial.set_user_attr("config_digest", digest))
-                with_retries(lambda: trial.set_user_attr("family", config["family"]))
-                submit(trial, {**config, "_digest": digest}, attempt=0)
-                in_flight += 1
+    def interrupted(self) -> None:
+        """After Ctrl-C: stop the running trials and record every trial this driver asked for and
+        left unfinished as interrupted (FAIL, not final), so that ``--resume`` runs it again."""
+        from optuna.trial import TrialState
 
-        while True:
-            interrupt.check()
-            heartbeat()
-            fill(0)
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                entry = running.pop(ref)
-                try:
-                    outcome = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
-                    retry_or_fail(entry, f"worker died: {type(error).__name__}")
-                    continue
-                except ray.exceptions.RayTaskError as error:
-                    cause = error.cause if getattr(error, "cause", None) is not None else error
-                    retry_or_fail(entry, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
-                    continue
-                idle.append(entry.worker)
-                received = time.time()
-                # keep the worker busy: start the next trial first, then write this result
-                fill(1)
-                timing = record_orchestration(entry, outcome, received)
-                if outcome["ok"]:
-                    record_result(entry, outcome["result"])
-                else:
-                    record_failure(entry, outcome["reason"], final=True)
-                timing["record_s"] = time.time() - received
-                summary.timings.append({**timing, "started": outcome["started"],
-                                        "finished": outcome["finished"],
-                                        "worker": outcome.get("actor_id")})
-            if spec.trial_timeout is not None:
-                now = time.monotonic()
-                for ref, entry in list(running.items()):
-                    if now - entry.started > spec.trial_timeout:
-                        running.pop(ref)
-                        retry_or_fail(entry, f"exceeded trial_timeout of {spec.trial_timeout:g}s")
-            display.status(study, spec, len(running))
-    except KeyboardInterrupt:
-        summary.interrupted = True
+        self.summary.interrupted = True
         reason = "interrupted (Ctrl-C); `launch --resume` runs it again from its checkpoint"
-        for entry in running.values():
-            try:
-                ray.kill(entry.worker)
-            except Exception:  # noqa: BLE001
-                pass
-            record_failure(entry, reason, final=False)
+        for entry in self.running.values():
+            _kill(entry.worker)
+            self.record_failure(entry.trial, entry.config["family"], reason, final=False)
         # a trial this driver asked for that is in no slot (Ctrl-C between the ask and the
         # submission, or while a dead worker's trial was being resubmitted) is still RUNNING
         # in the database: it is interrupted too, not left for the stale check of a later launch
-        from optuna.trial import TrialState
+        running_now = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for number in sorted(running_now & set(self.asked)):
+            trial = self.asked[number]
+            self.record_failure(trial, trial.params.get("family", "?"), reason, final=False)
+        print(f"[{self.spec.name}] stopped; continue with: gsmsearch launch {self.spec_path} --resume",
+              file=self.out)
 
-        for number in sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-                             & set(asked)):
-            fail_trial(asked[number], asked[number].params.get("family", "?"), reason, final=False)
-        print(f"[{spec.name}] stopped; continue with: gsmsearch launch {spec_path} --resume", file=out)
-    finally:
-        interrupt.restore()
+    def shutdown(self) -> None:
+        """Give Ctrl-C back its usual handler, clear this driver from the study (so the next
+        launch need not wait for the heartbeat to go stale) and stop the idle workers."""
+        self.interrupt.restore()
         try:
-            heartbeat(clear=True)
+            with_retries(lambda: self.study.set_user_attr("driver", None))
         except Exception:  # noqa: BLE001 - the database may be the thing that failed
             pass
-        for worker in idle:
-            try:
-                ray.kill(worker)
-            except Exception:  # noqa: BLE001
-                pass
+        for worker in self.idle:
+            _kill(worker)
 
-    records = study_records(study)
-    summary.completed = sum(1 for r in records if r.state == "COMPLETE")
-    summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
-    summary.front = [
-        {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values))}
-        for r in front_records(records, spec.directions)
-    ]
-    display.status(study, spec, 0, force=True)
-    return summary
+    def summarize(self) -> LaunchSummary:
+        """Fill the summary from the study as it now is, and print the last progress line."""
+        spec, summary = self.spec, self.summary
+        records = study_records(self.study)
+        summary.completed = sum(1 for r in records if r.state == "COMPLETE")
+        summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+        summary.front = [
+            {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values))}
+            for r in front_records(records, spec.directions)
+        ]
+        self.display.status(self.study, spec, 0, force=True)
+        return summary
+
+
+def _kill(worker) -> None:
+    import ray
+
+    try:
+        ray.kill(worker)
+    except Exception:  # noqa: BLE001 - already dead
+        pass
+
+
+def launch(
+    spec_path,
+    *,
+    address: Optional[str] = None,
+    resume: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    out: Optional[TextIO] = None,
+    status_interval: float = 30.0,
+) -> LaunchSummary:
+    """Run the study of the spec at ``spec_path`` to its target (``--dry-run``: validate it and
+    show one example trial per family, writing nothing); see :class:`Driver` for the phases."""
+    import optuna
+
+    from ._runner import check_resources, make_worker, start_ray
+
+    out = out if out is not None else sys.stderr
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_spec(spec_path)  # every spec error is raised here, before any write
+    paths = study_paths(spec, Path(spec_path))
+    url = resolve_storage_url(spec.storage, spec_dir=paths["spec_dir"], study_name=spec.name)
+    driver = Driver(spec, spec_path, paths=paths, storage_label=redact(url), out=out,
+                    status_interval=status_interval, make_worker=make_worker)
+    if dry_run:
+        _preview(spec, spec_path, driver)
+        return driver.summary
+
+    # what the environment must offer is checked before the database is touched
+    _check_workdir(paths["workdir"])
+    cluster = address or spec.executor.address or os.environ.get("RAY_ADDRESS")
+    where = start_ray(cluster, num_cpus=spec.executor.num_cpus)
+    short = check_resources(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial)
+    if short and not cluster:
+        raise ValueError(short)  # a local Ray never grows
+    if short:  # a cluster may scale up (an autoscaler adds nodes for waiting trials)
+        print(f"[{spec.name}] warning: {short} now; trials wait until it grows", file=out)
+
+    driver.open(url, resume=resume, force=force)
+    driver.recover()
+    print(f"[{spec.name}] storage {driver.summary.storage}; {where}; up to {spec.concurrency} concurrent "
+          f"trial(s)", file=out)
+    for key in ("checkpoints", "cache", "structures"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+    driver.run()
+    return driver.summarize()
+
+
+def _preview(spec: StudySpec, spec_path, driver: Driver) -> None:
+    """``--dry-run``: the spec's digest, where the study would live, and one example trial per
+    family (up to the number of trials), from an in-memory study."""
+    import optuna
+
+    preview = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
+    print(f"spec {spec_path}: valid (hash {spec.digest()[:12]})", file=driver.out)
+    print(f"storage: {driver.summary.storage}\nworkdir: {driver.paths['workdir']}", file=driver.out)
+    for family in list(spec.families)[: min(len(spec.families), spec.trials)]:
+        preview.enqueue_trial({"family": family})
+        config = trial_config(spec, preview.ask(), device=driver.device)
+        print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=driver.out)

@@ -1,0 +1,305 @@
+"""The driver's phases one at a time, on a real SQLite Optuna study and without Ray: a stand-in
+for ``make_worker`` records what would have been submitted, and results are handed to the
+driver as the dicts a worker returns."""
+import io
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from gsmsearch.search._launch import DUPLICATES_IN_A_ROW, RESULT_SCALARS, Driver, _requeue_unfinished
+from gsmsearch.search._space import family_configurations
+from gsmsearch.search._spec import spec_from_dict
+
+from .conftest import TINY_SPEC
+
+FINITE = {"lowrank": {"budget": [0.1, 0.3]}}  # two configurations: budget 0.1 (A) and 0.3 (B)
+
+
+class FakeWorkers:
+    """Stands in for ``_runner.make_worker``: every worker appends what it is asked to run to
+    ``submitted`` and returns a fresh token as its Ray object ref."""
+
+    def __init__(self):
+        self.submitted = []  # (config, checkpoint dir, structure path)
+
+    def __call__(self, cpus, gpus):
+        submitted = self.submitted
+
+        class Run:
+            @staticmethod
+            def remote(config, checkpoint_dir, cache_dir, structure_path):
+                submitted.append((config, checkpoint_dir, structure_path))
+                return object()
+
+        class Worker:
+            run = Run
+
+        return Worker()
+
+
+def make_driver(tmp_path, overrides=None, *, resume=False, force=False):
+    spec = spec_from_dict({**TINY_SPEC, **(overrides or {})})
+    workers = FakeWorkers()
+    driver = Driver(spec, tmp_path / "study.yaml", out=io.StringIO(), status_interval=1e9, make_worker=workers)
+    driver.open(f"sqlite:///{tmp_path / 'tiny.db'}", resume=resume, force=force)
+    return driver, workers
+
+
+def fix_budget(driver, budget):
+    """A real Optuna sampler that proposes ``budget`` for every lowrank trial."""
+    driver.study.sampler = optuna.samplers.PartialFixedSampler(
+        {"lowrank.budget": budget}, optuna.samplers.RandomSampler(seed=0))
+
+
+def outcome(result=None, *, ok=True, reason=None, started=100.0, finished=107.5):
+    out = {"ok": ok, "started": started, "finished": finished, "actor_id": "actor-1"}
+    out.update({"result": result} if ok else {"reason": reason, "final": True})
+    return out
+
+
+def finish(driver, *, ok=True, quality=0.8, relative_flops=0.2):
+    """Tell the driver the only running trial returned."""
+    (ref, entry), = driver.running.items()
+    driver.running.pop(ref)
+    result = {"quality": quality, "relative_flops": relative_flops}
+    driver.tell(entry, outcome(result, ok=ok, reason="loss diverged"), received=110.0)
+    return entry.trial.number
+
+
+# -- open and recover ------------------------------------------------------------------------
+
+
+def test_recover_marks_a_dead_drivers_running_trials_stale_and_reruns_their_configurations(tmp_path):
+    first, workers = make_driver(tmp_path, {"concurrency": 2})
+    first.heartbeat()
+    first.fill()
+    assert len(first.running) == 2
+    first.ask(first.study.get_trials(deepcopy=False))  # asked, never submitted
+    left = {t.number: t for t in first.study.get_trials() if t.state == TrialState.RUNNING}
+    assert len(left) == 3
+
+    # the first driver is gone without a word; its heartbeat is fresh and its pid (ours) alive
+    with pytest.raises(Exception, match=r"another driver is running study 'tiny' .*wait for it or pass --force"):
+        make_driver(tmp_path, {"concurrency": 2}, resume=True)
+    first.study.set_user_attr("driver", {**first.driver_id, "heartbeat": time.time() - 3600})
+
+    second, second_workers = make_driver(tmp_path, {"concurrency": 2}, resume=True)
+    assert second.recover() == (3, 3)
+    assert "marked 3 stale RUNNING trial(s) FAIL; re-enqueued 3 unfinished configuration(s)" in second.out.getvalue()
+    trials = second.study.get_trials()
+    for number in left:
+        assert trials[number].state == TrialState.FAIL
+        assert trials[number].user_attrs["failure_reason"].startswith("stale")
+        assert trials[number].user_attrs["final"] is False
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["requeued_from"] for t in waiting) == sorted(left)
+    assert all(t.system_attrs["fixed_params"] == left[t.user_attrs["requeued_from"]].params for t in waiting)
+
+    # the re-enqueued configurations run first, in their own checkpoint folders (resumed there)
+    second.fill()
+    assert [c for c, _, _ in second_workers.submitted] == [c for c, _, _ in workers.submitted]
+    assert [d for _, d, _ in second_workers.submitted] == [d for _, d, _ in workers.submitted]
+
+
+def test_recover_reenqueues_nothing_whose_configuration_has_finished_for_good(tmp_path):
+    """An interrupted trial whose configuration has since failed for good is not run a third time."""
+    driver, workers = make_driver(tmp_path, {"families": FINITE, "concurrency": 1, "trials": 3})
+    fix_budget(driver, 0.1)
+    driver.fill()
+    (ref, entry), = driver.running.items()
+    driver.running.pop(ref)
+    driver.record_failure(entry.trial, "lowrank", "interrupted (Ctrl-C)", final=False)
+    driver.fill()  # the interrupted configuration (not final) may run again ...
+    assert [c["budget"] for c, _, _ in workers.submitted] == [0.1, 0.1]
+    finish(driver, ok=False)  # ... and fails for good
+    assert _requeue_unfinished(driver.study) == 0
+    assert not [t for t in driver.study.get_trials() if t.state == TrialState.WAITING]
+
+
+def test_open_refuses_an_existing_study_without_resume(tmp_path):
+    driver, _ = make_driver(tmp_path)
+    driver.fill()
+    with pytest.raises(Exception, match=r"study 'tiny' already has 2 trials; pass --resume to continue it"):
+        make_driver(tmp_path)
+
+
+# -- ask -------------------------------------------------------------------------------------
+
+
+def test_a_repeat_of_a_failed_configuration_is_pruned_and_another_runs(tmp_path):
+    driver, workers = make_driver(tmp_path, {"families": FINITE, "concurrency": 1, "trials": 3})
+    fix_budget(driver, 0.1)  # the sampler proposes A again and again
+    driver.fill()
+    failed = finish(driver, ok=False)
+    assert driver.study.get_trials()[failed].user_attrs["final"] is True
+    driver.fill()
+    assert [c["budget"] for c, _, _ in workers.submitted] == [0.1, 0.3]
+    pruned = [t for t in driver.study.get_trials() if t.state == TrialState.PRUNED]
+    assert [t.user_attrs["duplicate_of"] for t in pruned] == [failed]
+    finish(driver)
+    # both configurations finished: the study stops at two of its three trials, saying why
+    driver.fill()
+    assert len(workers.submitted) == 2 and not driver.running
+    assert driver.target == 2
+    assert driver.out.getvalue().count("every family's search space is exhausted") == 1
+
+
+def test_an_unbounded_family_whose_sampler_repeats_only_finished_configurations_is_exhausted(tmp_path):
+    """A range with a step has no configuration list: a family is exhausted after a run of
+    proposals that all repeat configurations finished for good, a failed one included."""
+    ranged = {"lowrank": {"budget": {"low": 0.1, "high": 0.3, "step": 0.2}}}
+    driver, workers = make_driver(tmp_path, {"families": ranged, "concurrency": 1, "trials": 5})
+    assert family_configurations(driver.spec, "lowrank") is None
+    fix_budget(driver, 0.3)
+    driver.fill()
+    finish(driver)
+    fix_budget(driver, 0.1)
+    driver.fill()
+    failed = finish(driver, ok=False)
+    driver.fill()  # the sampler only proposes the failed configuration now
+    assert [c["budget"] for c, _, _ in workers.submitted] == [0.3, 0.1]
+    pruned = [t for t in driver.study.get_trials() if t.state == TrialState.PRUNED]
+    assert len(pruned) == DUPLICATES_IN_A_ROW
+    assert {t.user_attrs["duplicate_of"] for t in pruned} == {failed}
+    assert "search space is exhausted" in driver.out.getvalue()
+
+
+def test_a_finite_family_counts_distinct_configurations_not_trials(tmp_path):
+    """A study holding one configuration run twice (each failed for good) has run one of two:
+    the other is still proposed, the family is not taken as exhausted."""
+    driver, workers = make_driver(tmp_path, {"families": FINITE, "concurrency": 1, "trials": 3})
+    (params_a, digest_a), _ = family_configurations(driver.spec, "lowrank")
+    assert params_a["lowrank.budget"] == 0.1
+    distributions = {"family": optuna.distributions.CategoricalDistribution(["lowrank"]),
+                     "lowrank.budget": optuna.distributions.CategoricalDistribution([0.1, 0.3])}
+    for _ in range(2):
+        driver.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.FAIL, params=params_a, distributions=distributions,
+            user_attrs={"config_digest": digest_a, "final": True, "family": "lowrank"}))
+    fix_budget(driver, 0.1)
+    driver.fill()
+    assert [c["budget"] for c, _, _ in workers.submitted] == [0.3]
+    assert "exhausted" not in driver.out.getvalue()
+
+
+def test_a_repeat_of_a_running_configuration_hands_its_turn_to_one_not_run(tmp_path):
+    driver, workers = make_driver(tmp_path, {"families": FINITE, "concurrency": 2, "trials": 2})
+    fix_budget(driver, 0.3)
+    driver.fill()
+    assert sorted(c["budget"] for c, _, _ in workers.submitted) == [0.1, 0.3]
+    trials = driver.study.get_trials()
+    assert [t.state for t in trials].count(TrialState.PRUNED) == 1
+    assert [t.state for t in trials].count(TrialState.RUNNING) == 2
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    for t in running:
+        assert t.user_attrs["config"]["budget"] == t.params["lowrank.budget"]
+        assert t.user_attrs["family"] == "lowrank" and len(t.user_attrs["config_digest"]) == 16
+
+
+def test_fill_stops_at_the_target_counting_results_not_yet_recorded(tmp_path):
+    driver, workers = make_driver(tmp_path, {"concurrency": 4, "trials": 3})
+    driver.fill(unrecorded=1)
+    assert len(workers.submitted) == 2
+
+
+# -- tell ------------------------------------------------------------------------------------
+
+
+def test_tell_records_values_constraint_attributes_and_timing(tmp_path):
+    driver, _ = make_driver(tmp_path, {"concurrency": 1})
+    driver.fill()
+    (ref, entry), = driver.running.items()
+    driver.running.pop(ref)
+    entry.submitted = 98.0
+    result = {"quality": 0.75, "relative_flops": 0.5, "params": 1234, "epochs_run": 2,
+              "not_a_scalar_we_keep": 1, "layers": {"fc1": {"params": 10}}, "curves": [{"epoch": 1}],
+              "test_metrics": {"acc": 0.7}, "resolved": {"lr": 0.003}}
+    driver.tell(entry, outcome(result, started=100.0, finished=107.5), received=110.0)
+    trial = driver.study.get_trials()[entry.trial.number]
+    assert trial.state == TrialState.COMPLETE and trial.values == [0.75, 0.5]
+    assert trial.system_attrs["constraints:relative_flops"] == pytest.approx(0.5 - 0.35, abs=1e-12)
+    assert trial.user_attrs["result"] == {"quality": 0.75, "relative_flops": 0.5, "params": 1234, "epochs_run": 2,
+                                          "test_metrics": {"acc": 0.7}, "resolved": {"lr": 0.003}}
+    assert set(trial.user_attrs["result"]) - {"test_metrics", "resolved"} <= set(RESULT_SCALARS)
+    assert trial.user_attrs["layers"] == {"fc1": {"params": 10}} and trial.user_attrs["curves"] == [{"epoch": 1}]
+    assert trial.user_attrs["timing"] == {"submit_to_start_s": 2.0, "run_s": 7.5, "return_s": 2.5}
+    assert trial.user_attrs["ray_actor_id"] == "actor-1" and trial.user_attrs["attempts"] == 1
+    (timing,) = driver.summary.timings
+    assert {k: timing[k] for k in ("submit_to_start_s", "run_s", "return_s", "started", "finished", "worker")} == {
+        "submit_to_start_s": 2.0, "run_s": 7.5, "return_s": 2.5, "started": 100.0, "finished": 107.5,
+        "worker": "actor-1"}
+    assert timing["record_s"] > 0  # from the arrival (an epoch time here) to now
+    assert f"trial {trial.number} ({trial.params['family']}) done: quality 0.75, relative_flops 0.5" in driver.out.getvalue()
+
+
+@pytest.mark.parametrize("quality", [None, float("nan")])
+def test_tell_fails_for_good_a_result_without_an_objective(tmp_path, quality):
+    driver, _ = make_driver(tmp_path, {"concurrency": 1})
+    driver.fill()
+    number = finish(driver, quality=quality)
+    trial = driver.study.get_trials()[number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["final"] is True
+    assert trial.user_attrs["failure_reason"] == "metric 'quality' missing from the trial's result"
+    assert trial.user_attrs["attempts"] == 1  # the orchestration record is kept
+
+
+def test_tell_records_a_failure_the_worker_reported_as_final(tmp_path):
+    driver, _ = make_driver(tmp_path, {"concurrency": 1})
+    driver.fill()
+    number = finish(driver, ok=False)
+    trial = driver.study.get_trials()[number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["final"] is True
+    assert trial.user_attrs["failure_reason"] == "loss diverged"
+    assert f"trial {number} ({trial.params['family']}) FAILED: loss diverged" in driver.out.getvalue()
+    assert driver.done_count() == 1
+
+
+# -- interrupt and shutdown ------------------------------------------------------------------
+
+
+def test_a_pending_interrupt_stops_asking_and_raises_at_the_next_step(tmp_path):
+    driver, workers = make_driver(tmp_path)
+    driver.interrupt.pending = True
+    driver.fill()
+    assert workers.submitted == [] and driver.study.get_trials() == []
+    with pytest.raises(KeyboardInterrupt):
+        driver.step()
+
+
+def test_interrupted_records_running_and_asked_but_unsubmitted_trials_as_not_final(tmp_path):
+    driver, _ = make_driver(tmp_path, {"concurrency": 1, "trials": 3})
+    driver.fill()
+    asked = driver.ask(driver.study.get_trials(deepcopy=False))  # no slot: never submitted
+    driver.interrupted()
+    trials = driver.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert asked.trial.number == 1
+    for t in trials:
+        assert t.user_attrs["failure_reason"].startswith("interrupted (Ctrl-C)") and t.user_attrs["final"] is False
+    assert driver.summary.interrupted
+    assert "stopped; continue with: gsmsearch launch" in driver.out.getvalue()
+    assert _requeue_unfinished(driver.study) == 2
+
+
+def test_heartbeat_marks_the_study_and_shutdown_clears_it(tmp_path):
+    driver, _ = make_driver(tmp_path)
+    before = time.time()
+    driver.heartbeat()
+    recorded = driver.study.user_attrs["driver"]
+    assert recorded["pid"] == driver.driver_id["pid"] and before <= recorded["heartbeat"] <= time.time()
+    driver.shutdown()
+    assert optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}").user_attrs["driver"] is None
+
+
+def test_summarize_counts_complete_and_final_failures_and_the_front(tmp_path):
+    driver, _ = make_driver(tmp_path, {"concurrency": 1, "trials": 3, "constraints": []})
+    for ok, quality, flops in ((True, 0.8, 0.3), (True, 0.7, 0.4), (False, 0, 0)):
+        driver.fill()
+        finish(driver, ok=ok, quality=quality, relative_flops=flops)
+    summary = driver.summarize()
+    assert (summary.completed, summary.failed, summary.interrupted) == (2, 1, False)
+    assert [(f["number"], f["quality"], f["relative_flops"]) for f in summary.front] == [(0, 0.8, 0.3)]
+    assert "[tiny] 3/3 done, 0 running, 1 failed; front 1" in driver.out.getvalue()
+
