@@ -2,8 +2,9 @@
 
 Views (one column per study where it makes sense): Pareto fronts per family, GBLR against each
 hand-crafted family, hypervolume (per family and over trials), best quality at each budget, a
-sortable and filterable trial table, and the detail of a clicked trial (FLOPs per layer, coverage
-heatmaps and intervals of its learned layers).
+table of configurations over seeds (where a study ran them with several seeds: the figures then
+draw each configuration's means with error bars), a sortable and filterable trial table, and the
+detail of a clicked trial (FLOPs per layer, coverage heatmaps and intervals of its learned layers).
 
 Safety: Dash renders every string as text (no ``dangerously_allow_html``, no markdown cells);
 figure text is escaped in :mod:`._figures`; responses carry a Content-Security-Policy that allows
@@ -99,6 +100,18 @@ def _trial_table_data(views, spec):
                 continue
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c not in ("id", "failure reason")]
     columns.append("failure reason")
+    return _table_data(rows, columns)
+
+
+def _configuration_table_data(views, spec):
+    """(rows, columns, section style) of the per-configuration table: hidden when no study ran
+    configurations with several seeds."""
+    rows, columns = _figures.configuration_table(views, spec)
+    return (*_table_data(rows, columns), {} if rows else {"display": "none"})
+
+
+def _table_data(rows, columns):
+    """DataTable rows and column definitions."""
     numeric = {c for c in columns if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
                                          for r in rows)}
     # the table's filter queries name columns as {id}: a column whose name has braces or quotes
@@ -229,6 +242,18 @@ def create_app(spec, cache: DataCache):
                 html.Div(id="budgets", style=_CSS["row"]),
             ], id="section-budgets"),
             html.Section([
+                html.H2("Configurations over seeds", style=_CSS["h2"]),
+                html.P(_figures.SEEDS_NOTE, style=_CSS["muted"]),
+                dash_table.DataTable(
+                    id="configurations", sort_action="native", filter_action="native", page_size=20,
+                    style_table={"overflowX": "auto"},
+                    style_cell={"fontSize": "0.85em", "textAlign": "left", "maxWidth": "420px",
+                                "whiteSpace": "normal", "fontFamily": "inherit"},
+                    style_header={"fontWeight": 600, "background": "#f4f4f4"},
+                    style_data_conditional=[{"if": {"filter_query": '{front} = "yes"'}, "fontWeight": 600}],
+                ),
+            ], id="section-configurations", style={"display": "none"}),
+            html.Section([
                 html.H2("Trials", style=_CSS["h2"]),
                 html.P("Sort with the arrows, filter in the row under the headers (e.g. FAIL, gblr, > 0.9); click a "
                        "row for the trial's structure.", style=_CSS["muted"]),
@@ -278,6 +303,9 @@ def create_app(spec, cache: DataCache):
         Output("budgets", "children"),
         Output("trials", "data"),
         Output("trials", "columns"),
+        Output("configurations", "data"),
+        Output("configurations", "columns"),
+        Output("section-configurations", "style"),
         Output("studies", "children"),
         Output("shown", "data"),
         Input("refresh", "n_intervals"),
@@ -286,6 +314,7 @@ def create_app(spec, cache: DataCache):
     def refresh(_, shown):
         views_now = cache.views()
         rows, columns = _trial_table_data(views_now, spec)
+        configurations = _configuration_table_data(views_now, spec)
         studies = []
         if cache.discover and (cache.listing_error or not views_now):
             reason = f" ({cache.listing_error})" if cache.listing_error else ""
@@ -302,7 +331,7 @@ def create_app(spec, cache: DataCache):
             studies.append(html.Li([html.B(view.label), f" (study {view.name}, {view.storage}): {counts}"]))
         outputs = (by_key(views_now, 0, _figures.pareto_figure), by_key(views_now, 1, _figures.comparison_figure),
                    by_key(views_now, 2, _figures.hypervolume_figure), _budget_tables(views_now, spec), rows,
-                   columns, studies)
+                   columns, *configurations, studies)
         # send only what changed: a figure redrawn with the same data drops its hover label (and
         # a click in progress on it), the table its active cell
         # (the figures present are part of it: figures added for a new study are filled at once)

@@ -16,7 +16,8 @@ from . import _data
 
 __all__ = ["esc", "family_color", "pareto_figure", "comparison_figure", "hypervolume_figure",
            "layer_flops_figure", "coverage_figure", "hover_text", "empty_figure", "safe_figure",
-           "no_points_message", "structure_layers", "structure_notes", "METRIC_LABELS"]
+           "no_points_message", "structure_layers", "structure_notes", "METRIC_LABELS", "configuration_table",
+           "SEEDS_NOTE"]
 
 _COLORS = {"gblr": "#d62728", "lowrank": "#1f77b4", "blockdiag": "#2ca02c", "monarch": "#9467bd",
            "blocksparse": "#8c564b", "blocklowrank": "#e377c2", "blast": "#17becf", "dense": "#111111"}
@@ -508,3 +509,27 @@ def best_cells(rows: Sequence[Dict[str, Any]], budgets) -> Dict[str, Optional[st
         cells = [(row[column][0], row["family"]) for row in rows if row.get(column)]
         out[column] = max(cells)[1] if cells else None
     return out
+
+
+#: what the per-configuration table (and the figures of a study run with several seeds) show
+SEEDS_NOTE = ("Each configuration (a family and its knob values) is trained once per seed. Its point in the figures "
+              "is the mean over its completed seeds, with error bars of ± one sample standard deviation "
+              "(n − 1); a configuration with one completed seed has no error bar. Fronts, hypervolumes and the "
+              "budget table are computed from the means, and a configuration is feasible when its mean "
+              "constraints hold. n counts the completed seeds; failed and pending seeds are listed.")
+
+
+def configuration_table(views, spec) -> tuple:
+    """(rows, columns) of the per-configuration table over every study run with several seeds
+    (no rows when none is); a study whose rows cannot be computed is left out (its figures say
+    what is wrong)."""
+    rows: List[Dict[str, Any]] = []
+    for view in views:
+        if view.error:
+            continue
+        try:
+            rows += _data.configuration_rows(view, spec.axes.x, spec.axes.y, spec.families)
+        except Exception:  # noqa: BLE001
+            continue
+    columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c != "id"]
+    return rows, columns

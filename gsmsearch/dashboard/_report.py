@@ -6,6 +6,8 @@
 - every piece of text from a study goes through :func:`html.escape`; a Content-Security-Policy
   allows only our own two scripts (by hash) and no connections at all, so even text that escaped
   escaping could not run or fetch anything;
+- a study run with several seeds per configuration gets a per-configuration table (mean ± sample
+  std and n), and its figures draw the means with error bars (see :mod:`._figures`);
 - the trial table sorts (click a header) and filters (text box, family and state menus) in the
   page; clicking a point or a row opens the trial's detail (per-layer FLOPs, coverage heatmaps,
   intervals) when the report holds it: every completed trial up to ``max_details``, else the
@@ -181,6 +183,15 @@ def _budget_section(views, spec) -> str:
     return f'<div class="row">{"".join(parts)}</div>' if parts else '<p class="muted">No completed trials.</p>'
 
 
+def _configurations_section(views, spec) -> str:
+    """The per-configuration table (mean ± spread and n), for studies run with several seeds."""
+    rows, columns = _figures.configuration_table(views, spec)
+    if not rows:
+        return ""
+    return (f'<h2 id="configurations">Configurations over seeds</h2><p class="muted">{_e(_figures.SEEDS_NOTE)}</p>'
+            f'<div class="scroll">{_table(rows, columns, " id=configurations-table")}</div>')
+
+
 def _trials_section(views, spec, detailed: set) -> str:
     rows: List[Dict[str, Any]] = []
     for view in views:
@@ -345,6 +356,7 @@ Dotted line: the dense model's cost. Hover for a trial's configuration, click fo
 <h2 id="budgets">Best quality at a budget</h2>
 <p class="muted">Per family, the best feasible trial with {_e(spec.axes.x)} at most the budget (best per column in bold).</p>
 {_budget_section(views, spec)}
+{_configurations_section(views, spec)}
 <h2 id="trials">Trials</h2>
 {_trials_section(views, spec, detailed)}
 <h2 id="detail">Trial detail</h2>
