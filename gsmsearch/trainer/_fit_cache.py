@@ -21,21 +21,19 @@ from typing import Optional
 
 import torch
 
-from ._dense_cache import code_fingerprint, default_cache_dir, written_once
+from ._dense_cache import code_digest, default_cache_dir, written_once
 
 __all__ = ["cached_gblr_fit", "gblr_fit_key"]
 
 
+FIT_CODE_ROOTS = ("gsmsearch.structured._gblr", "gsmsearch.structured._gblr_fit", __name__)
+
+
 @functools.lru_cache(maxsize=1)
 def _fit_code_version() -> str:
-    """gsmsearch and torch versions + the code of the modules a fit's result depends on."""
-    import gsmsearch
-    from ..structured import _cost, _gblr, _gblr_fit, _mask
-
-    digest = hashlib.sha256(f"{gsmsearch.__version__} {torch.__version__}".encode())
-    for module in (_gblr_fit, _gblr, _cost, _mask):
-        digest.update(code_fingerprint(module).encode())
-    return digest.hexdigest()[:12]
+    """:func:`code_digest` of the fit (``GBLRLinear.from_dense`` and the layer it builds, this
+    module's call of it) and of everything they import."""
+    return code_digest(FIT_CODE_ROOTS)[:12]
 
 
 def gblr_fit_key(weight: torch.Tensor, bias: Optional[torch.Tensor], *, budget: float, **fit_options) -> str:
