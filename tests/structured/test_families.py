@@ -122,8 +122,15 @@ def test_from_dense_respects_budget(family, budget, out_features, in_features):
     bias = torch.randn(out_features)
     layer = get_family(family).from_dense(weight, bias, budget=budget, **QUICK_FIT.get(family, {}))
     assert (layer.in_features, layer.out_features) == (in_features, out_features)
-    assert 0 < layer.flops() <= budget * in_features * out_features * 1.02
-    assert rel_error(layer.to_dense().detach(), weight) < 1.0   # better than the zero matrix
+    dense = in_features * out_features
+    # from_dense takes the largest integer knobs within the budget: never over it, and the
+    # coarsest knob grid here (lowrank at 0.1: rank 3 of the 3.84 that would fit) spends 0.78 of it
+    assert 0.75 * budget * dense <= layer.flops() <= budget * dense
+    # W is i.i.d. Gaussian: a least-squares fit to a structure whose parameters cost a fraction b
+    # of the dense layer keeps about b of its energy (error^2 ~ 1 - b), an SVD-based one more;
+    # measured error^2 + budget over these families, shapes and budgets: 0.877 .. 1.036 (monarch
+    # at 0.1, whose cost counts its padding)
+    assert rel_error(layer.to_dense().detach(), weight) ** 2 + budget <= 1.05
     torch.testing.assert_close(layer.bias.detach(), bias)
 
 

@@ -140,7 +140,9 @@ def test_forward_gradients_match_reference_dense_build():
 def test_from_scratch_init_costs_about_dense():
     for n, m in [(64, 64), (48, 192), (192, 48)]:
         layer = GBLRLinear(n, m)
-        assert 0.9 * n * m <= layer.flops() <= n * m
+        # the common width is bisected on the grid: the cost falls short of dense by less than one
+        # grid step of the remaining components (measured 0.992 at 64 x 64, 1.0 at the others)
+        assert 0.99 * n * m <= layer.flops() <= n * m
         x = torch.randn(256, n)
         ref = nn.Linear(n, m)
         # output scale comparable to nn.Linear's default init
@@ -333,8 +335,11 @@ def test_zero_width_component_regrows():
     "controller,check",
     [
         (ProjectFlops(0.3), lambda layers: sum(l.flops() for l in layers) <= 0.3 * 2 * 48 * 48),
-        (ProjectMeanWidth(0.3), lambda layers: abs(mean_width(layers) - 0.3) < 0.02),
-        (StopShrinkingAtTarget(0.3), lambda layers: 0.25 < mean_width(layers) <= 0.3),
+        # the projection's shift is bisected to 2^-50: what is left is float32 rounding (2e-8 here)
+        (ProjectMeanWidth(0.3), lambda layers: abs(mean_width(layers) - 0.3) < 1e-6),
+        # shrinking stops once the mean is at the target; the last shrinking step overshoots by at
+        # most its threshold (lam * lr = 5e-3) and the widths' Adam move (~5e-3): measured 0.297
+        (StopShrinkingAtTarget(0.3), lambda layers: 0.29 <= mean_width(layers) <= 0.3),
     ],
     ids=["project-flops", "project-mean-width", "stop-shrinking"],
 )

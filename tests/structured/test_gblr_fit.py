@@ -139,7 +139,15 @@ def test_budget_respected_on_random_matrices(method, rank):
         assert ((f.locations >= 0) & (f.locations < 1)).all()
         if method == "greedy":
             assert flops >= 0.8 * budget * m * n  # uses the budget it is given
-        assert rel_error(f, W) < 1.0
+            # never worse than its low-rank fallback: the truncated SVD in as many full-width
+            # rank-r components as fit the budget
+            s = torch.linalg.svdvals(W.double())
+            kept = rank * int(budget * m * n // (rank * (m + n)))
+            assert rel_error(f, W) <= float(s[kept:].norm() / s.norm()) + 1e-9
+        else:
+            # 30 masked Adam steps from the SVD start (all widths 1) shifted onto the budget:
+            # measured 0.990 / 0.974 / 0.949 at the three budgets (worst of ranks 1 and 2)
+            assert rel_error(f, W) <= {0.05: 0.995, 0.2: 0.98, 0.5: 0.96}[budget]
 
 
 def test_to_dense_matches_explicit_construction():

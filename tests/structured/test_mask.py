@@ -1,4 +1,5 @@
 """Gaudi masks: exact boxcars, mass conservation, closed-form gradients."""
+import math
 
 import pytest
 import torch
@@ -35,6 +36,34 @@ def test_exact_mask_is_cyclic_boxcar(n):
         got = fn(width_off, location, n, None)
         assert torch.allclose(got, expected, atol=1e-9), fn.__name__
     assert torch.equal(boxcar_mask(width_off, location, n), expected)
+
+
+def periodic_gaussian_kernel(n: int, sigma: float) -> list:
+    """The spatial kernel whose DFT is exp(-k^2 / (2 sigma^2)) over every integer k, by Poisson
+    summation: a Gaussian of standard deviation n / (2 pi sigma) samples, sampled and summed over
+    its periods, g[t] = sigma sqrt(2 pi) / n * sum_j exp(-2 pi^2 sigma^2 (t / n - j)^2)."""
+    return [sigma * math.sqrt(2 * math.pi) / n
+            * sum(math.exp(-2 * math.pi ** 2 * sigma ** 2 * (t / n - j) ** 2) for j in range(-12, 13))
+            for t in range(n)]
+
+
+@pytest.mark.parametrize("n", [63, 64])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 3.0])
+def test_mask_at_finite_sigma_is_the_boxcar_circularly_convolved_with_a_periodic_gaussian(n, sigma):
+    """Independent of the module's spectrum: the 0/1 boxcar convolved (cyclically) with the
+    sampled periodic Gaussian.  The mask's Gaussian keeps the frequencies |k| <= n / 2 only; the
+    ones it drops weigh exp(-(n/2)^2 / (2 sigma^2)) <= exp(-56) at these sigmas, and the sum over
+    periods is cut where its terms are below exp(-98): both far under float64 rounding."""
+    g = torch.Generator().manual_seed(n)
+    width, location = random_grid_params(10, n, g)
+    kernel = periodic_gaussian_kernel(n, sigma)
+    expected = torch.zeros(len(width), n, dtype=torch.float64)
+    for c, (w, l) in enumerate(zip(width.tolist(), location.tolist())):
+        box = explicit_boxcar(w, l, n).tolist()
+        for i in range(n):
+            expected[c, i] = sum(box[(i - t) % n] * kernel[t] for t in range(n))
+    for fn in (gaudi_mask, gaudi_mask_reference):
+        assert torch.allclose(fn(width, location, n, sigma), expected, atol=1e-12, rtol=0), fn.__name__
 
 
 @pytest.mark.parametrize("sigma", [None, 0.3, 1.0, 5.0, 100.0])

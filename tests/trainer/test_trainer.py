@@ -32,7 +32,7 @@ def test_gblr_trial_result_is_complete_and_flops_add_up(tmp_path):
     head = 32 * 10
     assert result.flops_per_sample == sum(layer["flops"] for layer in result.layers.values()) + head
     assert result.dense_flops_per_sample == 64 * 32 + 32 * 32 + head
-    assert result.structured_relative_flops <= 0.3 * 1.001  # the budget controller held the budget
+    assert result.structured_relative_flops <= 0.3 + 1e-9  # the budget controller held the budget
     assert result.structured_relative_flops > 0.2  # ... without overshooting (lam = 0)
     assert result.curves[-1]["relative_flops"] == pytest.approx(result.structured_relative_flops)
     # deployed params: the GBLR layers' live cropped factors (= their flops) + biases + dense head
@@ -111,12 +111,14 @@ def test_finetune_starts_from_the_cached_dense_model(tmp_path):
     dense = load_file(str(cached[0]))
     layer = model.get_submodule("layers.0")
     assert isinstance(layer, StructuredLinear)
-    W = dense["layers.0.weight"]
-    err = (layer.to_dense() - W).norm() / W.norm()
-    assert err < 0.9
-    torch.manual_seed(0)
-    random_err = (layer.to_dense() - torch.randn_like(W) * W.std()).norm() / W.norm()
-    assert err < random_err
+    W = dense["layers.0.weight"]  # (32, 64)
+    err = float((layer.to_dense().detach() - W).norm() / W.norm())
+    # lowrank's fit is the truncated SVD at the largest rank within budget: 10 x (64 + 32) <= 0.5 x
+    # 2048, so its error is the rank-10 truncation error of the trained W (0.455 here), to float32
+    # rounding (measured 7e-8 relative)
+    assert layer.rank == 10
+    singular = torch.linalg.svdvals(W.double())
+    assert err == pytest.approx(float(singular[10:].norm() / singular.norm()), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode,structure_lr,moves", [
@@ -356,7 +358,7 @@ def test_cli_train_json(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["config"]["family"] == "gblr" and result["structured_relative_flops"] <= 0.3 * 1.001
+    assert result["config"]["family"] == "gblr" and result["structured_relative_flops"] <= 0.3 + 1e-9
     bad = subprocess.run(
         [sys.executable, "-m", "gsmsearch.cli", "train", "--family", "nope", "--epochs", "1"],
         capture_output=True, text=True, env=env, timeout=300,
@@ -615,7 +617,7 @@ def test_a_study_may_set_each_fit_methods_knobs_and_each_trial_uses_its_own(meth
     assert gblr_fit_options("reference", options) == {"steps": 5, "recompute_intermediate": True}
     result = run_trial(tiny(family="gblr", budget=0.3, mode="finetune", epochs=1, fit_method=method,
                             family_options={"steps": 5, "refit_passes": 1}), cache_dir=tmp_path)
-    assert result.config["fit_method"] == method and result.structured_relative_flops <= 0.3 * 1.001
+    assert result.config["fit_method"] == method and result.structured_relative_flops <= 0.3 + 1e-9
 
 
 def _trained_gblr(path):
