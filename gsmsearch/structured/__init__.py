@@ -18,7 +18,7 @@ from ._dense import DenseLinear
 from ._lowrank import LowRankLinear
 from ._blockdiag import BlockDiagonalLinear
 from ._monarch import MonarchLinear
-from ._blocksparse import BlockSparseLinear
+from ._blocksparse_linear import BlockSparseLinear
 from ._blocklowrank import BlockLowRankLinear
 from ._blast import BlastLinear
 from ._allocation import ALLOCATIONS, allocate_budgets

@@ -1,4 +1,4 @@
-"""Triton kernel of :class:`gsmsearch.structured._block_sparse.BlockSparseMatrix`: out = A @ B (+ bias)
+"""Triton kernel of :class:`gsmsearch.structured._bsr_matrix.BlockSparseMatrix`: out = A @ B (+ bias)
 with B stored as its non-zero (BK x BN) blocks, column block by column block.
 
 One program computes one (BM x BN) tile of ``out``: it walks the non-zero blocks of its column
@@ -12,7 +12,7 @@ in L2 whole; read token block fastest, narrow column blocks would re-read it fro
 column block), while the stored blocks (a fraction of one weight matrix) stay in L2 throughout.
 
 Imported only where it runs: on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``
-(the interpreter the tests use, ``tests/structured/test_block_sparse.py``).
+(the interpreter the tests use, ``tests/structured/test_bsr_matrix.py``).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 by column block (compressed sparse columns of blocks), and computes ``a @ B (+ bias)``:
 
 - on CUDA tensors (and on CPU under ``TRITON_INTERPRET=1``): one Triton kernel launch for the
-  whole product, ``_block_sparse_kernel`` (each program one output tile, walking its column
+  whole product, ``_bsr_kernel`` (each program one output tile, walking its column
   block's non-zero blocks), optionally reading A's columns through an index (a permutation
   of A's columns without a copy);
 - elsewhere: the same blocks in torch, one GEMM per column block over its gathered k ranges (the
@@ -44,7 +44,7 @@ class BlockSparseMatrix(nn.Module):
     """A (K x N) matrix as its non-zero (BK x BN) blocks; ``forward(a)`` = ``a @ B``.
 
     ``tokens_as_n`` (Triton only): run the product transposed, the column block on the tensor
-    cores' M side and A's rows on their N side -- for narrow column blocks (``_block_sparse_kernel``)."""
+    cores' M side and A's rows on their N side -- for narrow column blocks (``_bsr_kernel``)."""
 
     tokens_as_n = False
 
@@ -95,7 +95,7 @@ class BlockSparseMatrix(nn.Module):
         """``a[:, index] @ B + bias`` (``a`` (M, K), or (M, >= max(index) + 1) with ``index`` (K,)
         int32); written into ``out`` (M, N) when given."""
         if triton_runs(a):
-            from ._block_sparse_kernel import block_sparse_matmul
+            from ._bsr_kernel import block_sparse_matmul
 
             return block_sparse_matmul(a, self.blocks, self.column_pointers, self.block_rows,
                                        self.shape[1], index=index, bias=bias, out=out,

@@ -34,7 +34,7 @@ Plans:
 - ``"bsr"``: t's columns laid out per stage in the order that stores the fewest blocks (the
   tiled plan's cyclic-centre order, the grouped plan's runs, or by length class first), as two
   block-sparse matrices of (block x block) tiles, each stage one Triton kernel launch on a GPU
-  (:class:`~gsmsearch.structured._block_sparse.BlockSparseMatrix`; the stage-2 kernel reads t
+  (:class:`~gsmsearch.structured._bsr_matrix.BlockSparseMatrix`; the stage-2 kernel reads t
   through the permutation, so t' is never written).  On a CPU it runs the same blocks in torch:
   correct, slower than "tiled" there.
 - ``"auto"`` (``export()``'s default, see :data:`DEFAULT_PLAN`): builds ``"grouped"``,
@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ._base import StructuredLinear
-from ._block_sparse import triton_runs
+from ._bsr_matrix import triton_runs
 
 __all__ = ["ExportedGBLR", "PlanCost", "export", "EXPORT_PLANS"]
 
@@ -580,7 +580,7 @@ class ExportedGBLR(nn.Module):
     def _build_bsr(self, pieces: List[_Piece], block: Tuple[int, int]) -> None:
         """The "bsr" plan (module docstring): the tiled plan's two stage layouts as dense factor
         matrices, stored as their non-zero (block x block) tiles."""
-        from ._block_sparse import BlockSparseMatrix
+        from ._bsr_matrix import BlockSparseMatrix
 
         m, n = self.out_features, self.in_features
         ranks = np.array([p.rank for p in pieces], dtype=np.int64)

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # importing the private modules registers the families
-from gsmsearch.structured import _blast, _blockdiag, _blocklowrank, _blocksparse, _dense  # noqa: F401
+from gsmsearch.structured import _blast, _blockdiag, _blocklowrank, _blocksparse_linear, _dense  # noqa: F401
 from gsmsearch.structured import _lowrank, _monarch  # noqa: F401
 from gsmsearch.structured._base import family_names, get_family
 

@@ -1,6 +1,6 @@
 """The Triton kernels compile for the GPU the benchmarks target (an H100, sm_90), without one.
 
-CI has no GPU: the interpreter tests (``test_block_sparse``, ``test_mask_kernel``) check what the
+CI has no GPU: the interpreter tests (``test_bsr_matrix``, ``test_mask_kernel``) check what the
 kernels compute; this checks that the compiler takes them -- the interpreter accepts code the
 compiler rejects -- with the specialisations Triton's launcher gives them on a GPU (16-byte
 aligned pointers and sizes, unit strides as constants), and that the block-sparse kernel gets
@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gsmsearch.structured import _block_sparse_kernel, _mask_kernel
+from gsmsearch.structured import _bsr_kernel, _mask_kernel
 from gsmsearch.structured._common import TRITON_FP_FUSION
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -35,10 +35,10 @@ BSR_SIGNATURE = {"a_ptr": "*bf16", "index_ptr": "*i32", "blocks_ptr": "*bf16", "
 @pytest.mark.parametrize("block,tokens_as_n", [((128, 32), False), ((32, 128), False), ((128, 128), False),
                                                ((128, 64), True)])
 @pytest.mark.parametrize("gather", [False, True])
-def test_block_sparse_kernel_compiles_to_pipelined_wgmma(block, tokens_as_n, gather):
+def test_bsr_kernel_compiles_to_pipelined_wgmma(block, tokens_as_n, gather):
     BK, BN = block
     kernel = compile_for_h100(
-        _block_sparse_kernel._kernel, BSR_SIGNATURE,
+        _bsr_kernel._kernel, BSR_SIGNATURE,
         {"stride_ak": 1, "stride_on": 1, "GATHER": gather, "HAS_BIAS": True, "TOKENS_AS_N": tokens_as_n,
          "BM": 128, "BK": BK, "BN": BN},
         aligned=tuple(n for n in BSR_SIGNATURE if n not in ("stride_ak", "stride_on")),
