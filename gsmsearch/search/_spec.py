@@ -345,6 +345,11 @@ class StudySpec(_Strict):
         for name in families:
             if name not in known:
                 raise ValueError(f"unknown family {excerpt(name)}; expected one of: {', '.join(known)}")
+        params = [getattr(space, knob) for space in families.values() for knob in FAMILY_KNOBS]
+        params += [param for space in families.values() for param in space.options.values()]
+        total = sum(len(p.choices) for p in params if isinstance(p, Choices))
+        if total > MAX_TOTAL_CHOICES:
+            raise ValueError(f"the families list {total} choices in all; at most {MAX_TOTAL_CHOICES} per study")
         return families
 
     @field_validator("storage")
@@ -361,15 +366,6 @@ class StudySpec(_Strict):
                 raise ValueError(problem)
         return workdir
 
-    @model_validator(mode="after")
-    def _total_choices(self):
-        spaces = self.families.values()
-        params = [getattr(space, knob) for space in spaces for knob in FAMILY_KNOBS]
-        params += [param for space in spaces for param in space.options.values()]
-        total = sum(len(p.choices) for p in params if isinstance(p, Choices))
-        if total > MAX_TOTAL_CHOICES:
-            raise ValueError(f"the families list {total} choices in all; at most {MAX_TOTAL_CHOICES} per study")
-        return self
 
     @model_validator(mode="after")
     def _objectives_distinct(self):
