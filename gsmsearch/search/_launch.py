@@ -158,10 +158,10 @@ def _driver_alive(driver: Dict[str, Any]) -> bool:
 
 class _DeferredInterrupt:
     """Ctrl-C while the driver runs is noted and raised as KeyboardInterrupt at the loop's next
-    safe point (:meth:`check`, at the top of each :meth:`Driver.step`), never between asking Optuna for a trial
-    and submitting it, nor while a finished trial's result is being recorded (a result that has
-    arrived is kept); a second Ctrl-C interrupts at once.  Only
-    in the main thread (signal handlers live there); elsewhere Ctrl-C behaves as usual."""
+    safe point (:meth:`check`, at the top of each :meth:`Driver.step`), never between asking
+    Optuna for a trial and submitting it, nor while a finished trial's result is being recorded
+    (a result that has arrived is kept); a second Ctrl-C interrupts at once.  Only in the main
+    thread (signal handlers live there); elsewhere Ctrl-C behaves as usual."""
 
     def __init__(self) -> None:
         self.pending = False
@@ -367,7 +367,8 @@ class _Proposal:
 
 
 class Driver:
-    """One launch of a study, phase by phase.  :func:`launch` runs them in this order:
+    """One launch of a study, phase by phase (:meth:`preview` alone for ``--dry-run``).
+    :func:`launch` runs them in this order:
 
     - :meth:`open`: create the study, or continue it after the checks of a resume;
     - :meth:`recover`: mark FAIL the trials a dead driver left RUNNING, and re-enqueue them;
@@ -376,10 +377,11 @@ class Driver:
     - :meth:`summarize`.
 
     One :meth:`step` is one turn of the loop: the interrupt's safe point, the heartbeat,
-    :meth:`fill` (:meth:`ask` and :meth:`submit` until every slot is busy), :meth:`collect` (one
-    finished trial: :meth:`tell` its result, or :meth:`retry_or_fail`), the time limit, and the
-    progress line.  Ray is touched only by :meth:`submit` (through ``make_worker``),
-    :meth:`collect` and the worker kills; every other phase reaches only the study."""
+    :meth:`fill` (:meth:`ask`, and :meth:`submit` what is not a repeat, until every slot is
+    busy), :meth:`collect` (one finished trial: :meth:`tell` its result, or
+    :meth:`retry_or_fail`), the time limit, and the progress line.  Ray is touched only by
+    :meth:`submit` (through ``make_worker``), :meth:`collect` and the worker kills; every other
+    phase reaches only the study."""
 
     def __init__(self, spec: StudySpec, spec_path, *, paths: Optional[Dict[str, Path]] = None,
                  storage_label: str = "", out: Optional[TextIO] = None, status_interval: float = 30.0,
@@ -402,6 +404,22 @@ class Driver:
         self.interrupt = _DeferredInterrupt()  # installed by run()
         self.driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
         self.last_heartbeat = 0.0
+
+    # -- dry run -----------------------------------------------------------------------------
+
+    def preview(self) -> None:
+        """``--dry-run``: the spec's digest, where the study would live, and one example trial per
+        family (up to the number of trials), from an in-memory study; writes nothing."""
+        import optuna
+
+        spec = self.spec
+        study = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
+        print(f"spec {self.spec_path}: valid (hash {spec.digest()[:12]})", file=self.out)
+        print(f"storage: {self.summary.storage}\nworkdir: {self.paths['workdir']}", file=self.out)
+        for family in list(spec.families)[: min(len(spec.families), spec.trials)]:
+            study.enqueue_trial({"family": family})
+            config = trial_config(spec, study.ask(), device=self.device)
+            print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=self.out)
 
     # -- open, recover ---------------------------------------------------------------------
 
@@ -484,15 +502,9 @@ class Driver:
 
     def ask(self, trials) -> Optional[_Proposal]:
         """Ask Optuna for one trial and build its configuration (``trials``: the study's trials,
-        read once by the caller); None when every family's space is exhausted.
-
-        Never run a configuration twice: one that has completed, failed for good or is running
-        is recorded PRUNED with ``duplicate_of``, and in a finite space the sampler's turn goes to
-        a configuration not run yet (enqueued, so the next ask gets it; asking again would be a
-        coupon collector, and 8 repeats in a row would call the family exhausted with
-        configurations left)."""
-        from optuna.trial import TrialState
-
+        read once by the caller); None when every family's space is exhausted.  A configuration
+        that has completed, failed for good or is running is not run again: the trial is
+        recorded PRUNED with ``duplicate_of`` (see :meth:`set_aside`)."""
         trial = _next_trial(self.study, self.spec, self.exhausted, trials)
         if trial is None:
             return None
@@ -502,26 +514,36 @@ class Driver:
         family = config["family"]
         known = _known_digests(trials)
         if digest in known:
-            with_retries(lambda: trial.set_user_attr("duplicate_of", known[digest]))
-            with_retries(lambda: trial.set_user_attr("family", family))
-            with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
-            if family not in self.finite:
-                self.finite[family] = family_configurations(self.spec, family, device=self.device)
-            if self.finite[family] is None:
-                self.exhausted[family] = self.exhausted.get(family, 0) + 1
-            else:
-                unseen = [params for params, d in self.finite[family] if d not in known]
-                if unseen:
-                    choice = random.Random(f"{self.spec.name}/{trial.number}").choice(unseen)
-                    with_retries(lambda: self.study.enqueue_trial(choice, skip_if_exists=False))
-                else:
-                    self.exhausted[family] = DUPLICATES_IN_A_ROW
+            self.set_aside(trial, family, known, duplicate_of=known[digest])
             return _Proposal(trial, config, digest, duplicate_of=known[digest])
         self.exhausted[family] = 0
         with_retries(lambda: trial.set_user_attr("config", config))
         with_retries(lambda: trial.set_user_attr("config_digest", digest))
         with_retries(lambda: trial.set_user_attr("family", family))
         return _Proposal(trial, config, digest)
+
+    def set_aside(self, trial, family: str, known: Dict[str, int], *, duplicate_of: int) -> None:
+        """Record ``trial``, a repeat of trial ``duplicate_of``'s configuration, as PRUNED.  In a
+        finite space the sampler's turn goes to a configuration not run yet (enqueued, so the
+        next ask gets it: asking again would be a coupon collector, and ``DUPLICATES_IN_A_ROW``
+        repeats would call the family exhausted with configurations left); an unbounded family
+        counts the repeat towards being exhausted."""
+        from optuna.trial import TrialState
+
+        with_retries(lambda: trial.set_user_attr("duplicate_of", duplicate_of))
+        with_retries(lambda: trial.set_user_attr("family", family))
+        with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
+        if family not in self.finite:
+            self.finite[family] = family_configurations(self.spec, family, device=self.device)
+        if self.finite[family] is None:
+            self.exhausted[family] = self.exhausted.get(family, 0) + 1
+            return
+        unseen = [params for params, digest in self.finite[family] if digest not in known]
+        if unseen:
+            choice = random.Random(f"{self.spec.name}/{trial.number}").choice(unseen)
+            with_retries(lambda: self.study.enqueue_trial(choice, skip_if_exists=False))
+        else:
+            self.exhausted[family] = DUPLICATES_IN_A_ROW
 
     def submit(self, trial, config: Dict[str, Any], digest: str, attempt: int) -> None:
         """Start ``trial`` on an idle worker, or on a new one."""
@@ -722,7 +744,7 @@ def launch(
     driver = Driver(spec, spec_path, paths=paths, storage_label=redact(url), out=out,
                     status_interval=status_interval, make_worker=make_worker)
     if dry_run:
-        _preview(spec, spec_path, driver)
+        driver.preview()
         return driver.summary
 
     # what the environment must offer is checked before the database is touched
@@ -744,16 +766,3 @@ def launch(
     driver.run()
     return driver.summarize()
 
-
-def _preview(spec: StudySpec, spec_path, driver: Driver) -> None:
-    """``--dry-run``: the spec's digest, where the study would live, and one example trial per
-    family (up to the number of trials), from an in-memory study."""
-    import optuna
-
-    preview = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
-    print(f"spec {spec_path}: valid (hash {spec.digest()[:12]})", file=driver.out)
-    print(f"storage: {driver.summary.storage}\nworkdir: {driver.paths['workdir']}", file=driver.out)
-    for family in list(spec.families)[: min(len(spec.families), spec.trials)]:
-        preview.enqueue_trial({"family": family})
-        config = trial_config(spec, preview.ask(), device=driver.device)
-        print(f"example trial: {json.dumps(config.to_dict(), sort_keys=True)}", file=driver.out)

@@ -10,9 +10,11 @@ from optuna.trial import TrialState
 
 from gsmsearch.search._launch import DUPLICATES_IN_A_ROW, RESULT_SCALARS, Driver, _requeue_unfinished
 from gsmsearch.search._space import family_configurations
-from gsmsearch.search._spec import spec_from_dict
+from gsmsearch.search._spec import SpecError, spec_from_dict
 
 from .conftest import TINY_SPEC
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler
 
 FINITE = {"lowrank": {"budget": [0.1, 0.3]}}  # two configurations: budget 0.1 (A) and 0.3 (B)
 
@@ -81,7 +83,7 @@ def test_recover_marks_a_dead_drivers_running_trials_stale_and_reruns_their_conf
     assert len(left) == 3
 
     # the first driver is gone without a word; its heartbeat is fresh and its pid (ours) alive
-    with pytest.raises(Exception, match=r"another driver is running study 'tiny' .*wait for it or pass --force"):
+    with pytest.raises(SpecError, match=r"another driver is running study 'tiny' .*wait for it or pass --force"):
         make_driver(tmp_path, {"concurrency": 2}, resume=True)
     first.study.set_user_attr("driver", {**first.driver_id, "heartbeat": time.time() - 3600})
 
@@ -121,7 +123,7 @@ def test_recover_reenqueues_nothing_whose_configuration_has_finished_for_good(tm
 def test_open_refuses_an_existing_study_without_resume(tmp_path):
     driver, _ = make_driver(tmp_path)
     driver.fill()
-    with pytest.raises(Exception, match=r"study 'tiny' already has 2 trials; pass --resume to continue it"):
+    with pytest.raises(SpecError, match=r"study 'tiny' already has 2 trials; pass --resume to continue it"):
         make_driver(tmp_path)
 
 
@@ -254,6 +256,29 @@ def test_tell_records_a_failure_the_worker_reported_as_final(tmp_path):
     assert trial.user_attrs["failure_reason"] == "loss diverged"
     assert f"trial {number} ({trial.params['family']}) FAILED: loss diverged" in driver.out.getvalue()
     assert driver.done_count() == 1
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+def test_a_trial_past_its_time_limit_is_retried_in_its_checkpoint_folder_then_failed_for_good(tmp_path):
+    driver, workers = make_driver(tmp_path, {"concurrency": 1, "retries": 1, "trial_timeout": 60})
+    driver.fill()
+    (entry,) = driver.running.values()
+    driver.enforce_time_limit()
+    assert len(workers.submitted) == 1  # within its limit
+    entry.started -= 61
+    driver.enforce_time_limit()
+    (retry,) = driver.running.values()
+    assert (retry.trial.number, retry.attempt) == (entry.trial.number, 1)
+    assert workers.submitted[1] == workers.submitted[0]  # same config, checkpoint folder, structure file
+    assert "attempt 1 failed (exceeded trial_timeout of 60s); retrying from its last checkpoint" in driver.out.getvalue()
+    retry.started -= 61
+    driver.enforce_time_limit()
+    assert not driver.running and len(workers.submitted) == 2
+    trial = driver.study.get_trials()[entry.trial.number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["final"] is True
+    assert trial.user_attrs["failure_reason"] == "exceeded trial_timeout of 60s (after 2 attempt(s))"
 
 
 # -- interrupt and shutdown ------------------------------------------------------------------
