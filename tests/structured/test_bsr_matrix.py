@@ -95,7 +95,7 @@ def test_bsr_layout_groups_short_pieces_apart_from_long_ones(monkeypatch):
     columns holds a long one and so spans the whole axis; laid out by length class first the
     short ones share blocks that stay short (here 86 blocks instead of 126).  The plan takes the
     layout storing fewer blocks, and computes the same function."""
-    from gsmsearch.structured import _export
+    from gsmsearch.structured._export import _bsr, _common
 
     from .test_fast_paths import _long_and_short_layer
 
@@ -105,9 +105,9 @@ def test_bsr_layout_groups_short_pieces_apart_from_long_ones(monkeypatch):
         ref = layer(x)
         chosen = ExportedGBLR.from_gblr(layer, plan="bsr", block=(32, 8))
         assert torch.allclose(chosen(x), ref, atol=1e-4 * float(ref.abs().max()))
-        centre_only = lambda intervals, ranks, size, block: _export._first_columns(
-            _export._centre_order(intervals, size), ranks)
-        monkeypatch.setattr(_export, "_bsr_layout", centre_only)
+        centre_only = lambda intervals, ranks, size, block: _common._first_columns(
+            _common._centre_order(intervals, size), ranks)
+        monkeypatch.setattr(_bsr, "_bsr_layout", centre_only)
         centre = ExportedGBLR.from_gblr(layer, plan="bsr", block=(32, 8))
         assert torch.allclose(centre(x), ref, atol=1e-4 * float(ref.abs().max()))
     stored = lambda e: e.stage1.stored_blocks + e.stage2.stored_blocks
@@ -121,7 +121,8 @@ def test_occupied_block_count_matches_the_dense_layout():
     included."""
     import numpy as np
 
-    from gsmsearch.structured._export import _first_columns, _occupied_blocks
+    from gsmsearch.structured._export._bsr import _occupied_blocks
+    from gsmsearch.structured._export._common import _first_columns
 
     rng = np.random.default_rng(0)
     for _ in range(100):
@@ -214,7 +215,7 @@ def test_triton_kernel_under_the_interpreter_matches_dense_and_torch_path():
 def test_auto_skips_a_bsr_candidate_that_fails(monkeypatch):
     """On a GPU, ``auto`` also times "bsr"; a Triton that rejects its kernel must cost the user
     that candidate (with a warning), not the export."""
-    from gsmsearch.structured._export import _fastest
+    from gsmsearch.structured._export._auto import _fastest
 
     layer = random_layer(m=64, n=56, K=20, r=2, seed=2, dtype=torch.float32)
     grouped = ExportedGBLR.from_gblr(layer, plan="grouped")

@@ -377,7 +377,7 @@ def test_grouped_plan_keeps_long_components_out_of_short_ones_windows():
     alone holds every short component starting between two long ones, and so pads them to the
     whole axis (10x the method's count here; by length class 2.4x -- what is left is the cost
     model's trade of padding for fewer narrow GEMM calls), and the result is the same function."""
-    from gsmsearch.structured._export import _length_class_runs, _segment_runs
+    from gsmsearch.structured._export._grouped import _length_class_runs, _segment_runs
 
     layer = _long_and_short_layer()
     exported = ExportedGBLR.from_gblr(layer, plan="grouped")
@@ -461,9 +461,9 @@ def test_tiled_plan_many_tiles_wrapping_arcs_and_chunks(bias, monkeypatch):
     """A layer big enough for several 64-wide tiles per axis: some arcs wrap past the last
     column of t (two GEMMs), some output rows are touched by no component (bias only), and a
     batch that is not a multiple of the token chunk runs in several chunks."""
-    from gsmsearch.structured import _export
+    from gsmsearch.structured._export import _tiled
 
-    monkeypatch.setattr(_export, "TILE_SIZES", (64,))
+    monkeypatch.setattr(_tiled, "TILE_SIZES", (64,))
     m, n, K = 300, 260, 40
     g = torch.Generator().manual_seed(3)
     layer = GBLRLinear(n, m, rank_per_component=2, num_components=K, bias=bias)
