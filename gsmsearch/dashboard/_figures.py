@@ -57,7 +57,7 @@ def hover_text(record, point, x: str, y: str, spread: Optional[_data.SeedSpread]
         lines = [f"<b>trial {record.number}</b> ({esc(point.family)}, {point.status})",
                  f"{esc(y)}: {point.y:.4g}", f"{esc(x)}: {point.x:.4g}"]
     else:
-        tried = spread.configuration.trials
+        tried = spread.configuration.seeds_tried
         count = f"n={spread.n}" + (f" of {tried} seeds" if tried != spread.n else " seed" if spread.n == 1 else " seeds")
         lines = [f"<b>configuration of trial {record.number}</b> ({esc(point.family)}, {point.status}, {count})",
                  f"{esc(y)}: {_spread_text(spread.y)}", f"{esc(x)}: {_spread_text(spread.x)}"]
@@ -79,6 +79,8 @@ def _spread_text(spread) -> str:
     """Mean ± sample std (with the range) over seeds; the value alone for one seed."""
     if spread.std is None:
         return f"{spread.mean:.4g}"
+    if not spread.varies:
+        return f"{spread.mean:.4g} (every seed)"
     return f"{spread.mean:.4g} ± {spread.std:.2g} (std; range {spread.low:.4g} to {spread.high:.4g})"
 
 
@@ -179,20 +181,29 @@ _STYLE = {
 }
 
 
-def _error_bars(group, spreads, axis: str, color: str, opacity: float) -> Optional[dict]:
-    """Error bars of ``axis`` ("x" or "y") for the points of one trace: ± the sample std over
-    the configuration's seeds; none for a configuration with one seed (no spread is known), nor
-    on x for one whose x is the same for every seed; no bars at all when no point's value varies
-    across its seeds on that axis."""
+def _error_traces(group, spreads, color: str, opacity: float, legendgroup: str) -> list:
+    """Error bars of the points of one trace: ± the sample std over each configuration's seeds,
+    in y for the configurations with two or more seeds, in x for those whose x varies across
+    their seeds (FLOPs usually do not).  They are traces of their own, drawn without markers and
+    without hover: plotly draws a zero-length bar for a missing value in an error array, and a
+    configuration with one seed has no bar, not a zero one."""
+    import plotly.graph_objects as go
+
     if not spreads:
-        return None
-    chosen = [getattr(spreads[p.number], axis) for p in group]
-    if not any(s.varies for s in chosen) and (axis == "x" or not any(s.std is not None for s in chosen)):
-        return None
-    # a cost that does not vary across a configuration's seeds (FLOPs usually) gets no bar
-    array = [s.std if axis == "y" or s.varies else None for s in chosen]
-    return dict(type="data", symmetric=True, array=array, visible=True, thickness=1.2, width=3,
-                color=color if opacity >= 1 else _faded(color, opacity))
+        return []
+    bar_color = color if opacity >= 1 else _faded(color, opacity)
+    traces = []
+    for axis in ("y", "x"):
+        chosen = [p for p in group if (spreads[p.number].y.std is not None if axis == "y"
+                                       else spreads[p.number].x.varies)]
+        if not chosen:
+            continue
+        bars = dict(type="data", symmetric=True, array=[getattr(spreads[p.number], axis).std for p in chosen],
+                    visible=True, thickness=1.2, width=3, color=bar_color)
+        traces.append(go.Scatter(
+            x=[p.x for p in chosen], y=[p.y for p in chosen], mode="none", showlegend=False, hoverinfo="skip",
+            legendgroup=legendgroup, name=f"{legendgroup} ± std ({axis})", **{f"error_{axis}": bars}))
+    return traces
 
 
 def _faded(color: str, opacity: float) -> str:
@@ -204,8 +215,8 @@ def _family_traces(view, family: str, points: List[_data.Point], spec, *, status
                    showlegend: bool = True, records=None, spreads=None):
     """Scatter traces of one family: its front (markers joined as the attainment staircase),
     then dominated and infeasible points, dimmed.  Empty groups add no trace.  ``records`` and
-    ``spreads``: from :func:`_data.drawn_records` (a point per configuration, with error bars,
-    where configurations ran with several seeds)."""
+    ``spreads``: from :func:`_data.drawn_records` (a point per configuration, where
+    configurations ran with several seeds, each group of points after its error bars)."""
     import plotly.graph_objects as go
 
     records = {r.number: r for r in (view.records if records is None else records)}
@@ -219,10 +230,9 @@ def _family_traces(view, family: str, points: List[_data.Point], spec, *, status
         # the dense model is the reference every structure is measured against: always drawn in
         # full, whatever the study's constraints say about it
         group = sorted(points, key=lambda p: (p.x, p.y))
-        return [go.Scatter(
+        return _error_traces(group, spreads, color, 1.0, "dense") + [go.Scatter(
             x=[p.x for p in group], y=[p.y for p in group], mode="markers", name="dense model",
             marker=dict(color=color, size=14, symbol="star"), legendgroup="dense", showlegend=showlegend,
-            error_x=_error_bars(group, spreads, "x", color, 1.0), error_y=_error_bars(group, spreads, "y", color, 1.0),
             text=hover(group), customdata=[[view.key, p.number] for p in group],
             hovertemplate="%{text}<extra></extra>", hoverlabel=_HOVER)] if group else []
     traces = []
@@ -232,14 +242,13 @@ def _family_traces(view, family: str, points: List[_data.Point], spec, *, status
             continue
         style = _STYLE[status]
         symbol = style["symbol"]
+        traces += _error_traces(group, spreads, color, style["opacity"], esc(family))
         traces.append(go.Scatter(
             x=[p.x for p in group], y=[p.y for p in group],
             mode="lines+markers" if status == "front" else "markers",
             line=dict(color=color, width=2, shape="hv"),
             marker=dict(color=color, size=style["size"], symbol=symbol,
                         opacity=style["opacity"], line=dict(width=0)),
-            error_x=_error_bars(group, spreads, "x", color, style["opacity"]),
-            error_y=_error_bars(group, spreads, "y", color, style["opacity"]),
             name=f"{esc(family)} {status}" if status != "front" else esc(family),
             legendgroup=esc(family), showlegend=showlegend,
             text=hover(group), customdata=[[view.key, p.number] for p in group],

@@ -177,9 +177,10 @@ class Configuration:
     pending: List[Any] = field(default_factory=list)
 
     @property
-    def trials(self) -> int:
-        """Seeds tried: completed, failed and pending."""
-        return len(self.complete) + len(self.failed) + len(self.pending)
+    def seeds_tried(self) -> int:
+        """How many different seeds were tried (completed, failed or pending): a configuration
+        that failed twice with the same seed was still tried with one."""
+        return len({repr(trial_seed(r)) for r in self.complete + self.failed + self.pending})
 
     @property
     def number(self) -> int:
@@ -247,7 +248,7 @@ def group_configurations(records: Iterable[Any]) -> List[Configuration]:
 
 def has_repeats(configurations: Iterable[Configuration]) -> bool:
     """Whether any configuration was tried with more than one seed."""
-    return any(c.trials > 1 for c in configurations)
+    return any(c.seeds_tried > 1 for c in configurations)
 
 
 def configuration_front(configurations: Sequence[Configuration], value: Callable[[Any], Optional[Sequence[float]]],

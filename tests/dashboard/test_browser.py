@@ -278,6 +278,37 @@ def test_static_report_works_from_a_file_url_without_network(page, seeded_db, tm
     assert page.errors == []
 
 
+def test_a_study_run_with_several_seeds_draws_means_with_error_bars(page, multi_seed_db):
+    """One point per configuration at its means, with the sample std as error bars (x only for
+    GBLR, whose FLOPs vary with the seed), and the per-configuration table."""
+    from .conftest import SEEDED_POINTS
+
+    process, address = start_dashboard(multi_seed_db[1])
+    try:
+        page.goto(address)
+        _wait_count(page, "#pareto-0 .scatterlayer .point", SEEDED_POINTS)
+        traces = page.evaluate("""() => document.querySelector('#pareto-0 .js-plotly-plot').data.map(
+            t => ({name: t.name, x: (t.error_x || {}).array || null, y: (t.error_y || {}).array || null}))""")
+        bars = {t["name"]: t for t in traces}
+        assert bars["gblr ± std (y)"]["y"] == [pytest.approx(0.01, rel=1e-9), pytest.approx(0.02 ** 0.5 / 10)]
+        assert bars["gblr ± std (x)"]["x"] == [pytest.approx(0.01, rel=1e-9)]
+        assert "lowrank ± std (x)" not in bars and len(bars["lowrank ± std (y)"]["y"]) == 2
+        # drawn: a y bar per configuration with two or more seeds (gblr 0.2 and 0.3, lowrank x 2,
+        # dense), an x bar for gblr at 0.2; none for the configuration with one seed
+        assert _count(page, "#pareto-0 .errorbar path.yerror") == 5
+        assert _count(page, "#pareto-0 .errorbar path.xerror") == 1
+        lengths = page.eval_on_selector_all("#pareto-0 .errorbar path.yerror",
+                                            "els => els.map(e => e.getBBox().height)")
+        assert min(lengths) > 5  # bars, not the caps a missing value would draw
+        assert "mean ± std over seeds" in page.text_content("#pareto-0 .ytitle")
+        page.wait_for_selector("#section-configurations", state="visible")
+        _wait_count(page, '#configurations td[data-dash-column="n"]', SEEDED_POINTS)
+        assert "seed 2 (trial 15)" in page.inner_text("#configurations")
+        assert page.errors == []
+    finally:
+        stop(process)
+
+
 @pytest.fixture(scope="module")
 def odd_server(odd_db):
     """The dashboard of a whole storage of odd studies (see ``seed_odd_studies``), 13+ of them."""

@@ -33,20 +33,25 @@ def _trace(fig, name):
 def test_each_configuration_is_one_point_at_its_means_with_std_error_bars(seeded):
     view, spec = seeded
     fig = _figures.pareto_figure(view, spec)
-    assert sum(len(t.x) for t in fig.data) == SEEDED_POINTS
+    markers = [t for t in fig.data if t.mode != "none"]
+    assert sum(len(t.x) for t in markers) == SEEDED_POINTS
     gblr = _trace(fig, "gblr")  # every GBLR configuration is on its front: budgets 0.1, 0.2, 0.3
     assert list(gblr.x) == pytest.approx([0.10, 0.20, 0.30], abs=1e-12)
     assert list(gblr.y) == pytest.approx([0.80, 0.85, 0.89], abs=1e-12)
-    # one seed: no bar (not a zero one); y: the sample std of the seeds
-    assert gblr.error_y.array[0] is None
-    assert gblr.error_y.array[1:] == pytest.approx((statistics.stdev(_qualities("gblr", 0.2)),
-                                                    statistics.stdev(_qualities("gblr", 0.3))), rel=1e-9)
+    assert all(t.error_x.array is None and t.error_y.array is None for t in markers)
+    # the bars: y for the configurations with two or more seeds (not budget 0.1: one seed, no
+    # bar rather than a zero one), the sample std of their seeds
+    bars = _trace(fig, "gblr ± std (y)")
+    assert (bars.mode, bars.hoverinfo, bars.showlegend, bars.legendgroup) == ("none", "skip", False, "gblr")
+    assert list(bars.x) == pytest.approx([0.2, 0.3]) and list(bars.y) == pytest.approx([0.85, 0.89])
+    assert bars.error_y.array == pytest.approx((statistics.stdev(_qualities("gblr", 0.2)),
+                                                statistics.stdev(_qualities("gblr", 0.3))), rel=1e-9)
     # x: only where it varies across the seeds (GBLR at budget 0.2: 0.20, 0.21, 0.19)
-    assert gblr.error_x.array[0] is None and gblr.error_x.array[2] is None
-    assert gblr.error_x.array[1] == pytest.approx(0.01, rel=1e-9)
+    bars = _trace(fig, "gblr ± std (x)")
+    assert list(bars.x) == pytest.approx([0.2]) and bars.error_x.array == pytest.approx((0.01,), rel=1e-9)
     # lowrank's FLOPs do not depend on the seed: no x bars at all
-    lowrank = _trace(fig, "lowrank")
-    assert lowrank.error_x.array is None and len(lowrank.error_y.array) == 2
+    assert not [t for t in fig.data if t.name == "lowrank ± std (x)"]
+    assert len(_trace(fig, "lowrank ± std (y)").error_y.array) == 2
     assert "mean ± std over seeds" in fig.layout.yaxis.title.text
     assert fig.layout.xaxis.title.text.startswith(_figures.METRIC_LABELS["relative_flops"])
     assert "over seeds" in fig.layout.title.text
@@ -60,6 +65,7 @@ def test_hover_text_gives_n_each_seed_and_the_failed_one(seeded):
     assert "n=3 seeds" in three and "seed 2 (trial 2): quality 0.85" in three
     assert f"0.85 ± {statistics.stdev(_qualities('gblr', 0.2)):.2g}" in three
     assert "n=2 of 3 seeds" in failed and "failed: seed 2 (trial 15)" in failed
+    assert "relative_flops: 0.3 (every seed)" in failed
     assert [c[1] for c in gblr.customdata] == [5, 0, 3]  # a click opens the configuration's first trial
 
 
@@ -120,7 +126,7 @@ def test_a_study_with_one_seed_per_configuration_is_drawn_as_before(seeded_db):
     assert spreads == {} and records == view.records
     fig = _figures.pareto_figure(view, spec)
     assert len(fig.data) == MAIN_TRACES
-    assert all(t.error_x.array is None and t.error_y.array is None for t in fig.data)
+    assert all(t.error_x.array is None and t.error_y.array is None and t.mode != "none" for t in fig.data)
     assert "over seeds" not in fig.layout.yaxis.title.text + fig.layout.title.text
     assert _data.configuration_rows(view, spec.axes.x, spec.axes.y) == []
     assert "configurations-table" not in render_report([view], spec)

@@ -156,7 +156,7 @@ def test_trials_group_into_configurations_by_everything_but_the_seed():
         ("lowrank", {"lowrank.budget": 0.2}, [8, 10], [], []),
         ("gblr", {"gblr.budget": 0.2}, [9], [], []),
     ]
-    assert [g.number for g in groups] == [0, 2, 8, 9] and [g.trials for g in groups] == [3, 3, 2, 1]
+    assert [g.number for g in groups] == [0, 2, 8, 9] and [g.seeds_tried for g in groups] == [3, 3, 2, 1]
     assert has_repeats(groups)
     # a failed configuration with a completed seed keeps n of the completed ones
     [quality, flops] = groups[1].spreads(_values)
@@ -252,3 +252,11 @@ def test_the_front_of_the_means_matches_brute_force(seed):
     expected = {number for number, (q, c) in means.items()
                 if not any(q2 >= q and c2 <= c and (q2 > q or c2 < c) for q2, c2 in means.values())}
     assert {groups[i].number for i in configuration_front(groups, _values, _DIRECTIONS)} == expected
+
+
+def test_a_configuration_that_failed_twice_with_its_one_seed_is_not_run_with_several_seeds():
+    records = [_trial(0, "gblr", 0.2, 0, state="FAIL"), _trial(1, "gblr", 0.2, 0, state="FAIL"),
+               _trial(2, "gblr", 0.3, 0, 0.8, 0.3)]
+    groups = group_configurations(records)
+    assert [len(g.failed) for g in groups] == [2, 0] and [g.seeds_tried for g in groups] == [1, 1]
+    assert not has_repeats(groups)
