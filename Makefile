@@ -16,4 +16,4 @@ test:
 	$(PY) -m pytest -q --durations=15
 
 bench: setup
-	$(PY) -m bench --threads 1
+	$(PY) -m bench --threads 1 --out bench/results/cpu-1thread.json

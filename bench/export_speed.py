@@ -154,7 +154,7 @@ def run_baselines(*, size=1024, tokens=4096, repeats=7, target=0.25, threads=1, 
             return run
 
         candidates = {"dense": call(dense), family: call(layer)}
-        if family == "blocksparse":  # beside it, the same layer in one pass (before session 8's chunks)
+        if family == "blocksparse":  # beside it, the same layer in one pass over all tokens
             one_pass = copy.deepcopy(layer)
             one_pass.cpu_token_chunk = tokens
             candidates["blocksparse one pass"] = call(one_pass)

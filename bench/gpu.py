@@ -1,4 +1,4 @@
-"""GPU benchmarks for issue 6 (CUDA, bf16): the training step at 8192 tokens and exported plans at
+"""GPU benchmarks of the layers (CUDA, bf16): the training step at 8192 tokens and exported plans at
 4096 x 4096, 8192 tokens.  Timing with CUDA events, median of interleaved repetitions.
 
     python -m bench.gpu              # on a CUDA machine; writes bench/results/gpu.json
@@ -128,7 +128,7 @@ def train_step(device, dtype, *, n, m, K, tokens, sigma, repeats):
                "gblr half dead": half_dead, "gblr half dead sync-free": half_dead_sync_free,
                "gblr half dead frozen structure": frozen,
                "gblr recompute intermediate": recompute, "gblr torch-op masks": torch_ops,
-               "gblr unfused (before)": unfused}
+               "gblr unfused": unfused}
     times = _interleaved({**{name: step(module) for name, module in modules.items()},
                           "gblr cached masks": cached, "reference": reference}, repeats, device)
     memory = {}
@@ -346,7 +346,7 @@ def decisions(report: dict) -> dict:
     """What the numbers decide, so that one GPU call settles the defaults: the faster training
     path (with or without the host read), the "bsr" block shape and stage-1 orientation that
     do best over the structures (geometric mean of the speedups over dense), gathered vs
-    written-out t', and each issue target met or missed."""
+    written-out t', and each speed target met or missed."""
     import math
 
     out = {}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmarks for issue 6 in one call (CUDA, bf16).  Skips cleanly without a GPU.
+# GPU benchmarks of the layers in one call (CUDA, bf16).  Skips cleanly without a GPU.
 #   bash bench/gpu.sh            # full sizes; writes bench/results/gpu.json
 #   bash bench/gpu.sh --smoke    # tiny sizes on any device
 # The real structures (a digits trial's layers, MiniLM's fits) are prepared on a CPU machine with

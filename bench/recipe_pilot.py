@@ -7,7 +7,7 @@ trial knob.  One JSON line per trial: recipe, seed, test/val accuracy, per-epoch
 
 Each job: [pre-training schedule, fine-tune schedule, family, budget, seed, extra config]; an
 extra key "pretrain_epochs" sets the dense pre-training's epochs (default: the workload's).
-Structured trials use budget_allocation=global, distill=0.5 (the 6g setting); 10 epochs; 2
+Structured trials use budget_allocation=global, distill=0.5 (the setting of RESULTS.md "Budget shared by the dense spectra, and distillation"); 10 epochs; 2
 worker processes x 1 torch thread; dense caches in --cache-dir (default /tmp/recipe-pilot-cache).
 """
 import json

@@ -1,4 +1,4 @@
-"""CPU benchmarks for issue 6: one command, a table of ratios on stdout, JSON in bench/results/.
+"""CPU benchmarks of the layers: one command, a table of ratios on stdout, JSON in bench/results/.
 
     python -m bench                      # everything, all cores (a few minutes)
     python -m bench --threads 1          # one core: steadier on a shared machine
@@ -41,7 +41,7 @@ def _train_memory(config: dict, threads: int) -> dict:
         for name, module in (("nn.Linear", nn.Linear(n, m)),
                              ("gblr", GBLRLinear(n, m, num_components=K, sigma=config["sigma"])),
                              ("gblr recompute intermediate", recompute),
-                             ("gblr unfused (before)", UnfusedGBLR(n, m, num_components=K, sigma=config["sigma"]))):
+                             ("gblr unfused", UnfusedGBLR(n, m, num_components=K, sigma=config["sigma"]))):
             path = os.path.join(tmp, "m.pt")
             torch.save(module, path)
             out[name] = peak_rss_delta(path, (T, n), train=True, threads=threads)
@@ -98,7 +98,7 @@ def print_tables(report: dict) -> None:
             print(f"{r['family']:14s} {json.dumps(r['config']):44s} {r['relative_flops']:6.3f} "
                   f"{r['speedup']:8.2f} {r['fraction_of_ideal']:7.2f} {mem_s:>13s}")
             if "speedup_one_pass" in r:
-                print(f"{'':14s} the same layer in one pass over all tokens (before session 8): "
+                print(f"{'':14s} the same layer in one pass over all tokens: "
                       f"{r['speedup_one_pass']:.2f}")
 
 

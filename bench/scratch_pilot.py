@@ -1,4 +1,4 @@
-"""Scratch-mode recipe pilot on animal-mnist-mixer at budget 0.3, 20 epochs (bench/RESULTS.md 6i).
+"""Scratch-mode recipe pilot on animal-mnist-mixer at budget 0.3, 20 epochs (bench/RESULTS.md "What did not help").
 One JSON line per trial: label, seed, test/val accuracy, per-epoch (val %, relative FLOPs, mean
 width, sigma) and live components per layer.
 

@@ -1,4 +1,4 @@
-"""Why GBLR trails block-diagonal from scratch on the Mixer (bench/RESULTS.md 6j): the structure
+"""Why GBLR trails block-diagonal from scratch on the Mixer (bench/RESULTS.md "Accuracy: from scratch"): the structure
 GBLR learns, or the way GBLR parametrises and trains a structure?
 
 Three trainings per seed, all 20 epochs from a random init at budget 0.3, in the trainer's loop

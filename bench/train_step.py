@@ -18,7 +18,7 @@ from ._timing import interleaved, ratios, tensor_memory
 
 
 class UnfusedGBLR(GBLRLinear):
-    """The layer's training forward before session 4: autograd through masks, masked factors and
+    """The layer's training forward written as plain autograd: autograd through masks, masked factors and
     GEMMs composed of torch ops (it keeps masks and masked factors for backward)."""
 
     def forward(self, x):
@@ -117,7 +117,7 @@ def run(
         f"gblr sigma={sigma:g} factored": _layer_step(_forced(blurred, True), x),
         f"gblr sigma={sigma:g} dense-build": _layer_step(_forced(blurred, False), x),
         f"gblr sigma={sigma:g} recompute intermediate": _layer_step(_variant(blurred, recompute=True), x),
-        f"gblr sigma={sigma:g} unfused (before)": _layer_step(_variant(blurred, UnfusedGBLR), x),
+        f"gblr sigma={sigma:g} unfused": _layer_step(_variant(blurred, UnfusedGBLR), x),
         "gblr cached masks (bound)": _cached_mask_step(blurred, x),
         f"masks only sigma={sigma:g}": _mask_step(blurred, gaudi_mask, sigma),
         "masks only sigma=None": _mask_step(exact, gaudi_mask, None),
@@ -129,7 +129,7 @@ def run(
         "nn.Linear": linear,
         f"gblr sigma={sigma:g}": blurred,
         f"gblr sigma={sigma:g} recompute intermediate": _variant(blurred, recompute=True),
-        f"gblr sigma={sigma:g} unfused (before)": _variant(blurred, UnfusedGBLR),
+        f"gblr sigma={sigma:g} unfused": _variant(blurred, UnfusedGBLR),
     }
     memory = {name: tensor_memory(_layer_step(module, x), exclude=[x, *module.parameters()])
               for name, module in memory_layers.items()}

@@ -5,10 +5,10 @@ For one workload and mode, trains dense plus every (family, budget, seed) with
 writes a markdown report (mean +- sample std of test accuracy over seeds, achieved structured
 relative FLOPs) and a JSON file with every trial's config and result scalars.
 
-Usage (the issue-3 grid)::
+Usage (the digits-mlp grid of bench/RESULTS.md)::
 
     .venv/bin/python bench/workloads.py --workload digits-mlp --mode finetune --epochs 10 \
-        --budgets 0.1 0.2 0.3 0.5 --seeds 0 1 2 --jobs 2 --out bench/results/workloads
+        --budgets 0.1 0.2 0.3 0.5 --seeds 0 1 2 --jobs 2 --out bench/results/workloads-digits-mlp
 
 ``--set KEY=VALUE`` overrides a TrialConfig field for the structured trials (VALUE parsed as
 JSON when it can be, e.g. ``--set structure_lr=0.01 --set lam=0.01``); with ``--families gblr
