@@ -13,31 +13,15 @@ by column block (compressed sparse columns of blocks), and computes ``a @ B (+ b
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["BlockSparseMatrix", "triton_runs"]
+from ._common import triton_runs
 
+__all__ = ["BlockSparseMatrix"]
 
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_runs(tensor: torch.Tensor) -> bool:
-    """Whether the Triton kernel runs on ``tensor``: a CUDA tensor with Triton installed, or any
-    tensor under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernel's import)."""
-    if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False  # (without importing triton: a second of every CPU process's first step)
-    return _triton_importable()
 
 
 class BlockSparseMatrix(nn.Module):

@@ -6,12 +6,15 @@
   (the first ``n % parts`` blocks are one longer), stored padded to the largest size so the
   blocks can go through one batched matmul, and the gathers between the flat and blocked views;
 - ``version_key``: the key of the caches kept while parameters are unchanged (GBLR, the budget
-  controller).
+  controller);
+- ``triton_runs``: whether a Triton kernel runs on a tensor (GBLR's mask kernels, the bsr export).
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -225,3 +228,20 @@ def version_key(tensors) -> tuple:
     must be recomputed when a parameter changes (GBLR's inference factors and training
     structure, the budget controller's identity steps)."""
     return tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_runs(tensor: torch.Tensor) -> bool:
+    """Whether a Triton kernel runs on ``tensor``: a CUDA tensor with Triton installed, or any
+    tensor under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernel's import)."""
+    if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False  # (without importing triton: a second of every CPU process's first step)
+    return _triton_importable()

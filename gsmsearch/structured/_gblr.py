@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from ._base import StructuredLinear, register_family
-from ._common import version_key
+from ._common import triton_runs, version_key
 from ._cost import component_costs, gblr_flops, interval_lengths
-from ._bsr_matrix import triton_runs
 from ._gblr_autograd import (all_grid_rows, gblr_linear, grid_rows, kernels_work, live_grid_rows, masked_factors,
                              side_sizes)
 from ._mask import gaudi_mask, index_mask_forward

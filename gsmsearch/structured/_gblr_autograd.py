@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._bsr_matrix import triton_runs
+from ._common import triton_runs
 from ._mask import _index_rows, flat_index_tables, index_mask_backward, index_mask_forward
 
 __all__ = ["gblr_linear", "masked_factors", "all_grid_rows", "live_grid_rows"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gsmsearch.structured import export
-from gsmsearch.structured._bsr_matrix import BlockSparseMatrix, triton_runs
+from gsmsearch.structured._bsr_matrix import BlockSparseMatrix
+from gsmsearch.structured._common import triton_runs
 from gsmsearch.structured._export import ExportedGBLR
 
 from .interpreter import interpreted
@@ -156,7 +157,8 @@ _KERNEL_CHECKS = textwrap.dedent(
     """
     import json, os, torch
     assert os.environ["TRITON_INTERPRET"] == "1"
-    from gsmsearch.structured._bsr_matrix import BlockSparseMatrix, triton_runs
+    from gsmsearch.structured._bsr_matrix import BlockSparseMatrix
+    from gsmsearch.structured._common import triton_runs
     from gsmsearch.structured._export import ExportedGBLR
     from tests.structured.test_bsr_matrix import gathered_case
     from tests.structured.test_fast_paths import learned_layer, random_layer

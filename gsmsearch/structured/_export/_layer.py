@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._bsr_matrix import triton_runs
+from .._common import triton_runs
 from ._auto import _fastest
 from ._bsr import BSR_BLOCK, BSR_BLOCKS, BsrPlan
 from ._common import PlanCost, _Piece
