@@ -149,12 +149,13 @@ def _axis_title(metric: str, over_seeds: str = "") -> str:
 
 
 def _seed_axes(spreads) -> Tuple[str, str]:
-    """(x, y) axis suffixes for :func:`_axis_title`: the y axis of a seeded study has error bars
-    (sample std); the x axis only where x varies across some configuration's seeds."""
+    """(x, y) axis suffixes for :func:`_axis_title` where configurations ran with several seeds:
+    "mean ± std" on an axis with error bars (its value varies across some configuration's
+    seeds), else "mean"."""
     if not spreads:
         return "", ""
-    x_varies = any(s.x.varies for s in spreads.values())
-    return ("mean ± std" if x_varies else "mean"), "mean ± std"
+    return tuple("mean ± std" if any(getattr(s, axis).varies for s in spreads.values()) else "mean"
+                 for axis in ("x", "y"))
 
 
 def _dense_line(fig, spec, **where) -> None:
@@ -183,10 +184,11 @@ _STYLE = {
 
 def _error_traces(group, spreads, color: str, opacity: float, legendgroup: str) -> list:
     """Error bars of the points of one trace: ± the sample std over each configuration's seeds,
-    in y for the configurations with two or more seeds, in x for those whose x varies across
-    their seeds (FLOPs usually do not).  They are traces of their own, drawn without markers and
-    without hover: plotly draws a zero-length bar for a missing value in an error array, and a
-    configuration with one seed has no bar, not a zero one."""
+    on each axis for the configurations whose value varies across their seeds (FLOPs usually do
+    not; a configuration with one seed has no spread).  They are traces of their own, drawn
+    without markers and without hover, holding only the points that have a bar: plotly draws a
+    zero-length bar for a missing value in an error array, and a configuration with one seed has
+    no bar, not a zero one."""
     import plotly.graph_objects as go
 
     if not spreads:
@@ -194,8 +196,7 @@ def _error_traces(group, spreads, color: str, opacity: float, legendgroup: str) 
     bar_color = color if opacity >= 1 else _faded(color, opacity)
     traces = []
     for axis in ("y", "x"):
-        chosen = [p for p in group if (spreads[p.number].y.std is not None if axis == "y"
-                                       else spreads[p.number].x.varies)]
+        chosen = [p for p in group if getattr(spreads[p.number], axis).varies]
         if not chosen:
             continue
         bars = dict(type="data", symmetric=True, array=[getattr(spreads[p.number], axis).std for p in chosen],

@@ -102,12 +102,16 @@ def best_within_budget(
 _NOT_CONFIGURATION = ("seed", "device")
 
 
+def _attr(record, name: str, default=None) -> Any:
+    return record.user_attrs.get(name, default) if isinstance(record.user_attrs, dict) else default
+
+
 def trial_seed(record) -> Any:
     """The seed a trial ran with: its ``seed`` parameter (a study listing several seeds samples
     it), else the ``seed`` of its recorded config; None when neither is recorded."""
     if "seed" in record.params:
         return record.params["seed"]
-    config = record.user_attrs.get("config") if isinstance(record.user_attrs, dict) else None
+    config = _attr(record, "config")
     if isinstance(config, dict):
         return config.get("seed")
     return None
@@ -120,7 +124,7 @@ def configuration_key(record) -> Tuple:
     if trial_seed(record) is None:
         return ("trial", record.number)
     params = sorted((str(k), repr(v)) for k, v in record.params.items() if k != "seed")
-    config = record.user_attrs.get("config")
+    config = _attr(record, "config")
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k not in _NOT_CONFIGURATION}
     return (str(record.family), tuple(params), json.dumps(config, sort_keys=True, default=repr))
@@ -226,7 +230,7 @@ def group_configurations(records: Iterable[Any]) -> List[Configuration]:
     for record in sorted(records, key=lambda r: r.number):
         if record.state == "PRUNED":
             continue
-        if record.state == "FAIL" and record.user_attrs.get("final", True) is False:
+        if record.state == "FAIL" and _attr(record, "final", True) is False:
             continue  # retried: the retry is the seed's trial
         key = configuration_key(record)
         if key not in groups:

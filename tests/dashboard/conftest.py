@@ -147,10 +147,19 @@ ODD_LAYERS = [
 ]
 ODD_NAME = "ünïcødé-名前-" + "L" * 300
 
+#: the "odd-seeds" study: (budget, seed, quality, user attrs, constraint) per trial: seeds that are
+#: not integers or None, a seed with an infinite quality, a config that is not a mapping, a
+#: constraint that is not a number on one seed
+ODD_SEEDS = [
+    (0.2, "a", 0.8, {}, -0.1), (0.2, 1.5, float("inf"), {}, -0.1),  # one usable seed of two
+    (0.2, None, 0.7, {"config": "not a mapping"}, -0.1),  # no seed: a configuration of its own
+    (0.3, 0, 0.9, {}, -0.1), (0.3, 1, 0.9, {}, "not a number"),  # infeasible on average
+]
+
 #: the studies of the odd database, in creation order
 ODD_STUDIES = ["plain-one", "plain-two", "empty", "no-complete", "one-complete", "single-objective", "three-objectives",
                "no-metric-names", "both-maximize", "inf-values", "odd-layers", ODD_NAME, "spec-not-a-dict",
-               "odd-families", "odd-columns"]
+               "odd-families", "odd-columns", "odd-seeds"]
 
 
 def _like(trial, **changes):
@@ -255,6 +264,15 @@ def _seed_odd_studies(url: str) -> None:
         study.add_trial(_like(_complete("gblr", 0.1 * (index + 1), 0.8, index), params=params,
                               distributions=distributions,
                               system_attrs={"constraints:relative_flops": "not a number"}))
+    study = optuna.create_study(study_name="odd-seeds", storage=url, directions=["maximize", "minimize"])
+    study.set_metric_names(["quality", "relative_flops"])
+    for index, (budget, seed, y, attrs, constraint) in enumerate(ODD_SEEDS):
+        params = {"family": "gblr", "gblr.budget": budget, "seed": seed}
+        distributions = {"family": CategoricalDistribution(["gblr"]), "gblr.budget": FloatDistribution(0, 1),
+                         "seed": CategoricalDistribution([None, "a", 1.5, 0, 1])}
+        study.add_trial(_like(_complete("gblr", budget, 0.8, index), params=params, distributions=distributions,
+                              values=[y, budget], user_attrs=dict(attrs, result={"quality": y, "relative_flops": budget}),
+                              system_attrs={"constraints:relative_flops": constraint}))
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,17 @@ def test_odd_studies_that_have_points_draw_them(odd_views):
     odd_columns = _view(views, "odd-columns")
     assert not any(r.feasible for r in odd_columns.records)
     assert "no feasible completed trials" in _note(_figures.hypervolume_figure(odd_columns, spec))
+    # seeds that are not integers, a seed with an infinite value, a trial with no seed, a
+    # constraint that is not a number on one seed: three points, one dominated, one infeasible
+    odd_seeds = _view(views, "odd-seeds")
+    fig = _figures.pareto_figure(odd_seeds, spec)
+    drawn = {(t.name, x, y) for t in fig.data if t.mode != "none" for x, y in zip(t.x, t.y)}
+    assert drawn == {("gblr", 0.2, 0.8), ("gblr dominated", 0.2, 0.7), ("gblr infeasible", 0.3, 0.9)}
+    # no error bars: one configuration has one usable seed, the other the same quality twice
+    assert not [t for t in fig.data if t.mode == "none"]
+    rows = {r["trials"]: r for r in _data.configuration_rows(odd_seeds, spec.axes.x, spec.axes.y)}
+    assert set(rows) == {"0 (seed a)", "2 (seed None)", "3 (seed 0), 4 (seed 1)"}
+    assert rows["3 (seed 0), 4 (seed 1)"]["feasible"] == "no" and rows["0 (seed a)"]["n"] == 1
 
 
 def test_malformed_layer_records_give_notes_and_the_huge_one_is_drawn_block_averaged(odd_views):
