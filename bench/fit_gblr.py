@@ -1,7 +1,7 @@
 """Benchmark GBLR fitting methods: relative Frobenius error and wall time.
 
-    python bench/fit_gblr.py            # full table
-    python bench/fit_gblr.py --quick    # small cases only
+    python bench/fit_gblr.py --threads 1 --out bench/results/fit-gblr.json   # full table + JSON
+    python bench/fit_gblr.py --quick                                           # small cases only
 
 Cases: planted 96x96 (five rank-2 blocks, budget 1.2x planted cost), planted 128x192 (six
 overlapping rank-3 blocks, 1.2x), random Gaussian 768x3072 (budgets 0.1, 0.5) and 3072x768,
@@ -12,6 +12,8 @@ decaying spectrum 384x1536 (budget 0.25).  Methods: greedy, reference (steps sho
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 import time
@@ -23,6 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "struc
 
 from gsmsearch.structured._gblr_fit import fit_gblr, lowrank_fit  # noqa: E402
 from test_gblr_fit import decaying, planted  # noqa: E402
+
+from bench._timing import machine_info  # noqa: E402
 
 
 def cases(quick: bool):
@@ -41,11 +45,33 @@ def cases(quick: bool):
     yield "decaying 384x1536", W, [0.25], 100
 
 
-def main():
+def allocator_peak_mib(fn):
+    """(result of ``fn()``, MiB of the torch allocator's peak over the call, from the profiler's
+    memory events summed in time order; None where the profiler gives none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = top = 0
+    for event in events:
+        current += event.nbytes()
+        top = max(top, current)
+    return result, (top / 2**20 if events else None)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small cases only")
-    args = parser.parse_args()
-    print(f"{'case':<20} {'method':<16} {'budget':>7} {'flops/B':>8} {'rel.err':>8} {'seconds':>8}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="write the rows and the machine to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"command": " ".join(["python bench/fit_gblr.py"] + sys.argv[1:]),
+              "date": datetime.date.today().isoformat(), "machine": machine_info(), "rows": []}
+    print(f"{'case':<20} {'method':<16} {'budget':>7} {'flops/B':>8} {'rel.err':>8} {'seconds':>8} {'peak MiB':>9}")
     for name, W, budgets, ref_steps in cases(args.quick):
         for budget in budgets:
             runs = [("greedy", lambda: fit_gblr(W, budget))]
@@ -55,13 +81,24 @@ def main():
             runs.append(("lowrank", lambda: lowrank_fit(W, budget)))
             for method, fn in runs:
                 t = time.perf_counter()
-                f = fn()
+                f = fn()  # timed without the profiler
                 dt = time.perf_counter() - t
+                _, peak = allocator_peak_mib(fn)  # a second, profiled call for its memory
                 err = float((f.to_dense().double() - W.double()).norm() / W.double().norm())
                 ratio = f.flops() / (budget * W.numel())
-                print(f"{name:<20} {method:<16} {budget:>7.4f} {ratio:>8.3f} {err:>8.4f} {dt:>8.2f}",
+                peak_s = "-" if peak is None else f"{peak:.1f}"
+                print(f"{name:<20} {method:<16} {budget:>7.4f} {ratio:>8.3f} {err:>8.4f} {dt:>8.2f} {peak_s:>9}",
                       flush=True)
+                report["rows"].append({"case": name, "shape": list(W.shape), "method": method, "budget": budget,
+                                       "flops_over_budget": ratio, "relative_error": err, "seconds": dt,
+                                       "allocator_peak_mib": peak})
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
