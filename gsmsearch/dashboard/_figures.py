@@ -524,7 +524,8 @@ def best_cells(rows: Sequence[Dict[str, Any]], budgets) -> Dict[str, Optional[st
 #: what the per-configuration table (and the figures of a study run with several seeds) show
 SEEDS_NOTE = ("Each configuration (a family and its knob values) is trained once per seed. Its point in the figures "
               "is the mean over its completed seeds, with error bars of ± one sample standard deviation "
-              "(n − 1); a configuration with one completed seed has no error bar. Fronts, hypervolumes and the "
+              "(n − 1) on each axis where its values vary across seeds: none for a configuration with one "
+              "completed seed, nor for a value that is the same for every seed (FLOPs, usually). Fronts, hypervolumes and the "
               "budget table are computed from the means, and a configuration is feasible when its mean "
               "constraints hold. n counts the completed seeds; failed and pending seeds are listed.")
 

@@ -238,9 +238,13 @@ def _detail_trials(view, spec, max_details: int) -> List[Any]:
                 and (spec.families is None or r.family in spec.families)]
     if len(complete) <= max_details:
         return complete
-    points = _data.family_points(view.records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
+    records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
+    points = _data.family_points(records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     front = {p.number for ps in points.values() for p in ps if p.status == "front"}
-    return [r for r in complete if r.number in front][:max_details]
+    # a front configuration's first trial (the one its point opens) first, then its other seeds
+    others = {n for number in front if number in spreads for n, *_ in spreads[number].seeds} - front
+    chosen = [r for r in complete if r.number in front] + [r for r in complete if r.number in others]
+    return chosen[:max_details]
 
 
 def trial_detail_html(view, record, spec, figures: _Figures, max_cells: int = 96) -> str:

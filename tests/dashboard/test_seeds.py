@@ -133,3 +133,11 @@ def test_a_study_with_one_seed_per_configuration_is_drawn_as_before(seeded_db):
     from gsmsearch.dashboard import _app
 
     assert _app._configuration_table_data([view], spec)[2] == {"display": "none"}
+
+
+def test_a_big_report_details_the_front_configurations_first_trials_then_their_other_seeds(seeded):
+    from gsmsearch.dashboard import _report
+
+    view, spec = seeded
+    # every configuration but dense (no layers) is on its family's front of means
+    assert [r.number for r in _report._detail_trials(view, spec, 7)] == [0, 3, 5, 6, 9, 1, 2]
