@@ -129,8 +129,10 @@ def hypervolume_history(records, x: str, y: str, metric_names, reference: Tuple[
                         families=None) -> Dict[str, List[Tuple[int, float]]]:
     """family -> [(trial number, hypervolume of the family's feasible COMPLETE trials numbered up
     to it)], one entry per such trial, in trial order; "all" holds the same over every family.
-    Where configurations ran with several seeds: of the means of the configurations' seeds
-    numbered up to it, one entry per COMPLETE trial with both values."""
+    Where configurations ran with several seeds: of the feasible means of the configurations'
+    seeds numbered up to it, one entry per COMPLETE trial with both values from the first trial
+    that gives the family a feasible configuration on (a mean may fall as seeds come in, so this
+    hypervolume may shrink)."""
     out: Dict[str, List[Tuple[int, float]]] = {}
     chosen = trial_families(records, families)
     if has_repeats(group_configurations(records)):
@@ -420,7 +422,8 @@ def _seeded_history(records, x, y, metric_names, reference, chosen) -> Dict[str,
             means.pop(key, None)
         for family in (record.family, "all"):
             points = [(xm, ym) for f, xm, ym in means.values() if family == "all" or f == family]
-            out[family].append((record.number, _hypervolume(points, reference)))
+            if points or out[family]:  # from its first feasible configuration on
+                out[family].append((record.number, _hypervolume(points, reference)))
     return out
 
 

@@ -102,6 +102,10 @@ def test_fronts_hypervolume_and_budgets_come_from_the_means(seeded):
     reference = (spec.reference.x, spec.reference.y)
     history = _data.hypervolume_history(view.records, spec.axes.x, spec.axes.y, view.metric_names, reference)
     assert [n for n, _ in history["gblr"]] == [0, 1, 2, 3, 4, 5]
+    assert history["dense"] == []  # no feasible configuration: no line, as for trials
+    assert [n for n, _ in history["all"]] == list(range(15))
+    # lowrank at 0.2: its unlucky second seed lowers the mean and the hypervolume with it
+    assert history["lowrank"][1][1] < history["lowrank"][0][1]
     assert history["gblr"][1][1] == pytest.approx((1.0 - 0.205) * 0.85, rel=1e-12)
     # at the end: the hypervolume of the three GBLR means (0.1, 0.8), (0.2, 0.85), (0.3, 0.89), as the bar shows
     expected = (0.2 - 0.1) * 0.8 + (0.3 - 0.2) * 0.85 + (1.0 - 0.3) * 0.89
