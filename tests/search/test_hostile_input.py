@@ -324,8 +324,56 @@ def test_outputs_that_are_fifos_sockets_or_links_to_them_are_refused(tmp_path, s
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.fixture
+def dev_guard(monkeypatch):
+    """Renames and removals of anything under /dev fail the test instead of replacing a device
+    node (run as root, a command that renames its output over /dev/null would do just that)."""
+    def guarded(name):
+        original = getattr(os, name)
+
+        def call(*args, **kwargs):
+            for path in args[:2]:
+                if os.path.abspath(os.fspath(path)).startswith("/dev/"):
+                    raise AssertionError(f"os.{name} on {path}: a device node would be replaced")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, call)
+
+    for name in ("replace", "rename", "unlink", "remove"):
+        guarded(name)
+
+    def new_under_dev(path) -> bool:
+        try:
+            full = os.path.abspath(os.fspath(path))
+        except TypeError:  # a file descriptor
+            return False
+        return full.startswith("/dev/") and not os.path.lexists(full)
+
+    import builtins
+    import io
+
+    def guarded_open(original):
+        def call(file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+") and new_under_dev(file):
+                raise AssertionError(f"open({file!r}, {mode!r}): a file would be created in /dev")
+            return original(file, mode, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(builtins, "open", guarded_open(builtins.open))
+    monkeypatch.setattr(io, "open", guarded_open(io.open))
+    os_open = os.open
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and new_under_dev(path):
+            raise AssertionError(f"os.open({path!r}, O_CREAT): a file would be created in /dev")
+        return os_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_os_open)
+
+
 @pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
-def test_output_to_a_device_is_refused_and_the_device_kept(tmp_path, study_db, capsys, device):
+def test_output_to_a_device_is_refused_and_the_device_kept(tmp_path, study_db, capsys, dev_guard, device):
     before = os.stat(device)
     assert stat.S_ISCHR(before.st_mode)
     for command, argv in _commands(study_db, device).items():
