@@ -237,8 +237,8 @@ def create_app(spec, cache: DataCache):
             html.Section([html.H2("Hypervolume", style=_CSS["h2"]), graphs("hypervolume", keys)], id="section-hypervolume"),
             html.Section([
                 html.H2("Best quality at a budget", style=_CSS["h2"]),
-                html.P(f"Per family, the best feasible trial with {spec.axes.x} at most the budget (best per column "
-                       "highlighted).", style=_CSS["muted"]),
+                html.P(f"Per family, the best feasible trial (configuration, by its mean, where seeds repeat) with "
+                       f"{spec.axes.x} at most the budget (best per column highlighted).", style=_CSS["muted"]),
                 html.Div(id="budgets", style=_CSS["row"]),
             ], id="section-budgets"),
             html.Section([

@@ -58,7 +58,7 @@ def hover_text(record, point, x: str, y: str, spread: Optional[_data.SeedSpread]
                  f"{esc(y)}: {point.y:.4g}", f"{esc(x)}: {point.x:.4g}"]
     else:
         tried = spread.configuration.seeds_tried
-        count = f"n={spread.n}" + (f" of {tried} seeds" if tried != spread.n else " seed" if spread.n == 1 else " seeds")
+        count = f"n={spread.n}" + (f" of {tried} seeds" if tried > spread.n else " seed" if spread.n == 1 else " seeds")
         lines = [f"<b>configuration of trial {record.number}</b> ({esc(point.family)}, {point.status}, {count})",
                  f"{esc(y)}: {_spread_text(spread.y)}", f"{esc(x)}: {_spread_text(spread.x)}"]
         lines += [f"  seed {esc(seed)} (trial {number}): {esc(y)} {yv:.4g}, {esc(x)} {xv:.4g}"
@@ -522,12 +522,12 @@ def best_cells(rows: Sequence[Dict[str, Any]], budgets) -> Dict[str, Optional[st
 
 
 #: what the per-configuration table (and the figures of a study run with several seeds) show
-SEEDS_NOTE = ("Each configuration (a family and its knob values) is trained once per seed. Its point in the figures "
-              "is the mean over its completed seeds, with error bars of ± one sample standard deviation "
+SEEDS_NOTE = ("Each configuration (a family and its knob values) is trained once per seed. Its point in the "
+              "figures is the mean over its completed seeds, with error bars of ± one sample standard deviation "
               "(n − 1) on each axis where its values vary across seeds: none for a configuration with one "
-              "completed seed, nor for a value that is the same for every seed (FLOPs, usually). Fronts, hypervolumes and the "
-              "budget table are computed from the means, and a configuration is feasible when its mean "
-              "constraints hold. n counts the completed seeds; failed and pending seeds are listed.")
+              "completed seed, nor for a value that is the same for every seed (FLOPs, usually). Fronts, "
+              "hypervolumes and the budget table are computed from the means, and a configuration is feasible "
+              "when its mean constraints hold. n counts the completed seeds; failed and pending seeds are listed.")
 
 
 def configuration_table(views, spec) -> tuple:

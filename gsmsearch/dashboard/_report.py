@@ -358,7 +358,8 @@ Dotted line: the dense model's cost. Hover for a trial's configuration, click fo
 <h2 id="hypervolume">Hypervolume</h2>
 {hypervolume}
 <h2 id="budgets">Best quality at a budget</h2>
-<p class="muted">Per family, the best feasible trial with {_e(spec.axes.x)} at most the budget (best per column in bold).</p>
+<p class="muted">Per family, the best feasible trial (configuration, by its mean, where seeds repeat) with
+{_e(spec.axes.x)} at most the budget (best per column in bold).</p>
 {_budget_section(views, spec)}
 {_configurations_section(views, spec)}
 <h2 id="trials">Trials</h2>

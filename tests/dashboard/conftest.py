@@ -271,7 +271,8 @@ def _seed_odd_studies(url: str) -> None:
         distributions = {"family": CategoricalDistribution(["gblr"]), "gblr.budget": FloatDistribution(0, 1),
                          "seed": CategoricalDistribution([None, "a", 1.5, 0, 1])}
         study.add_trial(_like(_complete("gblr", budget, 0.8, index), params=params, distributions=distributions,
-                              values=[y, budget], user_attrs=dict(attrs, result={"quality": y, "relative_flops": budget}),
+                              values=[y, budget],
+                              user_attrs=dict(attrs, result={"quality": y, "relative_flops": budget}),
                               system_attrs={"constraints:relative_flops": constraint}))
 
 
