@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,10 +14,11 @@ STORAGE_HELP = "storage URL (e.g. sqlite:///studies/quickstart.db); or give a sp
 
 
 def is_file(text: str) -> bool:
-    """Whether a command-line argument names an existing file (a study name too long to be a
-    file name is not one, instead of an OSError)."""
+    """Whether a command-line argument names an existing file, or something there that is not a
+    folder (a FIFO, a device, a link loop: reading it as a spec says what it is).  A study name
+    too long to be a file name is not one, instead of an OSError."""
     try:
-        return Path(text).is_file()
+        return Path(text).is_file() or (os.path.lexists(text) and not Path(text).is_dir())
     except OSError:
         return False
 

@@ -17,13 +17,24 @@ EXAMPLES = """examples:
 """
 
 
+#: Longest --*-options JSON accepted (characters); options are a few names and numbers.
+MAX_OPTIONS_JSON = 65_536
+
+
 def _json_dict(text: str) -> dict:
+    from ..search._spec import excerpt
+
+    if len(text) > MAX_OPTIONS_JSON:
+        raise argparse.ArgumentTypeError(f"expected a JSON object of at most {MAX_OPTIONS_JSON} characters, "
+                                         f"got {len(text)}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error.msg})")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {excerpt(text)} ({error.msg})")
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got one nested too deeply: {excerpt(text)}")
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {excerpt(text)}")
     return value
 
 

@@ -231,6 +231,37 @@ def test_train_checkpoint_dir_in_a_system_folder_is_refused(capsys):
     assert not os.path.exists("/etc/gsm-checkpoints")
 
 
+def test_train_options_json_too_deep_or_too_long(capsys):
+    for flag in ("--workload-options", "--family-options"):
+        for text, message in (("[" * 20_000 + "]" * 20_000, "expected a JSON object, got one nested too deeply"),
+                              ('{"a": "' + "x" * 70_000 + '"}', "expected a JSON object of at most 65536 characters")):
+            with pytest.raises(SystemExit) as exit_:
+                main(["train", flag, text])
+            assert exit_.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {flag}: {message}" in err
+            assert len(err) < 3000
+
+
+def test_dashboard_and_report_targets_that_are_not_plain_files(tmp_path, capsys):
+    os.symlink(tmp_path / "b.yaml", tmp_path / "a.yaml")
+    os.symlink(tmp_path / "a.yaml", tmp_path / "b.yaml")
+    for command in ("report", "dashboard", "status", "export"):
+        assert main([command, str(tmp_path / "a.yaml")]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{tmp_path / 'a.yaml'}: cannot read the file: Too many levels of symbolic links" in line
+    fifo = tmp_path / "dash.yaml"
+    os.mkfifo(fifo)
+    code, err, _ = run_cli("report", fifo, timeout=60)
+    assert code == 2
+    assert f"{fifo}: cannot read the file: it is a FIFO, not a regular file" in one_error_line(err)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(LAUGHS + "\nstudies: *l8\n")
+    assert main(["report", str(bomb)]) == 2
+    assert "to more than 100000 values" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "b.yaml", "bomb.yaml", "dash.yaml"]
+
+
 # -- unset variables in the storage URL ---------------------------------------------------------
 
 def test_unset_variable_in_the_storage_url_names_the_spec_and_the_variable(tmp_path, capsys, monkeypatch):
