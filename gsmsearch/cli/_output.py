@@ -51,6 +51,8 @@ def _existing_kind(path: Path, output, flag: str) -> Optional[os.stat_result]:
     it is there but is not a regular file."""
     try:
         info = os.stat(path)
+    except NotADirectoryError:  # a file on the way: the folder checks say which
+        return None
     except FileNotFoundError:
         if os.path.islink(path):  # a dangling link: the rename would replace the link, not its target
             raise UsageError(f"{flag} {output}: a link to a missing file; give the file itself") from None

@@ -225,10 +225,12 @@ def test_ordinary_workdirs_are_accepted(tmp_path, capsys):
 
 
 def test_train_checkpoint_dir_in_a_system_folder_is_refused(capsys):
-    assert main(["train", "--checkpoint-dir", "/etc/gsm-checkpoints", "--epochs", "1"]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert "--checkpoint-dir /etc/gsm-checkpoints: /etc/gsm-checkpoints is inside /etc, a system folder" in line
-    assert not os.path.exists("/etc/gsm-checkpoints")
+    # /proc and /sys refuse new folders even to root: a regression fails here without writing
+    for folder in ("/proc/gsm-checkpoints", "/sys/gsm-checkpoints"):
+        assert main(["train", "--checkpoint-dir", folder, "--epochs", "1"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"--checkpoint-dir {folder}: {folder} is inside /{folder.split('/')[1]}, a system folder" in line
+        assert not os.path.exists(folder)
 
 
 def test_train_options_json_too_deep_or_too_long(capsys):
