@@ -30,21 +30,45 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GSMSEARCH_CACHE", Path.home() / ".cache" / "gsmsearch"))
 
 
-def _tree_fingerprint(source: str) -> str:
-    """What ``source`` computes: its syntax tree without docstrings (comments are not in it),
-    so editing a comment or a docstring does not retrain or refit anything, while any change to
-    the code does.  The text itself where it does not parse."""
+def _code_tree(source: str) -> Optional[ast.Module]:
+    """The syntax tree of ``source`` without docstrings (comments are not in it); None where it
+    does not parse."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
-        return source
-    for node in ast.walk(tree):
+        return None
+    for node in [tree, *_statements(tree.body)]:
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                 and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=False)
+    return tree
+
+
+_BLOCKS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _statements(nodes, into_definitions: bool = True):
+    """The statements among ``nodes`` and in their blocks, nested ones included (function and
+    class bodies only with ``into_definitions``); statements are where imports and docstrings
+    are, so expressions are not visited."""
+    for node in nodes:
+        yield node
+        if not into_definitions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for field in _BLOCKS:
+            block = getattr(node, field, None)
+            if isinstance(block, list):
+                yield from _statements(block, into_definitions)
+
+
+def _tree_fingerprint(source: str, tree: Optional[ast.Module] = None) -> str:
+    """What ``source`` computes: its :func:`_code_tree` (``tree`` where given), so editing a
+    comment or a docstring does not retrain or refit anything, while any change to the code
+    does.  The text itself where it does not parse."""
+    tree = _code_tree(source) if tree is None else tree
+    return source if tree is None else ast.dump(tree, annotate_fields=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,18 +129,16 @@ def module_source(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def module_fingerprint(name: str) -> str:
-    """:func:`_tree_fingerprint` of the module ``name``'s source, once per module and process
-    (parsing and dumping a module's tree takes 10-50 ms)."""
-    return _tree_fingerprint(module_source(name))
+def _tree(name: str) -> Optional[ast.Module]:
+    """:func:`_code_tree` of the module ``name``, parsed once per module and process."""
+    return _code_tree(module_source(name))
 
 
 @functools.lru_cache(maxsize=None)
-def _tree(name: str) -> Optional[ast.Module]:
-    try:
-        return ast.parse(module_source(name))
-    except SyntaxError:
-        return None
+def module_fingerprint(name: str) -> str:
+    """:func:`_tree_fingerprint` of the module ``name``'s source, once per module and process
+    (parsing and dumping a module's tree takes 10-50 ms)."""
+    return _tree_fingerprint(module_source(name), _tree(name))
 
 
 def _absolute(name: str, node: ast.ImportFrom) -> str:
@@ -129,16 +151,6 @@ def _absolute(name: str, node: ast.ImportFrom) -> str:
     return f"{package}.{node.module}" if node.module else package
 
 
-def _module_level(tree: ast.Module):
-    """The nodes of ``tree`` outside any function or class body (what importing it runs)."""
-    todo = list(tree.body)
-    while todo:
-        node = todo.pop()
-        yield node
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-            todo.extend(ast.iter_child_nodes(node))
-
-
 @functools.lru_cache(maxsize=None)
 def _defined_in(module: str, attr: str, depth: int = 0) -> str:
     """The module whose code defines the name ``attr`` that ``from module import attr`` gets:
@@ -148,7 +160,7 @@ def _defined_in(module: str, attr: str, depth: int = 0) -> str:
         return f"{module}.{attr}"
     tree = _tree(module)
     if tree is not None and depth < 20:
-        for node in _module_level(tree):
+        for node in _statements(tree.body, into_definitions=False):  # what importing it runs
             if isinstance(node, ast.ImportFrom):
                 for alias in node.names:
                     if (alias.asname or alias.name) == attr and alias.name != "*":
@@ -157,18 +169,21 @@ def _defined_in(module: str, attr: str, depth: int = 0) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def imported_modules(name: str) -> Tuple[str, ...]:
+def imported_modules(name: str, scope: Tuple[str, ...] = ("gsmsearch",)) -> Tuple[str, ...]:
     """The modules the code of module ``name`` imports, anywhere in it (lazy imports inside
     functions included), found in its syntax tree without running it.  ``from package import
-    thing`` counts as an import of the module that defines ``thing`` (a package that only
-    re-exports it adds nothing of its own)."""
+    thing`` from a package of ``scope`` counts as an import of the module that defines
+    ``thing`` (a package that only re-exports it adds nothing of its own)."""
     tree = _tree(name)
     found = set()
-    for node in ast.walk(tree) if tree is not None else ():
+    for node in _statements(tree.body) if tree is not None else ():
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             source = _absolute(name, node)
+            if source.partition(".")[0] not in scope:
+                found.add(source)
+                continue
             for alias in node.names:
                 found.add(source if alias.name == "*" else _defined_in(source, alias.name))
     return tuple(sorted(found))
@@ -178,14 +193,14 @@ def module_closure(roots: Sequence[str], within: Sequence[str] = ("gsmsearch",))
     """``roots`` and every module they import, directly or not (:func:`imported_modules`),
     among the packages ``within`` and those of the roots: the code that can change what the
     roots compute, less third-party libraries (keyed by their versions instead)."""
-    scope = set(within) | {root.partition(".")[0] for root in roots}
+    scope = tuple(sorted(set(within) | {root.partition(".")[0] for root in roots}))
     seen, todo = set(), list(roots)
     while todo:
         name = todo.pop()
         if name in seen or name.partition(".")[0] not in scope or not _is_module(name):
             continue
         seen.add(name)
-        todo.extend(imported_modules(name))
+        todo.extend(imported_modules(name, scope))
     return tuple(sorted(seen))
 
 

@@ -159,6 +159,33 @@ def test_module_closure_follows_lazy_imports_and_reexports():
     assert "gsmsearch.structured" not in closure
 
 
+def test_module_closure_of_a_package_on_disk(tmp_path, monkeypatch):
+    """Relative, lazy, re-exported and ``from . import`` imports, on a package written here;
+    a source edit on disk changes the digest, an edit of a module outside the closure does not."""
+    package = tmp_path / "closure_pkg"
+    package.mkdir()
+    files = {
+        "__init__.py": "from ._defines import thing\nfrom ._unused import other\n",
+        "_defines.py": "def thing():\n    from ._lazy import value\n    return value\n",
+        "_lazy.py": "value = 1\n",
+        "_unused.py": "other = 2\n",
+        "_sub.py": "import os\n",
+        "user.py": "from closure_pkg import thing\nfrom . import _sub\n",
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert module_closure(("closure_pkg.user",)) == (
+        "closure_pkg._defines", "closure_pkg._lazy", "closure_pkg._sub", "closure_pkg.user")
+    before = _dense_cache.code_digest(("closure_pkg.user",))
+    (package / "_unused.py").write_text("other = 3\n")
+    _clear_code_caches()
+    assert _dense_cache.code_digest(("closure_pkg.user",)) == before
+    (package / "_lazy.py").write_text("value = 2\n")
+    _clear_code_caches()
+    assert _dense_cache.code_digest(("closure_pkg.user",)) != before
+
+
 # ------------------------------------------------------------------------------------------
 # GBLR fits
 
