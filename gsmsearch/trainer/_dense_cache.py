@@ -1,8 +1,14 @@
-"""Dense models trained once per (workload, options, seed, code version) and cached on disk.
+"""Dense models trained once per (workload, options, seed, recipe, code) and cached on disk.
 
 Fine-tune trials start from the same dense model.  The first process to need it trains it while
 holding an exclusive file lock; others wait on the lock and then load the file, so two trials
 starting together never train it twice or read a half-written file (writes are atomic).
+
+The code part of a key (:func:`code_digest`) covers every module whose code can change the
+result: the roots (the workload's module, the training loop, its optimizer) and every module of
+the project they import, directly or not, lazy imports inside functions included
+(:func:`module_closure`, read from the sources' syntax trees, so the same in every process),
+plus the versions of gsmsearch, torch and numpy.  Comments and docstrings are not code.
 """
 from __future__ import annotations
 
