@@ -321,7 +321,7 @@ def odd_server(odd_db):
 
 def _open_trial(page, study: str, number: int) -> None:
     """Filter the trials table on a study and click one of its trials' rows."""
-    box = page.locator('th.dash-filter[data-dash-column="study"] input[type=text]')
+    box = page.locator('#trials th.dash-filter[data-dash-column="study"] input[type=text]')
     box.fill(study)
     box.press("Enter")
     page.locator('td[data-dash-column="number"]', has_text=str(number)).first.click()
