@@ -386,8 +386,8 @@ def _mean_record(configuration: Configuration, x: str, y: str, metric_names):
 
 
 def drawn_records(records, x: str, y: str, metric_names) -> Tuple[list, Dict[int, SeedSpread]]:
-    """What the figures and the budget table are computed from: ``(records, {})`` when every
-    configuration ran once; else one COMPLETE record per configuration with a completed seed that
+    """What the figures and the budget table are computed from: ``(records, {})`` when no
+    configuration was tried with more than one seed; else one COMPLETE record per configuration with a completed seed that
     has both values, holding the means of x and y and of each constraint (so a configuration is
     feasible when its mean constraints hold), numbered as its first such trial, and
     {that number: its SeedSpread}.  Trials of other states are left out (no configuration of
