@@ -140,7 +140,7 @@ def _pair_values(values: list) -> list:
 
 #: Most layers built to check a study's family option values (each a from_dense fit); beyond it,
 #: the remaining values are left to the trials.
-MAX_OPTION_BUILDS = 400
+MAX_OPTION_BUILDS = 5_000
 
 
 def workload_errors(spec: StudySpec) -> List[str]:
@@ -205,7 +205,9 @@ def _family_option_errors(spec: StudySpec, shape) -> List[str]:
             continue
         if space.budget_allocation is not None and set(_values(space.budget_allocation)) != {"uniform"}:
             continue  # per-layer budgets differ from the family's: the trials say
-        budgets = _distinct([float(b) for b in _values(space.budget)])
+        # largest first: an option that fits some budget mostly fits the largest, so an accepted
+        # value costs one build, and a refused one a build per budget
+        budgets = sorted(_distinct([float(b) for b in _values(space.budget)]), reverse=True)
         methods = _distinct(_values(space.fit_method) if space.fit_method is not None else ["greedy"])
         cls = get_family(family)
 
@@ -221,8 +223,9 @@ def _family_option_errors(spec: StudySpec, shape) -> List[str]:
             return cls.from_dense(weight, bias, budget=budget, **options)
 
         def refusal(options):
-            """The last error when ``options`` fail at every budget (and fit method), else None: a
-            value refused only at some budgets fails those trials alone, as the search expects."""
+            """The error at the largest budget when ``options`` fail at every budget (and fit
+            method), else None: a value refused only at some budgets fails those trials alone, as
+            the search expects."""
             error = None
             for budget in budgets:
                 for method in methods:
@@ -230,7 +233,7 @@ def _family_option_errors(spec: StudySpec, shape) -> List[str]:
                         build(options, budget, method)
                         return None
                     except (ValueError, TypeError) as failed:
-                        error = failed
+                        error = error or failed
             return error
 
         try:

@@ -366,7 +366,6 @@ class StudySpec(_Strict):
                 raise ValueError(problem)
         return workdir
 
-
     @model_validator(mode="after")
     def _objectives_distinct(self):
         metrics = [o.metric for o in self.objectives]
@@ -487,14 +486,14 @@ def system_folder_problem(folder: Path) -> Optional[str]:
         pass
     exact, trees = SYSTEM_FOLDERS
     if str(resolved) in exact:
-        return f"{resolved} is a system folder; choose a folder of its own (e.g. under your home folder)"
+        return f"{resolved} is a system folder; choose a folder of your own (e.g. under your home folder)"
     for tree in trees:
         if resolved == Path(tree) or Path(tree) in resolved.parents:
             return f"{resolved} is inside {tree}, a system folder; choose a folder of your own"
     return None
 
 
-def read_text_file(path: Union[str, Path], *, limit: int = MAX_SPEC_BYTES, what: str = "file") -> str:
+def read_text_file(path: Union[str, Path], *, limit: int = MAX_SPEC_BYTES, what: str = "spec file") -> str:
     """The text of ``path`` if it is a regular file (or a link to one) of at most ``limit``
     bytes, else a SpecError naming it: a FIFO, a device, a socket, a link loop or a huge file is
     refused without blocking or reading it all."""
@@ -514,7 +513,7 @@ def read_text_file(path: Union[str, Path], *, limit: int = MAX_SPEC_BYTES, what:
         if stat.S_ISDIR(info.st_mode):
             raise SpecError(f"{path}: cannot read the file: it is a folder")
         if not stat.S_ISREG(info.st_mode):
-            raise SpecError(f"{path}: cannot read the file: it is {_file_kind(info.st_mode)}, not a regular {what}")
+            raise SpecError(f"{path}: cannot read the file: it is {_file_kind(info.st_mode)}, not a regular file")
         if info.st_size > limit:
             raise SpecError(f"{path}: the file has {info.st_size} bytes; a {what} may have at most {limit}")
         chunks, size = [], 0

@@ -73,7 +73,7 @@ def test_spec_larger_than_the_cap_is_refused(tmp_path, capsys):
     path.write_text(yaml.safe_dump(TINY_SPEC) + "#" + "x" * MAX_SPEC_BYTES + "\n")
     assert main(["launch", str(path)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"{path}: the file has {path.stat().st_size} bytes; a file may have at most {MAX_SPEC_BYTES}" in line
+    assert f"{path}: the file has {path.stat().st_size} bytes; a spec file may have at most {MAX_SPEC_BYTES}" in line
 
 
 def test_spec_nested_50000_deep(tmp_path, capsys):
@@ -181,6 +181,31 @@ def test_many_choices_within_the_bounds_validate_in_linear_time():
     spec = spec_from_dict({**TINY_SPEC, "families": {"lowrank": {"budget": 0.25, "lr": lrs, "weight_decay": decays}}})
     assert time.monotonic() - start < 10
     assert len(spec.families["lowrank"].lr.choices) == MAX_CHOICES
+
+
+def test_option_values_among_many_budgets_are_checked_in_bounded_time():
+    """1,000 budgets and 1,000 option values per family: the largest budget first, so an accepted
+    value costs one layer build; the refused one is still found and named."""
+    budgets = [round(0.05 + 0.9 * i / 999, 5) for i in range(1000)]
+    spec = {**TINY_SPEC, "workload": {**TINY_SPEC["workload"], "mode": "finetune"},
+            "families": {"lowrank": {"budget": budgets, "options": {"rank": list(range(1, 1001))}}}}
+    start = time.monotonic()
+    with pytest.raises(SpecError, match=r"families.lowrank.options.rank: 16 is refused by lowrank at every budget "
+                                        r"\(tried on a 32x32 layer\): rank=16 .* more than budget=0.95 of 32x32"):
+        spec_from_dict(spec)
+    assert time.monotonic() - start < 30
+
+
+def test_option_checks_stop_at_the_build_limit(monkeypatch):
+    """Beyond MAX_OPTION_BUILDS layer builds, the values not yet tried are left to the trials."""
+    import gsmsearch.search._space as space
+
+    spec = {**TINY_SPEC, "workload": {**TINY_SPEC["workload"], "mode": "finetune"},
+            "families": {"lowrank": {"budget": [0.5, 0.9], "options": {"rank": list(range(1, 17))}}}}
+    with pytest.raises(SpecError, match=r"options.rank: 15 is refused"):
+        spec_from_dict(spec)
+    monkeypatch.setattr(space, "MAX_OPTION_BUILDS", 10)
+    assert spec_from_dict(spec).families["lowrank"].options["rank"].choices[-1] == 16
 
 
 def test_bad_value_among_many_choices_is_still_found():
