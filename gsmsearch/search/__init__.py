@@ -13,7 +13,8 @@ _WHERE = {
     "_spec": ("METRICS", "SpecError", "StudySpec", "load_spec", "spec_from_dict"),
     "_pareto": ("best_within_budget", "dominates", "hypervolume_2d", "pareto_front", "to_minimization"),
     "_storage": ("open_storage", "redact", "resolve_storage_url"),
-    "_study": ("TrialRecord", "front_records", "study_hypervolume", "study_records"),
+    "_study": ("OBJECTIVE_SPLIT", "OBJECTIVE_SPLIT_ATTR", "TrialRecord", "front_records", "metric_label",
+               "objective_split", "split_qualities", "study_hypervolume", "study_records"),
     "_launch": ("LaunchSummary", "launch", "study_paths"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
@@ -38,4 +39,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from ._pareto import best_within_budget, dominates, hypervolume_2d, pareto_front, to_minimization
     from ._spec import METRICS, SpecError, StudySpec, load_spec, spec_from_dict
     from ._storage import open_storage, redact, resolve_storage_url
-    from ._study import TrialRecord, front_records, study_hypervolume, study_records
+    from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, TrialRecord, front_records, metric_label,
+                         objective_split, split_qualities, study_hypervolume, study_records)

@@ -38,14 +38,15 @@ from ..trainer import TrialConfig
 from ._spec import SpecError, StudySpec, load_spec
 from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
 from ._space import family_configurations, space_size, trial_config
-from ._study import front_records, study_hypervolume, study_records
+from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metric_label, study_hypervolume,
+                     study_records)
 
 __all__ = ["launch", "Driver", "LaunchSummary", "make_sampler", "study_paths"]
 
 DRIVER_STALE_SECONDS = 60.0
 DUPLICATES_IN_A_ROW = 8  # a family whose sampler repeats finished configurations this often is exhausted
 RESULT_SCALARS = (
-    "quality", "val_quality", "flops_per_sample", "dense_flops_per_sample", "relative_flops",
+    "quality", "val_quality", "test_quality", "flops_per_sample", "dense_flops_per_sample", "relative_flops",
     "relative_linear_flops", "structured_relative_flops", "params", "dense_params", "latency_ms",
     "dense_latency_ms", "train_seconds", "epochs_run",
 )
@@ -236,6 +237,24 @@ def _spec_changes(stored: Any, spec: StudySpec, limit: int = 6) -> str:
     return shown or "different digest"
 
 
+def _check_objective_split(study, name: str) -> None:
+    """Refuse (whatever the flags) to add trials to a study whose ``quality`` values are on
+    another split than this driver's (:data:`OBJECTIVE_SPLIT`): a study recorded by an older
+    gsmsearch, with quality on the test split, and completed trials; their front and this
+    driver's trials cannot be compared.  A study with no completed trial has nothing to mix."""
+    recorded = study.user_attrs.get(OBJECTIVE_SPLIT_ATTR)
+    if recorded == OBJECTIVE_SPLIT:
+        return
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return
+    where = "on the test split by an older gsmsearch" if recorded is None else f"on the {recorded!r} split"
+    raise SpecError(
+        f"study {name!r} was recorded with quality {where}; its fronts cannot be mixed with "
+        f"validation-selected trials: launch the spec under a new name, or delete the study first "
+        f"(optuna delete-study --study-name {name} --storage URL)"
+    )
+
+
 def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
     import optuna
 
@@ -256,6 +275,7 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
             for d in spec.directions
         ]:
             raise SpecError(f"study {spec.name!r} has other objectives than this spec; rename the study")
+        _check_objective_split(study, spec.name)
         has_trials = bool(study.get_trials(deepcopy=False))
         if has_trials and not (resume or force):
             raise SpecError(
@@ -278,6 +298,7 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             with_retries(lambda: study.set_metric_names(spec.metric_names))
+    with_retries(lambda: study.set_user_attr(OBJECTIVE_SPLIT_ATTR, OBJECTIVE_SPLIT))
     with_retries(lambda: study.set_user_attr("spec", spec.canonical()))
     with_retries(lambda: study.set_user_attr("spec_hash", spec.digest()))
     from .. import __version__
@@ -651,7 +672,7 @@ class Driver:
         with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))
         with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
         self.display.durations.append(time.monotonic() - entry.started)
-        shown = ", ".join(f"{m} {v:.4g}" for m, v in zip(spec.metric_names, values))
+        shown = ", ".join(f"{metric_label(m, OBJECTIVE_SPLIT)} {v:.4g}" for m, v in zip(spec.metric_names, values))
         self.display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) done: {shown}")
 
     def record_failure(self, trial, family: str, reason: str, *, final: bool) -> None:
@@ -703,8 +724,10 @@ class Driver:
         records = study_records(self.study)
         summary.completed = sum(1 for r in records if r.state == "COMPLETE")
         summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+        # beside the objectives, each member's test quality: measured, never selected on
         summary.front = [
-            {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values))}
+            {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values)),
+             "test_quality": (r.user_attrs.get("result") or {}).get("test_quality")}
             for r in front_records(records, spec.directions)
         ]
         self.display.status(self.study, spec, 0, force=True)

@@ -7,7 +7,36 @@ from typing import Any, Dict, List, Optional
 
 from ._pareto import hypervolume_2d, pareto_front
 
-__all__ = ["TrialRecord", "study_records", "front_records", "default_reference", "study_hypervolume"]
+__all__ = ["TrialRecord", "study_records", "front_records", "default_reference", "study_hypervolume",
+           "OBJECTIVE_SPLIT_ATTR", "OBJECTIVE_SPLIT", "objective_split", "metric_label", "split_qualities"]
+
+#: The study user attribute that says on which split a trial's ``quality`` was measured.
+OBJECTIVE_SPLIT_ATTR = "objective_split"
+#: What the driver records there: ``quality`` is the validation metric (the test split is only
+#: recorded, as ``test_quality``).  A study without the attribute was recorded by an older
+#: gsmsearch whose ``quality`` was the test metric (its ``val_quality`` the validation one).
+OBJECTIVE_SPLIT = "val"
+
+
+def objective_split(study_user_attrs: Dict[str, Any]) -> str:
+    """The split a study's ``quality`` values were measured on: "val", or "test" for a study
+    without :data:`OBJECTIVE_SPLIT_ATTR` (recorded by an older gsmsearch)."""
+    return "val" if study_user_attrs.get(OBJECTIVE_SPLIT_ATTR) == OBJECTIVE_SPLIT else "test"
+
+
+def metric_label(metric: str, split: str) -> str:
+    """``metric`` as shown to a reader: ``quality`` with its split ("quality (val)"), others as
+    they are."""
+    return f"quality ({split})" if metric == "quality" else metric
+
+
+def split_qualities(record: "TrialRecord", split: str):
+    """(validation quality, test quality) of a complete trial in a study whose ``quality`` is
+    on ``split`` (:func:`objective_split`); either may be None where it was not recorded."""
+    result = record.user_attrs.get("result") or {}
+    if split == "val":
+        return result.get("val_quality", result.get("quality")), result.get("test_quality")
+    return result.get("val_quality"), result.get("quality")
 
 
 @dataclass

@@ -44,9 +44,12 @@ class TrialResult:
     """What one trial measured (all JSON-able through :meth:`to_dict`)."""
 
     config: Dict[str, Any]
-    quality: float  # the workload's quality metric on the test split (higher is better)
-    val_quality: float
-    test_metrics: Dict[str, float]
+    # the workload's quality metric (higher is better) on the validation split: the objective a
+    # study selects on.  The test split is measured once, at the end, and never chooses anything.
+    quality: float
+    val_quality: float  # the same value as quality, under a name that says its split
+    test_quality: Optional[float]  # the quality metric on the test split (None if not finite)
+    test_metrics: Dict[str, Optional[float]]  # every test metric of the workload (None if not finite)
     flops_per_sample: int  # multiply-adds, linear layers + the workload's non-linear costs
     dense_flops_per_sample: int
     relative_flops: float  # flops_per_sample / dense_flops_per_sample
@@ -74,10 +77,18 @@ class TrialResult:
         )
         return (
             f"{self.config['workload']} / {self.config['family']} @ budget {self.config['budget']}: "
-            f"quality {self.quality:.4f} (val {self.val_quality:.4f}), relative FLOPs "
+            f"quality (val) {self.quality:.4f}, test quality {_shown(self.test_quality)}, relative FLOPs "
             f"{self.relative_flops:.3f} (linear {self.relative_linear_flops:.3f}), params "
             f"{self.params}/{self.dense_params}, {self.epochs_run} epochs in {self.train_seconds:.1f}s{latency}"
         )
+
+
+def _shown(value: Optional[float]) -> str:
+    return "not finite" if value is None else f"{value:.4f}"
+
+
+def _finite_or_none(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
+    return {k: float(v) if math.isfinite(v) else None for k, v in metrics.items()}
 
 
 # scratch-mode width lr: the method's ViT-B setting (method.md section 5).  Against its small-model
@@ -417,7 +428,9 @@ def measure_latency(model: nn.Module, batch, forward: Callable, repeats: int = 7
 
 
 def _latency_batch(workload, splits, size: int, device: str):
-    loader = splits.loader("test", size, shuffle=False)
+    """The first ``size`` validation samples: latency is an objective a study may select on, so
+    its inputs (a sequence batch's padded length, say) come from the validation split too."""
+    loader = splits.loader("val", size, shuffle=False)
     return move_to_device(next(iter(loader)), device)
 
 
@@ -449,6 +462,12 @@ def run_trial(
     structure_path: Optional[Path] = None,
 ) -> TrialResult:
     """Train and measure one configuration; raises :class:`TrialFailed` with a reason.
+
+    Which data decides what: the model trains on the training split (and the activation
+    calibration reads it; the dense start and a distillation teacher are trained on it too); the
+    per-epoch reports, ``quality`` (the objective), the latency batch and whether the trial fails
+    come from the validation split; the test split is evaluated once, on the deployed model, and
+    only recorded (``test_quality``, ``test_metrics``).
 
     ``structure_path``: also save the trained model (learned structure included) there, in the
     format of :func:`gsmsearch.structured.save_structure`."""
@@ -488,9 +507,10 @@ def run_trial(
     deployed = export(model)
     collate = splits.collate_fn
     val = workload.evaluate(deployed, splits.val, device=config.device, collate_fn=collate)
-    test = workload.evaluate(deployed, splits.test, device=config.device, collate_fn=collate)
-    if not all(math.isfinite(v) for v in test.values()):
-        raise TrialFailed(f"non-finite test metrics: {test}")
+    if not all(math.isfinite(v) for v in val.values()):
+        raise TrialFailed(f"non-finite validation metrics of the deployed model: {val}")
+    # measured, never acted on: a trial is kept or failed by its validation metrics alone
+    test = _finite_or_none(workload.evaluate(deployed, splits.test, device=config.device, collate_fn=collate))
 
     extra = getattr(workload, "nonlinear_flops_per_sample", lambda m: 0)
     cost = model_cost(model, tokens=lambda name: tokens.get(name, 1), extra_flops=extra)
@@ -507,9 +527,10 @@ def run_trial(
     }
     return TrialResult(
         config=config.to_dict(),
-        quality=float(test["quality"]),
+        quality=float(val["quality"]),
         val_quality=float(val["quality"]),
-        test_metrics={k: float(v) for k, v in test.items()},
+        test_quality=test["quality"],
+        test_metrics=test,
         flops_per_sample=int(cost.total),
         dense_flops_per_sample=int(cost.dense_total),
         relative_flops=float(cost.relative),

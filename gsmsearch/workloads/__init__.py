@@ -4,9 +4,11 @@
 >>> workload = get_workload("digits-mlp", hidden_sizes=[256, 256])
 >>> splits = workload.load_data(seed=0)
 >>> model = workload.build_model(linear_factory=torch.nn.Linear)
->>> workload.evaluate(model, splits.test)["quality"]
+>>> workload.evaluate(model, splits.val)["quality"]
 
-Importing this package registers every built-in workload.
+A trial's ``quality`` (what a study selects on) is this metric on the validation split; the test
+split is measured once per trial and only recorded.  Importing this package registers every
+built-in workload.
 """
 from ._registry import (
     DataSplits,

@@ -1,7 +1,10 @@
 """``vit-b16-imagenet``: ViT-B/16 on an ImageNet-style folder (the paper-scale image workload).
 
 ``data_dir/train/<class>/*`` provides the training and validation splits (a stratified
-``val_fraction`` held out by the seed); ``data_dir/val/<class>/*`` is the test split.  The model is
+``val_fraction`` of each class held out by the seed, default 1%: about 12,800 of ImageNet-1k's
+1,281,167 training images); ``data_dir/val/<class>/*`` is the test split (ImageNet-1k's 50,000
+validation images).  A trial's ``quality`` is measured on the held-out validation images, which
+no trial trains on; the test split is only recorded.  The model is
 the shared :class:`~gsmsearch.workloads._vit.VisionTransformer` with the ViT-B/16 configuration
 (every size is an option, so tests run a tiny one); ``checkpoint`` optionally names a timm-format
 state dict (``.safetensors``, or a ``torch.save`` file) to start from.  Needs Pillow.
@@ -85,6 +88,9 @@ class ViTB16ImageNet(ViTWorkloadMixin, ClassificationWorkload):
         fractions = (1.0 - self.val_fraction, self.val_fraction / 2, self.val_fraction / 2)
         train_idx, val_a, val_b = stratified_split_indices(labels, fractions, seed)
         val_idx = sorted([*val_a, *val_b])
+        if not val_idx:
+            raise ValueError(f"val_fraction {self.val_fraction:g} holds out no image of "
+                             f"{str(self.data_dir / 'train')!r} (too few per class); raise it")
         size = self.config.image_size
         return DataSplits(
             ImageFolder([train_samples[i] for i in train_idx], size, train=True),

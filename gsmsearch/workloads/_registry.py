@@ -153,7 +153,8 @@ class Workload(abc.ABC):
     # -- data -----------------------------------------------------------------------------
     @abc.abstractmethod
     def load_data(self, seed: int = 0) -> DataSplits:
-        """Train/val/test splits; the same ``seed`` always gives the same disjoint splits."""
+        """Train/val/test splits; the same ``seed`` always gives the same disjoint splits, none
+        of them empty (a trial selects on val and only records test)."""
 
     @abc.abstractmethod
     def example_batch(self, batch_size: int = 2, seed: int = 0) -> Any:

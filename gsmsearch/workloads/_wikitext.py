@@ -4,7 +4,10 @@
 WikiText-103/-2 raw layout); ``checkpoint_dir`` is a local Hugging Face GPT-2 folder with
 ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``).
 Each file is tokenised whole and cut into non-overlapping blocks of ``context_length`` tokens;
-the splits are the three files (the seed does not change them).
+the splits are the three files (the seed does not change them): WikiText-103 and WikiText-2 share
+their validation (217,646 words, 60 articles) and test (245,569 words, 60 articles) sets, no
+article in two files.  A trial's ``quality`` is measured on ``wiki.valid.tokens``; the test file
+is only recorded.
 
 Metrics: ``perplexity`` = exp(mean next-token NLL over every predicted token), ``loss`` = that
 mean NLL, and ``quality`` = ``-perplexity`` (higher is better, as every workload's quality).

@@ -61,11 +61,11 @@ def outcome(result=None, *, ok=True, reason=None, started=100.0, finished=107.5)
     return out
 
 
-def finish(driver, *, ok=True, quality=0.8, relative_flops=0.2):
+def finish(driver, *, ok=True, quality=0.8, relative_flops=0.2, test_quality=None):
     """Tell the driver the only running trial returned."""
     (ref, entry), = driver.running.items()
     driver.running.pop(ref)
-    result = {"quality": quality, "relative_flops": relative_flops}
+    result = {"quality": quality, "relative_flops": relative_flops, "test_quality": test_quality}
     driver.tell(entry, outcome(result, ok=ok, reason="loss diverged"), received=110.0)
     return entry.trial.number
 
@@ -125,6 +125,61 @@ def test_open_refuses_an_existing_study_without_resume(tmp_path):
     driver.fill()
     with pytest.raises(SpecError, match=r"study 'tiny' already has 2 trials; pass --resume to continue it"):
         make_driver(tmp_path)
+
+
+def older_study(tmp_path, *, complete=True, objective_split=None):
+    """Study 'tiny' as an older gsmsearch recorded it: the spec of TINY_SPEC, no
+    ``objective_split`` (its quality was the test metric), one COMPLETE trial (or a FAIL one)."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    spec = spec_from_dict(TINY_SPEC)
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}",
+                                directions=spec.directions)
+    study.set_metric_names(spec.metric_names)
+    study.set_user_attr("spec", spec.canonical())
+    study.set_user_attr("spec_hash", spec.digest())
+    if objective_split is not None:
+        study.set_user_attr("objective_split", objective_split)
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE if complete else TrialState.FAIL, values=[0.9, 0.3] if complete else None,
+        params={"family": "lowrank"}, distributions={"family": CategoricalDistribution(["gblr", "lowrank"])},
+        user_attrs={"result": {"quality": 0.9, "val_quality": 0.92, "relative_flops": 0.3}}))
+    return study
+
+
+def test_a_new_study_records_that_quality_is_on_the_validation_split(tmp_path):
+    driver, _ = make_driver(tmp_path)
+    assert driver.study.user_attrs["objective_split"] == "val"
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("recorded, where", [(None, "on the test split by an older gsmsearch"),
+                                             ("test", "on the 'test' split")])
+def test_a_study_with_quality_on_another_split_is_refused_whatever_the_flags(tmp_path, force, recorded, where):
+    older_study(tmp_path, objective_split=recorded)
+    with pytest.raises(SpecError) as refused:
+        make_driver(tmp_path, resume=True, force=force)
+    assert str(refused.value) == (
+        f"study 'tiny' was recorded with quality {where}; its fronts cannot be mixed with "
+        f"validation-selected trials: launch the spec under a new name, or delete the study first "
+        f"(optuna delete-study --study-name tiny --storage URL)")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
+    assert study.user_attrs.get("objective_split") == recorded  # nothing written
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_an_older_study_without_a_completed_trial_continues_on_the_validation_split(tmp_path):
+    older_study(tmp_path, complete=False)
+    driver, _ = make_driver(tmp_path, resume=True)
+    assert driver.study.user_attrs["objective_split"] == "val"
+    driver.fill()
+    for ref, entry in list(driver.running.items()):
+        driver.running.pop(ref)
+        driver.tell(entry, outcome({"quality": 0.8, "relative_flops": 0.2}), received=110.0)
+    assert sum(t.state == TrialState.COMPLETE for t in driver.study.get_trials()) == 2
+    driver2, _ = make_driver(tmp_path, resume=True)  # its own completed trials now: it continues
+    assert driver2.study.user_attrs["objective_split"] == "val"
 
 
 # -- ask -------------------------------------------------------------------------------------
@@ -215,14 +270,15 @@ def test_tell_records_values_constraint_attributes_and_timing(tmp_path):
     (ref, entry), = driver.running.items()
     driver.running.pop(ref)
     entry.submitted = 98.0
-    result = {"quality": 0.75, "relative_flops": 0.5, "params": 1234, "epochs_run": 2,
-              "not_a_scalar_we_keep": 1, "layers": {"fc1": {"params": 10}}, "curves": [{"epoch": 1}],
-              "test_metrics": {"acc": 0.7}, "resolved": {"lr": 0.003}}
+    result = {"quality": 0.75, "val_quality": 0.75, "test_quality": 0.7, "relative_flops": 0.5, "params": 1234,
+              "epochs_run": 2, "not_a_scalar_we_keep": 1, "layers": {"fc1": {"params": 10}},
+              "curves": [{"epoch": 1}], "test_metrics": {"acc": 0.7}, "resolved": {"lr": 0.003}}
     driver.tell(entry, outcome(result, started=100.0, finished=107.5), received=110.0)
     trial = driver.study.get_trials()[entry.trial.number]
     assert trial.state == TrialState.COMPLETE and trial.values == [0.75, 0.5]
     assert trial.system_attrs["constraints:relative_flops"] == pytest.approx(0.5 - 0.35, abs=1e-12)
-    assert trial.user_attrs["result"] == {"quality": 0.75, "relative_flops": 0.5, "params": 1234, "epochs_run": 2,
+    assert trial.user_attrs["result"] == {"quality": 0.75, "val_quality": 0.75, "test_quality": 0.7,
+                                          "relative_flops": 0.5, "params": 1234, "epochs_run": 2,
                                           "test_metrics": {"acc": 0.7}, "resolved": {"lr": 0.003}}
     assert set(trial.user_attrs["result"]) - {"test_metrics", "resolved"} <= set(RESULT_SCALARS)
     assert trial.user_attrs["layers"] == {"fc1": {"params": 10}} and trial.user_attrs["curves"] == [{"epoch": 1}]
@@ -233,7 +289,7 @@ def test_tell_records_values_constraint_attributes_and_timing(tmp_path):
         "submit_to_start_s": 2.0, "run_s": 7.5, "return_s": 2.5, "started": 100.0, "finished": 107.5,
         "worker": "actor-1"}
     assert timing["record_s"] > 0  # from the arrival (an epoch time here) to now
-    assert f"trial {trial.number} ({trial.params['family']}) done: quality 0.75, relative_flops 0.5" in driver.out.getvalue()
+    assert f"trial {trial.number} ({trial.params['family']}) done: quality (val) 0.75, relative_flops 0.5" in driver.out.getvalue()
 
 
 @pytest.mark.parametrize("quality", [None, float("nan")])
@@ -322,9 +378,10 @@ def test_summarize_counts_complete_and_final_failures_and_the_front(tmp_path):
     driver, _ = make_driver(tmp_path, {"concurrency": 1, "trials": 3, "constraints": []})
     for ok, quality, flops in ((True, 0.8, 0.3), (True, 0.7, 0.4), (False, 0, 0)):
         driver.fill()
-        finish(driver, ok=ok, quality=quality, relative_flops=flops)
+        finish(driver, ok=ok, quality=quality, relative_flops=flops, test_quality=quality - 0.05)
     summary = driver.summarize()
     assert (summary.completed, summary.failed, summary.interrupted) == (2, 1, False)
-    assert [(f["number"], f["quality"], f["relative_flops"]) for f in summary.front] == [(0, 0.8, 0.3)]
+    assert summary.front == [{"number": 0, "family": summary.front[0]["family"], "quality": 0.8,
+                              "relative_flops": 0.3, "test_quality": pytest.approx(0.75, abs=1e-12)}]
     assert "[tiny] 3/3 done, 0 running, 1 failed; front 1" in driver.out.getvalue()
 
