@@ -67,7 +67,7 @@ class TrialFailed(RuntimeError):
 class EpochReport:
     epoch: int  # 1-based count of finished epochs
     train_loss: float
-    val: Dict[str, float]
+    val: Dict[str, float]  # the workload's metrics on the validation split (never the test split)
     relative_flops: float  # of the structured layers, at this epoch
     mean_width: Optional[float]
     sigma: Optional[float]
