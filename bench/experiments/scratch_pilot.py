@@ -2,7 +2,7 @@
 One JSON line per trial: label, seed, test/val accuracy, per-epoch (val %, relative FLOPs, mean
 width, sigma) and live components per layer.
 
-    .venv/bin/python bench/scratch_pilot.py '[["slr5e-4", {"structure_lr": 0.0005}, 0], ...]' \\
+    .venv/bin/python bench/experiments/scratch_pilot.py '[["slr5e-4", {"structure_lr": 0.0005}, 0], ...]' \\
         >> bench/results/scratch-pilot.jsonl
 
 Each job: [label, TrialConfig overrides ("workload", default animal-mnist-mixer, and "family",

@@ -14,7 +14,7 @@ Three trainings per seed, all 20 epochs from a random init at budget 0.3, in the
 
 Block-diagonal itself (``blockdiag``) runs beside them.  One JSON line per training:
 
-    .venv/bin/python bench/scratch_why.py --seeds 0 1 2 > bench/results/scratch-why.jsonl
+    .venv/bin/python bench/experiments/scratch_why.py --seeds 0 1 2 > bench/results/scratch-why.jsonl
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 outside bench/workloads.py because the pre-training schedule is a workload class default, not a
 trial knob.  One JSON line per trial: recipe, seed, test/val accuracy, per-epoch val curve.
 
-    .venv/bin/python bench/recipe_pilot.py animal-mnist-mixer \\
+    .venv/bin/python bench/experiments/recipe_pilot.py animal-mnist-mixer \\
         '[["constant", "cosine", "gblr", 0.3, 0, {}], ...]' > bench/results/recipe-pilot-....jsonl
 
 Each job: [pre-training schedule, fine-tune schedule, family, budget, seed, extra config]; an
