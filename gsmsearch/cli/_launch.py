@@ -58,5 +58,7 @@ def run(args) -> int:
     print(f"study {summary.study_name}: {summary.completed} complete, {summary.failed} failed "
           f"({summary.storage})")
     if summary.front:
-        print(front_table(summary.front))
+        # the driver selects on validation quality; the test quality is only shown beside it
+        names = {"quality": "quality (val)", "test_quality": "quality (test)"}
+        print(front_table([{names.get(k, k): v for k, v in row.items()} for row in summary.front]))
     return 130 if summary.interrupted else 0

@@ -109,8 +109,32 @@ def run_list(args) -> int:
     return 0
 
 
+#: how ``status`` says what a study's quality values are, by the split they were measured on
+SPLIT_NOTES = {
+    "val": "quality is measured on the validation split (what the front is chosen on); quality (test) is "
+           "recorded beside it, never selected on",
+    "test": "quality is measured on the test split: this study was recorded by an older gsmsearch and its "
+            "front was chosen on test data; quality (val) beside it where recorded",
+}
+
+
+def _quality_columns(record, metrics, split: str) -> dict:
+    """The front row's objective columns, quality named with its split and followed by the other
+    split's quality."""
+    from ..search import metric_label, split_qualities
+
+    row = {}
+    for metric, value in zip(metrics, record.values):
+        row[metric_label(metric, split)] = value
+        if metric == "quality":
+            val, test = split_qualities(record, split)
+            other = "test" if split == "val" else "val"
+            row[metric_label("quality", other)] = test if other == "test" else val
+    return row
+
+
 def run_status(args) -> int:
-    from ..search import front_records, study_hypervolume, study_records
+    from ..search import front_records, objective_split, study_hypervolume, study_records
     from ._format import table
 
     name, url = _resolve(args.study, args.storage)
@@ -122,6 +146,9 @@ def run_status(args) -> int:
     for r in records:
         counts[r.state] = counts.get(r.state, 0) + 1
     print(f"study {name}: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())))
+    split = objective_split(study.user_attrs)
+    if "quality" in metrics:
+        print(f"  {SPLIT_NOTES[split]}")
     families = sorted({r.family for r in records if r.family})
     for family in families:
         fam = [r for r in records if r.family == family]
@@ -129,7 +156,7 @@ def run_status(args) -> int:
         hv_text = "" if hv != hv else f", hypervolume {hv:.4f}"
         print(f"  {family}: {sum(r.state == 'COMPLETE' for r in fam)} complete{hv_text}")
     front = front_records(records, directions)
-    rows = [{"trial": r.number, "family": r.family, **dict(zip(metrics, r.values)),
+    rows = [{"trial": r.number, "family": r.family, **_quality_columns(r, metrics, split),
              **{k: v for k, v in r.params.items() if k != "family"}} for r in front]
     if rows:
         columns = list(dict.fromkeys(c for row in rows for c in row))
@@ -152,6 +179,16 @@ def run_export(args) -> int:
     frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs",
                                           "system_attrs", "datetime_start", "datetime_complete",
                                           "duration"))
+    # quality by split, the same columns whatever the study's age: the objective's split and
+    # the other one's value recorded beside it (an older study's quality is on the test split)
+    from ..search import objective_split, split_qualities, study_records
+
+    split = objective_split(study.user_attrs)
+    qualities = {r.number: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
+                 for r in study_records(study)}
+    frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
+    frame["val_quality"] = frame["number"].map(lambda n: qualities[n][0])
+    frame["test_quality"] = frame["number"].map(lambda n: qualities[n][1])
     # nested user attrs (layers, curves, config) are JSON strings in a flat file
     import json
 

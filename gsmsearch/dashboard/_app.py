@@ -86,7 +86,8 @@ def _budget_tables(views, spec):
                 _td(_figures.budget_cell_text(row[c]), best=best[c] == row["family"]) for c in columns])
                 for row in rows]),
         ], style=_CSS["table"], className="budget-table")
-        cells.append(html.Div([html.H3(view.label, style={"fontSize": "1em"}), table], style=_CSS["cell"]))
+        heading = f"{view.label}: best {_data.metric_title(spec.axes.y, view)}"
+        cells.append(html.Div([html.H3(heading, style={"fontSize": "1em"}), table], style=_CSS["cell"]))
     return cells or [html.P("No completed trials yet.", style=_CSS["muted"])]
 
 
@@ -140,8 +141,10 @@ def _detail_children(view, record, spec):
     result = record.user_attrs.get("result") or {}
     facts = [{"key": "state", "value": record.state}, {"key": "family", "value": record.family or ""},
              {"key": "feasible", "value": "yes" if record.feasible else "no"}]
-    facts += [{"key": m, "value": _text(_data.metric_value(record, m, view.metric_names))}
+    facts += [{"key": _data.metric_title(m, view), "value": _text(_data.metric_value(record, m, view.metric_names))}
               for m in dict.fromkeys(list(view.metric_names) + [spec.axes.y, spec.axes.x])]
+    title, other = _data.other_split_quality(record, view)
+    facts.append({"key": title, "value": _text(other)})  # recorded beside the objective, never selected on
     facts += [{"key": k, "value": _text(result[k])} for k in
               ("params", "dense_params", "latency_ms", "dense_latency_ms", "train_seconds", "epochs_run") if k in result]
     facts += [{"key": k, "value": _figures._fmt(v)} for k, v in _data.config_summary(record).items()]
@@ -328,7 +331,8 @@ def create_app(spec, cache: DataCache):
             for r in view.records:
                 states[r.state] = states.get(r.state, 0) + 1
             counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "no trials yet"
-            studies.append(html.Li([html.B(view.label), f" (study {view.name}, {view.storage}): {counts}"]))
+            studies.append(html.Li([html.B(view.label), f" (study {view.name}, {view.storage}): {counts}; "
+                                                        f"{_data.split_note(view)}"]))
         outputs = (by_key(views_now, 0, _figures.pareto_figure), by_key(views_now, 1, _figures.comparison_figure),
                    by_key(views_now, 2, _figures.hypervolume_figure), _budget_tables(views_now, spec), rows,
                    columns, *configurations, studies)

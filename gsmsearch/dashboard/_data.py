@@ -26,12 +26,13 @@ import numpy as np
 
 from ..search._pareto import (Configuration, Spread, best_within_budget, configuration_key, group_configurations,
                               has_repeats, hypervolume_2d, pareto_front, trial_seed)
-from ..search._study import TrialRecord
+from ..search._study import TrialRecord, metric_label, split_qualities
 
 __all__ = [
     "Point", "metric_value", "trial_families", "family_points", "family_hypervolumes",
     "hypervolume_history", "budget_table", "coverage_counts", "layer_budget", "trial_rows",
     "config_summary", "layer_structure", "FAMILY_ORDER", "SeedSpread", "drawn_records", "configuration_rows",
+    "metric_title", "other_split_quality", "split_note",
 ]
 
 #: GBLR first, then the hand-crafted families, dense last (unknown families after, sorted)
@@ -68,6 +69,34 @@ def metric_value(record, metric: str, metric_names: Sequence[str]) -> Optional[f
     if isinstance(result, dict):
         return _finite(result.get(metric))
     return None
+
+
+def metric_title(metric: str, view) -> str:
+    """``metric`` as a column or axis names it for ``view``'s study: ``quality`` with the split it
+    was measured on ("quality (val)", or "quality (test)" for a study an older gsmsearch
+    recorded), other metrics as they are."""
+    return metric_label(metric, getattr(view, "objective_split", "test"))
+
+
+def other_split_quality(record, view) -> Tuple[str, Optional[float]]:
+    """(its title, the value) of a COMPLETE trial's quality on the split its study does not select
+    on: the test quality of a validation-selected study, the validation quality of an older one;
+    shown beside the objective, never used to choose anything.  The value is None when missing."""
+    split = getattr(view, "objective_split", "test")
+    other = "test" if split == "val" else "val"
+    value = None
+    if record.state == "COMPLETE":
+        val, test = split_qualities(record, split)
+        value = _finite(test if other == "test" else val)
+    return metric_label("quality", other), value
+
+
+def split_note(view) -> str:
+    """What ``view``'s quality values are, in words, for the list of studies."""
+    if getattr(view, "objective_split", "test") == "val":
+        return "quality on the validation split (fronts chosen on it; test quality recorded beside it)"
+    return ("quality on the test split: recorded by an older gsmsearch, its fronts were chosen on test data "
+            "(validation quality beside it where recorded)")
 
 
 def family_sort_key(family: str):
@@ -317,8 +346,9 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
             status[(family, trial)] = status.get((family, number))
     metrics = list(dict.fromkeys(list(view.metric_names) + [y, x]))
     # a metric named like one of the fixed columns (Optuna lets a study name its objectives
-    # anything) gets its own column instead of overwriting that one
-    column = {m: f"{m} (metric)" if m in _FIXED_COLUMNS else m for m in metrics}
+    # anything) gets its own column instead of overwriting that one; quality says its split
+    titles = {m: metric_title(m, view) for m in metrics}
+    column = {m: f"{titles[m]} (metric)" if titles[m] in _FIXED_COLUMNS else titles[m] for m in metrics}
     chosen = set(trial_families(view.records, families))
     rows = []
     for r in view.records:
@@ -330,6 +360,9 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
                "front": "yes" if status.get((r.family, r.number)) == "front" else ""}
         for metric in metrics:
             row[column[metric]] = _cell(metric_value(r, metric, view.metric_names))
+            if metric == "quality":  # the other split's quality beside it (recorded, not selected on)
+                title, value = other_split_quality(r, view)
+                row[title] = _cell(value)
         for key, value in r.params.items():
             if key != "family":
                 row[f"param {key}"] = _cell(value)
@@ -452,8 +485,8 @@ def configuration_rows(view, x: str, y: str, families=None) -> List[Dict[str, An
                 "configuration": ", ".join(f"{k}={_cell(v)}" for k, v in knobs.items()) or "(no knobs)",
                 "front": "yes" if point.status == "front" else "",
                 "feasible": "no" if point.status == "infeasible" else "yes",
-                "n": spread.n, f"{y} (mean ± std)": _mean_text(spread.y),
-                f"{x} (mean ± std)": _mean_text(spread.x),
+                "n": spread.n, f"{metric_title(y, view)} (mean ± std)": _mean_text(spread.y),
+                f"{metric_title(x, view)} (mean ± std)": _mean_text(spread.x),
                 "trials": ", ".join(f"{n} (seed {s})" for n, s, _, _ in spread.seeds),
                 "failed seeds": failed,
                 "pending seeds": ", ".join(f"seed {s} (trial {n})" for n, s in spread.pending),

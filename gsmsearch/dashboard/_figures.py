@@ -22,8 +22,10 @@ __all__ = ["esc", "family_color", "pareto_figure", "comparison_figure", "hypervo
 _COLORS = {"gblr": "#d62728", "lowrank": "#1f77b4", "blockdiag": "#2ca02c", "monarch": "#9467bd",
            "blocksparse": "#8c564b", "blocklowrank": "#e377c2", "blast": "#17becf", "dense": "#111111"}
 _OTHER_COLORS = ("#ff7f0e", "#bcbd22", "#7f7f7f", "#aec7e8", "#98df8a")
+#: axis titles of the metrics other than ``quality``, whose title says the split its study measured it on
+#: (:func:`gsmsearch.dashboard._data.metric_title`)
 METRIC_LABELS = {
-    "quality": "quality (test)", "val_quality": "quality (validation)", "relative_flops": "relative FLOPs (vs dense)",
+    "val_quality": "quality (val)", "test_quality": "quality (test)", "relative_flops": "relative FLOPs (vs dense)",
     "structured_relative_flops": "relative FLOPs of the structured layers",
     "relative_linear_flops": "relative FLOPs of the linear layers", "flops_per_sample": "FLOPs per sample",
     "params": "parameters", "latency_ms": "latency (ms)", "train_seconds": "training time (s)",
@@ -50,12 +52,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def hover_text(record, point, x: str, y: str, spread: Optional[_data.SeedSpread] = None) -> str:
+def hover_text(record, point, x: str, y: str, spread: Optional[_data.SeedSpread] = None, view=None) -> str:
     """A trial's hover text; with ``spread``, its configuration's: the means with their spread,
-    n, each seed's values and the seeds that failed or are still running."""
+    n, each seed's values and the seeds that failed or are still running.  ``view`` (its study)
+    names quality's split, and a trial's quality on the other split is shown beside it."""
+    y_name, x_name = y, x
+    y, x = _data.metric_title(y, view), _data.metric_title(x, view)
     if spread is None:
         lines = [f"<b>trial {record.number}</b> ({esc(point.family)}, {point.status})",
                  f"{esc(y)}: {point.y:.4g}", f"{esc(x)}: {point.x:.4g}"]
+        if "quality" in (y_name, x_name):
+            title, value = _data.other_split_quality(record, view)
+            if value is not None:
+                lines.insert(2, f"{esc(title)}: {value:.4g}")
     else:
         tried = spread.configuration.seeds_tried
         count = f"n={spread.n}" + (f" of {tried} seeds" if tried > spread.n else " seed" if spread.n == 1 else " seeds")
@@ -141,10 +150,11 @@ def short(text: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
-def _axis_title(metric: str, over_seeds: str = "") -> str:
-    """The metric's label; ``over_seeds`` ("mean" or "mean ± std"): what a point and its error
-    bar stand for where configurations ran with several seeds."""
-    label = esc(METRIC_LABELS.get(metric, metric))
+def _axis_title(metric: str, over_seeds: str = "", view=None) -> str:
+    """The metric's label (quality's with the split ``view``'s study measured it on); ``over_seeds``
+    ("mean" or "mean ± std"): what a point and its error bar stand for where configurations ran
+    with several seeds."""
+    label = esc(_data.metric_title(metric, view) if metric == "quality" else METRIC_LABELS.get(metric, metric))
     return f"{label}: {over_seeds} over seeds" if over_seeds else label
 
 
@@ -225,7 +235,8 @@ def _family_traces(view, family: str, points: List[_data.Point], spec, *, status
     color = family_color(family)
 
     def hover(group):
-        return [hover_text(records[p.number], p, spec.axes.x, spec.axes.y, spreads.get(p.number)) for p in group]
+        return [hover_text(records[p.number], p, spec.axes.x, spec.axes.y, spreads.get(p.number), view)
+                for p in group]
 
     if family == "dense":
         # the dense model is the reference every structure is measured against: always drawn in
@@ -279,8 +290,8 @@ def pareto_figure(view, spec, height: int = 460):
     title = "Pareto fronts of the means over seeds" if spreads else "Pareto fronts"
     fig.update_layout(
         template="plotly_white", height=height, title=dict(text=f"{title}: {esc(short(view.label))}", x=0.01),
-        xaxis=dict(title=_axis_title(spec.axes.x, over_x), type="log" if spec.axes.log_x else "linear"),
-        yaxis=dict(title=_axis_title(spec.axes.y, over_y)), legend=dict(groupclick="togglegroup"),
+        xaxis=dict(title=_axis_title(spec.axes.x, over_x, view), type="log" if spec.axes.log_x else "linear"),
+        yaxis=dict(title=_axis_title(spec.axes.y, over_y, view)), legend=dict(groupclick="togglegroup"),
         margin=dict(l=60, r=20, t=50, b=50), uirevision=f"pareto-{view.key}", clickmode="event",
     )
     return fig
@@ -316,8 +327,8 @@ def comparison_figure(view, spec, height: int = 360):
         _dense_line(fig, spec, row=1, col=column)
     fig.update_xaxes(type="log" if spec.axes.log_x else "linear")
     over_x, over_y = _seed_axes(spreads)
-    fig.update_xaxes(title_text=_axis_title(spec.axes.x, over_x), row=1, col=1)
-    fig.update_yaxes(title_text=_axis_title(spec.axes.y, over_y), row=1, col=1)
+    fig.update_xaxes(title_text=_axis_title(spec.axes.x, over_x, view), row=1, col=1)
+    fig.update_yaxes(title_text=_axis_title(spec.axes.y, over_y, view), row=1, col=1)
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
                       title=dict(text=f"GBLR against each hand-crafted family: {esc(short(view.label))}", x=0.01),
                       uirevision=f"compare-{view.key}")

@@ -178,7 +178,8 @@ def _budget_section(views, spec) -> str:
                 f'<td class="{"best" if best[c] == row["family"] else ""}">{_e(_figures.budget_cell_text(row[c]))}</td>'
                 for c in columns)
             body += f"<tr><td>{_e(row['family'])}</td>{cells}</tr>"
-        parts.append(f'<div class="cell"><h3>{_e(view.label)}</h3><table class="budget-table">'
+        heading = f"{view.label}: best {_data.metric_title(spec.axes.y, view)}"
+        parts.append(f'<div class="cell"><h3>{_e(heading)}</h3><table class="budget-table">'
                      f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
     return f'<div class="row">{"".join(parts)}</div>' if parts else '<p class="muted">No completed trials.</p>'
 
@@ -253,8 +254,10 @@ def trial_detail_html(view, record, spec, figures: _Figures, max_cells: int = 96
     result = record.user_attrs.get("result") or {}
     facts = [{"key": "state", "value": record.state}, {"key": "family", "value": record.family},
              {"key": "feasible", "value": "yes" if record.feasible else "no"}]
-    facts += [{"key": m, "value": _value_text(_data.metric_value(record, m, view.metric_names))}
+    facts += [{"key": _data.metric_title(m, view), "value": _value_text(_data.metric_value(record, m, view.metric_names))}
               for m in dict.fromkeys(list(view.metric_names) + [spec.axes.y, spec.axes.x])]
+    title, other = _data.other_split_quality(record, view)
+    facts.append({"key": title, "value": _value_text(other)})  # recorded beside the objective, never selected on
     for key in ("params", "dense_params", "latency_ms", "dense_latency_ms", "train_seconds", "epochs_run"):
         if key in result:
             facts.append({"key": key, "value": _value_text(result[key])})
@@ -320,7 +323,7 @@ def render_report(views, spec, *, max_details: int = 80, generated: Optional[str
         counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "no trials"
         workload = (view.spec.get("workload") or {}).get("name") if isinstance(view.spec.get("workload"), dict) else None
         summary.append(f"<li><b>{_e(view.label)}</b> (study {_e(view.name)}, {_e(view.storage)})"
-                       f"{': ' + _e(workload) if workload else ''}: {_e(counts)}</li>")
+                       f"{': ' + _e(workload) if workload else ''}: {_e(counts)}; {_e(_data.split_note(view))}</li>")
 
     def per_study(kind: str, make) -> str:
         cells = "".join(f'<div class="cell" id="{kind}-{_e(v.key)}">{figures.div(_figures.safe_figure(make, v, spec))}'

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..search._study import TrialRecord, study_records
+from ..search._study import TrialRecord, objective_split, study_records
 
 __all__ = ["StudySource", "StudyView", "readonly_storage", "resolve_sources", "sources_in_storage",
            "load_view", "DataCache"]
@@ -47,6 +47,9 @@ class StudyView:
     directions: List[str] = field(default_factory=list)
     spec: Dict[str, Any] = field(default_factory=dict)
     records: List[TrialRecord] = field(default_factory=list)
+    # the split its quality values were measured on: "val", or "test" for a study an older
+    # gsmsearch recorded (``gsmsearch.search.objective_split``); shown on every quality label
+    objective_split: str = "test"
     error: Optional[str] = None  # why the study could not be read (shown instead of its views)
 
 
@@ -189,6 +192,7 @@ def load_view(source: StudySource, key: str, storage=None) -> StudyView:
         view.metric_names = list(study.metric_names or [f"objective_{i}" for i in range(len(view.directions))])
         spec = study.user_attrs.get("spec")
         view.spec = spec if isinstance(spec, dict) else {}
+        view.objective_split = objective_split(study.user_attrs)
         view.records = _records(study)
     except KeyError:
         view.error = f"no study {source.name!r} in {view.storage}"

@@ -77,7 +77,8 @@ def excerpt(value: Any, limit: int = 120) -> str:
 def _cut(line: str, limit: int = 600) -> str:
     return line if len(line) <= limit else f"{line[:limit]}... (message cut, {len(line)} characters)"
 
-#: Result metrics a study may use as objectives or constraints, and their natural direction.
+#: Result metrics a study may use as objectives or constraints, and their natural direction
+#: (``quality`` is the workload's metric on the validation split).
 METRICS = {
     "quality": "maximize",
     "relative_flops": "minimize",
@@ -87,6 +88,12 @@ METRICS = {
     "params": "minimize",
     "latency_ms": "minimize",
     "train_seconds": "minimize",
+}
+
+#: Result values every trial records that no study may select on, and why.
+RECORDED_ONLY = {
+    "test_quality": "choosing on the test split would leave no unbiased estimate of the front's quality",
+    "val_quality": "it is quality itself, under a name that says its split",
 }
 
 #: Trial-config fields a family's search space may set (fixed value, choices or a range).
@@ -264,6 +271,9 @@ class Objective(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric):
+        if metric in RECORDED_ONLY:
+            raise ValueError(f"{metric} is recorded for every trial but cannot be an objective or a constraint "
+                             f"({RECORDED_ONLY[metric]}); use quality, the workload's metric on the validation split")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {excerpt(metric)}; expected one of: {', '.join(METRICS)}")
         return metric

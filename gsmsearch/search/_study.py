@@ -33,7 +33,9 @@ def metric_label(metric: str, split: str) -> str:
 def split_qualities(record: "TrialRecord", split: str):
     """(validation quality, test quality) of a complete trial in a study whose ``quality`` is
     on ``split`` (:func:`objective_split`); either may be None where it was not recorded."""
-    result = record.user_attrs.get("result") or {}
+    result = record.user_attrs.get("result")
+    if not isinstance(result, dict):  # a study not written by gsmsearch may hold anything there
+        return None, None
     if split == "val":
         return result.get("val_quality", result.get("quality")), result.get("test_quality")
     return result.get("val_quality"), result.get("quality")

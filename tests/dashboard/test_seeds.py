@@ -62,7 +62,7 @@ def test_hover_text_gives_n_each_seed_and_the_failed_one(seeded):
     gblr = _trace(_figures.pareto_figure(view, spec), "gblr")
     one, three, failed = gblr.text
     assert "n=1 seed" in one and "±" not in one.split("<br>")[1]
-    assert "n=3 seeds" in three and "seed 2 (trial 2): quality 0.85" in three
+    assert "n=3 seeds" in three and "seed 2 (trial 2): quality (test) 0.85" in three
     assert f"0.85 ± {statistics.stdev(_qualities('gblr', 0.2)):.2g}" in three
     assert "n=2 of 3 seeds" in failed and "failed: seed 2 (trial 15)" in failed
     assert "relative_flops: 0.3 (every seed)" in failed
@@ -76,10 +76,10 @@ def test_the_configuration_table_gives_mean_spread_n_and_the_failed_seed(seeded)
     by_knobs = {(r["family"], r["configuration"]): r for r in rows}
     failed = by_knobs[("gblr", "budget=0.3")]
     assert failed["n"] == 2 and failed["failed seeds"] == "seed 2 (trial 15)"
-    assert failed["quality (mean ± std)"] == f"0.89 ± {statistics.stdev([0.88, 0.90]):.2g}"
+    assert failed["quality (test) (mean ± std)"] == f"0.89 ± {statistics.stdev([0.88, 0.90]):.2g}"
     assert failed["relative_flops (mean ± std)"] == "0.3 ± 0"
     one = by_knobs[("gblr", "budget=0.1")]
-    assert one["n"] == 1 and one["quality (mean ± std)"] == "0.8" and one["failed seeds"] == ""
+    assert one["n"] == 1 and one["quality (test) (mean ± std)"] == "0.8" and one["failed seeds"] == ""
     assert by_knobs[("lowrank", "budget=0.2")]["trials"] == "6 (seed 0), 7 (seed 1), 8 (seed 2)"
     assert by_knobs[("dense", "(no knobs)")]["feasible"] == "no"  # its mean FLOPs break the constraint
     # every trial of a front configuration is marked on the front in the trial table

@@ -143,3 +143,17 @@ def test_family_option_value_refused_only_at_some_budgets_is_left_to_the_trials(
     spec_from_dict({**base, "families": {"monarch": {"budget": [0.3, 1.0], "options": {"num_blocks": [32, 8]}}}})
     with pytest.raises(SpecError, match=r"families\.monarch\.options\.num_blocks: 8 is refused by monarch at every budget"):
         spec_from_dict({**base, "families": {"monarch": {"budget": 0.3, "options": {"num_blocks": [32, 8]}}}})
+
+
+@pytest.mark.parametrize("where", ["objectives", "constraints"])
+@pytest.mark.parametrize("metric, why", [
+    ("test_quality", "choosing on the test split would leave no unbiased estimate of the front's quality"),
+    ("val_quality", "it is quality itself, under a name that says its split"),
+])
+def test_recorded_only_metrics_are_refused_as_objectives_and_constraints(where, metric, why):
+    entry = {"metric": metric} if where == "objectives" else {"metric": metric, "min": 0.5}
+    with pytest.raises(SpecError) as refused:
+        spec_from_dict({**TINY_SPEC, where: [entry]})
+    assert str(refused.value) == (
+        f"<spec>: {where}[0].metric: {metric} is recorded for every trial but cannot be an objective or a "
+        f"constraint ({why}); use quality, the workload's metric on the validation split")

@@ -88,6 +88,21 @@ def test_the_front_is_chosen_on_validation_and_blind_to_the_test_labels(tmp_path
     assert _front(permuted) == _front(plain)  # ... and nothing the study chose
     assert [t.values for t in permuted.get_trials()] == [t.values for t in plain.get_trials()]
 
+    # readers name the split: launch's summary, status and export
+    spec = tmp_path / "plain" / "study.yaml"
+    capsys.readouterr()
+    assert main(["launch", str(spec), "--resume"]) == 0  # finished: runs nothing, prints the front
+    header = _front_header(capsys.readouterr().out, "Pareto front:")
+    assert header[header.index("quality (val)") + 1:header.index("quality (val)") + 3] == ["relative_flops",
+                                                                                           "quality (test)"]
+    assert main(["status", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert ("  quality is measured on the validation split (what the front is chosen on); quality (test) is "
+            "recorded beside it, never selected on") in out.splitlines()
+    header = _front_header(out, "Pareto front (feasible trials):")
+    assert header[:4] == ["trial", "family", "quality (val)", "quality (test)"]
+    _check_export(spec, tmp_path / "plain.csv", plain, "val")
+
     # an older gsmsearch's study (no objective_split, completed trials) is not continued
     older = tmp_path / "older"
     older.mkdir()
@@ -103,6 +118,37 @@ def test_the_front_is_chosen_on_validation_and_blind_to_the_test_labels(tmp_path
                    "gsmsearch; its fronts cannot be mixed with validation-selected trials: launch the spec under "
                    "a new name, or delete the study first (optuna delete-study --study-name tiny --storage URL)")
     assert len(optuna.load_study(study_name="tiny", storage=storage).get_trials()) == SPEC["trials"]
+    # ... and read back labelled: its quality is the test metric (here: the validation one, under
+    # that older meaning, so the labels are what is checked)
+    assert main(["status", str(older / "study.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert ("  quality is measured on the test split: this study was recorded by an older gsmsearch and its "
+            "front was chosen on test data; quality (val) beside it where recorded") in out.splitlines()
+    header = _front_header(out, "Pareto front (feasible trials):")
+    assert header[:4] == ["trial", "family", "quality (test)", "quality (val)"]
+    _check_export(older / "study.yaml", tmp_path / "older.csv",
+                  optuna.load_study(study_name="tiny", storage=storage), "test")
+
+
+def _front_header(out, title):
+    """The column names of the table printed under ``title`` (columns are 2+ spaces apart)."""
+    import re
+
+    lines = out.splitlines()
+    return re.split(r"\s{2,}", lines[lines.index(title) + 1].strip())
+
+
+def _check_export(spec, path, study, split):
+    import pandas as pd
+
+    assert main(["export", str(spec), "--format", "csv", "-o", str(path)]) == 0
+    frame = pd.read_csv(path).set_index("number")
+    assert set(frame["quality_split"]) == {split}
+    for trial in study.get_trials():
+        result = trial.user_attrs["result"]
+        test = result["test_quality"] if split == "val" else result["quality"]
+        assert frame.loc[trial.number, "val_quality"] == pytest.approx(result["val_quality"], rel=1e-12)
+        assert frame.loc[trial.number, "test_quality"] == pytest.approx(test, rel=1e-12)
 
 
 def _forget_objective_split(storage):
