@@ -36,7 +36,7 @@ def job(args):
     config.update(extra)
     result = run_trial(TrialConfig(**config), cache_dir=CACHE)
     return dict(pre=pre, pretrain_epochs=cls.default_epochs, ft=ft, family=family, budget=budget, seed=seed, extra=extra,
-                test=result.quality, val=result.val_quality, secs=result.train_seconds,
+                test=result.test_quality, val=result.val_quality, secs=result.train_seconds,
                 curve=[round(e["val"].get("accuracy", 0) * 100, 1) for e in result.curves])
 
 

@@ -30,7 +30,7 @@ def job(args):
               None if e["mean_width"] is None else round(e["mean_width"], 2),
               None if e["sigma"] is None else round(e["sigma"], 1)) for e in result.curves]
     live = {name: layer.get("live_components") for name, layer in result.layers.items()}
-    return dict(label=label, workload=config["workload"], seed=seed, test=round(result.quality * 100, 2),
+    return dict(label=label, workload=config["workload"], seed=seed, test=round(result.test_quality * 100, 2),
                 val=round(result.val_quality * 100, 2), curve=curve, live=live)
 
 

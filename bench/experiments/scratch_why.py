@@ -114,7 +114,7 @@ def job(args):
             result = run_trial(_fixed_structure_config(seed))
         finally:
             _trial._build_trial_model = original
-    return {"kind": kind, "seed": seed, "test": result.quality, "val": result.val_quality,
+    return {"kind": kind, "seed": seed, "test": result.test_quality, "val": result.val_quality,
             "structured_relative_flops": result.structured_relative_flops,
             "live_components": {n: l.get("live_components") for n, l in result.layers.items()},
             "curve": [round(e["val"]["accuracy"] * 100, 1) for e in result.curves]}
