@@ -9,6 +9,8 @@ No configuration runs twice: the sampler's proposal of one that has completed, h
 good or is running is recorded PRUNED (``duplicate_of``) and another is asked for; once every
 family's space is exhausted the study stops, saying so.  The only re-runs are of a trial left
 without a verdict: a retry, or a re-enqueued configuration after a dead driver or Ctrl-C.
+With several ``workload.seeds``, a proposed configuration is queued under each other seed too, so
+every configuration is measured over all the seeds (``_replicates``).
 
 What survives what:
 
@@ -38,6 +40,7 @@ from ..trainer import TrialConfig
 from ._spec import SpecError, StudySpec, load_spec
 from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
 from ._space import family_configurations, space_size, trial_config
+from ._replicates import replicate_params, waiting_params
 from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metric_label, study_hypervolume,
                      study_records)
 
@@ -541,7 +544,16 @@ class Driver:
         with_retries(lambda: trial.set_user_attr("config", config))
         with_retries(lambda: trial.set_user_attr("config_digest", digest))
         with_retries(lambda: trial.set_user_attr("family", family))
+        self.queue_replicates(trial, known, trials)
         return _Proposal(trial, config, digest)
+
+    def queue_replicates(self, trial, known: Dict[str, int], trials) -> None:
+        """Queue ``trial``'s configuration under each other seed of the spec that has not run,
+        is not running and is not queued yet, so every configuration is measured over all the
+        seeds (the queue is asked before any new configuration; see ``_replicates``)."""
+        for params in replicate_params(self.spec, trial.params, known=known, waiting=waiting_params(trials),
+                                       device=self.device):
+            with_retries(lambda params=params: self.study.enqueue_trial(params, skip_if_exists=False))
 
     def set_aside(self, trial, family: str, known: Dict[str, int], *, duplicate_of: int) -> None:
         """Record ``trial``, a repeat of trial ``duplicate_of``'s configuration, as PRUNED.  In a

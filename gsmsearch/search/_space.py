@@ -1,10 +1,11 @@
 """From a study spec and an Optuna trial to a :class:`TrialConfig` (define-by-run sampling).
 
-Parameter names in the study: ``family``, ``seed`` (when several seeds are listed), and per
+Parameter names in the study: ``family``, ``seed`` (when several seeds are listed: the driver
+runs each proposed configuration under every seed, see ``_replicates``), and per
 family ``<family>.<knob>`` / ``<family>.options.<name>`` for every knob given as choices or a
 range.  Fixed values are not parameters; they are part of the config recorded with each trial.
-Families are arms of one study: the driver picks the family with the fewest trials so far
-(balanced allocation) and the sampler chooses that family's knobs.
+Families are arms of one study: the driver picks the family with the fewest distinct
+configurations run so far (balanced allocation) and the sampler chooses that family's knobs.
 """
 from __future__ import annotations
 

@@ -64,3 +64,43 @@ def test_queued_seeds_are_the_complement_of_the_proposed_one(seed):
     params = {"family": "lowrank", "lowrank.budget": 0.1, "seed": seed}
     assert sorted(p["seed"] for p in replicate_params(spec, params, known={}, waiting=set())) == \
         sorted({0, 1, 2} - {seed})
+
+
+# -- in the driver (real SQLite Optuna study, no Ray: see test_driver_units) ----------------------
+
+
+def test_the_driver_runs_each_proposed_configuration_under_every_seed(tmp_path):
+    from .test_driver_units import make_driver
+
+    driver, workers = make_driver(tmp_path, {"workload": SEEDS["workload"], "concurrency": 6, "trials": 6})
+    driver.fill()
+    configs = [dict(c) for c, _, _ in workers.submitted]
+    assert len(configs) == 6
+    seeds = [c.pop("seed") for c in configs]
+    # two configurations, each under seeds 0, 1 and 2, the replicates right after the proposal
+    assert sorted(seeds[:3]) == sorted(seeds[3:]) == [0, 1, 2]
+    assert configs[0] == configs[1] == configs[2] and configs[3] == configs[4] == configs[5]
+    assert configs[0] != configs[3]
+    assert not [t for t in driver.study.get_trials() if t.state.name == "WAITING"]
+
+
+def test_a_resumed_driver_queues_no_replicate_twice(tmp_path):
+    """A dead driver left seed s running and seeds s', s'' queued; the next driver re-enqueues s
+    and runs the three, queueing nothing more (each replicate is run, running or queued)."""
+    from .test_driver_units import finish, make_driver
+
+    spec = {"workload": SEEDS["workload"], "concurrency": 1, "trials": 6, "families": {"lowrank": {"budget": [0.3]}}}
+    first, workers = make_driver(tmp_path, spec)
+    first.fill()
+    (proposed,) = [c["seed"] for c, _, _ in workers.submitted]
+    waiting = [t for t in first.study.get_trials() if t.state.name == "WAITING"]
+    assert sorted(t.system_attrs["fixed_params"]["seed"] for t in waiting) == sorted({0, 1, 2} - {proposed})
+
+    second, again = make_driver(tmp_path, spec, resume=True, force=True)  # force: first's heartbeat is fresh
+    second.recover()
+    for _ in range(3):
+        second.fill()
+        finish(second, quality=0.5, relative_flops=0.3, test_quality=0.4)
+    assert sorted(c["seed"] for c, _, _ in again.submitted) == [0, 1, 2]
+    states = [t.state.name for t in second.study.get_trials()]
+    assert states.count("WAITING") == 0 and states.count("COMPLETE") == 3
