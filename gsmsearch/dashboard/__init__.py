@@ -8,7 +8,7 @@
 Dash is imported only by :func:`create_app`, so importing this package stays light.
 """
 from ._data import budget_table, coverage_counts, family_hypervolumes, family_points, hypervolume_history
-from ._report import render_report, write_report
+from ._report import render_report
 from ._source import DataCache, StudySource, StudyView, load_view, readonly_storage, resolve_sources, sources_in_storage
 from ._spec import DashboardSpec, dashboard_spec_from_dict, load_dashboard_spec
 
@@ -16,7 +16,7 @@ __all__ = [
     "DashboardSpec", "dashboard_spec_from_dict", "load_dashboard_spec", "StudySource", "StudyView",
     "DataCache", "load_view", "readonly_storage", "resolve_sources", "sources_in_storage",
     "budget_table", "coverage_counts", "family_hypervolumes", "family_points", "hypervolume_history",
-    "render_report", "write_report", "create_app",
+    "render_report", "create_app",
 ]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import _data, _figures
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["render_report"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1500px;padding:0 18px 40px;color:#222}
@@ -385,16 +385,3 @@ Dotted line: the dense model's cost. Hover for a trial's configuration, click fo
         + "".join(figures.blobs)
         + f"<script>{_JS}</script></body></html>\n"
     )
-
-
-def write_report(views, spec, path, **kwargs) -> int:
-    """Write the report to ``path`` (atomically); returns its size in bytes."""
-    import os
-    from pathlib import Path
-
-    text = render_report(views, spec, **kwargs)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return len(text.encode())

@@ -14,12 +14,12 @@ with ``optuna.load_study`` and only read (``get_trials``, ``user_attrs``).
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..search._storage import readonly_url_and_engine_kwargs  # the one rule for every reader
 from ..search._study import TrialRecord, objective_split, study_records
 
 __all__ = ["StudySource", "StudyView", "readonly_storage", "resolve_sources", "sources_in_storage",
@@ -51,48 +51,6 @@ class StudyView:
     # gsmsearch recorded (``gsmsearch.search.objective_split``); shown on every quality label
     objective_split: str = "test"
     error: Optional[str] = None  # why the study could not be read (shown instead of its views)
-
-
-def _expand(url: str) -> str:
-    import re
-
-    from ..search import redact
-
-    for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", url):
-        if name not in os.environ:
-            raise ValueError(f"storage URL {redact(url)} uses ${{{name}}}, which is not set")
-    return os.path.expandvars(url)
-
-
-def readonly_url_and_engine_kwargs(url: str):
-    """(URL, engine kwargs) that give connections which cannot write."""
-    from sqlalchemy.engine import URL, make_url
-
-    parsed = make_url(_expand(url))
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:") or database.startswith("file:"):
-            raise ValueError(f"the dashboard reads SQLite files by path, got {url!r}")
-        path = Path(database).expanduser().resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"no study database at {path}")
-        from urllib.parse import quote
-
-        readonly = URL.create("sqlite", database="file:" + quote(str(path)),
-                              query={"mode": "ro", "uri": "true"})
-        return readonly.render_as_string(hide_password=False), {"connect_args": {"timeout": 10}}
-    if backend == "postgresql":
-        return parsed.render_as_string(hide_password=False), {
-            "pool_pre_ping": True,
-            "connect_args": {"options": "-c default_transaction_read_only=on"},
-        }
-    if backend == "mysql":
-        return parsed.render_as_string(hide_password=False), {
-            "pool_pre_ping": True,
-            "connect_args": {"init_command": "SET SESSION TRANSACTION READ ONLY"},
-        }
-    raise ValueError(f"unsupported database {backend!r}; use sqlite, postgresql or mysql")
 
 
 def readonly_storage(url: str):

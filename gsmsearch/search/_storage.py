@@ -24,6 +24,7 @@ __all__ = [
     "redact",
     "open_storage",
     "open_readonly_storage",
+    "readonly_url_and_engine_kwargs",
     "unset_variables",
     "with_retries",
     "fail_stale_trials",
@@ -132,13 +133,10 @@ def open_storage(url: str, *, must_exist: bool = False):
 OPTUNA_TABLES = ("studies", "trials", "version_info", "alembic_version")
 
 
-def open_readonly_storage(url: str):
-    """An Optuna storage for ``url`` that reads and never writes: its connections refuse writes
-    (SQLite ``mode=ro``, PostgreSQL ``default_transaction_read_only``, MySQL ``READ ONLY``
-    sessions), a missing SQLite file is not created, and Optuna's tables are not created: a
-    database without them raises "no gsmsearch/Optuna study in URL"."""
-    import optuna
-    import sqlalchemy
+def readonly_url_and_engine_kwargs(url: str):
+    """(URL, SQLAlchemy engine kwargs) whose connections cannot write: SQLite ``mode=ro`` on an
+    existing regular file (never created), PostgreSQL ``default_transaction_read_only``, MySQL
+    ``READ ONLY`` sessions.  ``${VAR}`` in ``url`` must be set."""
     from sqlalchemy.engine import URL, make_url
 
     from ._spec import check_storage_url
@@ -157,13 +155,23 @@ def open_readonly_storage(url: str):
 
         readonly = URL.create("sqlite", database="file:" + quote(str(path.resolve())),
                               query={"mode": "ro", "uri": "true"}).render_as_string(hide_password=False)
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    elif backend == "postgresql":
-        readonly = parsed.render_as_string(hide_password=False)
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"options": "-c default_transaction_read_only=on"}}
-    else:  # mysql (check_storage_url allows no other)
-        readonly = parsed.render_as_string(hide_password=False)
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"init_command": "SET SESSION TRANSACTION READ ONLY"}}
+        return readonly, {"connect_args": {"timeout": 60}}
+    if backend == "postgresql":
+        return parsed.render_as_string(hide_password=False), {
+            "pool_pre_ping": True, "connect_args": {"options": "-c default_transaction_read_only=on"}}
+    # mysql (check_storage_url allows no other)
+    return parsed.render_as_string(hide_password=False), {
+        "pool_pre_ping": True, "connect_args": {"init_command": "SET SESSION TRANSACTION READ ONLY"}}
+
+
+def open_readonly_storage(url: str):
+    """An Optuna storage for ``url`` that reads and never writes: its connections refuse writes
+    (:func:`readonly_url_and_engine_kwargs`), a missing SQLite file is not created, and Optuna's
+    tables are not created: a database without them raises "no gsmsearch/Optuna study in URL"."""
+    import optuna
+    import sqlalchemy
+
+    readonly, engine_kwargs = readonly_url_and_engine_kwargs(url)
 
     def tables():
         engine = sqlalchemy.create_engine(readonly, **engine_kwargs)
