@@ -184,7 +184,7 @@ def dashboard_spec_from_dict(data: Any, source: str = "<dashboard spec>", *,
         return DashboardSpec.model_validate(data, context={"from_command_line": from_command_line})
     except ValidationError as error:
         raise SpecError(_format_errors(source, error).replace(
-            "see the README's study.yaml reference", "see gsmsearch/dashboard/_spec.py")) from None
+            "see docs/study-yaml.md", "see docs/dashboard.md")) from None
 
 
 def load_dashboard_spec(path: Union[str, Path]) -> DashboardSpec:

@@ -422,7 +422,7 @@ def _format_errors(source: str, error: ValidationError) -> str:
         where = _format_location(item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see the README's study.yaml reference)"
+            message = "unknown key (check the spelling; see docs/study-yaml.md)"
         elif item["type"] == "missing":
             message = "required key is missing"
         elif "input" in item and item["type"] not in ("value_error",):

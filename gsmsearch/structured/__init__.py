@@ -1,7 +1,7 @@
 """Structured linear layers: GBLR with Gaudi masks, hand-crafted baselines, surgery and export.
 
 Every family subclasses :class:`StructuredLinear` and is registered by name (``family_names()``);
-see the README's "Concepts" section for the math and the cost rule.
+see docs/concepts.md for the math and the cost rule.
 """
 from ._base import (
     StructuredLinear,

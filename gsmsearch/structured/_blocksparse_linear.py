@@ -131,7 +131,7 @@ class BlockSparseLinear(StructuredLinear):
 
     #: tokens per chunk on CPU: each chunk's gathered input (slots x in x chunk) stays in cache
     #: for the batched matmul that reads it (1024 x 1024, 32-blocks, 4096 tokens: 42 ms at 128,
-    #: 47 at 256, 54 at 512, 72-75 in one pass; bench/RESULTS.md section 3); one chunk on
+    #: 47 at 256, 54 at 512, 72-75 in one pass; bench/RESULTS.md "Hand-crafted baselines"); one chunk on
     #: other devices
     cpu_token_chunk = 128
 

@@ -73,7 +73,7 @@ class GBLRLinear(StructuredLinear):
         recompute_intermediate: training memory.  The forward keeps the input, the parameters
             and the T x K' r intermediate x Vm^T for backward (masks and masked factors are
             rebuilt there, ``_gblr_autograd``); True drops the intermediate too, for one more GEMM
-            in backward (bench/RESULTS.md section 1 measures both).  Same results either way.
+            in backward (bench/RESULTS.md "Training step" measures both).  Same results either way.
 
     On CUDA with Triton installed, each side's masks, masked factors and their gradients run as
     one Triton kernel each (``_mask_kernel``); set ``layer.use_kernels = False`` (or the class

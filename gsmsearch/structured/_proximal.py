@@ -226,8 +226,7 @@ class ProjectFlops(BudgetController):
         host_widths = [w.view(2, -1) for w in host.split([layer.widths.numel() for layer in layers])]
         # every layer's components in one row of numpy arrays, so that each of the bisection's
         # ~45 evaluations is a few vector ops, not a dozen torch dispatches per layer (with a
-        # binding budget those take longer than the model's forward and backward,
-        # bench/RESULTS.md section 1); the same per-element float arithmetic as torch's (NumPy
+        # binding budget those take longer than the model's forward and backward); the same per-element float arithmetic as torch's (NumPy
         # computes a float32 array minus a Python float in float32, as torch does), the layers'
         # integer costs summed exactly and weighted in layer order
         counts = [w.shape[1] for w in host_widths]

@@ -2,8 +2,7 @@
 
 Every ``torch.optim.Optimizer`` imports ``torch._dynamo`` when it is built and on every step (its
 methods are wrapped to keep the compiler out of them), which takes 1.0-1.4 s of a fresh process
-here: every Ray worker's first trial paid it, half of a short study's per-worker start-up
-(bench/RESULTS.md section 5).  On CPU, ``torch.optim.AdamW`` runs its single-tensor update,
+here, for every Ray worker's first trial: about half of a short study's per-worker start-up.  On CPU, ``torch.optim.AdamW`` runs its single-tensor update,
 ``torch.optim.adam._single_tensor_adam``.  :class:`CPUAdamW` keeps the same per-parameter state
 and calls that same function with the same arguments, so its update is torch's, bit for bit
 (``tests/trainer/test_optimizer.py`` steps both side by side), and its ``state_dict`` has

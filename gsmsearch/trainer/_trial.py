@@ -93,7 +93,7 @@ def _finite_or_none(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
 
 # scratch-mode width lr: the method's ViT-B setting (method.md section 5).  Against its small-model
 # setting, 5e-3, on 20-30 epoch runs 5e-4 is better on validation on all three tasks tested (Mixer
-# +2.5, ViT +2.0 test points on average over 3 seeds; digits within one image), bench/RESULTS.md 6i.
+# +2.5, ViT +2.0 test points on average over 3 seeds; digits within one image), bench/RESULTS.md "What did not help".
 SCRATCH_STRUCTURE_LR = 5e-4
 
 
@@ -157,11 +157,13 @@ def _pretrain_recipe(workload) -> Dict[str, Any]:
 def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> dict:
     """The trained dense model of ``workload`` (from the cache, trained once if absent).
 
-    On CPU the key includes torch's thread count: training with 2 threads gives different
-    weights than with 1 (reduction order), so a cache filled by a process with other settings
-    would silently change the start point (seen: the Mixer's seed-0 start, bench/RESULTS.md 6g)."""
+    The key includes the device type (a GPU's kernels give other weights than the CPU's) and, on
+    CPU, torch's thread count: training with 2 threads gives different weights than with 1
+    (reduction order), so a cache filled by a process with other settings would silently change
+    the start point."""
     recipe = _pretrain_recipe(workload)
-    if torch.device(device).type == "cpu":
+    recipe["device"] = torch.device(device).type
+    if recipe["device"] == "cpu":
         recipe["cpu_threads"] = torch.get_num_threads()
 
     def train() -> nn.Module:

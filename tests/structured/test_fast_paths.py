@@ -359,7 +359,7 @@ def test_grouped_plan_falls_back_to_dense_when_cheaper():
 
 def _long_and_short_layer(m=512, n=256, long=6, short=90, seed=5):
     """A few near-full-length components among many short ones at scattered starts -- the shape
-    of a greedy fit of a real weight (bench/RESULTS.md section 2, "MiniLM greedy")."""
+    of a greedy fit of a real weight (bench/RESULTS.md "Export speed", "MiniLM greedy")."""
     g = torch.Generator().manual_seed(seed)
     K = long + short
     layer = GBLRLinear(n, m, num_components=K, bias=True)
