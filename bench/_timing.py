@@ -118,22 +118,34 @@ def tensor_memory(fn: Callable[[], object], exclude=()) -> dict:
     fn()  # warm-up: lazily built tables and caches do not count
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    peak = None
+    _, peak = allocator_peak(fn)
+    return {"saved_for_backward_mib": sum(saved.values()) / 2**20, "allocator_peak_mib": peak}
+
+
+def allocator_peak(fn: Callable[[], object]):
+    """(``fn()``, MiB of the torch allocator's peak while it runs): the profiler's memory events
+    summed in time order; None where the profiler gives no events."""
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        prof.__enter__()
+    except Exception:  # noqa: BLE001 - no profiler here: the call alone
+        return fn(), None
+    try:
+        result = fn()
+    finally:
+        prof.__exit__(None, None, None)
+    try:
         events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                         key=lambda e: e.start_ns())
-        current = top = 0
-        for event in events:
-            current += event.nbytes()
-            top = max(top, current)
-        peak = top / 2**20 if events else None
     except Exception:  # noqa: BLE001 - a private profiler API; report what is available
-        peak = None
-    return {"saved_for_backward_mib": sum(saved.values()) / 2**20, "allocator_peak_mib": peak}
+        return result, None
+    current = top = 0
+    for event in events:
+        current += event.nbytes()
+        top = max(top, current)
+    return result, (top / 2**20 if events else None)
 
 
 def machine_info() -> dict:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "struc
 from gsmsearch.structured._gblr_fit import fit_gblr, lowrank_fit  # noqa: E402
 from test_gblr_fit import decaying, planted  # noqa: E402
 
-from bench._timing import machine_info  # noqa: E402
+from bench._timing import allocator_peak, machine_info  # noqa: E402
 
 
 def cases(quick: bool):
@@ -43,22 +43,6 @@ def cases(quick: bool):
     yield "planted 768x3072", W.float(), [1.2 * cost / W.numel()], 0
     W = decaying(384, 1536, 0, power=0.5).float()
     yield "decaying 384x1536", W, [0.25], 100
-
-
-def allocator_peak_mib(fn):
-    """(result of ``fn()``, MiB of the torch allocator's peak over the call, from the profiler's
-    memory events summed in time order; None where the profiler gives none)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = top = 0
-    for event in events:
-        current += event.nbytes()
-        top = max(top, current)
-    return result, (top / 2**20 if events else None)
 
 
 def main(argv=None) -> int:
@@ -83,7 +67,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 f = fn()  # timed without the profiler
                 dt = time.perf_counter() - t
-                _, peak = allocator_peak_mib(fn)  # a second, profiled call for its memory
+                _, peak = allocator_peak(fn)  # a second, profiled call for its memory
                 err = float((f.to_dense().double() - W.double()).norm() / W.double().norm())
                 ratio = f.flops() / (budget * W.numel())
                 peak_s = "-" if peak is None else f"{peak:.1f}"

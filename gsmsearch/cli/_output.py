@@ -38,14 +38,6 @@ def sqlite_file(url: str) -> Optional[Path]:
         return None
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _existing_kind(path: Path, output, flag: str) -> Optional[os.stat_result]:
     """The stat of what ``path`` names (links followed), None if nothing is there; UsageError when
     it is there but is not a regular file."""
@@ -62,7 +54,9 @@ def _existing_kind(path: Path, output, flag: str) -> Optional[os.stat_result]:
     if stat.S_ISDIR(info.st_mode):
         raise UsageError(f"{flag} {output}: is a directory; expected an output file")
     if not stat.S_ISREG(info.st_mode):
-        raise UsageError(f"{flag} {output}: is {_kind(info.st_mode)}; expected a regular file or a new path")
+        from ..search._spec import file_kind
+
+        raise UsageError(f"{flag} {output}: is {file_kind(info.st_mode)}; expected a regular file or a new path")
     return info
 
 

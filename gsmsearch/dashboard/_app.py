@@ -34,6 +34,14 @@ _CSS = {
     "td": {"border": "1px solid #ddd", "padding": "3px 6px", "textAlign": "left", "verticalAlign": "top"},
 }
 
+# the look of every sortable table (configurations over seeds, trials)
+_DATA_TABLE_STYLE = {
+    "style_table": {"overflowX": "auto"},
+    "style_cell": {"fontSize": "0.85em", "textAlign": "left", "maxWidth": "420px", "whiteSpace": "normal",
+                   "fontFamily": "inherit"},
+    "style_header": {"fontWeight": 600, "background": "#f4f4f4"},
+}
+
 
 def _td(text, header: bool = False, best: bool = False):
     from dash import html
@@ -249,10 +257,7 @@ def create_app(spec, cache: DataCache):
                 html.P(_figures.SEEDS_NOTE, style=_CSS["muted"]),
                 dash_table.DataTable(
                     id="configurations", sort_action="native", filter_action="native", page_size=20,
-                    style_table={"overflowX": "auto"},
-                    style_cell={"fontSize": "0.85em", "textAlign": "left", "maxWidth": "420px",
-                                "whiteSpace": "normal", "fontFamily": "inherit"},
-                    style_header={"fontWeight": 600, "background": "#f4f4f4"},
+                    **_DATA_TABLE_STYLE,
                     style_data_conditional=[{"if": {"filter_query": '{front} = "yes"'}, "fontWeight": 600}],
                 ),
             ], id="section-configurations", style={"display": "none"}),
@@ -262,10 +267,7 @@ def create_app(spec, cache: DataCache):
                        "row for the trial's structure.", style=_CSS["muted"]),
                 dash_table.DataTable(
                     id="trials", sort_action="native", filter_action="native", page_size=20,
-                    style_table={"overflowX": "auto"},
-                    style_cell={"fontSize": "0.85em", "textAlign": "left", "maxWidth": "420px",
-                                "whiteSpace": "normal", "fontFamily": "inherit"},
-                    style_header={"fontWeight": 600, "background": "#f4f4f4"},
+                    **_DATA_TABLE_STYLE,
                     style_data_conditional=[{"if": {"filter_query": '{state} = "FAIL"', "column_id": "state"},
                                              "color": "#b00"},
                                             {"if": {"filter_query": '{front} = "yes"'}, "fontWeight": 600}],

@@ -523,7 +523,7 @@ def read_text_file(path: Union[str, Path], *, limit: int = MAX_SPEC_BYTES, what:
         if stat.S_ISDIR(info.st_mode):
             raise SpecError(f"{path}: cannot read the file: it is a folder")
         if not stat.S_ISREG(info.st_mode):
-            raise SpecError(f"{path}: cannot read the file: it is {_file_kind(info.st_mode)}, not a regular file")
+            raise SpecError(f"{path}: cannot read the file: it is {file_kind(info.st_mode)}, not a regular file")
         if info.st_size > limit:
             raise SpecError(f"{path}: the file has {info.st_size} bytes; a {what} may have at most {limit}")
         chunks, size = [], 0
@@ -545,7 +545,8 @@ def read_text_file(path: Union[str, Path], *, limit: int = MAX_SPEC_BYTES, what:
         raise SpecError(f"{path}: not UTF-8 text (byte {error.start})") from None
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` that is not a regular file names: "a FIFO", "a character device", ..."""
     import stat
 
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),

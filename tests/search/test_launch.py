@@ -185,12 +185,13 @@ def test_trial_time_limit_fails_the_trial_with_its_reason(write_spec, tmp_path):
 
 
 def test_a_finite_space_is_run_in_full_without_repeats(write_spec, tmp_path, capsys):
-    """6 configurations (2 budgets x 3 seeds), a random sampler that repeats itself: every
-    configuration runs exactly once (a repeat hands its turn to one not run yet), and asking
-    for more trials than the space holds stops at the space, saying why."""
+    """6 configurations (2 budgets x 3 seeds), a random sampler that repeats itself (with seed
+    1 its second proposal is the first one's budget again): every configuration runs exactly
+    once (each proposal under all three seeds; a repeat hands its turn to one not run yet), and
+    asking for more trials than the space holds stops at the space, saying why."""
     spec = write_spec({"families": {"lowrank": {"budget": [0.1, 0.3]}},
                        "workload": {**TINY_SPEC["workload"], "epochs": 1, "seeds": [0, 1, 2]},
-                       "constraints": [], "sampler": {"name": "random", "seed": 0}, "trials": 9})
+                       "constraints": [], "sampler": {"name": "random", "seed": 1}, "trials": 9})
     summary = launch(spec, status_interval=1e9)
     assert summary.completed == 6
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny.db'}")
