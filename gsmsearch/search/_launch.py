@@ -34,17 +34,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO, Tuple
+from typing import Any, Dict, List, Optional, TextIO, Tuple, Union
 
 from ..trainer import TrialConfig
-from ._spec import SpecError, StudySpec, load_spec
+from ._spec import SpecError, StudySpec, load_spec, spec_from_dict, system_folder_problem
 from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
 from ._space import family_configurations, space_size, trial_config
 from ._replicates import replicate_params, waiting_params
 from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metric_label, study_hypervolume,
                      study_records)
 
-__all__ = ["launch", "Driver", "LaunchSummary", "make_sampler", "study_paths"]
+__all__ = ["launch", "resolve_spec", "Driver", "LaunchSummary", "make_sampler", "study_paths"]
 
 DRIVER_STALE_SECONDS = 60.0
 DUPLICATES_IN_A_ROW = 8  # a family whose sampler repeats finished configurations this often is exhausted
@@ -755,9 +755,40 @@ def _kill(worker) -> None:
         pass
 
 
+def resolve_spec(spec: Union[str, Path, Dict[str, Any], StudySpec], *,
+                 base_dir: Union[str, Path, None] = None) -> Tuple[StudySpec, Path, Any]:
+    """(spec, the path its relative paths are resolved against, its label) for a spec file, a
+    dict or a :class:`StudySpec`; a dict is checked as a spec file is (:class:`SpecError` naming
+    the key), and a dict's or a StudySpec's relative ``storage`` and ``workdir`` are relative to
+    ``base_dir`` (default: the current folder), the folder a spec file's would be relative to."""
+    if isinstance(spec, (str, Path)):
+        if base_dir is not None:
+            raise ValueError("base_dir applies to a dict or a StudySpec; a spec file's paths are relative "
+                             "to its own folder")
+        return load_spec(spec), Path(spec), spec
+    if isinstance(spec, dict):
+        label = "<dict spec>"
+        spec = spec_from_dict(spec, label)
+    elif isinstance(spec, StudySpec):
+        label = "<StudySpec>"
+    else:
+        raise TypeError(f"spec must be a spec file path, a dict or a StudySpec, got {type(spec).__name__}")
+    folder = Path(base_dir) if base_dir is not None else Path.cwd()
+    if not folder.is_dir():
+        raise SpecError(f"{label}: base_dir {folder}: not a folder")
+    # a file that is never read: study_paths and the storage take its folder as the spec's folder
+    spec_path = folder.resolve() / "spec.yaml"
+    problem = system_folder_problem(study_paths(spec, spec_path)["workdir"])
+    if problem:
+        given = "workdir" if spec.workdir else "workdir (the default, under base_dir)"
+        raise SpecError(f"{label}: {given}: {problem}")
+    return spec, spec_path, label
+
+
 def launch(
-    spec_path,
+    spec: Union[str, Path, Dict[str, Any], StudySpec],
     *,
+    base_dir: Union[str, Path, None] = None,
     address: Optional[str] = None,
     resume: bool = False,
     force: bool = False,
@@ -765,18 +796,19 @@ def launch(
     out: Optional[TextIO] = None,
     status_interval: float = 30.0,
 ) -> LaunchSummary:
-    """Run the study of the spec at ``spec_path`` to its target (``--dry-run``: validate it and
-    show one example trial per family, writing nothing); see :class:`Driver` for the phases."""
+    """Run the study of ``spec`` (a spec file's path, a dict of its keys or a :class:`StudySpec`;
+    see :func:`resolve_spec` for ``base_dir``) to its target (``--dry-run``: validate it and show
+    one example trial per family, writing nothing); see :class:`Driver` for the phases."""
     import optuna
 
     from ._runner import check_resources, make_worker, start_ray
 
     out = out if out is not None else sys.stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = load_spec(spec_path)  # every spec error is raised here, before any write
-    paths = study_paths(spec, Path(spec_path))
+    spec, spec_path, label = resolve_spec(spec, base_dir=base_dir)  # every spec error, before any write
+    paths = study_paths(spec, spec_path)
     url = resolve_storage_url(spec.storage, spec_dir=paths["spec_dir"], study_name=spec.name)
-    driver = Driver(spec, spec_path, paths=paths, storage_label=redact(url), out=out,
+    driver = Driver(spec, label, paths=paths, storage_label=redact(url), out=out,
                     status_interval=status_interval, make_worker=make_worker)
     if dry_run:
         driver.preview()
@@ -793,6 +825,8 @@ def launch(
         print(f"[{spec.name}] warning: {short} now; trials wait until it grows", file=out)
 
     driver.open(url, resume=resume, force=force)
+    # where the trials' structure files are (gsmsearch.apply_structure finds them from the study)
+    with_retries(lambda: driver.study.set_user_attr("structures_dir", str(paths["structures"])))
     driver.recover()
     print(f"[{spec.name}] storage {driver.summary.storage}; {where}; up to {spec.concurrency} concurrent "
           f"trial(s)", file=out)
