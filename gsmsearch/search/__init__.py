@@ -15,7 +15,7 @@ _WHERE = {
     "_storage": ("open_storage", "redact", "resolve_storage_url"),
     "_study": ("OBJECTIVE_SPLIT", "OBJECTIVE_SPLIT_ATTR", "TrialRecord", "front_records", "metric_label",
                "objective_split", "split_qualities", "study_hypervolume", "study_records"),
-    "_launch": ("LaunchSummary", "launch", "study_paths"),
+    "_launch": ("LaunchSummary", "launch", "resolve_spec", "study_paths"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 __all__ = list(_MODULE_OF)
@@ -35,7 +35,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from ._launch import LaunchSummary, launch, study_paths
+    from ._launch import LaunchSummary, launch, resolve_spec, study_paths
     from ._pareto import best_within_budget, dominates, hypervolume_2d, pareto_front, to_minimization
     from ._spec import METRICS, SpecError, StudySpec, load_spec, spec_from_dict
     from ._storage import open_storage, redact, resolve_storage_url
