@@ -191,7 +191,21 @@ def structure_file(source: Source, *, workdir: Union[str, Path, None] = None) ->
     path = folder / f"trial-{int(number)}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no structure file for trial {number} of study {study_name!r}")
+    _check_trial_file(path, trial.user_attrs.get("config_digest"), f"trial {number} of study {study_name!r}")
     return path
+
+
+def _check_trial_file(path: Path, digest: Optional[str], trial_label: str) -> None:
+    """``path`` was written by the trial whose configuration has ``digest`` (a file of another
+    study under the same workdir, or of an older run of the same name, is refused)."""
+    from .structured._serialize import read_metadata
+    from .trainer import TrialConfig
+
+    recorded = read_metadata(path)["extra"].get("config")
+    written_by = TrialConfig.from_dict(recorded).digest() if recorded else None
+    if digest is not None and written_by != digest:
+        raise ValueError(f"{path} was not written by {trial_label} (its configuration differs: another "
+                         f"study's file under the same workdir?)")
 
 
 def apply_structure(model: nn.Module, source: Source, *, workdir: Union[str, Path, None] = None) -> nn.Module:
