@@ -3,6 +3,11 @@
 Workers are long-lived Ray actors (one per concurrent trial slot), so torch and the workload's
 data are imported/loaded once per worker, not once per trial.  A worker returns the trial's result
 as a plain dict to the driver; it never writes to the study database.
+
+A workload given as ``path/to/file.py:ClassName`` reaches the workers as text: the driver read the
+file when it validated the spec, and passes every such file to each worker it creates, which runs
+that text (``workloads._plugins``: ``shipped_files`` / ``receive_files``).  No shared filesystem
+and no runtime environment are needed for it.
 """
 from __future__ import annotations
 
@@ -91,12 +96,17 @@ def make_worker(cpus: float, gpus: float):
     """A new worker actor holding ``cpus`` CPUs and ``gpus`` (possibly fractional) GPUs."""
     import ray
 
+    from ..workloads._plugins import shipped_files
+
     @ray.remote(max_restarts=0, max_concurrency=1)
     class TrialWorker:
-        def __init__(self, threads: int) -> None:
+        def __init__(self, threads: int, workload_files=()) -> None:
             import torch
 
+            from ..workloads._plugins import receive_files
+
             torch.set_num_threads(max(1, threads))
+            receive_files(list(workload_files))
             self.pid = os.getpid()
 
         def run(self, config, checkpoint_dir, cache_dir, structure_path=None):
@@ -107,4 +117,4 @@ def make_worker(cpus: float, gpus: float):
         def info(self):
             return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id()}
 
-    return TrialWorker.options(num_cpus=cpus, num_gpus=gpus).remote(max(1, int(cpus)))
+    return TrialWorker.options(num_cpus=cpus, num_gpus=gpus).remote(max(1, int(cpus)), shipped_files())

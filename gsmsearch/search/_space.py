@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+import torch
+
 from ..trainer import TrialConfig
 from ..trainer._trial import family_option_names, gblr_fit_options
 from ._spec import Choices, Range, StudySpec, WorkloadSpec
@@ -149,30 +151,66 @@ def workload_errors(spec: StudySpec) -> List[str]:
     own checks: ``workload.options: ...``) and include/exclude patterns that select no linear
     layer, which would fail every trial (``workload.include: ...``; the model is built on the
     meta device: no memory, no weights).  Data or weights that are not on this machine
-    (:class:`MissingFiles`: a cluster study validated on a laptop) are left to the trials."""
-    import warnings
+    (:class:`MissingFiles`: a cluster study validated on a laptop) are left to the trials.
 
-    import torch
-
-    from ..structured import matching_linears
-    from ..workloads import MissingFiles, get_workload
+    A user's workload (``module:Class``, ``file.py:Class``, an entry point) is always built, and
+    an exception its constructor or ``build_model`` raises is an error naming ``workload.name``
+    (or ``workload.options`` for a ``ValueError``/``TypeError`` of the constructor) and the
+    user's file:line."""
+    from ..workloads import MissingFiles, get_workload, resolve_workload
+    from ..workloads._plugins import one_line, is_builtin, located
 
     workload_spec = spec.workload
+    plugin = not is_builtin(workload_spec.name)
+    cls = resolve_workload(workload_spec.name)
+    where = (lambda error: located(error, cls)) if plugin else (lambda error: "")
     try:
         workload = get_workload(workload_spec.name, **workload_spec.options)
     except MissingFiles:
         return []
     except (ValueError, TypeError) as error:
-        return [f"workload.options: {error}"]
+        return [f"workload.options: {error}{where(error)}"]
+    except Exception as error:  # noqa: BLE001 - only a user's constructor gets here
+        if not plugin:
+            raise
+        return [f"workload.name: constructing {workload_spec.name!r} raised "
+                f"{one_line(error)}{where(error)}"]
     with_options = any(space.options for space in spec.families.values())
-    if workload_spec.include is None and not workload_spec.exclude and not with_options:
+    if not plugin and workload_spec.include is None and not workload_spec.exclude and not with_options:
         return []
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pre-trained weights loaded onto meta tensors: a no-op
-            model = workload.build_model()
-    except Exception:  # noqa: BLE001 - not buildable here: the trial checks it
+        model = _built_on_meta(workload)
+    except MissingFiles:
         return []
+    except Exception as error:  # noqa: BLE001 - not buildable on the meta device
+        if not plugin:
+            return []  # the trial checks it
+        try:
+            model = workload.build_model()  # a user's model may need real tensors to build
+        except MissingFiles:
+            return []
+        except Exception as error:  # noqa: BLE001 - the user's code, shown in one line
+            return [f"workload.name: {workload_spec.name!r}: build_model() raised "
+                    f"{one_line(error)}{where(error)}"]
+    if plugin and not isinstance(model, torch.nn.Module):
+        return [f"workload.name: {workload_spec.name!r}: build_model() returned {type(model).__name__}, "
+                f"expected a torch.nn.Module"]
+    return _layer_errors(spec, workload, model, plugin)
+
+
+def _built_on_meta(workload):
+    import warnings
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pre-trained weights loaded onto meta tensors: a no-op
+        return workload.build_model()
+
+
+def _layer_errors(spec: StudySpec, workload, model, plugin: bool) -> List[str]:
+    """The include/exclude patterns leave a linear layer, and the families' options fit it."""
+    from ..structured import matching_linears
+
+    workload_spec = spec.workload
     include = workload_spec.include if workload_spec.include is not None else list(workload.candidate_patterns)
     targets = matching_linears(model, include, workload_spec.exclude)
     if targets:
@@ -181,8 +219,13 @@ def workload_errors(spec: StudySpec) -> List[str]:
     names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
     where = "include" if workload_spec.include is not None else "exclude"
+    hint = ""
+    if plugin and workload_spec.include is None:
+        where = "include"
+        hint = (f" (set workload.include in the spec, or candidate_patterns on "
+                f"{type(workload).__name__})")
     return [f"workload.{where}: no linear layer of {workload_spec.name!r} is left by include={include} "
-            f"exclude={workload_spec.exclude}; its linear layers: {shown or 'none'}"]
+            f"exclude={workload_spec.exclude}; its linear layers: {shown or 'none'}{hint}"]
 
 
 def _family_option_errors(spec: StudySpec, shape) -> List[str]:
@@ -276,9 +319,9 @@ def _blamed(message: str, knobs, tried: str, family: str) -> str:
 
 def _workload_refusals(spec: StudySpec, family: str, knobs) -> List[str]:
     """Knob values the workload itself refuses (the trainer's checks cannot know them)."""
-    from ..workloads._registry import _WORKLOADS
+    from ..workloads import resolve_workload
 
-    workload = _WORKLOADS[spec.workload.name]
+    workload = resolve_workload(spec.workload.name)
     if not workload.supports_distill and any(float(v) > 0 for v in knobs.get("distill", [])
                                              if isinstance(v, (int, float))):
         return [f"families.{family}.distill: workload {spec.workload.name!r} trains by distillation "

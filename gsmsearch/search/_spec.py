@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "SpecError",
@@ -244,9 +244,9 @@ class WorkloadSpec(_Strict):
         itself, in ``_space.workload_errors``; data paths of cluster studies need not exist here)."""
         import inspect
 
-        from ..workloads._registry import _WORKLOADS
+        from ..workloads import resolve_workload
 
-        accepted = [p.name for p in inspect.signature(_WORKLOADS[self.name]).parameters.values()
+        accepted = [p.name for p in inspect.signature(resolve_workload(self.name)).parameters.values()
                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
         for option in self.options:
             if option not in accepted:
@@ -256,11 +256,15 @@ class WorkloadSpec(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _known_workload(cls, name):
-        from ..workloads import workload_names
+    def _known_workload(cls, name, info: ValidationInfo):
+        """A built-in name, ``module.path:ClassName``, ``path/to/file.py:ClassName`` (relative to
+        the spec's folder) or an entry-point name, resolved (and a user's code imported) by
+        ``workloads._plugins``."""
+        from ..workloads import resolve_workload
 
-        if name not in workload_names():
-            raise ValueError(f"unknown workload {excerpt(name)}; expected one of: {', '.join(workload_names())}")
+        if len(name) > 1000:
+            raise ValueError(f"a workload name has at most 1000 characters, got {excerpt(name)}")
+        resolve_workload(name, spec_dir=(info.context or {}).get("spec_dir"))
         return name
 
 
@@ -435,11 +439,13 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def spec_from_dict(data: Any, source: str = "<spec>") -> StudySpec:
+def spec_from_dict(data: Any, source: str = "<spec>", *, spec_dir: Union[str, Path, None] = None) -> StudySpec:
+    """The validated spec of ``data``; ``spec_dir`` is the folder a ``workload.name`` of the form
+    ``path/to/file.py:ClassName`` is relative to (default: the current folder)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: (top level): expected a mapping of keys, got {type(data).__name__}")
     try:
-        spec = StudySpec.model_validate(data)
+        spec = StudySpec.model_validate(data, context={"spec_dir": spec_dir})
     except ValidationError as error:
         raise SpecError(_format_errors(source, error)) from None
     from ._space import config_errors, workload_errors  # the trainer's and the workload's own checks
@@ -668,8 +674,8 @@ def read_yaml(path: Union[str, Path]) -> Any:
 
 
 def load_spec(path: Union[str, Path]) -> StudySpec:
-    spec = spec_from_dict(read_yaml(path), str(path))
     spec_dir = Path(path).resolve().parent
+    spec = spec_from_dict(read_yaml(path), str(path), spec_dir=spec_dir)
     workdir = Path(spec.workdir) if spec.workdir else spec_dir / ".gsmsearch" / spec.name
     if not workdir.is_absolute():
         workdir = spec_dir / workdir

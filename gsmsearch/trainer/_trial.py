@@ -30,6 +30,7 @@ from ..structured import (
     set_sigma,
 )
 from ..workloads import get_workload, move_to_device
+from ..workloads._plugins import user_code_error
 from ._calibration import activation_weighted, input_second_moments
 from ._config import TrialConfig
 from ._dense_cache import cached_dense_state
@@ -472,7 +473,24 @@ def run_trial(
     only recorded (``test_quality``, ``test_metrics``).
 
     ``structure_path``: also save the trained model (learned structure included) there, in the
-    format of :func:`gsmsearch.structured.save_structure`."""
+    format of :func:`gsmsearch.structured.save_structure`.
+
+    An exception raised inside a user's workload code (``module:Class``, ``file.py:Class``, an
+    entry point) is raised as a :class:`~gsmsearch.workloads.WorkloadCodeError` whose one-line
+    message starts with the user's ``file:line`` (what the driver records as the failure reason)."""
+    try:
+        return _run_trial(config, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir, cache_dir=cache_dir,
+                          structure_path=structure_path)
+    except TrialFailed:
+        raise
+    except Exception as error:
+        located = user_code_error(error, config.workload)
+        if located is None:
+            raise
+        raise located from error
+
+
+def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, structure_path) -> TrialResult:
     workload = get_workload(config.workload, **config.workload_options)
     resolved = _resolved(config, workload)
     splits = workload.load_data(seed=config.seed)

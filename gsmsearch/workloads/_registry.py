@@ -3,14 +3,17 @@
 A workload is everything the trainer needs to know about one task:
 
 * :meth:`Workload.load_data` -- train/val/test splits, fixed by a seed;
-* :meth:`Workload.build_model` -- the model, built with a *linear factory*
-  ``linear_factory(in_features, out_features, bias=True) -> nn.Module`` (default ``nn.Linear``)
-  that constructs every linear layer that is a candidate for structure;
+* :meth:`Workload.build_model` -- the model, a plain ``nn.Module`` whose ``nn.Linear`` layers
+  the trainer swaps for structured ones (the spec's include/exclude patterns, else
+  :attr:`Workload.candidate_patterns`, choose which); the built-in workloads also take an optional
+  *linear factory* ``linear_factory(in_features, out_features, bias=True) -> nn.Module``;
 * :meth:`Workload.forward` / :meth:`Workload.loss` -- one training step's maths;
 * :meth:`Workload.evaluate` -- metrics on a split, always with ``"quality"`` (higher is better).
 
 Workloads are registered under a name with :func:`register_workload` and built with
-:func:`get_workload`, which passes keyword options to the workload's constructor.
+:func:`get_workload`, which passes keyword options to the workload's constructor; a name may
+also reference a user's class (``module:Class``, ``file.py:Class``, an entry point; see
+``_plugins`` and docs/workloads.md).
 """
 from __future__ import annotations
 
@@ -124,12 +127,13 @@ class DataSplits:
 
 
 class Workload(abc.ABC):
-    """A named task: data, model (built through a linear factory), loss and quality metric.
+    """A named task: data, model, loss and quality metric (the public contract: docs/workloads.md).
 
-    Subclasses set the class attributes below, implement :meth:`load_data`, :meth:`build_model`,
-    :meth:`example_batch` and :meth:`evaluate`, and usually keep the classification defaults of
-    :meth:`forward` (``model(batch[0])``) and :meth:`loss` (cross-entropy on ``batch[1]``).
-    Constructor options are keyword-only and validated on entry.
+    Subclasses set the class attributes below, implement :meth:`load_data`, :meth:`build_model`
+    and :meth:`example_batch`, and keep or override the classification defaults of
+    :meth:`forward` (``model(batch[0])``), :meth:`loss` (cross-entropy on ``batch[1]``) and
+    :meth:`evaluate` (accuracy).  Constructor options are keyword-only and validated on entry
+    (a ``ValueError`` naming the option).
     """
 
     name: str = ""  # set by @register_workload
@@ -162,8 +166,10 @@ class Workload(abc.ABC):
 
     # -- model ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def build_model(self, linear_factory: LinearFactory = nn.Linear) -> nn.Module:
-        """The model; every candidate linear layer is ``linear_factory(in, out, bias=...)``."""
+    def build_model(self) -> nn.Module:
+        """The dense model, freshly initialised (the trainer seeds torch first) or with trained
+        weights (:attr:`pretrained`).  Called without arguments; the built-in workloads also take
+        ``linear_factory`` and build every candidate linear layer with it."""
 
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The model's output on ``batch`` (what :meth:`loss` takes)."""
@@ -186,7 +192,6 @@ class Workload(abc.ABC):
         return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
 
     # -- metrics --------------------------------------------------------------------------
-    @abc.abstractmethod
     def evaluate(
         self,
         model: nn.Module,
@@ -196,18 +201,22 @@ class Workload(abc.ABC):
         device: Optional[torch.device] = None,
         collate_fn: Optional[Callable[[list], Any]] = None,
     ) -> Dict[str, float]:
-        """Metrics of ``model`` on ``split``; always has ``"quality"`` (higher is better)."""
+        """Metrics of ``model`` on ``split``; always has ``"quality"`` (higher is better).  Here:
+        classification, ``{"quality": accuracy, "accuracy": ..., "loss": mean cross-entropy}`` of
+        :meth:`forward`'s logits against ``batch[1]``."""
+        loader = self._loader_for_eval(split, batch_size, collate_fn)
+        return classification_metrics(self, model, loader, device)
 
     # -- cost accounting ------------------------------------------------------------------
     @property
-    @abc.abstractmethod
     def tokens_per_sample(self) -> int:
-        """How many tokens (rows) each token-wise linear layer processes per sample.
+        """How many tokens (rows) each token-wise linear layer processes per sample (1 here).
 
         Exact for every candidate layer of MLPs, ViTs and transformers.  Models whose layers
         see different counts (MLP-Mixer's token-mixing layers) are described exactly by
-        :meth:`layer_tokens_per_sample`.
+        :meth:`layer_tokens_per_sample`, which the cost accounting uses.
         """
+        return 1
 
     def nonlinear_flops_per_sample(self, model: nn.Module) -> int:
         """Multiply-adds per sample that no linear structure changes (attention scores and the
@@ -301,11 +310,8 @@ def classification_metrics(
 
 
 class ClassificationWorkload(Workload):
-    """Base for image/feature classification: batches are ``(inputs, labels)``."""
-
-    def evaluate(self, model, split, *, batch_size=None, device=None, collate_fn=None):
-        loader = self._loader_for_eval(split, batch_size, collate_fn)
-        return classification_metrics(self, model, loader, device)
+    """Base for image/feature classification: batches are ``(inputs, labels)`` (the defaults of
+    :class:`Workload`)."""
 
 
 _WORKLOADS: Dict[str, Type[Workload]] = {}
@@ -325,12 +331,12 @@ def register_workload(name: str) -> Callable[[Type[Workload]], Type[Workload]]:
 
 
 def get_workload(name: str, **options: Any) -> Workload:
-    """The workload registered as ``name``, constructed with ``options``."""
-    try:
-        cls = _WORKLOADS[name]
-    except KeyError:
-        known = ", ".join(sorted(_WORKLOADS))
-        raise ValueError(f"unknown workload {name!r}; expected one of: {known}") from None
+    """The workload ``name`` names (a registered name, or a reference to a user's class:
+    ``module.path:ClassName``, ``path/to/file.py:ClassName`` or an entry-point name; see
+    ``_plugins``), constructed with ``options``."""
+    from ._plugins import is_builtin, plugin_name, resolve_workload
+
+    cls = resolve_workload(name)
     accepted = [
         param.name
         for param in inspect.signature(cls).parameters.values()
@@ -342,7 +348,10 @@ def get_workload(name: str, **options: Any) -> Workload:
             f"workload {name!r} has no option {unknown[0]!r}; "
             f"its options are: {', '.join(accepted) or '(none)'}"
         )
-    return cls(**options)
+    workload = cls(**options)
+    if not is_builtin(name):
+        workload.name = plugin_name(cls)
+    return workload
 
 
 def workload_names() -> List[str]:
