@@ -138,17 +138,23 @@ def compress(
             layer's cost when the budget is shared.
         family_options: passed to ``from_dense`` (``rank=``, ``num_blocks=``, ...).
     """
-    from .structured import replace_linears
+    from .structured import replace_linears, set_module
 
     shares = layer_shares(model, family, budget, include=include, exclude=exclude, calibration=calibration,
                           allocation=allocation, tokens=tokens, forward=forward, **family_options)
+    originals = {name: model.get_submodule(name) for name in shares}
     whole = [name for name, share in shares.items() if share >= 1.0 - 1e-9]
-    if whole:
-        replace_linears(model, "dense", include=whole)
     structured = [name for name in shares if name not in whole]
-    if structured:
-        replace_linears(model, family, include=structured, budget=lambda name, linear: shares[name],
-                        **family_options)
+    try:
+        if whole:
+            replace_linears(model, "dense", include=whole)
+        if structured:
+            replace_linears(model, family, include=structured, budget=lambda name, linear: shares[name],
+                            **family_options)
+    except BaseException:
+        for name, linear in originals.items():  # a layer that cannot be fitted leaves the model as it was
+            set_module(model, name, linear)
+        raise
     return model
 
 

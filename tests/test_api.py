@@ -156,9 +156,12 @@ def test_compress_refuses_bad_arguments_and_leaves_the_model_dense(kwargs, messa
     assert all(type(m) is nn.Linear for m in (model[0], model[2], model[4]))
 
 
-def test_a_family_that_cannot_meet_the_budget_says_so():
-    with pytest.raises(BudgetTooSmall, match="monarch"):
-        gsmsearch.compress(mlp(), family="monarch", budget=0.25)
+def test_a_family_that_cannot_meet_the_budget_says_so_and_leaves_the_model_as_it_was():
+    model = mlp()
+    layers = [model[0], model[2], model[4]]
+    with pytest.raises(BudgetTooSmall, match="monarch layer of 128 -> 10"):  # the head; 0 and 2 fit
+        gsmsearch.compress(model, family="monarch", budget=0.25)
+    assert [model[0], model[2], model[4]] == layers
 
 
 # -- save / load --------------------------------------------------------------------------------
