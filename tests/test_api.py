@@ -315,3 +315,18 @@ def test_a_study_launched_from_a_dict_runs_and_its_trials_structure_applies(tmp_
     save_structure(other, path, extra_metadata={"config": config})
     with pytest.raises(ValueError, match="was not written by trial 0 of study 'tiny'"):
         gsmsearch.apply_structure(workload.build_model(), (storage, "tiny", 0))
+
+
+def test_a_dict_names_a_workload_file_relative_to_base_dir(tmp_path):
+    import io
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "own_model"
+    spec = {**TINY, "workload": {"name": "my_workload.py:TumourClassifier", "epochs": 1},
+            "workdir": str(tmp_path / "work")}
+    out = io.StringIO()
+    gsmsearch.launch(spec, base_dir=folder, dry_run=True, out=out)
+    assert "<dict spec>: valid" in out.getvalue()
+    with pytest.raises(SpecError, match="<dict spec>: workload.name"):
+        gsmsearch.launch(spec, base_dir=tmp_path, dry_run=True, out=out)
+    assert list(tmp_path.iterdir()) == []

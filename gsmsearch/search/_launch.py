@@ -759,23 +759,22 @@ def resolve_spec(spec: Union[str, Path, Dict[str, Any], StudySpec], *,
                  base_dir: Union[str, Path, None] = None) -> Tuple[StudySpec, Path, Any]:
     """(spec, the path its relative paths are resolved against, its label) for a spec file, a
     dict or a :class:`StudySpec`; a dict is checked as a spec file is (:class:`SpecError` naming
-    the key), and a dict's or a StudySpec's relative ``storage`` and ``workdir`` are relative to
-    ``base_dir`` (default: the current folder), the folder a spec file's would be relative to."""
+    the key), and a dict's or a StudySpec's relative ``storage`` and ``workdir`` (and a dict's
+    ``workload.name`` file) are relative to ``base_dir`` (default: the current folder), the
+    folder a spec file's would be relative to."""
     if isinstance(spec, (str, Path)):
         if base_dir is not None:
             raise ValueError("base_dir applies to a dict or a StudySpec; a spec file's paths are relative "
                              "to its own folder")
         return load_spec(spec), Path(spec), spec
-    if isinstance(spec, dict):
-        label = "<dict spec>"
-        spec = spec_from_dict(spec, label)
-    elif isinstance(spec, StudySpec):
-        label = "<StudySpec>"
-    else:
+    if not isinstance(spec, (dict, StudySpec)):
         raise TypeError(f"spec must be a spec file path, a dict or a StudySpec, got {type(spec).__name__}")
+    label = "<dict spec>" if isinstance(spec, dict) else "<StudySpec>"
     folder = Path(base_dir) if base_dir is not None else Path.cwd()
     if not folder.is_dir():
         raise SpecError(f"{label}: base_dir {folder}: not a folder")
+    if isinstance(spec, dict):  # a workload.name path/to/file.py:Class is relative to base_dir too
+        spec = spec_from_dict(spec, label, spec_dir=folder.resolve())
     # a file that is never read: study_paths and the storage take its folder as the spec's folder
     spec_path = folder.resolve() / "spec.yaml"
     problem = system_folder_problem(study_paths(spec, spec_path)["workdir"])
