@@ -8,6 +8,7 @@ EXAMPLES = """examples:
   gsmsearch launch studies/quickstart.yaml
   gsmsearch launch studies/quickstart.yaml --dry-run          # validate, show example trials
   gsmsearch launch studies/quickstart.yaml --resume           # continue after Ctrl-C or a crash
+  gsmsearch launch examples/own_model/study.yaml              # your own model (docs/workloads.md)
   RAY_ADDRESS=auto gsmsearch launch studies/vit_b16_imagenet.yaml   # on a Ray cluster
 """
 
