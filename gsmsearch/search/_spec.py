@@ -674,8 +674,9 @@ def read_yaml(path: Union[str, Path]) -> Any:
 
 
 def load_spec(path: Union[str, Path]) -> StudySpec:
+    data = read_yaml(path)  # a missing file, a link loop, ...: a SpecError naming it
     spec_dir = Path(path).resolve().parent
-    spec = spec_from_dict(read_yaml(path), str(path), spec_dir=spec_dir)
+    spec = spec_from_dict(data, str(path), spec_dir=spec_dir)
     workdir = Path(spec.workdir) if spec.workdir else spec_dir / ".gsmsearch" / spec.name
     if not workdir.is_absolute():
         workdir = spec_dir / workdir
