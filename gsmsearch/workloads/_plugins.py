@@ -127,7 +127,7 @@ def resolve_workload(reference: str, *, spec_dir: Union[str, Path, None] = None)
     except Exception as error:  # noqa: BLE001 - the user's import, shown in one line
         raise WorkloadReferenceError(
             f"workload {reference!r} (entry point {entry.value} of {_distribution(entry)}) cannot be loaded: "
-            f"{one_line(error)}{_at(error, None)}") from None
+            f"{one_line(error)}{_at(error, _in_package(entry.module.partition('.')[0]))}") from None
     cls = _checked(loaded, f"{reference} ({entry.value})")
     _RESOLVED[reference] = cls
     return cls

@@ -191,3 +191,17 @@ def test_a_plugin_trial_runs_in_process(beside, tmp_path):
     assert 0.5 <= result.quality <= 1.0
     assert result.structured_relative_flops == pytest.approx(0.5, abs=0.05)
     assert torch.get_num_threads() >= 1
+
+
+def test_an_entry_point_whose_package_fails_to_import_names_the_line(tmp_path, monkeypatch):
+    (tmp_path / "badplug").mkdir()
+    (tmp_path / "badplug" / "__init__.py").write_text("import os\nraise RuntimeError('broken plugin')\n")
+    dist = tmp_path / "badplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: badplug\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[gsmsearch.workloads]\nbad-test = badplug:Thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(WorkloadReferenceError, match=r"^workload 'bad-test' \(entry point badplug:Thing of badplug "
+                                                     r"0.1\) cannot be loaded: RuntimeError: broken plugin "
+                                                     r"\(.*badplug/__init__.py:2 in <module>\)$"):
+        resolve_workload("bad-test")
