@@ -205,3 +205,11 @@ def test_an_entry_point_whose_package_fails_to_import_names_the_line(tmp_path, m
                                                      r"0.1\) cannot be loaded: RuntimeError: broken plugin "
                                                      r"\(.*badplug/__init__.py:2 in <module>\)$"):
         resolve_workload("bad-test")
+
+
+def test_the_example_spec_is_valid_and_names_the_file_beside_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(EXAMPLE.parent / "study.yaml")
+    assert spec.workload.name == "my_workload.py:TumourClassifier"
+    cls = resolve_workload(spec.workload.name)
+    assert Path(sys.modules[cls.__module__].__file__) == EXAMPLE
