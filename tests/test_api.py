@@ -249,7 +249,7 @@ TINY = {
     "families": {"lowrank": {"budget": [0.3]}},
     "trials": 1,
     "concurrency": 1,
-    "executor": {"num_cpus": 1},
+    "executor": {"num_cpus": 2},  # the same local Ray as every other test in this process
 }
 
 

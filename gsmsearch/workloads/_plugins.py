@@ -218,7 +218,10 @@ def _file_module(written: str, spec_dir: Union[str, Path, None]) -> types.Module
 
 
 def _run_file(file: _File) -> types.ModuleType:
-    digest = hashlib.sha256(file.source.encode()).hexdigest()[:12]
+    # the module's name is the same wherever this (path, text) runs -- the driver and every
+    # worker -- and differs for the same text at another path, so classes never resolve to
+    # another file's module (sys.modules is keyed by the name)
+    digest = hashlib.sha256(f"{file.path}\0{file.source}".encode()).hexdigest()[:12]
     key = (file.path, digest)
     if key in _MODULES:
         return _MODULES[key]
@@ -230,7 +233,7 @@ def _run_file(file: _File) -> types.ModuleType:
     linecache.cache[file.path] = (len(file.source), None, file.source.splitlines(True), file.path)
     folder = str(Path(file.path).parent)
     if os.path.isdir(folder) and folder not in sys.path:
-        sys.path.append(folder)  # its sibling modules import as they would beside a script
+        sys.path.insert(0, folder)  # its sibling modules import as they would beside a script (first)
     try:
         code = compile(file.source, file.path, "exec")
     except SyntaxError as error:
