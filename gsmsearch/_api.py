@@ -71,9 +71,9 @@ def layer_shares(
 ) -> Dict[str, float]:
     """The budget (fraction of its dense FLOPs) :func:`compress` gives each matching layer of
     ``model``; nothing is changed.  See :func:`compress` for the arguments."""
-    from .structured import allocate_budgets, get_family, matching_linears
+    from .structured import get_family, matching_linears
     from .trainer._calibration import activation_weighted, input_second_moments
-    from .trainer._trial import family_min_budget
+    from .trainer._trial import share_budget
 
     if allocation not in ALLOCATION_CHOICES:
         raise ValueError(f"allocation must be one of {ALLOCATION_CHOICES}, got {allocation!r}")
@@ -94,16 +94,7 @@ def layer_shares(
             model, targets, _CalibrationWorkload(forward or _call_model), _CalibrationSplits(calibration),
             samples=math.inf, batch_size=1, device=_model_device(model))
         weights = {name: activation_weighted(linear.weight, moments[name]) for name, linear in targets}
-    least: Dict[Tuple[int, int], float] = {}
-    for name, linear in targets:
-        shape = (linear.out_features, linear.in_features)
-        if shape not in least:
-            least[shape] = family_min_budget(family, *shape, **family_options)
-    tokens = dict(tokens or {})
-    return allocate_budgets(weights, float(budget),
-                            tokens={name: float(tokens.get(name, 1.0)) for name, _ in targets},
-                            min_fractions={name: least[(linear.out_features, linear.in_features)]
-                                           for name, linear in targets})
+    return share_budget(family, targets, weights, budget, tokens=dict(tokens or {}), family_options=family_options)
 
 
 def compress(

@@ -205,14 +205,22 @@ def layer_budgets(config: TrialConfig, workload, model: nn.Module, splits=None) 
                                        batch_size=workload.default_batch_size)
         model.to("cpu")
         weights = {name: activation_weighted(linear.weight, moments[name]) for name, linear in targets}
-    tokens = workload.layer_tokens_per_sample(model)
+    return share_budget(config.family, targets, weights, config.budget,
+                        tokens=workload.layer_tokens_per_sample(model), family_options=config.family_options)
+
+
+def share_budget(family: str, targets, weights: Dict[str, Any], budget: float, *,
+                 tokens: Dict[str, float], family_options: Dict[str, Any]) -> Dict[str, float]:
+    """``budget`` shared among ``targets`` ((name, nn.Linear) pairs) by ``weights`` (name -> the
+    matrix whose spectrum decides its share), each layer at least ``family``'s smallest budget for
+    its shape; ``tokens``: name -> tokens per sample (1 when absent)."""
     least = {}
     for name, linear in targets:
         shape = (linear.out_features, linear.in_features)
         if shape not in least:
-            least[shape] = family_min_budget(config.family, *shape, **config.family_options)
-    return allocate_budgets(weights, config.budget,
-                            tokens={name: tokens.get(name, 1.0) for name, _ in targets},
+            least[shape] = family_min_budget(family, *shape, **family_options)
+    return allocate_budgets(weights, float(budget),
+                            tokens={name: float(tokens.get(name, 1.0)) for name, _ in targets},
                             min_fractions={name: least[(linear.out_features, linear.in_features)]
                                            for name, linear in targets})
 
