@@ -12,7 +12,7 @@ from gsmsearch.search import launch
 
 from .conftest import TINY_SPEC
 
-SLOW = {**TINY_SPEC["workload"], "epochs": 14}
+SLOW = {**TINY_SPEC["workload"], "epochs": 80}  # long enough that Ctrl-C lands while trials run
 
 
 def _ray_worker_pids():
