@@ -11,6 +11,7 @@ and no runtime environment are needed for it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Dict, Optional
 
@@ -29,18 +30,44 @@ def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
         _check_reachable(address)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return f"Ray cluster at {address}"
-    # A local, single-machine Ray: every server on loopback, no token needed between them.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="ERROR",
-        log_to_driver=False,
-        configure_logging=True,
-    )
+    with _loopback_only():
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="ERROR",
+            log_to_driver=False,
+            configure_logging=True,
+        )
     return f"local Ray ({num_cpus or os.cpu_count()} CPUs, 127.0.0.1)"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """A local, single-machine Ray with every server on 127.0.0.1 and no token between them.
+
+    Ray binds its servers to all interfaces and replaces a loopback ``_node_ip_address`` by the
+    machine's routable address unless clusters are disabled, and it reads that switch
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) once, when ``ray`` is first imported.  So the variable
+    is set for the processes Ray starts now, and the value Ray already read is overridden for the
+    time of ``ray.init``; both are put back afterwards, so a later connection to a real cluster
+    from this process is not held to loopback."""
+    from ray._private import ray_constants
+
+    saved_env = {name: os.environ.get(name) for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
