@@ -15,8 +15,12 @@ every configuration is measured over all the seeds (``_replicates``).
 What survives what:
 
 - a trial that fails (exception, worker crash, time limit) is retried up to ``retries`` times
-  from its last per-epoch checkpoint; after that it is recorded FAIL with its reason, for good
-  (user attribute ``final``), as is a trial that reports it can never succeed as configured;
+  from its last per-epoch checkpoint, before any new trial starts; after that it is recorded FAIL
+  with its reason, for good (user attribute ``final``), as is a trial that reports it can never
+  succeed as configured, except when its worker or node died: that one is not final, so
+  ``--resume`` runs it again.  ``trial_timeout`` counts the time a trial runs, not the time it
+  waits for a worker to be placed; on a cluster that lost a node, trials waiting for a worker it
+  can no longer place go to the workers that are free;
 - a killed driver leaves RUNNING trials behind: the next ``launch --resume`` marks them FAIL
   ("stale", not final) and re-enqueues their configurations, which resume from their checkpoints;
 - Ctrl-C (deferred to the loop's next safe point; a second one interrupts at once) stops the
@@ -141,8 +145,9 @@ class _Running:
     worker: Any
     ref: Any
     attempt: int
-    started: float  # monotonic, for the time limit
+    started: Optional[float]  # monotonic, once the worker holds its resources: for the time limit
     submitted: float  # wall clock
+    placed: Any = None  # a new worker's ``info`` ref until it is placed on a node (None after)
 
 
 def _driver_alive(driver: Dict[str, Any]) -> bool:
@@ -420,6 +425,8 @@ class Driver:
         self.study = None
         self.running: Dict[Any, _Running] = {}  # Ray object ref -> the trial it will return
         self.idle: List[Any] = []  # workers free for the next trial
+        self.placements: Dict[int, List[Dict[str, Any]]] = {}  # trial number -> node of each attempt
+        self.located: Dict[Any, Dict[str, Any]] = {}  # worker -> where it was placed (its ``info``)
         self.asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
         self.exhausted: Dict[str, int] = {}  # family -> duplicates in a row (unbounded spaces)
         self.finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
@@ -579,60 +586,139 @@ class Driver:
             self.exhausted[family] = DUPLICATES_IN_A_ROW
 
     def submit(self, trial, config: Dict[str, Any], digest: str, attempt: int) -> None:
-        """Start ``trial`` on an idle worker, or on a new one."""
+        """Start ``trial`` on an idle worker, or on a new one.  A new worker may wait for the
+        cluster to free resources: its trial's time limit starts once it is placed
+        (:meth:`placed`), and an idle worker takes the trial over meanwhile (:meth:`reassign`)."""
         resources = self.spec.resources
-        worker = self.idle.pop() if self.idle else self.make_worker(resources.cpus_per_trial,
-                                                                    resources.gpus_per_trial)
+        reused = bool(self.idle)
+        worker = self.idle.pop() if reused else self.make_worker(resources.cpus_per_trial,
+                                                                 resources.gpus_per_trial)
+        # a worker runs its calls in order: ``info`` answers as soon as the worker is placed
+        placed = None if reused else worker.info.remote()
         ref = worker.run.remote(
             config, str(self.paths["checkpoints"] / digest), str(self.paths["cache"]),
             str(self.paths["structures"] / f"trial-{trial.number}.safetensors"),
         )
-        self.running[ref] = _Running(trial, config, digest, worker, ref, attempt, time.monotonic(), time.time())
+        entry = _Running(trial, config, digest, worker, ref, attempt, started=time.monotonic() if reused else None,
+                         submitted=time.time(), placed=placed)
+        self.running[ref] = entry
+        if reused:
+            self.record_placement(entry, self.located.get(worker, {}))
 
     def collect(self, timeout: float = 1.0) -> None:
-        """Wait up to ``timeout`` seconds for a trial to return; retry it if its worker died or
-        raised, else start the next trial on its worker and :meth:`tell` its outcome."""
+        """Wait up to ``timeout`` seconds for a trial to return or a new worker to be placed;
+        retry a trial whose worker died or raised, else hand its worker to a trial still waiting
+        for one (retries first), start the next trial, and :meth:`tell` its outcome."""
         import ray
 
-        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        waiting = {entry.placed: entry for entry in self.running.values() if entry.placed is not None}
+        ready, _ = ray.wait(list(self.running) + list(waiting), num_returns=1, timeout=timeout)
         for ref in ready:
+            if ref in waiting:
+                self.placed(waiting[ref])
+                continue
             entry = self.running.pop(ref)
             try:
                 outcome = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
-                self.retry_or_fail(entry, f"worker died: {type(error).__name__}")
+                # the worker's process or node died: nothing the trial's configuration did
+                self.retry_or_fail(entry, f"worker died: {type(error).__name__}", resumable=True)
                 continue
             except ray.exceptions.RayTaskError as error:
                 cause = error.cause if getattr(error, "cause", None) is not None else error
                 self.retry_or_fail(entry, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
                 continue
+            if entry.placed is not None:  # it returned before its placement was seen
+                self.placed(entry)
+                entry.started = time.monotonic() - (outcome["finished"] - outcome["started"])
             self.idle.append(entry.worker)
             received = time.time()
-            # keep the worker busy: start the next trial first, then write this result
+            # keep the worker busy: a trial waiting for a worker first, then the next trial,
+            # then write this result
+            self.reassign()
             self.fill(1)
             self.tell(entry, outcome, received)
 
+    def placed(self, entry: _Running) -> None:
+        """``entry``'s new worker holds its resources: the trial's time limit starts, and the
+        node it runs on is recorded (``placements``: one per attempt)."""
+        import ray
+
+        try:
+            where = ray.get(entry.placed)
+        except Exception:  # noqa: BLE001 - the worker died before it ran: its run ref says so
+            return
+        entry.placed, entry.started = None, time.monotonic()
+        self.located[entry.worker] = where
+        self.record_placement(entry, where)
+
+    def record_placement(self, entry: _Running, where: Dict[str, Any]) -> None:
+        attempts = self.placements.setdefault(entry.trial.number, [])
+        attempts.append({"attempt": entry.attempt + 1, "node_id": where.get("node"), "host": where.get("host"),
+                         "pid": where.get("pid")})
+        with_retries(lambda: entry.trial.set_user_attr("placements", attempts))
+
+    def reassign(self) -> None:
+        """Give idle workers the trials whose new worker waits for resources the cluster no
+        longer has (it lost a node: the placed workers already fill it), retries first, then in
+        the order they were submitted.  Without this, a retry would wait behind every new trial,
+        and a trial whose worker can never be placed would wait forever.  A new worker that is
+        merely starting, on a cluster with room for it, keeps its trial."""
+        import ray
+
+        while self.idle:
+            waiting = [entry for entry in self.running.values() if entry.placed is not None]
+            if not waiting:
+                return
+            placed = len(self.idle) + sum(1 for entry in self.running.values() if entry.placed is None)
+            if placed < self.capacity():
+                return
+            entry = min(waiting, key=lambda e: (-e.attempt, e.submitted))
+            if ray.wait([entry.placed], timeout=0)[0]:  # placed meanwhile: it runs where it is
+                self.placed(entry)
+                continue
+            self.running.pop(entry.ref)
+            _kill(entry.worker)
+            self.located.pop(entry.worker, None)
+            self.submit(entry.trial, entry.config, entry.digest, entry.attempt)
+
+    def capacity(self) -> int:
+        """How many trial workers the Ray cluster's live nodes hold at once."""
+        import ray
+
+        total, wanted = ray.cluster_resources(), self.spec.resources
+        slots = [total.get("CPU", 0.0) / wanted.cpus_per_trial]
+        if wanted.gpus_per_trial > 0:
+            slots.append(total.get("GPU", 0.0) / wanted.gpus_per_trial)
+        return int(min(slots) + 1e-9)
+
     def enforce_time_limit(self) -> None:
-        """Retry (or fail) every trial running longer than ``trial_timeout``."""
+        """Retry (or fail) every trial running longer than ``trial_timeout``; the time a trial
+        waits for its worker to be placed does not count."""
         if self.spec.trial_timeout is None:
             return
         now = time.monotonic()
         for ref, entry in list(self.running.items()):
-            if now - entry.started > self.spec.trial_timeout:
+            if entry.started is not None and now - entry.started > self.spec.trial_timeout:
                 self.running.pop(ref)
                 self.retry_or_fail(entry, f"exceeded trial_timeout of {self.spec.trial_timeout:g}s")
 
-    def retry_or_fail(self, entry: _Running, reason: str) -> None:
+    def retry_or_fail(self, entry: _Running, reason: str, *, resumable: bool = False) -> None:
         """Stop ``entry``'s worker; resubmit the trial from its last checkpoint while it has
-        retries left, else record it failed for good."""
+        retries left, served before any new trial (:meth:`reassign`).  Out of retries, it is
+        recorded failed: for good, or, when ``resumable`` (its worker or node died, nothing its
+        configuration did), not final, so that ``--resume`` runs it again."""
         _kill(entry.worker)
+        self.located.pop(entry.worker, None)
         if entry.attempt < self.spec.retries:
             self.display.line(f"[{self.spec.name}] trial {entry.trial.number} attempt {entry.attempt + 1} failed "
                               f"({reason}); retrying from its last checkpoint")
             self.submit(entry.trial, entry.config, entry.digest, entry.attempt + 1)
+            self.reassign()
         else:
+            suffix = "; `launch --resume` runs it again" if resumable else ""
             self.record_failure(entry.trial, entry.config["family"],
-                                f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
+                                f"{reason} (after {entry.attempt + 1} attempt(s)){suffix}", final=not resumable)
 
     # -- recording -------------------------------------------------------------------------
 
@@ -656,6 +742,8 @@ class Driver:
         }
         with_retries(lambda: entry.trial.set_user_attr("timing", timing))
         with_retries(lambda: entry.trial.set_user_attr("ray_actor_id", outcome.get("actor_id")))
+        with_retries(lambda: entry.trial.set_user_attr("node_id", outcome.get("node_id")))
+        with_retries(lambda: entry.trial.set_user_attr("host", outcome.get("host")))
         with_retries(lambda: entry.trial.set_user_attr("attempts", entry.attempt + 1))
         return timing
 
@@ -683,7 +771,8 @@ class Driver:
         with_retries(lambda: trial.set_user_attr("layers", result.get("layers", {})))
         with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))
         with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
-        self.display.durations.append(time.monotonic() - entry.started)
+        if entry.started is not None:
+            self.display.durations.append(time.monotonic() - entry.started)
         shown = ", ".join(f"{metric_label(m, OBJECTIVE_SPLIT)} {v:.4g}" for m, v in zip(spec.metric_names, values))
         self.display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) done: {shown}")
 

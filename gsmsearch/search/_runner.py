@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Any, Dict, Optional
 
 __all__ = ["start_ray", "check_resources", "make_worker", "execute_trial"]
@@ -28,7 +29,10 @@ def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
         return "existing Ray session"
     if address:
         _check_reachable(address)
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        # a cluster on this machine's loopback (a test's): the driver joins it on 127.0.0.1 too
+        joining = _loopback_only() if _is_loopback(address) else contextlib.nullcontext()
+        with joining:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return f"Ray cluster at {address}"
     with _loopback_only():
         ray.init(
@@ -68,6 +72,19 @@ def _loopback_only():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host = target.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -138,10 +155,14 @@ def make_worker(cpus: float, gpus: float):
 
         def run(self, config, checkpoint_dir, cache_dir, structure_path=None):
             outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
-            outcome["actor_id"] = ray.get_runtime_context().get_actor_id()
+            context = ray.get_runtime_context()
+            outcome.update(actor_id=context.get_actor_id(), node_id=context.get_node_id(),
+                           host=socket.gethostname())
             return outcome
 
         def info(self):
-            return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id()}
+            """Where this worker runs; answered once it is placed (the driver waits on it)."""
+            return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id(),
+                    "host": socket.gethostname()}
 
     return TrialWorker.options(num_cpus=cpus, num_gpus=gpus).remote(max(1, int(cpus)), shipped_files())

@@ -35,8 +35,14 @@ class FakeWorkers:
                 submitted.append((config, checkpoint_dir, structure_path))
                 return object()
 
+        class Info:
+            @staticmethod
+            def remote():
+                return object()
+
         class Worker:
             run = Run
+            info = Info
 
         return Worker()
 
@@ -321,6 +327,12 @@ def test_a_trial_past_its_time_limit_is_retried_in_its_checkpoint_folder_then_fa
     driver, workers = make_driver(tmp_path, {"concurrency": 1, "retries": 1, "trial_timeout": 60})
     driver.fill()
     (entry,) = driver.running.values()
+    # a new worker not placed yet: the trial waits for resources, which its time limit ignores
+    assert entry.started is None and entry.placed is not None
+    entry.submitted -= 3600
+    driver.enforce_time_limit()
+    assert len(workers.submitted) == 1 and list(driver.running.values()) == [entry]
+    entry.placed, entry.started = None, time.monotonic()  # placed: its time limit starts
     driver.enforce_time_limit()
     assert len(workers.submitted) == 1  # within its limit
     entry.started -= 61
@@ -329,7 +341,7 @@ def test_a_trial_past_its_time_limit_is_retried_in_its_checkpoint_folder_then_fa
     assert (retry.trial.number, retry.attempt) == (entry.trial.number, 1)
     assert workers.submitted[1] == workers.submitted[0]  # same config, checkpoint folder, structure file
     assert "attempt 1 failed (exceeded trial_timeout of 60s); retrying from its last checkpoint" in driver.out.getvalue()
-    retry.started -= 61
+    retry.placed, retry.started = None, time.monotonic() - 61
     driver.enforce_time_limit()
     assert not driver.running and len(workers.submitted) == 2
     trial = driver.study.get_trials()[entry.trial.number]

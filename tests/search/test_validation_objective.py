@@ -36,8 +36,14 @@ class InProcessWorkers:
                 outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
                 return ray.put({**outcome, "actor_id": "in-process"})
 
+        class Info:
+            @staticmethod
+            def remote():
+                return ray.put({"pid": 0, "node": "this-process", "host": "localhost"})
+
         class Worker:
             run = Run
+            info = Info
 
         return Worker()
 
