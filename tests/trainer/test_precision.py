@@ -356,3 +356,39 @@ def test_gblr_with_bf16_factors_keeps_float32_structure_on_both_paths():
     assert result["structure_grad_dtypes"] == ["torch.float32", "torch.float32"]
     assert result["kernels_vs_torch"] < 3e-2
     assert result["kernels_vs_fp32"] < 3e-2 and result["torch_vs_fp32"] < 3e-2
+
+
+def test_loss_scaler_steps_skip_overflows_and_resume_with_their_scale(tmp_path):
+    """The fp16 step's wiring (``TrainingLoop._backward_step`` through a GradScaler; fp16 itself
+    needs CUDA, so a CPU GradScaler under bf16 autocast stands in): with a power-of-two scale the
+    scaled steps are bit-identical to unscaled ones, a step whose loss overflows leaves every
+    weight as it was and halves the scale, and the scale is checkpointed and resumed."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    plain = TrainingLoop(None, copy.deepcopy(model), None, epochs=1, batch_size=4, lr=1e-2, precision="bf16")
+    scaled = TrainingLoop(None, model, None, epochs=1, batch_size=4, lr=1e-2, precision="bf16",
+                          checkpoint_path=tmp_path / "last.pt", checkpoint_tag="t")
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(32, 8)
+
+    def step(loop, factor=1.0):
+        with loop.autocast():
+            loss = loop.model(x).float().pow(2).mean() * factor
+        loop._backward_step(loss)
+
+    for _ in range(3):
+        step(plain)
+        step(scaled)
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), scaled.model.parameters()))
+    before = [p.detach().clone() for p in scaled.model.parameters()]
+    step(scaled, float("inf"))
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled.model.parameters()))
+    assert scaled.scaler.get_scale() == 2.0 ** 9
+    scaled._save_checkpoint(1)
+    resumed = TrainingLoop(None, copy.deepcopy(model), None, epochs=1, batch_size=4, lr=1e-2, precision="bf16",
+                           checkpoint_path=tmp_path / "last.pt", checkpoint_tag="t")
+    resumed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    resumed._maybe_resume()
+    assert resumed.scaler.get_scale() == 2.0 ** 9 and resumed.start_epoch == 1
