@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmarks of the layers in one call (CUDA, bf16).  Skips cleanly without a GPU.
+# GPU benchmarks of the layers in one call (CUDA, bf16), then a training step by precision
+# (fp32 / bf16 / fp16).  Skips cleanly without a GPU.
 #   bash bench/gpu.sh            # full sizes; writes bench/results/gpu.json
 #   bash bench/gpu.sh --smoke    # tiny sizes on any device
 # The real structures (a digits trial's layers, MiniLM's fits) are prepared on a CPU machine with
@@ -14,4 +15,6 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-exec "$PY" -m bench.gpu "$@"
+"$PY" -m bench.gpu "$@"
+# the whole training step at fp32 / bf16 / fp16 side by side (time, peak memory): bench/precision_step.py
+"$PY" -m bench.precision_step "$@"

@@ -220,10 +220,14 @@ def apply_structure(model: nn.Module, source: Source, *, workdir: Union[str, Pat
 
 # -- saving a structured model ------------------------------------------------------------------
 
-def save(model: nn.Module, path: Union[str, Path]) -> Path:
+def save(model: nn.Module, path: Union[str, Path], *, dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``model``'s structure and weights to ``path`` (one safetensors file: every tensor,
     and each structured layer's qualified name, family and constructor config in its metadata);
-    no code is pickled.  Returns the path.  Load it with :func:`load`."""
+    no code is pickled.  Returns the path.  Load it with :func:`load`.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): the weights stored in that dtype (half the file of
+    float32), the GBLR widths and locations kept float32 (exact intervals); :func:`load` gives
+    back a model in the stored dtypes."""
     from .structured import save_structure
     from .structured._export import ExportedGBLR
 
@@ -232,7 +236,7 @@ def save(model: nn.Module, path: Union[str, Path]) -> Path:
         raise ValueError(f"layer {exported[0]!r} is an exported execution plan: save the model before "
                          f"export() (a plan is rebuilt from it by export() after load())")
     path = Path(path)
-    save_structure(model, path)
+    save_structure(model, path, dtype=dtype)
     return path
 
 

@@ -84,6 +84,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--distill-temperature", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="forward passes under autocast at bf16/fp16, float32 master weights (default auto: "
+                        "bf16 on a CUDA device that supports it, fp32 elsewhere; fp16 needs CUDA)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint each epoch here; resume if present")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency measurement")

@@ -36,6 +36,9 @@ def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
         return f"Ray cluster at {address}"
     with _loopback_only():
         ray.init(
+            # "local": a new instance even where a `ray start` cluster runs on this machine (with
+            # no address Ray would join the one recorded in its temp folder)
+            address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

@@ -74,6 +74,7 @@ def _workload_config(spec: StudySpec, family: str, seed: int, device: str) -> Di
         warmup_epochs=workload.warmup_epochs,
         seed=seed,
         device=device,
+        precision=spec.precision,
     )
 
 

@@ -339,6 +339,17 @@ class StudySpec(_Strict):
     retries: int = Field(1, ge=0, le=100)
     trial_timeout: Optional[float] = Field(None, gt=0, le=366 * 86400)  # seconds per trial attempt
     executor: Executor = Executor()
+    # autocast of the trials' forward passes (float32 master weights; trainer resolve_precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("precision")
+    @classmethod
+    def _precision_runs(cls, precision, info: ValidationInfo):
+        resources = info.data.get("resources")
+        if precision == "fp16" and resources is not None and not resources.gpus_per_trial > 0:
+            raise ValueError("fp16 needs GPU trials (resources.gpus_per_trial > 0): its loss scaling runs on "
+                             "CUDA and CPU autocast computes in bfloat16; use bf16 or fp32 on CPUs")
+        return precision
 
     @field_validator("name")
     @classmethod

@@ -226,6 +226,19 @@ class GBLRLinear(StructuredLinear):
             "recompute_intermediate": self.recompute_intermediate,
         }
 
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply``, except that a cast to a 16-bit float dtype (``.to(torch.bfloat16)``,
+        ``.half()``) leaves the widths and locations in float32 (moved to the new device): they
+        are fractions on an index grid of up to thousands of points, which 8 or 11 significant
+        bits cannot name; the masks built from them stay float32 too (``_mask``)."""
+        kept = {name: getattr(self, name).data for name in ("widths", "locations")}
+        result = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            param = getattr(self, name)
+            if param.dtype in (torch.bfloat16, torch.float16) and before.dtype not in (torch.bfloat16, torch.float16):
+                param.data = before.to(param.device)
+        return result
+
     # -- structure -----------------------------------------------------------------------------
     def structural_parameters(self):
         return iter((self.widths, self.locations))

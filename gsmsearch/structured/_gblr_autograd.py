@@ -202,9 +202,12 @@ class _Sides:
         if rows is None:
             rows = grid_rows(widths, locations, side_sizes(m, n, widths.device))
         self.upper, self.lower = rows[0], rows[1]
-        self.wraps = rows[2].to(factors.dtype)
-        self.tables = (flat_index_tables(m, sigma, factors.dtype, factors.device),
-                       flat_index_tables(n, sigma, factors.dtype, factors.device))
+        # the tables, masks and width/location gradients in the widths' dtype where the factors
+        # are 16-bit (float32 prefix sums), else in the factors' dtype (the torch path's arithmetic)
+        self.dtype = torch.promote_types(factors.dtype, widths.dtype)
+        self.wraps = rows[2].to(self.dtype)
+        self.tables = (flat_index_tables(m, sigma, self.dtype, factors.device),
+                       flat_index_tables(n, sigma, self.dtype, factors.device))
 
     def masked(self, side: int, factors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         from ._mask_kernel import masked_factors_kernel
@@ -282,7 +285,7 @@ class _GBLRKernelFunction(torch.autograd.Function):
         x, row_factors, col_factors, kept = ctx.saved_tensors
         sides, needs, dtype = ctx.sides, ctx.needs_input_grad, ctx.dtype
         m, n = row_factors.shape[-1], col_factors.shape[-1]
-        d_widths = row_factors.new_empty(2, row_factors.shape[0])
+        d_widths = row_factors.new_empty(2, row_factors.shape[0], dtype=sides.dtype)
         d_locations = torch.empty_like(d_widths)
         with torch.autocast(x.device.type, enabled=False):
             dy = grad_y.reshape(-1, m).to(dtype)
@@ -330,10 +333,14 @@ def _side_grads(held, factors, upper, lower, sigma, width_needed, location_neede
     d_masked = held.pop().view(K, r, size).to(factors.dtype)
     d_mask = None
     if width_needed or location_needed:
+        # in the mask's dtype (float32 for 16-bit factors: the mask gradient meets the float32
+        # prefix-sum tables); a no-op cast otherwise
+        dm, f = d_masked.to(mask.dtype), factors.to(mask.dtype)
         if r == 1:
-            d_mask = d_masked[:, 0] * factors[:, 0]  # (K', size)
+            d_mask = dm[:, 0] * f[:, 0]  # (K', size)
         else:
-            d_mask = torch.linalg.vecdot(d_masked.transpose(1, 2), factors.transpose(1, 2))
+            d_mask = torch.linalg.vecdot(dm.transpose(1, 2), f.transpose(1, 2))
+        del dm, f
     # the mask is last used here (the caller drops it), before the width backward's buffer
     d_factors = d_masked.mul_(mask[:, None, :]) if factors_needed else None
     del d_masked, mask

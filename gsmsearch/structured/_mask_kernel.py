@@ -56,7 +56,7 @@ def _side_grads_kernel(d_masked_ptr, factors_ptr, prefix_ptr, q_ptr, upper_ptr, 
     up = tl.load(upper_ptr + k)
     lo = tl.load(lower_ptr + k)
     wr = tl.load(wraps_ptr + k)
-    acc_type = d_factors_ptr.dtype.element_ty
+    acc_type = q_ptr.dtype.element_ty  # the tables' dtype: float32 for 16-bit factors
     at_end = tl.zeros((BD,), dtype=acc_type)
     at_start = tl.zeros((BD,), dtype=acc_type)
     for first in range(0, D, BD):
@@ -96,7 +96,8 @@ def side_grads_kernel(d_masked: torch.Tensor, factors: torch.Tensor, prefix: tor
                       d_width: torch.Tensor, d_location: torch.Tensor) -> torch.Tensor:
     """d_factors (K', r, d) in the factors' dtype, from the gradient of the masked factors
     (K' r, d) in any dtype; the width and location gradients are written to ``d_width`` and
-    ``d_location`` (K',), contiguous, the factors' dtype."""
+    ``d_location`` (K',), contiguous, the tables' dtype (the factors' dtype, or float32 where the
+    factors are 16-bit: accumulated in float32 either way)."""
     K, R, D = factors.shape
     d_factors = torch.empty_like(factors)
     if K:

@@ -8,12 +8,49 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS", "LR_SCHEDULES"]
+__all__ = ["TrialConfig", "MODES", "BUDGET_CONTROLS", "ALLOCATIONS", "LR_SCHEDULES", "PRECISIONS",
+           "resolve_precision", "autocast_dtype"]
 
 MODES = ("scratch", "finetune")
 ALLOCATIONS = ("uniform", "global", "activation")
 LR_SCHEDULES = ("constant", "cosine")  # see the loop's lr_factor
 BUDGET_CONTROLS = ("project-flops", "project-mean-width", "stop-shrinking", "none")
+# arithmetic of the training and evaluation forward passes (autocast; float32 master weights):
+# "auto" = bf16 on a CUDA device that supports it, fp32 otherwise (CPU: fp32)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision ``precision`` means on ``device``: "fp32", "bf16" or "fp16".
+
+    ``auto`` is bf16 on a CUDA device that supports bfloat16 and fp32 everywhere else (CPU
+    training stays float32 unless asked: CPU bfloat16 matmuls are fast only on CPUs with
+    bfloat16 units).  fp16 needs a CUDA device (its loss scaling, ``GradScaler``, is a CUDA
+    tool, and CPU autocast computes in bfloat16); bf16 on a CUDA device without bfloat16
+    support is refused too.  Raises ValueError naming ``precision``."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    kind = torch.device(device).type
+    if precision == "auto":
+        if kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and kind != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device, got device {device!r}: CPU autocast computes "
+                         f"in bfloat16 (use precision bf16 or fp32)")
+    if precision == "bf16" and kind == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16: the CUDA device {device!r} does not support bfloat16 "
+                         f"(use precision fp16 or fp32)")
+    return precision
+
+
+def autocast_dtype(precision: str):
+    """The autocast dtype of a resolved precision (None for fp32: no autocast)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass
@@ -76,6 +113,9 @@ class TrialConfig:
     distill_temperature: float = 4.0
     seed: int = 0
     device: str = "cpu"
+    # autocast of the forward passes (train and evaluation), float32 master weights; the GBLR
+    # widths, locations, masks and the budget step stay float32 (see resolve_precision)
+    precision: str = "auto"
 
     # measurement
     measure_latency: bool = True
@@ -127,6 +167,8 @@ class TrialConfig:
             errors.append(f"budget_anneal_epochs must be >= 0, got {self.budget_anneal_epochs!r}")
         if self.budget_control in ("project-mean-width", "stop-shrinking") and self.target_mean_width is None:
             errors.append(f"budget_control {self.budget_control!r} needs target_mean_width")
+        if self.precision not in PRECISIONS:
+            errors.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             errors.append(f"batch_size must be >= 1, got {self.batch_size!r}")
         errors += self._optimisation_errors()
@@ -201,6 +243,10 @@ class TrialConfig:
         return cls(**data)
 
     def digest(self, *, exclude=("device", "measure_latency", "latency_batch")) -> str:
-        """A stable hash of the fields that determine training (checkpoints must match it)."""
+        """A stable hash of the fields that determine training (checkpoints must match it).
+        ``precision`` at its default ("auto") is left out: such a config hashes as a config
+        without the field does, so digests stored with a study's trials stay valid."""
         data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        if data.get("precision") == "auto":
+            del data["precision"]
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

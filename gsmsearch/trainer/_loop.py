@@ -6,6 +6,14 @@ wrap) through a budget controller -- :class:`~gsmsearch.structured.ProximalOnly`
 given, so a loop without a budget still keeps widths in [0, 1]; the Gaudi masks' sigma follows
 a schedule per (fractional) epoch.  The loop checkpoints after every epoch (atomically) and can
 resume from such a checkpoint, so a preempted trial loses at most one epoch.
+
+Precision (``precision``: fp32, bf16, fp16 or auto, :func:`~gsmsearch.trainer._config.resolve_precision`):
+the forward passes and the loss (training, the teacher's, validation) run under
+``torch.autocast`` at that dtype; the parameters, their gradients and the optimizer state stay
+float32 (master weights), and so do the GBLR widths, locations and masks (the GBLR layer builds
+its masks with autocast off, in its parameters' dtype) and the proximal step and budget
+projection (after the optimizer step, outside autocast).  fp16 scales the loss with a
+``GradScaler`` (a step whose gradients overflowed is skipped and the scale lowered).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from ..structured import (
 )
 from ..workloads import move_to_device
 
-from ._config import LR_SCHEDULES
+from ._config import LR_SCHEDULES, autocast_dtype, resolve_precision
 from ._optimizer import adamw
 
 __all__ = ["TrialFailed", "EpochReport", "TrainingLoop", "seed_everything", "lr_factor"]
@@ -120,9 +128,15 @@ class TrainingLoop:
     teacher: Optional[nn.Module] = None
     distill: float = 0.0
     distill_temperature: float = 4.0
+    # autocast of the forward passes: fp32 | bf16 | fp16 | auto (see the module docstring)
+    precision: str = "fp32"
     curves: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.precision = resolve_precision(self.precision, self.device)
+        self._amp_dtype = autocast_dtype(self.precision)
+        # fp16 only (GPU): bf16 has float32's exponent range, so its gradients need no scaling
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.model.to(self.device)
         self.layers = gblr_layers(self.model)
         if self.layers and self.controller is None:
@@ -163,6 +177,8 @@ class TrainingLoop:
             return  # a checkpoint of another configuration: start afresh (it is overwritten)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"])
         self.curves = list(state["curves"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -179,6 +195,7 @@ class TrainingLoop:
                 "epoch": epoch,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "curves": self.curves,
                 "train_seconds": self.train_seconds,
             },
@@ -187,6 +204,22 @@ class TrainingLoop:
         tmp.replace(path)
 
     # -- training --------------------------------------------------------------------------
+    def autocast(self):
+        """The context of every forward pass: autocast at the loop's precision (off for fp32)."""
+        return torch.autocast(torch.device(self.device).type, dtype=self._amp_dtype,
+                              enabled=self._amp_dtype is not None)
+
+    def _backward_step(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` and the optimizer step (fp16: through the loss scaler)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # unscales; skipped when a gradient is not finite
+        self.scaler.update()
+
     def _sigma(self, epoch: float) -> Optional[float]:
         return self.sigma_schedule(epoch) if self.sigma_schedule is not None else None
 
@@ -227,22 +260,21 @@ class TrainingLoop:
                     if self.budget_schedule is not None and isinstance(self.controller, ProjectFlops):
                         self.controller.target_relative_flops = self.budget_schedule(progress)
                 batch = move_to_device(batch, self.device)
-                output = self.workload.forward(self.model, batch)
-                loss = self.workload.loss(output, batch)
-                if self.teacher is not None and self.distill > 0:
-                    with torch.no_grad():
-                        target = self.workload.forward(self.teacher, batch)
-                    soft = self.workload.distillation_loss(output, target, batch, self.distill_temperature)
-                    loss = (1.0 - self.distill) * loss + self.distill * soft
+                with self.autocast():
+                    output = self.workload.forward(self.model, batch)
+                    loss = self.workload.loss(output, batch)
+                    if self.teacher is not None and self.distill > 0:
+                        with torch.no_grad():
+                            target = self.workload.forward(self.teacher, batch)
+                        soft = self.workload.distillation_loss(output, target, batch, self.distill_temperature)
+                        loss = (1.0 - self.distill) * loss + self.distill * soft
                 loss_value = float(loss.detach())  # the step's one read of the loss from a GPU
                 if not math.isfinite(loss_value):
                     raise TrialFailed(
                         f"non-finite training loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
                         f"lower the learning rate (lr={self.lr}, structure_lr={self.structure_lr})"
                     )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self._backward_step(loss)
                 if self.layers and self.controller is not None:
                     self.controller.step(self.layers, self.lam, self.structure_lr * factor)
                 total_loss += loss_value * _batch_len(batch)
@@ -250,8 +282,9 @@ class TrainingLoop:
             sigma = self._sigma(epoch + 1) if self.layers else None
             if self.layers:
                 set_sigma(self.model, sigma)
-            val = self.workload.evaluate(self.model, self.splits.val, device=self.device,
-                                         collate_fn=self.splits.collate_fn)
+            with self.autocast():
+                val = self.workload.evaluate(self.model, self.splits.val, device=self.device,
+                                             collate_fn=self.splits.collate_fn)
             if not all(math.isfinite(v) for v in val.values()):
                 raise TrialFailed(f"non-finite validation metrics at epoch {epoch + 1}: {val}")
             seconds = time.perf_counter() - started

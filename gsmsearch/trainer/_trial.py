@@ -32,7 +32,7 @@ from ..structured import (
 from ..workloads import get_workload, move_to_device
 from ..workloads._plugins import user_code_error
 from ._calibration import activation_weighted, input_second_moments
-from ._config import TrialConfig
+from ._config import TrialConfig, resolve_precision
 from ._dense_cache import cached_dense_state
 from ._fit_cache import cached_gblr_fit
 from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
@@ -98,6 +98,15 @@ def _finite_or_none(metrics: Dict[str, float]) -> Dict[str, Optional[float]]:
 SCRATCH_STRUCTURE_LR = 5e-4
 
 
+def _precision(config: TrialConfig) -> str:
+    """The trial's precision on its device (``auto`` resolved); TrialFailed where the device
+    cannot run it (fp16 on a CPU)."""
+    try:
+        return resolve_precision(config.precision, config.device)
+    except ValueError as error:
+        raise TrialFailed(str(error)) from None
+
+
 def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
     epochs = int(config.epochs)
     gblr = config.family == "gblr"
@@ -119,12 +128,13 @@ def _resolved(config: TrialConfig, workload) -> Dict[str, Any]:
                    else epochs / 2 if config.mode == "scratch" else 0.0),
         "structure_lr": (config.structure_lr if config.structure_lr is not None
                          else SCRATCH_STRUCTURE_LR if config.mode == "scratch" else 0.0),
+        "precision": _precision(config),
     }
 
 
 def _resolved_record(config: TrialConfig, resolved: Dict[str, Any],
                      shares: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    record = {key: resolved[key] for key in ("batch_size", "lr", "weight_decay", "lr_schedule")}
+    record = {key: resolved[key] for key in ("batch_size", "lr", "weight_decay", "lr_schedule", "precision")}
     if config.warmup_epochs:
         record["warmup_epochs"] = float(config.warmup_epochs)
     record["distill"] = float(config.distill)
@@ -155,17 +165,20 @@ def _pretrain_recipe(workload) -> Dict[str, Any]:
     }
 
 
-def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> dict:
-    """The trained dense model of ``workload`` (from the cache, trained once if absent).
+def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None, precision: str = "fp32") -> dict:
+    """The trained dense model of ``workload`` (from the cache, trained once if absent), trained
+    at ``precision`` (the trial's: fp32, bf16 or fp16).
 
-    The key includes the device type (a GPU's kernels give other weights than the CPU's) and, on
-    CPU, torch's thread count: training with 2 threads gives different weights than with 1
-    (reduction order), so a cache filled by a process with other settings would silently change
-    the start point."""
+    The key includes the device type (a GPU's kernels give other weights than the CPU's), the
+    precision where it is not fp32 and, on CPU, torch's thread count: training with 2 threads
+    gives different weights than with 1 (reduction order), so a cache filled by a process with
+    other settings would silently change the start point."""
     recipe = _pretrain_recipe(workload)
     recipe["device"] = torch.device(device).type
     if recipe["device"] == "cpu":
         recipe["cpu_threads"] = torch.get_num_threads()
+    if precision != "fp32":  # fp32 keys are those of a recipe without the entry
+        recipe["precision"] = precision
 
     def train() -> nn.Module:
         seed_everything(seed)
@@ -176,7 +189,7 @@ def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None) -> 
         TrainingLoop(
             workload, model, splits, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
             lr=recipe["lr"], weight_decay=recipe["weight_decay"], seed=seed, device=device,
-            lr_schedule=recipe["lr_schedule"],
+            lr_schedule=recipe["lr_schedule"], precision=precision,
         ).run()
         return model
 
@@ -292,7 +305,7 @@ def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None, splits=
     model = workload.build_model()
     if config.mode == "finetune":
         model.load_state_dict(dense_state(workload, seed=config.seed, device=config.device,
-                                          cache_dir=cache_dir))
+                                          cache_dir=cache_dir, precision=_precision(config)))
     if config.family == "dense":
         return model, None
     get_family(config.family)  # a clear error for an unknown family before any work
@@ -336,7 +349,7 @@ def _teacher(config: TrialConfig, workload, cache_dir) -> nn.Module:
     """The frozen dense model the fine-tuned model distills from (the cached fine-tune start)."""
     teacher = workload.build_model()
     teacher.load_state_dict(dense_state(workload, seed=config.seed, device=config.device,
-                                        cache_dir=cache_dir))
+                                        cache_dir=cache_dir, precision=_precision(config)))
     teacher.eval().requires_grad_(False)
     batch = workload.example_batch(2, seed=config.seed)
     try:
@@ -520,9 +533,12 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         controller=_controller(config), sigma_schedule=resolved["sigma"],
         budget_schedule=budget_schedule, seed=config.seed, device=config.device,
         checkpoint_path=Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None,
-        checkpoint_tag=config.digest(), layer_tokens=tokens,
+        # the resolved precision too: "auto" means another precision on another device
+        checkpoint_tag=config.digest() + ("" if resolved["precision"] == "fp32" else f"-{resolved['precision']}"),
+        layer_tokens=tokens,
         lr_schedule=resolved["lr_schedule"], warmup_epochs=float(config.warmup_epochs),
         teacher=teacher, distill=float(config.distill), distill_temperature=float(config.distill_temperature),
+        precision=resolved["precision"],
     )
     curves = loop.run(on_epoch)
 
@@ -534,11 +550,13 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         save_structure(model, structure_path, extra_metadata={"config": config.to_dict()})
     deployed = export(model)
     collate = splits.collate_fn
-    val = workload.evaluate(deployed, splits.val, device=config.device, collate_fn=collate)
+    with loop.autocast():  # evaluated as trained (an exported GBLR plan runs in its own dtype)
+        val = workload.evaluate(deployed, splits.val, device=config.device, collate_fn=collate)
     if not all(math.isfinite(v) for v in val.values()):
         raise TrialFailed(f"non-finite validation metrics of the deployed model: {val}")
     # measured, never acted on: a trial is kept or failed by its validation metrics alone
-    test = _finite_or_none(workload.evaluate(deployed, splits.test, device=config.device, collate_fn=collate))
+    with loop.autocast():
+        test = _finite_or_none(workload.evaluate(deployed, splits.test, device=config.device, collate_fn=collate))
 
     extra = getattr(workload, "nonlinear_flops_per_sample", lambda m: 0)
     cost = model_cost(model, tokens=lambda name: tokens.get(name, 1), extra_flops=extra)

@@ -81,7 +81,7 @@ DENSE_CHANGES = {
     "train code": dict(train=train_other),
     **{f"recipe {name}": dict(recipe={**RECIPE, name: value}) for name, value in
        [("epochs", 31), ("batch_size", 64), ("lr", 2e-3), ("weight_decay", 1e-4), ("lr_schedule", "cosine"),
-        ("cpu_threads", 2)]},
+        ("cpu_threads", 2), ("precision", "bf16")]},
 }
 
 

@@ -135,11 +135,19 @@ class ExportedGBLR(GroupedPlans, TiledPlan, BsrPlan, nn.Module):
         The plan's in-place GEMMs cannot be differentiated; an input that requires grad (an
         exported layer inside a model whose other layers train, a saliency map) goes through
         the plan's dense matrix instead: the same function, differentiable in ``x`` (the
-        exported factors are frozen)."""
+        exported factors are frozen).
+
+        Under autocast the plan runs in its own dtype, autocast off inside (its in-place GEMMs
+        are not autocast ops): an input of another dtype is cast to it at the boundary, and
+        the output is in the plan's dtype (``export(..., dtype=torch.bfloat16)`` for a bf16 plan)."""
         if torch.is_grad_enabled() and x.requires_grad:
             with torch.no_grad():
                 weight = self.to_dense()
             return nn.functional.linear(x, weight, self.bias)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.to(dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (T, in)
         tokens = x2.shape[0]

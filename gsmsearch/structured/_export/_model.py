@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .._base import StructuredLinear
@@ -26,7 +27,7 @@ def _export_layer(module: nn.Module, plan: str, cost: Optional[PlanCost], name: 
 
 def export(
     module_or_model: nn.Module, *, plan: Optional[str] = None, cost: Optional[PlanCost] = None,
-    exact_masks: bool = False,
+    exact_masks: bool = False, dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Inference copy of a structured layer or of a whole model, in eval mode, with every GBLR
     layer replaced by its mask-free execution plan (``plan`` in :data:`EXPORT_PLANS`, default
@@ -36,20 +37,32 @@ def export(
     a finite ``sigma`` computes Gaussian-smoothed masks, a different function, so it is refused
     (``ValueError`` naming the layer and its sigma) unless ``exact_masks=True``: export the exact
     masks that layer converges to as sigma grows (the layer's own output at ``sigma=None``).
-    Training ends with ``set_sigma(model, None)`` for the same reason."""
+    Training ends with ``set_sigma(model, None)`` for the same reason.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): the copy's floating-point parameters and buffers in that
+    dtype.  GBLR plans are built from the float32 widths and locations first (their intervals
+    are exact whatever ``dtype``), then cast; the result takes inputs of ``dtype`` (or runs
+    under autocast).  Each weight is the float32 one rounded once to ``dtype``.  (``plan="auto"``
+    times its candidates in the model's own dtype.)"""
     from .._surgery import set_module
 
     plan = DEFAULT_PLAN if plan is None else plan
     if plan not in EXPORT_PLANS:
         raise ValueError(f"plan must be one of {EXPORT_PLANS}, got {plan!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     model = copy.deepcopy(module_or_model).eval()
     if isinstance(model, StructuredLinear):
-        return _export_layer(model, plan, cost, "the GBLR layer", exact_masks).eval()
+        layer = _export_layer(model, plan, cost, "the GBLR layer", exact_masks).eval()
+        return layer.to(dtype) if dtype is not None else layer  # a GBLR layer is a plan now
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, StructuredLinear)]
     for name, layer in targets:
         _check_sigma(layer, f"GBLR layer {name!r}", exact_masks)  # every layer before any work
     for name, layer in targets:
         set_module(model, name, _export_layer(layer, plan, cost, f"GBLR layer {name!r}", exact_masks))
+    if dtype is not None:  # no GBLR widths are left: every GBLR layer is a plan now
+        model.to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
