@@ -200,6 +200,35 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _inside_ray_package(path: Path) -> Optional[Path]:
+    """The folder Ray unpacked a job's ``working_dir`` into (``.../runtime_resources/
+    working_dir_files/_ray_pkg_<hash>``) when ``path`` lies inside one, else None."""
+    parts = Path(path).parts
+    for index, part in enumerate(parts):
+        if part.startswith("_ray_pkg_") and "runtime_resources" in parts[:index]:
+            return Path(*parts[: index + 1])
+    return None
+
+
+def _check_not_in_ray_package(url: str, workdir: Path, spec_workdir: Optional[str]) -> None:
+    """Refuse a study database or workdir inside a Ray Jobs package folder: each submission
+    unpacks its ``working_dir`` into a folder named by its content's hash, so the next submission
+    (a ``--resume`` after ``ray job stop``) would find neither the study nor its checkpoints."""
+    hint = ("Ray unpacks each submission's --working-dir into a folder named by its content, so a later "
+            "submission (e.g. with --resume) would not see it")
+    if url.startswith("sqlite:///"):
+        package = _inside_ray_package(Path(url[len("sqlite:///"):]))
+        if package is not None:
+            raise SpecError(f"storage: the SQLite file {url[len('sqlite:///'):]} would be inside {package}; {hint}. "
+                            f"Set storage to an absolute path (sqlite:////shared/studies/study.db) or a "
+                            f"PostgreSQL URL")
+    package = _inside_ray_package(workdir)
+    if package is not None:
+        what = f"workdir {spec_workdir!r}" if spec_workdir else "the default workdir (beside the spec)"
+        raise SpecError(f"workdir: {what} would be {workdir}, inside {package}; {hint}. Set workdir to an "
+                        f"absolute folder every Ray node sees")
+
+
 def _check_workdir(workdir: Path) -> None:
     """The workdir can be created (or is a writable folder): checked before anything is written."""
     from ..trainer._trial import folder_problem
@@ -896,6 +925,7 @@ def launch(
     spec, spec_path, label = resolve_spec(spec, base_dir=base_dir)  # every spec error, before any write
     paths = study_paths(spec, spec_path)
     url = resolve_storage_url(spec.storage, spec_dir=paths["spec_dir"], study_name=spec.name)
+    _check_not_in_ray_package(url, paths["workdir"], spec.workdir)
     driver = Driver(spec, label, paths=paths, storage_label=redact(url), out=out,
                     status_interval=status_interval, make_worker=make_worker)
     if dry_run:
