@@ -356,7 +356,7 @@ class _HFWorkload(Workload):
         self.files = {name: None if value is None else Path(value) for name, value in
                       (("train_file", train_file), ("validation_file", validation_file), ("test_file", test_file))}
 
-        self.transformers = require("transformers", f"workload {self.name!r}")
+        require("transformers", f"workload {self.name!r}")
         if not (self.model_dir / "config.json").is_file():
             raise MissingFiles(f"model_dir {str(self.model_dir)!r} has no config.json")
         self.config = self._load_config()
@@ -366,6 +366,11 @@ class _HFWorkload(Workload):
         self._check_data_columns()
 
     # -- model folder ---------------------------------------------------------------------
+    @property
+    def transformers(self):
+        """The ``transformers`` module (imported lazily; its presence is checked on construction)."""
+        return importlib.import_module("transformers")
+
     def _load_config(self):
         from transformers.models.auto import modeling_auto
 
