@@ -89,10 +89,11 @@ def hf_tokenizer():
                                    cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]")
 
 
-def save_tiny_hf(folder, model_type: str, head: str = "classification", seed: int = 0, **config):
+def save_tiny_hf(folder, model_type: str, head: str = "classification", seed: int = 0, dtype=torch.float32,
+                 **config):
     """A randomly initialised ``model_type`` model (hidden 32, 2 layers) with ``head``
     (``classification``, ``causal-lm`` or ``base``) and the fixture tokenizer, saved with
-    save_pretrained to ``folder`` (no download).  Returns ``folder``."""
+    save_pretrained to ``folder`` in ``dtype`` (no download).  Returns ``folder``."""
     import transformers
 
     tokenizer = hf_tokenizer()
@@ -107,12 +108,12 @@ def save_tiny_hf(folder, model_type: str, head: str = "classification", seed: in
         "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
                     word_embed_proj_dim=32, max_position_embeddings=128),
     }[model_type]
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **{**sizes, **config})
+    config = transformers.AutoConfig.for_model(model_type, **{"vocab_size": len(tokenizer), **sizes, **config})
     auto = {"classification": transformers.AutoModelForSequenceClassification,
             "causal-lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}[head]
     torch.manual_seed(seed)
     model = auto.from_config(config)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

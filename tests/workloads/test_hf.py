@@ -439,3 +439,22 @@ def test_causal_lm_distillation_and_activation_budgets_leave_padding_out(tmp_pat
     result = run_trial(config, cache_dir=tmp_path)
     assert math.isfinite(result.quality) and result.quality < 0
     assert len(set(result.resolved["layer_budgets"].values())) > 1  # shares differ by layer
+
+
+def test_a_bfloat16_checkpoint_is_built_in_float32(tmp_path, make_hf_model, csv):
+    folder = make_hf_model(tmp_path / "llama-bf16", "llama", head="causal-lm", dtype=torch.bfloat16)
+    model = get_workload(LM, model_dir=str(folder), data=str(csv), max_length=16).build_model()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_model_the_tokenizer_does_not_fit_or_the_task_has_no_class_for_is_refused(tmp_path, make_hf_model, csv):
+    small = make_hf_model(tmp_path / "small-vocab", "bert", vocab_size=10)
+    with pytest.raises(ValueError, match=r"model_dir '.*small-vocab': its tokenizer has 21 tokens, more than the "
+                                         r"model's vocab_size 10"):
+        get_workload(CLASSIFY, model_dir=str(small), data=str(csv), max_length=16)
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ValueError, match=r"model_dir '.*vit': transformers has no causal language model for "
+                                         r"model_type 'vit'"):
+        get_workload(LM, model_dir=str(vit), data=str(csv), max_length=16)
