@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import sys
 
-import numpy as np
 import optuna
 import pytest
 import torch
