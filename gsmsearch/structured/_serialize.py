@@ -37,16 +37,17 @@ def save_structure(model: nn.Module, path: Union[str, Path], *, extra_metadata: 
         "layers": json.dumps(layers, sort_keys=True),
         "extra": json.dumps(extra_metadata or {}, sort_keys=True),
     }
-    tensors, storages = {}, set()
-    for key, value in model.state_dict().items():
-        value = value.detach().contiguous().cpu()
-        storage = value.untyped_storage().data_ptr()
-        # a tied weight (a language model's head and token embedding) appears under two keys;
-        # safetensors refuses shared memory, so the second key gets a copy (loading writes both)
-        tensors[key] = value.clone() if storage in storages else value
-        storages.add(storage)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    # a tied weight (a language model's head and token embedding) appears under two keys;
+    # safetensors refuses shared memory, so each later key gets a copy (loading writes both)
+    storages = set()
+    for key, value in list(tensors.items()):
+        storage = value.untyped_storage().data_ptr()
+        if storage in storages:
+            tensors[key] = value.clone()
+        storages.add(storage)
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)  # atomic: a reader never sees a half-written file
 
