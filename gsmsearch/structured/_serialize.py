@@ -54,6 +54,14 @@ def save_structure(model: nn.Module, path: Union[str, Path], *, extra_metadata: 
         tensors = {k: v.to(dtype) if v.is_floating_point() and k not in kept else v for k, v in tensors.items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    # a tied weight (a language model's head and token embedding) appears under two keys;
+    # safetensors refuses shared memory, so each later key gets a copy (loading writes both)
+    storages = set()
+    for key, value in list(tensors.items()):
+        storage = value.untyped_storage().data_ptr()
+        if storage in storages:
+            tensors[key] = value.clone()
+        storages.add(storage)
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)  # atomic: a reader never sees a half-written file
 

@@ -33,7 +33,7 @@ from ._plugins import (
 )
 
 # Registration side effects: one module per task family.
-from . import _animal, _digits, _imagenet, _minilm, _wikitext  # noqa: E402,F401  isort: skip
+from . import _animal, _digits, _hf, _imagenet, _minilm, _wikitext  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -56,11 +56,103 @@ def wikitext_gpt2(tmp_path_factory):
     return data_dir, checkpoint_dir
 
 
+#: Words of the tiny Hugging Face fixtures' sentences: a sentence's label is the class of its
+#: one sentiment word (POSITIVE: 1, NEGATIVE: 0), the rest is filler.
+HF_FILLER = "the a movie film plot actor was is very quite and".split()
+HF_POSITIVE, HF_NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
+HF_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+
+
+def hf_rows(count: int, seed: int = 0):
+    """``count`` (text, label) rows: filler words around one sentiment word of the label's class."""
+    rng = np.random.RandomState(seed)
+    rows = []
+    for _ in range(count):
+        label = int(rng.randint(2))
+        words = list(rng.choice(HF_FILLER, size=rng.randint(3, 7)))
+        words.insert(rng.randint(len(words) + 1), rng.choice(HF_POSITIVE if label else HF_NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def hf_tokenizer():
+    """A word-level fast tokenizer over the fixture words ([CLS] text [SEP]), as transformers saves it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(HF_SPECIAL + HF_FILLER + HF_POSITIVE + HF_NEGATIVE)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]")
+
+
+def save_tiny_hf(folder, model_type: str, head: str = "classification", seed: int = 0, dtype=torch.float32,
+                 **config):
+    """A randomly initialised ``model_type`` model (hidden 32, 2 layers) with ``head``
+    (``classification``, ``causal-lm`` or ``base``) and the fixture tokenizer, saved with
+    save_pretrained to ``folder`` in ``dtype`` (no download).  Returns ``folder``."""
+    import transformers
+
+    tokenizer = hf_tokenizer()
+    sizes = {
+        "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=128),
+        "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=130, pad_token_id=0),
+        "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=3, eos_token_id=3),
+        "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, max_position_embeddings=128),
+        "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                    word_embed_proj_dim=32, max_position_embeddings=128),
+    }[model_type]
+    config = transformers.AutoConfig.for_model(model_type, **{"vocab_size": len(tokenizer), **sizes, **config})
+    auto = {"classification": transformers.AutoModelForSequenceClassification,
+            "causal-lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}[head]
+    torch.manual_seed(seed)
+    model = auto.from_config(config)
+    model.to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
-def workload_options(image_folder, wikitext_gpt2):
+def make_hf_model():
+    """:func:`save_tiny_hf`: ``make_hf_model(folder, model_type, head=..., **config)``."""
+    return save_tiny_hf
+
+
+@pytest.fixture(scope="session")
+def hf_sentences():
+    """:func:`hf_rows` as a DataFrame: ``hf_sentences(count, seed=0)`` with columns text, label."""
+    import pandas as pd
+
+    return lambda count, seed=0: pd.DataFrame(hf_rows(count, seed), columns=["text", "label"])
+
+
+@pytest.fixture(scope="session")
+def hf_fixture(tmp_path_factory):
+    """(bert classifier folder, GPT-2 causal LM folder, CSV of 60 labelled sentences)."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("hf")
+    bert = save_tiny_hf(root / "bert", "bert")
+    gpt2 = save_tiny_hf(root / "gpt2", "gpt2", head="causal-lm")
+    csv = root / "sentences.csv"
+    pd.DataFrame(hf_rows(60), columns=["text", "label"]).to_csv(csv, index=False)
+    return bert, gpt2, csv
+
+
+@pytest.fixture(scope="session")
+def workload_options(image_folder, wikitext_gpt2, hf_fixture):
     """Options making every registered workload tiny and self-contained."""
     data_dir, checkpoint_dir = wikitext_gpt2
+    bert, gpt2, csv = hf_fixture
     return {
+        "hf-sequence-classification": dict(model_dir=str(bert), data=str(csv), max_length=16),
+        "hf-causal-lm": dict(model_dir=str(gpt2), data=str(csv), max_length=16),
         "vit-b16-imagenet": dict(
             data_dir=image_folder, image_size=16, patch_size=8, dim=32, depth=2, heads=2, val_fraction=0.34
         ),
