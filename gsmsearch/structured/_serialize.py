@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -54,16 +54,20 @@ def save_structure(model: nn.Module, path: Union[str, Path], *, extra_metadata: 
         tensors = {k: v.to(dtype) if v.is_floating_point() and k not in kept else v for k, v in tensors.items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    # a tied weight (a language model's head and token embedding) appears under two keys;
-    # safetensors refuses shared memory, so each later key gets a copy (loading writes both)
-    storages = set()
-    for key, value in list(tensors.items()):
-        storage = value.untyped_storage().data_ptr()
-        if storage in storages:
-            tensors[key] = value.clone()
-        storages.add(storage)
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file(untied(tensors), str(tmp), metadata=metadata)
     tmp.replace(path)  # atomic: a reader never sees a half-written file
+
+
+def untied(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` with every tensor that shares memory with an earlier one copied: a tied weight
+    (a language model's head and token embedding) appears under two keys, and safetensors refuses
+    shared memory (loading writes both keys)."""
+    storages, out = set(), {}
+    for key, value in tensors.items():
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in storages else value
+        storages.add(storage)
+    return out
 
 
 def _structural_keys(model: nn.Module) -> set:

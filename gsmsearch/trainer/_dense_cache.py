@@ -253,12 +253,14 @@ def written_once(path: Path, make: Callable[[], Tuple[nn.Module, Dict[str, str]]
     find the file.  Written to a temporary name and renamed, so it is never seen half-written."""
     from safetensors.torch import save_file
 
+    from ..structured._serialize import untied
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not path.exists():
             module, metadata = make()
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            state = untied({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             save_file(state, str(tmp), metadata=metadata)
             tmp.replace(path)

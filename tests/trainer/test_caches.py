@@ -413,3 +413,24 @@ def test_a_cached_file_of_another_config_is_a_miss(structures, teacher_calls, tm
     assert len(teacher_calls) == 3
     assert all(torch.equal(value, again.state_dict()[name]) for name, value in first.state_dict().items())
     assert torch.load(path, weights_only=False)["how"] == saved["how"]  # replaced by the right one
+
+
+def test_the_dense_cache_writes_a_model_with_tied_weights(tmp_path):
+    """A language model's head shares its weight with the token embedding: both keys are written
+    (safetensors refuses shared memory) and load back equal."""
+    from safetensors.torch import load_file
+
+    from gsmsearch.trainer._dense_cache import written_once
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 4)
+            self.head = torch.nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    state = load_file(str(written_once(tmp_path / "tied.safetensors", lambda: (model, {"key": "k"}))))
+    assert set(state) == {"embed.weight", "head.weight"}
+    assert torch.equal(state["embed.weight"], model.embed.weight.detach())
+    assert torch.equal(state["head.weight"], model.embed.weight.detach())
