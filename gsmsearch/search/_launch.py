@@ -553,7 +553,8 @@ class Driver:
             if proposal is None:
                 if not self.exhausted_reported:
                     self.display.line(f"[{self.spec.name}] every family's search space is exhausted "
-                                      f"(the samplers only propose configurations already run)")
+                                      f"(the samplers only propose configurations already run, or models "
+                                      f"already trained)")
                     self.exhausted_reported = True
                 self.target = self.done_count() + unrecorded + in_flight
                 break
