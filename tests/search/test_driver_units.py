@@ -437,6 +437,15 @@ def test_a_proposal_realising_a_trained_model_is_its_duplicate_told_with_its_val
     driver.fill()
     assert len(workers.submitted) == 2 and driver.target == 2
     assert "search space is exhausted" in driver.out.getvalue()
+    # the dashboard draws each model once and says what the duplicate stands for
+    from gsmsearch.dashboard._data import family_points, trial_rows
+    from gsmsearch.dashboard._source import StudySource, load_view
+
+    view = load_view(StudySource(name="tiny", url=f"sqlite:///{tmp_path / 'tiny.db'}", label="tiny"), "0")
+    points = family_points(view.records, "relative_flops", "quality", view.metric_names)
+    assert sorted(p.number for p in points["lowrank"]) == [first, first + 2]
+    reasons = {row["number"]: row["failure reason"] for row in trial_rows(view, "relative_flops", "quality")}
+    assert reasons[duplicate.number] == f"duplicate of trial {first}"
 
 
 def test_a_duplicate_of_a_running_trial_waits_for_its_values(tmp_path):
@@ -532,3 +541,21 @@ def test_a_resumed_study_keeps_its_duplicates_and_recognises_models_of_older_tri
     assert [c["budget"] for c, _, _ in other_workers.submitted] == [0.3]
     (duplicate,) = [t for t in other.study.get_trials() if "duplicate_of" in t.user_attrs]
     assert duplicate.user_attrs["duplicate_of"] == 0 and duplicate.values == [0.8, 0.2]
+
+
+def test_an_unbounded_family_proposing_only_trained_models_is_exhausted(tmp_path):
+    """Budgets in [0.1, 0.124] all give ranks (2, 1): after the first training, every proposal
+    is a duplicate told with its values; DUPLICATES_IN_A_ROW of them exhaust the family."""
+    ranged = {"lowrank": {"budget": {"low": 0.1, "high": 0.124}}}
+    driver, workers = make_driver(tmp_path, {"families": ranged, "concurrency": 1, "trials": 20})
+    driver.study.sampler = optuna.samplers.RandomSampler(seed=0)
+    driver.fill()
+    first = finish(driver, quality=0.8, relative_flops=0.2)
+    driver.fill()
+    assert len(workers.submitted) == 1 and driver.target == 1
+    duplicates = [t for t in driver.study.get_trials() if t.number != first]
+    assert len(duplicates) == DUPLICATES_IN_A_ROW
+    assert len({t.params["lowrank.budget"] for t in duplicates}) == DUPLICATES_IN_A_ROW  # all different budgets
+    assert all(t.state == TrialState.COMPLETE and t.values == [0.8, 0.2] and t.user_attrs["duplicate_of"] == first
+               for t in duplicates)
+    assert "search space is exhausted" in driver.out.getvalue()

@@ -1,6 +1,6 @@
 """Realised keys (``gsmsearch.search._realized``): two configurations get the same key exactly
-when they build the same model, for every family whose structure a budget quantises; no Ray,
-no study."""
+when they build the same model, for every family whose structure a budget quantises (unit tests,
+no Ray); and a study on a real local Ray with SQLite trains such a model once."""
 import itertools
 
 import pytest
