@@ -7,7 +7,10 @@ its phases and :func:`launch` runs them in order: open (create or continue the s
 
 No configuration runs twice: the sampler's proposal of one that has completed, has failed for
 good or is running is recorded PRUNED (``duplicate_of``) and another is asked for; once every
-family's space is exhausted the study stops, saying so.  The only re-runs are of a trial left
+family's space is exhausted the study stops, saying so.  No model is trained twice either: a
+proposal whose knob values realise the same model as such a trial (``_realized``: the same
+per-layer structure, everything else equal) is recorded as its duplicate, with the trial's
+values when it completed, and not trained.  The only re-runs are of a trial left
 without a verdict: a retry, or a re-enqueued configuration after a dead driver or Ctrl-C.
 With several ``workload.seeds``, a proposed configuration is queued under each other seed too, so
 every configuration is measured over all the seeds (``_replicates``).
@@ -44,6 +47,7 @@ from ..trainer import TrialConfig
 from ._spec import SpecError, StudySpec, load_spec, spec_from_dict, system_folder_problem
 from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
 from ._space import family_configurations, space_size, trial_config
+from ._realized import Realizer
 from ._replicates import replicate_params, waiting_params
 from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metric_label, study_hypervolume,
                      study_records)
@@ -120,6 +124,8 @@ class _Display:
         records = study_records(study)
         done = sum(1 for r in records if _counts_as_done(r))
         failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+        duplicates = sum(1 for r in records if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None)
+        duplicates_text = f", {duplicates} duplicate{'s' if duplicates > 1 else ''}" if duplicates else ""
         front = front_records(records, spec.directions)
         hv = study_hypervolume(records, spec.metric_names, spec.directions)
         remaining = max(0, self.total - done)
@@ -129,7 +135,7 @@ class _Display:
             seconds = per * remaining / max(1, spec.concurrency)
             eta = f", ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
         hv_text = "" if hv != hv else f", hypervolume {hv:.4f}"
-        self.line(f"[{spec.name}] {done}/{self.total} done, {running} running, {failed} failed; "
+        self.line(f"[{spec.name}] {done}/{self.total} done, {running} running, {failed} failed{duplicates_text}; "
                   f"front {len(front)}{hv_text}{eta}")
 
 
@@ -387,12 +393,37 @@ def _known_digests(trials) -> Dict[str, int]:
     return known
 
 
+def _is_duplicate(trial) -> bool:
+    """A proposal recorded as the duplicate of another trial (never trained)."""
+    return trial.user_attrs.get("duplicate_of") is not None
+
+
+def _known_realized(trials, key_of) -> Dict[str, int]:
+    """realised key -> trial number, for every model that must not be trained again: those of
+    the trials finished for good or running (``key_of(trial)``: its realised key, or None), a
+    completed trial preferred (its values are what a duplicate tells the sampler)."""
+    known: Dict[str, int] = {}
+    complete = set()
+    for t in trials:
+        if _is_duplicate(t) or not (_finished_for_good(t) or t.state.name == "RUNNING"):
+            continue
+        key = key_of(t)
+        if key is None or key in complete:
+            continue
+        if key not in known or t.state.name == "COMPLETE":
+            known[key] = t.number
+            if t.state.name == "COMPLETE":
+                complete.add(key)
+    return known
+
+
 def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int], trials):
     """Ask for the next trial: a re-enqueued configuration first, else the least-tried family
     among those whose space is not exhausted (``exhausted``: family -> duplicates in a row;
     ``trials``: the study's trials, read once by the caller).  A family's count is its distinct
-    configurations run or running, so a configuration recorded twice counts once against the
-    size of a finite space."""
+    configurations run or running (by realised key where the trial records one, see
+    ``_realized``), so a configuration recorded twice counts once against the size of a finite
+    space, and a duplicate, never trained, does not count."""
     from optuna.trial import TrialState
 
     if not any(t.state == TrialState.WAITING for t in trials):
@@ -402,8 +433,9 @@ def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int], trials):
             return None
         for t in trials:
             family = t.params.get("family")
-            if family in tried and (_finished_for_good(t) or t.state == TrialState.RUNNING):
-                tried[family].add(t.user_attrs.get("config_digest") or ("trial", t.number))
+            if family in tried and not _is_duplicate(t) and (_finished_for_good(t) or t.state == TrialState.RUNNING):
+                tried[family].add(t.user_attrs.get("realized_key") or t.user_attrs.get("config_digest")
+                                  or ("trial", t.number))
         counts = {family: len(configs) for family, configs in tried.items()}
         # a family whose finite space has been run entirely gets no more proposals
         counts = {f: c for f, c in counts.items() if (space_size(spec, f) or float("inf")) > c}
@@ -459,6 +491,10 @@ class Driver:
         self.asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
         self.exhausted: Dict[str, int] = {}  # family -> duplicates in a row (unbounded spaces)
         self.finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
+        self.finite_keys: Dict[str, List[Optional[str]]] = {}  # family -> their realised keys
+        self.realizer = Realizer()  # realised keys of configurations (``_realized``)
+        self.realized_keys: Dict[int, Optional[str]] = {}  # trial number -> key, for trials not recording one
+        self.waiting_duplicates: Dict[int, Tuple[Any, int]] = {}  # duplicate's number -> (it, the running original)
         self.exhausted_reported = False
         self.target = spec.trials  # lowered to what was done when every space is exhausted
         self.interrupt = _DeferredInterrupt()  # installed by run()
@@ -533,12 +569,14 @@ class Driver:
 
     def done_count(self, trials=None) -> int:
         trials = with_retries(lambda: self.study.get_trials(deepcopy=False)) if trials is None else trials
-        return sum(1 for t in trials if _finished_for_good(t))
+        return sum(1 for t in trials if _finished_for_good(t) and not _is_duplicate(t))
 
     def fill(self, unrecorded: int = 0) -> None:
         """Start trials until every slot is busy or the target is reached; ``unrecorded``
         results have arrived but are not in the database yet (they count as done)."""
         in_flight = len(self.running)
+        if self.waiting_duplicates:
+            self.settle_duplicates(with_retries(lambda: self.study.get_trials(deepcopy=False)))
         while in_flight < self.spec.concurrency:
             if self.interrupt.pending:  # stop asking; the loop stops once this result is recorded
                 break
@@ -551,7 +589,8 @@ class Driver:
             if proposal is None:
                 if not self.exhausted_reported:
                     self.display.line(f"[{self.spec.name}] every family's search space is exhausted "
-                                      f"(the samplers only propose configurations already run)")
+                                      f"(the samplers only propose configurations already run, or models "
+                                      f"already trained)")
                     self.exhausted_reported = True
                 self.target = self.done_count() + unrecorded + in_flight
                 break
@@ -563,8 +602,9 @@ class Driver:
     def ask(self, trials) -> Optional[_Proposal]:
         """Ask Optuna for one trial and build its configuration (``trials``: the study's trials,
         read once by the caller); None when every family's space is exhausted.  A configuration
-        that has completed, failed for good or is running is not run again: the trial is
-        recorded PRUNED with ``duplicate_of`` (see :meth:`set_aside`)."""
+        that has completed, failed for good or is running is not run again, nor is one that
+        realises the same model as such a trial (its realised key, ``_realized``): the trial is
+        recorded as a duplicate (see :meth:`set_aside`)."""
         trial = _next_trial(self.study, self.spec, self.exhausted, trials)
         if trial is None:
             return None
@@ -573,46 +613,134 @@ class Driver:
         digest = TrialConfig.from_dict(config).digest()
         family = config["family"]
         known = _known_digests(trials)
+        originals = _known_realized(trials, self.realized_key)
         if digest in known:
-            self.set_aside(trial, family, known, duplicate_of=known[digest])
+            self.set_aside(trial, family, known, duplicate_of=known[digest], known_realized=originals)
             return _Proposal(trial, config, digest, duplicate_of=known[digest])
+        realized = self.realizer.key(config)
+        if realized is not None and realized in originals:
+            original = next(t for t in trials if t.number == originals[realized])
+            self.set_aside(trial, family, known, duplicate_of=original.number, known_realized=originals,
+                           original=original, config=config, realized=realized)
+            return _Proposal(trial, config, digest, duplicate_of=original.number)
         self.exhausted[family] = 0
         with_retries(lambda: trial.set_user_attr("config", config))
         with_retries(lambda: trial.set_user_attr("config_digest", digest))
+        with_retries(lambda: trial.set_user_attr("realized_key", realized))
         with_retries(lambda: trial.set_user_attr("family", family))
-        self.queue_replicates(trial, known, trials)
+        self.queue_replicates(trial, known, trials, known_realized=originals)
         return _Proposal(trial, config, digest)
 
-    def queue_replicates(self, trial, known: Dict[str, int], trials) -> None:
+    def realized_key(self, trial) -> Optional[str]:
+        """``trial``'s realised key: the one it records, else computed from its recorded config
+        (a trial of an older gsmsearch), once; None where it has none."""
+        if "realized_key" in trial.user_attrs:
+            return trial.user_attrs["realized_key"]
+        if trial.number not in self.realized_keys:
+            config = trial.user_attrs.get("config")
+            self.realized_keys[trial.number] = self.realizer.key(config) if isinstance(config, dict) else None
+        return self.realized_keys[trial.number]
+
+    def queue_replicates(self, trial, known: Dict[str, int], trials,
+                         known_realized: Optional[Dict[str, int]] = None) -> None:
         """Queue ``trial``'s configuration under each other seed of the spec that has not run,
-        is not running and is not queued yet, so every configuration is measured over all the
-        seeds (the queue is asked before any new configuration; see ``_replicates``)."""
+        is not running, is not queued yet and does not realise a model already trained (or
+        training), so every configuration is measured over all the seeds (the queue is asked
+        before any new configuration; see ``_replicates``)."""
+        import optuna
+
         for params in replicate_params(self.spec, trial.params, known=known, waiting=waiting_params(trials),
                                        device=self.device):
+            if known_realized:
+                sibling = trial_config(self.spec, optuna.trial.FixedTrial(params), device=self.device)
+                if self.realizer.key(sibling) in known_realized:
+                    continue
             with_retries(lambda params=params: self.study.enqueue_trial(params, skip_if_exists=False))
 
-    def set_aside(self, trial, family: str, known: Dict[str, int], *, duplicate_of: int) -> None:
-        """Record ``trial``, a repeat of trial ``duplicate_of``'s configuration, as PRUNED.  In a
-        finite space the sampler's turn goes to a configuration not run yet (enqueued, so the
-        next ask gets it: asking again would be a coupon collector, and ``DUPLICATES_IN_A_ROW``
-        repeats would call the family exhausted with configurations left); an unbounded family
-        counts the repeat towards being exhausted."""
+    def set_aside(self, trial, family: str, known: Dict[str, int], *, duplicate_of: int,
+                  known_realized: Optional[Dict[str, int]] = None, original=None,
+                  config: Optional[Dict[str, Any]] = None, realized: Optional[str] = None) -> None:
+        """Record ``trial``, not trained, as the duplicate of trial ``duplicate_of``: a repeat of
+        its configuration (PRUNED), or, with ``realized`` (its realised key) and ``original``
+        (that trial), a configuration that realises the same model.  Such a duplicate of a
+        completed trial is told COMPLETE with the original's values and constraints, so the
+        sampler learns them at these knob values (an exact repeat adds nothing the sampler does
+        not hold already); of a failed one, PRUNED; of a running one, it stays RUNNING (training
+        nothing) until that trial finishes (:meth:`settle_duplicates`).  Either way its user
+        attributes say ``duplicate_of`` and why (``duplicate_reason``); gsmsearch's records,
+        fronts and counts read a told duplicate as PRUNED (``study_records``).
+
+        In a finite space the sampler's turn goes to a configuration not run yet, that realises
+        no model trained yet (enqueued, so the next ask gets it: asking again would be a coupon
+        collector, and ``DUPLICATES_IN_A_ROW`` repeats would call the family exhausted with
+        configurations left); an unbounded family counts the repeat towards being exhausted."""
         from optuna.trial import TrialState
 
+        if realized is not None:
+            reason = f"realises the same structure as trial {duplicate_of}"
+            with_retries(lambda: trial.set_user_attr("config", config))
+            with_retries(lambda: trial.set_user_attr("realized_key", realized))
+        else:
+            reason = f"the same configuration as trial {duplicate_of}"
         with_retries(lambda: trial.set_user_attr("duplicate_of", duplicate_of))
+        with_retries(lambda: trial.set_user_attr("duplicate_reason", reason))
         with_retries(lambda: trial.set_user_attr("family", family))
-        with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
+        if realized is not None and original is not None and original.state == TrialState.RUNNING:
+            self.waiting_duplicates[trial.number] = (trial, original.number)  # told by settle_duplicates
+        elif realized is not None and original is not None:
+            self.tell_duplicate(trial, original)
+        else:
+            with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
+        if realized is not None:
+            self.display.line(f"[{self.spec.name}] trial {trial.number} ({family}) not trained: {reason}")
         if family not in self.finite:
             self.finite[family] = family_configurations(self.spec, family, device=self.device)
         if self.finite[family] is None:
             self.exhausted[family] = self.exhausted.get(family, 0) + 1
             return
-        unseen = [params for params, digest in self.finite[family] if digest not in known]
+        unseen = [params for (params, digest), key in zip(self.finite[family], self.finite_realized(family))
+                  if digest not in known and (key is None or key not in (known_realized or {}))]
         if unseen:
             choice = random.Random(f"{self.spec.name}/{trial.number}").choice(unseen)
             with_retries(lambda: self.study.enqueue_trial(choice, skip_if_exists=False))
         else:
             self.exhausted[family] = DUPLICATES_IN_A_ROW
+
+    def tell_duplicate(self, trial, original) -> None:
+        """Tell Optuna ``trial``, a duplicate of the finished trial ``original``: COMPLETE with its
+        values and constraints when it completed, else PRUNED (there are no values to tell)."""
+        from optuna.trial import TrialState
+
+        if original.state != TrialState.COMPLETE:
+            with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
+            return
+        for key, value in original.system_attrs.items():
+            if key.startswith("constraints:"):
+                with_retries(lambda key=key, value=value: trial.set_constraint(key.split(":", 1)[1], value))
+        values = list(original.values)
+        with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
+
+    def settle_duplicates(self, trials) -> None:
+        """Tell Optuna each duplicate that waits for the trial it duplicates (one running when it
+        was proposed: it stays RUNNING, training nothing) once that trial has finished
+        (``trials``: the study's trials, read by the caller)."""
+        from optuna.trial import TrialState
+
+        by_number = {t.number: t for t in trials}
+        for number, (trial, original) in list(self.waiting_duplicates.items()):
+            if by_number[original].state not in (TrialState.RUNNING, TrialState.WAITING):
+                self.tell_duplicate(trial, by_number[original])
+                del self.waiting_duplicates[number]
+
+    def finite_realized(self, family: str) -> List[Optional[str]]:
+        """The realised keys of a finite family's configurations (:attr:`finite`), in order."""
+        import optuna
+
+        if family not in self.finite_keys:
+            self.finite_keys[family] = [
+                self.realizer.key(trial_config(self.spec, optuna.trial.FixedTrial(params), device=self.device))
+                for params, _ in self.finite[family]]
+        return self.finite_keys[family]
 
     def submit(self, trial, config: Dict[str, Any], digest: str, attempt: int) -> None:
         """Start ``trial`` on an idle worker, or on a new one.  A new worker may wait for the

@@ -61,6 +61,10 @@ class TrialRecord:
 
 
 def study_records(study) -> List[TrialRecord]:
+    """The study's trials as records.  A duplicate (user attribute ``duplicate_of``: a proposal
+    not trained because that trial trained its model) reads as PRUNED: the driver tells Optuna a
+    duplicate of a completed trial as COMPLETE with that trial's values, so that the sampler
+    learns them, and here the model counts once, under the trial that trained it."""
     records = []
     for trial in study.get_trials(deepcopy=False):
         constraints = {
@@ -69,8 +73,9 @@ def study_records(study) -> List[TrialRecord]:
             if key.startswith("constraints:")
         }
         family = trial.params.get("family") or trial.user_attrs.get("family")
+        told_duplicate = trial.state.name == "COMPLETE" and isinstance(trial.user_attrs.get("duplicate_of"), int)
         records.append(TrialRecord(
-            number=trial.number, state=trial.state.name, family=family,
+            number=trial.number, state="PRUNED" if told_duplicate else trial.state.name, family=family,
             values=list(trial.values) if trial.values is not None else None,
             params=dict(trial.params), user_attrs=dict(trial.user_attrs), constraints=constraints,
         ))

@@ -397,3 +397,177 @@ def test_summarize_counts_complete_and_final_failures_and_the_front(tmp_path):
                               "relative_flops": 0.3, "test_quality": pytest.approx(0.75, abs=1e-12)}]
     assert "[tiny] 3/3 done, 0 running, 1 failed; front 1" in driver.out.getvalue()
 
+
+
+# -- realised duplicates (the same model from other knob values) ----------------------------
+
+# low-rank on digits-mlp 64 -> 32 -> 32: budgets 0.1 and 0.12 both give ranks (2, 1), 0.3 (6, 4)
+SAME_RANKS = {"lowrank": {"budget": [0.1, 0.12, 0.3]}}
+
+
+def fix(driver, params):
+    """A real Optuna sampler that proposes ``params`` (lowrank knobs, the seed) for every trial."""
+    driver.study.sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler(seed=0))
+
+
+def test_a_proposal_realising_a_trained_model_is_its_duplicate_told_with_its_values(tmp_path):
+    """Budget 0.12 after 0.1 has completed: not trained; recorded COMPLETE with trial 0's values
+    and constraint (what the sampler learns at budget 0.12), ``duplicate_of`` 0 and why; the
+    turn goes to the configuration that realises a model not trained yet (0.3).  gsmsearch's
+    records, front, done count and progress line count the model once."""
+    from gsmsearch.search import front_records, study_records
+
+    driver, workers = make_driver(tmp_path, {"families": SAME_RANKS, "concurrency": 1, "trials": 3})
+    fix_budget(driver, 0.1)
+    driver.fill()
+    first = finish(driver, quality=0.8, relative_flops=0.2)
+    fix_budget(driver, 0.12)
+    driver.fill()
+    assert [c["budget"] for c, _, _ in workers.submitted] == [0.1, 0.3]
+    trials = driver.study.get_trials()
+    (duplicate,) = [t for t in trials if t.params.get("lowrank.budget") == 0.12]
+    assert duplicate.state == TrialState.COMPLETE and duplicate.values == trials[first].values == [0.8, 0.2]
+    assert duplicate.system_attrs["constraints:relative_flops"] == trials[first].system_attrs[
+        "constraints:relative_flops"]
+    assert duplicate.user_attrs["duplicate_of"] == first
+    assert duplicate.user_attrs["duplicate_reason"] == f"realises the same structure as trial {first}"
+    assert duplicate.user_attrs["realized_key"] == trials[first].user_attrs["realized_key"] is not None
+    assert "config_digest" not in duplicate.user_attrs  # not a configuration that ran
+    # the sampler sees the values at the duplicate's own knob values
+    told = {t.params["lowrank.budget"]: t.values for t in driver.study.get_trials(states=(TrialState.COMPLETE,))}
+    assert told == {0.1: [0.8, 0.2], 0.12: [0.8, 0.2]}
+    records = {r.number: r for r in study_records(driver.study)}
+    assert records[duplicate.number].state == "PRUNED"
+    assert [r.number for r in front_records(list(records.values()), ["maximize", "minimize"])] == [first]
+    assert driver.done_count() == 1
+    assert f"trial {duplicate.number} (lowrank) not trained: realises the same structure as trial {first}" in (
+        driver.out.getvalue())
+    finish(driver, quality=0.9, relative_flops=0.3)
+    driver.display.status(driver.study, driver.spec, 0, force=True)
+    assert "[tiny] 2/3 done, 0 running, 0 failed, 1 duplicate; front 2" in driver.out.getvalue()
+    # every configuration has run or realises a model that has: the space is exhausted at 2 trainings
+    driver.fill()
+    assert len(workers.submitted) == 2 and driver.target == 2
+    assert "search space is exhausted" in driver.out.getvalue()
+    # the dashboard draws each model once and says what the duplicate stands for
+    from gsmsearch.dashboard._data import family_points, trial_rows
+    from gsmsearch.dashboard._source import StudySource, load_view
+
+    view = load_view(StudySource(name="tiny", url=f"sqlite:///{tmp_path / 'tiny.db'}", label="tiny"), "0")
+    points = family_points(view.records, "relative_flops", "quality", view.metric_names)
+    assert sorted(p.number for p in points["lowrank"]) == [first, first + 2]
+    reasons = {row["number"]: row["failure reason"] for row in trial_rows(view, "relative_flops", "quality")}
+    assert reasons[duplicate.number] == f"duplicate of trial {first}"
+
+
+def test_a_duplicate_of_a_running_trial_waits_for_its_values(tmp_path):
+    """Proposed while the trial that trains its model runs (as every proposal of a one-slot
+    study is: the next trial starts before the last result is recorded): not trained, RUNNING in
+    Optuna until that trial's result is recorded, then told its values."""
+    driver, workers = make_driver(tmp_path, {"families": SAME_RANKS, "concurrency": 1, "trials": 3})
+    fix_budget(driver, 0.1)
+    driver.fill()
+    (running,) = [entry.trial.number for entry in driver.running.values()]
+    fix_budget(driver, 0.12)
+    proposal = driver.ask(driver.study.get_trials(deepcopy=False))
+    assert proposal.duplicate_of == running
+    trial = driver.study.get_trials()[proposal.trial.number]
+    assert trial.state == TrialState.RUNNING and trial.values is None  # no values to tell yet
+    assert trial.user_attrs["duplicate_reason"] == f"realises the same structure as trial {running}"
+    driver.fill()  # the original still runs: nothing to tell, no slot free
+    assert driver.study.get_trials()[proposal.trial.number].state == TrialState.RUNNING
+    finish(driver, quality=0.7, relative_flops=0.2)
+    driver.fill()
+    trial = driver.study.get_trials()[proposal.trial.number]
+    assert trial.state == TrialState.COMPLETE and trial.values == [0.7, 0.2]
+    assert [c["budget"] for c, _, _ in workers.submitted] == [0.1, 0.3]
+    # a duplicate of a trial that then fails for good is PRUNED
+    fix_budget(driver, 0.3)
+    failing = driver.ask(driver.study.get_trials(deepcopy=False))
+    assert failing.duplicate_of is not None  # the exact configuration running: PRUNED at once
+    assert driver.study.get_trials()[failing.trial.number].state == TrialState.PRUNED
+
+
+def test_a_different_seed_or_learning_rate_is_not_a_duplicate(tmp_path):
+    """The same ranks under another seed (a replicate) or with another learning rate are other
+    models: trained.  The same ranks, seed and learning rate are not."""
+    families = {"lowrank": {"budget": [0.1, 0.12], "lr": [0.003, 0.01]}}
+    workload = {**TINY_SPEC["workload"], "seeds": [0, 1]}
+    driver, workers = make_driver(tmp_path, {"families": families, "workload": workload, "concurrency": 1,
+                                             "trials": 8})
+    fix(driver, {"lowrank.budget": 0.1, "lowrank.lr": 0.003, "seed": 0})
+    driver.fill()
+    finish(driver)
+    driver.fill()  # the replicate under seed 1, queued with the first proposal
+    finish(driver)
+    fix(driver, {"lowrank.budget": 0.12, "lowrank.lr": 0.01, "seed": 0})
+    driver.fill()
+    finish(driver)
+    assert [(c["budget"], c["lr"], c["seed"]) for c, _, _ in workers.submitted] == [
+        (0.1, 0.003, 0), (0.1, 0.003, 1), (0.12, 0.01, 0)]
+    assert not any("duplicate_of" in t.user_attrs for t in driver.study.get_trials())
+    # its replicate under seed 1 is queued and trained; then budget 0.12, lr 0.003, seed 1 is a duplicate
+    driver.fill()
+    finish(driver)
+    assert [(c["budget"], c["lr"], c["seed"]) for c, _, _ in workers.submitted][-1] == (0.12, 0.01, 1)
+    fix(driver, {"lowrank.budget": 0.12, "lowrank.lr": 0.003, "seed": 1})
+    proposal = driver.ask(driver.study.get_trials(deepcopy=False))
+    assert proposal.duplicate_of == 1  # budget 0.1, lr 0.003, seed 1
+    assert len(workers.submitted) == 4
+
+
+def test_a_resumed_study_keeps_its_duplicates_and_recognises_models_of_older_trials(tmp_path):
+    """After a driver stops, the next one re-runs nothing a duplicate stands for, and a completed
+    trial recorded without a realised key (an older gsmsearch) is keyed from its config."""
+    driver, workers = make_driver(tmp_path, {"families": SAME_RANKS, "concurrency": 1, "trials": 3})
+    fix_budget(driver, 0.1)
+    driver.fill()
+    first = finish(driver, quality=0.8, relative_flops=0.2)
+    fix_budget(driver, 0.12)
+    driver.fill()  # budget 0.12 set aside, 0.3 submitted
+    driver.shutdown()  # stops with 0.3 running: stale for the next driver
+
+    resumed, resumed_workers = make_driver(tmp_path, {"families": SAME_RANKS, "concurrency": 1, "trials": 3},
+                                           resume=True)
+    assert resumed.recover() == (1, 1)  # only the running trial is run again
+    fix_budget(resumed, 0.12)
+    resumed.fill()
+    assert [c["budget"] for c, _, _ in resumed_workers.submitted] == [0.3]
+    duplicates = [t for t in resumed.study.get_trials() if "duplicate_of" in t.user_attrs]
+    assert [t.user_attrs["duplicate_of"] for t in duplicates] == [first]
+
+    # a study whose completed trial records its config but no realised key
+    older = tmp_path / "older"
+    older.mkdir()
+    other, other_workers = make_driver(older, {"families": SAME_RANKS, "concurrency": 1, "trials": 3})
+    (params, digest), = [(p, d) for p, d in family_configurations(other.spec, "lowrank")
+                         if p["lowrank.budget"] == 0.1]
+    config = driver.study.get_trials()[first].user_attrs["config"]
+    distributions = {"family": optuna.distributions.CategoricalDistribution(["lowrank"]),
+                     "lowrank.budget": optuna.distributions.CategoricalDistribution([0.1, 0.12, 0.3])}
+    other.study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE, values=[0.8, 0.2], params=params, distributions=distributions,
+        user_attrs={"config_digest": digest, "config": config, "family": "lowrank"}))
+    fix_budget(other, 0.12)
+    other.fill()
+    assert [c["budget"] for c, _, _ in other_workers.submitted] == [0.3]
+    (duplicate,) = [t for t in other.study.get_trials() if "duplicate_of" in t.user_attrs]
+    assert duplicate.user_attrs["duplicate_of"] == 0 and duplicate.values == [0.8, 0.2]
+
+
+def test_an_unbounded_family_proposing_only_trained_models_is_exhausted(tmp_path):
+    """Budgets in [0.1, 0.124] all give ranks (2, 1): after the first training, every proposal
+    is a duplicate told with its values; DUPLICATES_IN_A_ROW of them exhaust the family."""
+    ranged = {"lowrank": {"budget": {"low": 0.1, "high": 0.124}}}
+    driver, workers = make_driver(tmp_path, {"families": ranged, "concurrency": 1, "trials": 20})
+    driver.study.sampler = optuna.samplers.RandomSampler(seed=0)
+    driver.fill()
+    first = finish(driver, quality=0.8, relative_flops=0.2)
+    driver.fill()
+    assert len(workers.submitted) == 1 and driver.target == 1
+    duplicates = [t for t in driver.study.get_trials() if t.number != first]
+    assert len(duplicates) == DUPLICATES_IN_A_ROW
+    assert len({t.params["lowrank.budget"] for t in duplicates}) == DUPLICATES_IN_A_ROW  # all different budgets
+    assert all(t.state == TrialState.COMPLETE and t.values == [0.8, 0.2] and t.user_attrs["duplicate_of"] == first
+               for t in duplicates)
+    assert "search space is exhausted" in driver.out.getvalue()
