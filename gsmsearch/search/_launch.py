@@ -789,10 +789,14 @@ class Driver:
                                     f"metric {metric!r} missing from the trial's result", final=True)
                 return
             values.append(float(value))
+        violations = []
         for constraint in spec.constraints:
             value = float(result[constraint.metric])
             violation = value - constraint.max if constraint.max is not None else constraint.min - value
             trial.set_constraint(constraint.metric, violation)
+            violations.append(violation)
+        if violations:  # also as Optuna's list form ("constraints", the spec's order), which optuna-dashboard reads
+            with_retries(lambda: trial.storage.set_trial_system_attr(trial._trial_id, "constraints", violations))
         attrs = {k: result[k] for k in RESULT_SCALARS if k in result}
         attrs["test_metrics"] = result.get("test_metrics", {})
         attrs["resolved"] = result.get("resolved", {})  # what the config's defaults meant
