@@ -178,3 +178,39 @@ def test_export_has_feasibility_and_the_result_metrics_as_columns(study_file, tm
         assert row["relative_flops"] == trial.values[1] and row["epochs_run"] == 1
     if fmt == "parquet":
         assert str(frame["feasible"].dtype) == "boolean"  # nullable: empty for a trial that did not complete
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("older", [False, True])
+def test_a_gp_study_holds_one_constraint_form_per_trial(tmp_path, older):
+    """Optuna's GPSampler refuses trials with different numbers of constraints (the list form
+    counts again): a GP study whose completed trials hold only the named form (an older
+    gsmsearch recorded them) goes on without the list; a fresh one records both.  Past the
+    sampler's 10 startup trials, so that its next ask reads every trial's constraints."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from .search.test_driver_units import make_driver, outcome
+
+    driver, _ = make_driver(tmp_path, {"sampler": {"name": "gp", "seed": 0}, "concurrency": 1, "trials": 20})
+    for i in range(10 if older else 0):
+        flops = 0.1 + 0.05 * i
+        driver.study.add_trial(create_trial(
+            values=[0.5 + 0.02 * i, flops], params={"family": "lowrank"},
+            distributions={"family": CategoricalDistribution(["gblr", "lowrank"])},
+            system_attrs={"constraints:relative_flops": flops - 0.35},
+            user_attrs={"result": {"quality": 0.5 + 0.02 * i, "relative_flops": flops}}))
+    for step in range(1 if older else 11):
+        driver.fill()
+        (ref, entry), = driver.running.items()
+        driver.running.pop(ref)
+        flops = 0.12 + 0.04 * step
+        driver.tell(entry, outcome({"quality": 0.6 + 0.01 * step, "relative_flops": flops}), received=110.0)
+    complete = driver.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 11
+    told = complete[-1]
+    assert told.system_attrs["constraints:relative_flops"] == pytest.approx(told.values[1] - CONSTRAINT_MAX)
+    assert ("constraints" in told.system_attrs) == (not older)
+    assert len({len(t.constraints) for t in complete}) == 1  # what GPSampler requires
+    driver.fill()  # the GP sampler asks with every completed trial's constraints
+    assert len(driver.running) == 1
