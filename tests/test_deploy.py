@@ -229,12 +229,17 @@ def test_shell_scripts_parse(script):
 # docker-compose.yml and the Dockerfile
 
 
-def compose():
-    return yaml.safe_load(COMPOSE.read_text())
+def compose(path=COMPOSE):
+    return yaml.safe_load(path.read_text())
+
+
+WRAPPER = "/opt/gsmsearch/deploy/pgpass-from-secret.sh"
 
 
 def test_compose_references_resolve():
-    services, volumes = compose()["services"], compose().get("volumes") or {}
+    document = compose()
+    services, volumes = document["services"], document.get("volumes") or {}
+    secrets = document.get("secrets") or {}
     assert {"postgres", "ray-head", "ray-worker", "dashboard"} <= set(services)
     for name, service in services.items():
         if "build" in service:
@@ -251,11 +256,22 @@ def test_compose_references_resolve():
                 assert (ROOT / source).exists(), f"{name}: bind mount {source} does not exist"
             else:
                 assert source in volumes, f"{name}: volume {source!r} is not declared"
+        for secret in service.get("secrets") or []:
+            assert secret in secrets, f"{name}: secret {secret!r} is not declared"
+    # every declared secret comes from a file the user must name (compose stops with the message)
+    for name, secret in secrets.items():
+        assert re.fullmatch(r"\$\{GSMSEARCH_[A-Z_]+_FILE:\?[^}]+\}", secret["file"]), name
     # Ray: the workers join the head's service name and port
     head_port = re.search(r"--port=(\d+)", " ".join(services["ray-head"]["entrypoint"])).group(1)
     address = next(arg for arg in services["ray-worker"]["entrypoint"] if arg.startswith("--address="))
     host, port = address.split("=", 1)[1].split(":")
     assert host == "ray-head" and host in services and port == head_port
+    # the Ray nodes have health checks that ask the head's GCS (the image's script)
+    _, files = image_files(dockerfile_instructions())
+    for name, gcs in (("ray-head", f"127.0.0.1:{head_port}"), ("ray-worker", f"ray-head:{head_port}")):
+        test = services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] == "python" and PurePosixPath(test[2]) in files, (name, test)
+        assert test[3:] == [gcs], (name, test)
 
 
 def test_compose_keeps_secrets_out_and_talks_to_its_own_database():
@@ -263,15 +279,27 @@ def test_compose_keeps_secrets_out_and_talks_to_its_own_database():
 
     services = compose()["services"]
     db = services["postgres"]["environment"]
-    assert db["POSTGRES_PASSWORD"].startswith("${GSMSEARCH_DB_PASSWORD:?")  # required, from the environment
+    # no password in any environment: postgres reads the secret's file ...
+    assert db["POSTGRES_PASSWORD_FILE"] == "/run/secrets/db_password"
     for name, service in services.items():
-        for variable, value in (service.get("environment") or {}).items():
-            if "PASSWORD" in variable:
-                assert re.fullmatch(r"\$\{GSMSEARCH_DB_PASSWORD(:\?[^}]*)?\}", str(value)), (name, variable)
-        if "build" in service:  # gsmsearch talks to the database
-            assert "PGPASSWORD" in service["environment"], name
+        for variable in service.get("environment") or {}:
+            assert variable in ("POSTGRES_PASSWORD_FILE", "RAY_AUTH_TOKEN_PATH") or not re.search(
+                "PASSWORD|TOKEN|SECRET", variable), (name, variable)
+    # ... and only the services that open the database get it: postgres, the head (the driver
+    # runs there) and the dashboard; the workers run trials and never see it
+    with_password = {name for name, service in services.items() if "db_password" in (service.get("secrets") or [])}
+    assert with_password == {"postgres", "ray-head", "dashboard"}
+    for name in with_password - {"postgres"}:
+        service = services[name]
+        # the wrapper writes the libpq password file on a tmpfs, then runs the service's command
+        assert service["entrypoint"][0] == WRAPPER, name
+        pgpass = PurePosixPath(service["environment"]["PGPASSFILE"])
+        assert str(pgpass.parent) in service["tmpfs"], name
+    worker = services["ray-worker"]
+    assert "PGPASSFILE" not in (worker.get("environment") or {}) and WRAPPER not in worker["entrypoint"]
     expected = f"postgresql+psycopg://{db['POSTGRES_USER']}@postgres/{db['POSTGRES_DB']}"
-    # the dashboard (the image's entrypoint is the gsmsearch CLI) reads that database ...
+    # the dashboard (the wrapper runs the gsmsearch CLI) reads that database ...
+    assert services["dashboard"]["entrypoint"][1:] == ["gsmsearch"]
     args = cli_accepts(services["dashboard"]["command"])
     assert args.command == "dashboard" and args.storage == expected
     # ... published on the host's loopback only, at the port it listens on
@@ -281,12 +309,13 @@ def test_compose_keeps_secrets_out_and_talks_to_its_own_database():
     header = [line.lstrip("# ").strip() for line in COMPOSE.read_text().splitlines() if line.startswith("#")]
     launch = next(shlex.split(line) for line in header if line.startswith("docker compose exec"))
     service, *gsmsearch_argv = launch[3:]
-    assert service in services and gsmsearch_argv[0] == "gsmsearch"
+    assert service in with_password and gsmsearch_argv[0] == "gsmsearch"
     launched = cli_accepts(gsmsearch_argv[1:])
     assert launched.command == "launch"
     workdir, files = image_files(dockerfile_instructions())
     assert workdir / launched.spec in files, f"{launched.spec} is not in the image"
     assert load_spec(files[workdir / launched.spec]).storage == expected
+    assert PurePosixPath(WRAPPER) in files
 
 
 def test_compose_study_keeps_its_workdir_on_the_volume_every_ray_node_mounts():
@@ -309,20 +338,22 @@ def test_dockerfile_copies_what_each_step_uses():
     instructions = dockerfile_instructions()
     ops = [op for op, _ in instructions]
     assert ops[0] == "FROM"
-    installs = [i for i, (op, args) in enumerate(instructions)
-                if op == "RUN" and re.search(r"pip install[^&]* \.(\s|$)", args)]
+    installs = [i for i, (op, args) in enumerate(instructions) if op == "RUN" and "deploy/install.sh" in args]
     assert len(installs) == 1, instructions
-    workdir, files = image_files(instructions, upto=installs[0])  # what `pip install .` sees
+    assert shlex.split(instructions[installs[0]][1]) == ["deploy/install.sh", "$TORCH_VARIANT"]
+    assert ("ARG", "TORCH_VARIANT=cpu") in instructions[:installs[0]]
+    workdir, files = image_files(instructions, upto=installs[0])  # what the install step sees
     project = pyproject()["project"]
-    for needed in ("pyproject.toml", "constraints.txt", project["readme"], "gsmsearch/__init__.py"):
-        assert workdir / needed in files, f"{DOCKERFILE}: {needed} is not copied before pip install ."
+    for needed in ("pyproject.toml", "constraints.txt", project["readme"], "gsmsearch/__init__.py",
+                   "deploy/install.sh", "deploy/constraints-cuda.txt"):
+        assert workdir / needed in files, f"{DOCKERFILE}: {needed} is not copied before deploy/install.sh"
     package = {path.relative_to(ROOT) for path in (ROOT / "gsmsearch").rglob("*.py")}
     assert package <= {path.relative_to(ROOT) for path in files.values()}
     # the data wheels are the ones the local setup pins
     def pins(text):
         return sorted(re.findall(r'"([\w.-]+==[\w.]+)"', next(line for line in text.splitlines() if "--no-deps" in line)))
 
-    assert pins(instructions[installs[0]][1]) == pins((ROOT / "scripts" / "setup.sh").read_text())
+    assert pins((ROOT / "deploy" / "install.sh").read_text()) == pins((ROOT / "scripts" / "setup.sh").read_text())
     # the entrypoint is the package's console script
     (entrypoint,) = [args for op, args in instructions if op == "ENTRYPOINT"]
     assert yaml.safe_load(entrypoint) == ["gsmsearch"] and "gsmsearch" in project["scripts"]

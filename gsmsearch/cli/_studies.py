@@ -167,6 +167,34 @@ def run_status(args) -> int:
     return 0
 
 
+#: The result metrics ``export`` writes as columns of their own (beside ``val_quality`` and
+#: ``test_quality``), from each trial's recorded result.
+EXPORT_RESULT_COLUMNS = ("relative_flops", "structured_relative_flops", "relative_linear_flops", "flops_per_sample",
+                         "dense_flops_per_sample", "params", "dense_params", "latency_ms", "dense_latency_ms",
+                         "train_seconds", "epochs_run")
+
+
+def _add_result_columns(frame, records) -> None:
+    """``family``, ``feasible`` (a complete trial whose every constraint holds; empty for a
+    trial that did not complete) and :data:`EXPORT_RESULT_COLUMNS` (empty where a trial did not
+    record the metric), from the trials' records keyed by number."""
+    import pandas as pd
+
+    def result(number):
+        record = records[number]
+        value = record.user_attrs.get("result") if record.state == "COMPLETE" else None
+        return value if isinstance(value, dict) else {}
+
+    def number_or_none(value):
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    frame["family"] = frame["number"].map(lambda n: records[n].family)
+    frame["feasible"] = pd.array([records[n].feasible if records[n].state == "COMPLETE" else None
+                                  for n in frame["number"]], dtype="boolean")
+    for metric in EXPORT_RESULT_COLUMNS:
+        frame[metric] = pd.array([number_or_none(result(n).get(metric)) for n in frame["number"]], dtype="Float64")
+
+
 def run_export(args) -> int:
     name, url = _resolve(args.study, args.storage)
     output = args.output or f"{name}.{args.format}"
@@ -184,11 +212,13 @@ def run_export(args) -> int:
     from ..search import objective_split, split_qualities, study_records
 
     split = objective_split(study.user_attrs)
-    qualities = {r.number: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
-                 for r in study_records(study)}
+    records = {r.number: r for r in study_records(study)}
+    qualities = {n: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
+                 for n, r in records.items()}
     frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
     frame["val_quality"] = frame["number"].map(lambda n: qualities[n][0])
     frame["test_quality"] = frame["number"].map(lambda n: qualities[n][1])
+    _add_result_columns(frame, records)
     # nested user attrs (layers, curves, config) are JSON strings in a flat file
     import json
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..search._storage import readonly_url_and_engine_kwargs  # the one rule for every reader
-from ..search._study import TrialRecord, objective_split, study_records
+from ..search._study import TrialRecord, objective_split, study_records, trial_constraints
 
 __all__ = ["StudySource", "StudyView", "readonly_storage", "resolve_sources", "sources_in_storage",
            "load_view", "DataCache"]
@@ -121,8 +121,7 @@ def _records(study) -> List[TrialRecord]:
     except (TypeError, ValueError):
         records = []
         for trial in study.get_trials(deepcopy=False):
-            constraints = {key.split(":", 1)[1]: _number(value) for key, value in trial.system_attrs.items()
-                           if key.startswith("constraints:")}
+            constraints = trial_constraints(trial.system_attrs, _number)
             records.append(TrialRecord(
                 number=trial.number, state=trial.state.name,
                 family=trial.params.get("family") or trial.user_attrs.get("family"),

@@ -917,10 +917,14 @@ class Driver:
                                     f"metric {metric!r} missing from the trial's result", final=True)
                 return
             values.append(float(value))
+        violations = []
         for constraint in spec.constraints:
             value = float(result[constraint.metric])
             violation = value - constraint.max if constraint.max is not None else constraint.min - value
             trial.set_constraint(constraint.metric, violation)
+            violations.append(violation)
+        if violations and self.records_constraint_list():  # also Optuna's list form, which optuna-dashboard reads
+            with_retries(lambda: trial.storage.set_trial_system_attr(trial._trial_id, "constraints", violations))
         attrs = {k: result[k] for k in RESULT_SCALARS if k in result}
         attrs["test_metrics"] = result.get("test_metrics", {})
         attrs["resolved"] = result.get("resolved", {})  # what the config's defaults meant
@@ -932,6 +936,22 @@ class Driver:
             self.display.durations.append(time.monotonic() - entry.started)
         shown = ", ".join(f"{metric_label(m, OBJECTIVE_SPLIT)} {v:.4g}" for m, v in zip(spec.metric_names, values))
         self.display.line(f"[{spec.name}] trial {trial.number} ({entry.config['family']}) done: {shown}")
+
+    def records_constraint_list(self) -> bool:
+        """Whether a result's constraints also go into the list under the trial's ``constraints``
+        system attr (the spec's order) beside ``set_constraint``'s ``constraints:<metric>``: yes,
+        except in a GPSampler study whose completed trials were recorded with the named form
+        alone (by an older gsmsearch), because Optuna's GPSampler refuses trials that hold
+        different numbers of constraints.  Decided once per driver."""
+        if getattr(self, "_constraint_list", None) is None:
+            from optuna.trial import TrialState
+
+            self._constraint_list = True
+            if self.spec.sampler.name == "gp":
+                done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                self._constraint_list = all("constraints" in t.system_attrs for t in done
+                                            if any(key.startswith("constraints:") for key in t.system_attrs))
+        return self._constraint_list
 
     def record_failure(self, trial, family: str, reason: str, *, final: bool) -> None:
         """Tell Optuna ``trial`` FAILED, with its reason and whether it is ``final`` (not

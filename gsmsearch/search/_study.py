@@ -8,7 +8,8 @@ from typing import Any, Dict, List, Optional
 from ._pareto import hypervolume_2d, pareto_front
 
 __all__ = ["TrialRecord", "study_records", "front_records", "default_reference", "study_hypervolume",
-           "OBJECTIVE_SPLIT_ATTR", "OBJECTIVE_SPLIT", "objective_split", "metric_label", "split_qualities"]
+           "OBJECTIVE_SPLIT_ATTR", "OBJECTIVE_SPLIT", "objective_split", "metric_label", "split_qualities",
+           "trial_constraints"]
 
 #: The study user attribute that says on which split a trial's ``quality`` was measured.
 OBJECTIVE_SPLIT_ATTR = "objective_split"
@@ -60,6 +61,20 @@ class TrialRecord:
         return self.user_attrs.get("failure_reason")
 
 
+def trial_constraints(system_attrs: Dict[str, Any], number=float) -> Dict[str, Any]:
+    """A trial's constraint values by name, from either form Optuna stores: one system attr
+    ``constraints:<name>`` per constraint (``Trial.set_constraint``), or the list under
+    ``constraints`` (``constraints_func``, and what optuna-dashboard reads), named by position
+    ("0", "1", ...) as Optuna names them.  A trial holding both (the driver writes both) counts
+    each constraint once: the named form wins.  ``number`` converts each value."""
+    named = {key.split(":", 1)[1]: number(value) for key, value in system_attrs.items()
+             if key.startswith("constraints:")}
+    listed = system_attrs.get("constraints")
+    if named or not isinstance(listed, (list, tuple)):
+        return named
+    return {str(i): number(value) for i, value in enumerate(listed)}
+
+
 def study_records(study) -> List[TrialRecord]:
     """The study's trials as records.  A duplicate (user attribute ``duplicate_of``: a proposal
     not trained because that trial trained its model) reads as PRUNED: the driver tells Optuna a
@@ -67,11 +82,7 @@ def study_records(study) -> List[TrialRecord]:
     learns them, and here the model counts once, under the trial that trained it."""
     records = []
     for trial in study.get_trials(deepcopy=False):
-        constraints = {
-            key.split(":", 1)[1]: float(value)
-            for key, value in trial.system_attrs.items()
-            if key.startswith("constraints:")
-        }
+        constraints = trial_constraints(trial.system_attrs)
         family = trial.params.get("family") or trial.user_attrs.get("family")
         told_duplicate = trial.state.name == "COMPLETE" and isinstance(trial.user_attrs.get("duplicate_of"), int)
         records.append(TrialRecord(
