@@ -172,7 +172,7 @@ class _DeferredInterrupt:
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        if not self._previous and threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 number = getattr(signal, name)
                 self._previous[number] = signal.signal(number, self._note)
@@ -850,6 +850,9 @@ def launch(
     if short:  # a cluster may scale up (an autoscaler adds nodes for waiting trials)
         print(f"[{spec.name}] warning: {short} now; trials wait until it grows", file=out)
 
+    # from here on a signal waits for the loop's first safe point (Ray's own SIGTERM handler,
+    # installed by ray.init, would end the process)
+    driver.interrupt.install()
     try:
         driver.open(url, resume=resume, force=force)
         # where the trials' structure files are (gsmsearch.apply_structure finds them from the study)
@@ -867,6 +870,7 @@ def launch(
                         else "launch(spec, resume=True)")
         raise
     finally:
+        driver.interrupt.restore()
         if driver.lock is not None:
             driver.lock.release()
 
