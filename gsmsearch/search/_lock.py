@@ -78,9 +78,9 @@ class DriverLock:
             import sqlalchemy
             from sqlalchemy.pool import NullPool
 
-            from ._storage import _expand
+            from ._storage import checked_url
 
-            expanded = _expand(self.url)
+            expanded = checked_url(self.url)
             backend = sqlalchemy.engine.make_url(expanded).get_backend_name()
             connect_args: Dict[str, Any] = {"timeout": 60} if backend == "sqlite" else {}
             if backend == "postgresql":
@@ -104,10 +104,12 @@ class DriverLock:
         return float(conn.execute(text(query)).scalar())
 
     def create_table(self) -> None:
-        """Create the lock table if it is missing; two processes doing so at once both succeed."""
+        """Create the lock table if it is missing; two processes doing so at once both succeed.
+        A database that does not answer is said at once ("cannot open storage"), as
+        :func:`~._storage.open_storage` says it."""
         from sqlalchemy import inspect, text
 
-        from ._storage import with_retries
+        from ._storage import _short, redact, with_retries
 
         def create():
             try:
@@ -117,7 +119,10 @@ class DriverLock:
                 if LOCK_TABLE not in inspect(self.engine()).get_table_names():
                     raise
 
-        with_retries(create)
+        try:
+            with_retries(create, attempts=4)
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"cannot open storage {redact(self.url)}: {_short(error)}") from None
 
     def _row(self, conn) -> Optional[Dict[str, Any]]:
         from sqlalchemy import text

@@ -23,6 +23,7 @@ __all__ = [
     "resolve_storage_url",
     "redact",
     "open_storage",
+    "checked_url",
     "open_readonly_storage",
     "readonly_url_and_engine_kwargs",
     "unset_variables",
@@ -104,10 +105,10 @@ def _env_names(url: str):
     return re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", url)
 
 
-def open_storage(url: str, *, must_exist: bool = False):
-    """An Optuna RDBStorage for ``url`` with engine settings that survive restarts and locks."""
-    import optuna
-
+def checked_url(url: str, *, must_exist: bool = False) -> str:
+    """``url`` with its ``${VAR}`` expanded, once the checks that retrying cannot help have
+    passed (said at once; retries are for locks and restarts): the URL's rules, and an SQLite
+    path that can hold a database (``must_exist``: and does)."""
     from ._spec import check_storage_url
 
     check_storage_url(url, allow_password=True)  # the same rules for a URL typed on the command line
@@ -116,10 +117,16 @@ def open_storage(url: str, *, must_exist: bool = False):
         path = expanded.split("sqlite:///", 1)[-1]
         if must_exist and not Path(path).exists():
             raise FileNotFoundError(f"no study database at {path}")
-        # said at once: retrying cannot help these (retries are for locks and restarts)
         problem = _sqlite_path_problem(Path(path))
         if problem:
             raise ValueError(f"storage {redact(url)}: {problem}")
+    return expanded
+
+
+def open_storage(url: str, *, must_exist: bool = False):
+    """An Optuna RDBStorage for ``url`` with engine settings that survive restarts and locks."""
+    expanded = checked_url(url, must_exist=must_exist)
+    if expanded.startswith("sqlite:"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}

@@ -4,6 +4,7 @@ the winner's host and process), refreshed by the heartbeat and taken over once s
 import io
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -186,3 +187,20 @@ def test_two_launches_at_once_run_the_study_once(case, tmp_path, request):
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert len({t.user_attrs["config_digest"] for t in trials}) == 2  # no configuration twice
     assert DriverLock(storage, "tiny").holder() is None  # the winner let go
+
+
+def test_a_storage_that_cannot_hold_the_study_is_refused_at_once(tmp_path):
+    """The lock is the driver's first contact with the database: what retrying cannot help is
+    said at once, as opening the storage says it (not after the long retry bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there once the socket is closed
+    spec = spec_from_dict(TINY_SPEC)
+    for url, message in [(f"sqlite:///{tmp_path}/missing/tiny.db", f"the folder {tmp_path}/missing does not exist"),
+                         (f"sqlite:///{tmp_path}", "is a folder, not a database file"),
+                         (f"postgresql+psycopg://postgres@127.0.0.1:{port}/x",
+                          f"cannot open storage postgresql+psycopg://postgres@127.0.0.1:{port}/x: ")]:
+        driver = Driver(spec, tmp_path / "study.yaml", out=io.StringIO(), make_worker=lambda *a: None)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            driver.open(url)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
