@@ -422,7 +422,7 @@ class Driver:
         self.finite: Dict[str, Any] = {}  # family -> its configurations, where the space is finite
         self.exhausted_reported = False
         self.target = spec.trials  # lowered to what was done when every space is exhausted
-        self.interrupt = _DeferredInterrupt()  # installed by run()
+        self.interrupt = _DeferredInterrupt()  # installed by launch() once Ray is up, else by run()
         self.driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
         self.last_heartbeat = 0.0
         self.lock: Optional[DriverLock] = None  # taken by open()
