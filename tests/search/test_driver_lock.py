@@ -116,10 +116,10 @@ def test_read_only_commands_take_no_lock(tmp_path, capsys):
 # -- races -----------------------------------------------------------------------------------
 
 
-def _contender(urls, barrier, results):
-    """One of two processes: for each new database, wait for the other, then open the study as
-    a driver does (lock, then Optuna's tables and the study)."""
-    spec = spec_from_dict(TINY_SPEC)
+def _contender(urls, barrier, results, name="tiny"):
+    """One of two processes: for each new database, wait for the other, then open study
+    ``name`` as a driver does (lock, then Optuna's tables and the study)."""
+    spec = spec_from_dict({**TINY_SPEC, "name": name})
     for i, url in enumerate(urls):
         barrier.wait()
         driver = Driver(spec, "study.yaml", out=io.StringIO(), make_worker=lambda *a: None)
@@ -155,6 +155,25 @@ def test_two_drivers_racing_on_a_new_database_one_wins_every_time(database):
         assert (holder["host"], holder["pid"]) == (winner[2], winner[3])
 
 
+def test_two_drivers_of_different_studies_on_a_new_database_both_run(database):
+    """Two locks, so both drivers create Optuna's tables at the same moment: the one that finds
+    them half-made by the other opens them on its next try."""
+    urls = [database(100 + i) for i in range(8)]
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=_contender, args=(urls, barrier, results, name))
+                 for name in ("first", "second")]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=300) for _ in range(2 * len(urls))]
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    assert [o[1] for o in outcomes] == ["won"] * len(outcomes), [o for o in outcomes if o[1] != "won"]
+    for url in urls:
+        assert sorted(s.study_name for s in optuna.get_all_study_summaries(url)) == ["first", "second"]
+
+
 # -- real launches -------------------------------------------------------------------------
 
 
@@ -166,8 +185,9 @@ def test_two_drivers_racing_on_a_new_database_one_wins_every_time(database):
 def test_two_launches_at_once_run_the_study_once(case, tmp_path, request):
     storage = (fresh_postgres(request.getfixturevalue("postgres_server"), f"launch_race_{case.split()[1]}")
                if case.startswith("postgresql") else f"sqlite:///{tmp_path / 'tiny.db'}")
+    # trials long enough that the winner still runs when the loser (starting its own Ray) asks
     spec_dict = {**TINY_SPEC, "storage": storage, "trials": 2, "concurrency": 1,
-                 "workload": {**TINY_SPEC["workload"], "epochs": 1}}
+                 "workload": {**TINY_SPEC["workload"], "epochs": 40}}
     spec_path = tmp_path / "study.yaml"
     spec_path.write_text(yaml.safe_dump(spec_dict))
     command = [sys.executable, "-m", "gsmsearch", "launch", str(spec_path), "--status-interval", "1000"]
