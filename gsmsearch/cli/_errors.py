@@ -30,10 +30,16 @@ def run_guarded(func, *args, **kwargs) -> int:
     except Exception as error:  # noqa: BLE001 - the one place that turns errors into messages
         if debug:
             traceback.print_exc()
+        from ..search._lock import DriverLockLost
+        from ..search._storage import DatabaseUnreachable
         from ..trainer import TrialFailed
 
         if isinstance(error, UsageError):
             kind, code = "error", 2
+        elif isinstance(error, DatabaseUnreachable):
+            kind, code = "error", 75  # EX_TEMPFAIL: the same command with --resume continues
+        elif isinstance(error, DriverLockLost):
+            kind, code = "error", 1
         elif isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
             kind, code = "error", 2
         elif isinstance(error, TrialFailed):

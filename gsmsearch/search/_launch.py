@@ -26,10 +26,16 @@ What survives what:
   can no longer place go to the workers that are free;
 - a killed driver leaves RUNNING trials behind: the next ``launch --resume`` marks them FAIL
   ("stale", not final) and re-enqueues their configurations, which resume from their checkpoints;
-- Ctrl-C (deferred to the loop's next safe point; a second one interrupts at once) stops the
-  running trials, records them FAIL ("interrupted", not final) and exits; ``--resume`` continues
-  the same way;
-- transient database errors (a restarted PostgreSQL, a locked SQLite) are retried.
+- Ctrl-C or SIGTERM (deferred to the loop's next safe point; a second one interrupts at once)
+  stops the running trials, records them FAIL ("interrupted", not final) and exits; ``--resume``
+  continues the same way;
+- transient database errors (a restarted PostgreSQL, a locked SQLite) are retried for up to
+  ``GSMSEARCH_STORAGE_RETRY_SECONDS`` (default 300); a database away longer stops the driver
+  (its workers stopped, nothing more written) with :class:`DatabaseUnreachable`, whose message
+  names the database and the ``--resume`` command; the trials it left RUNNING are recovered
+  by that resume as after a dead driver;
+- one driver per study: :class:`~._lock.DriverLock`, a row in the study database taken
+  atomically before anything else is written, refreshed by the heartbeat, taken over once stale.
 """
 from __future__ import annotations
 
@@ -45,7 +51,9 @@ from typing import Any, Dict, List, Optional, TextIO, Tuple, Union
 
 from ..trainer import TrialConfig
 from ._spec import SpecError, StudySpec, load_spec, spec_from_dict, system_folder_problem
-from ._storage import fail_stale_trials, open_storage, redact, resolve_storage_url, with_retries
+from ._lock import DriverLock, DriverLockLost
+from ._storage import (DatabaseUnreachable, fail_stale_trials, open_storage, redact, resolve_storage_url,
+                       with_retries)
 from ._space import family_configurations, space_size, trial_config
 from ._realized import Realizer
 from ._replicates import replicate_params, waiting_params
@@ -156,44 +164,38 @@ class _Running:
     placed: Any = None  # a new worker's ``info`` ref until it is placed on a node (None after)
 
 
-def _driver_alive(driver: Dict[str, Any]) -> bool:
-    """Whether the driver recorded on the study may still be running: its heartbeat is recent
-    and, when it ran on this host, its process still exists."""
-    if time.time() - float(driver.get("heartbeat", 0)) >= DRIVER_STALE_SECONDS:
-        return False
-    if driver.get("host") == socket.gethostname():
-        try:
-            os.kill(int(driver["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, ValueError, KeyError):
-            return True
-    return True
-
-
 class _DeferredInterrupt:
-    """Ctrl-C while the driver runs is noted and raised as KeyboardInterrupt at the loop's next
-    safe point (:meth:`check`, at the top of each :meth:`Driver.step`), never between asking
-    Optuna for a trial and submitting it, nor while a finished trial's result is being recorded
-    (a result that has arrived is kept); a second Ctrl-C interrupts at once.  Only in the main
-    thread (signal handlers live there); elsewhere Ctrl-C behaves as usual."""
+    """Ctrl-C (SIGINT) or SIGTERM (``kill``, ``ray job stop``, Slurm, a container stop) while the
+    driver runs is noted and raised as KeyboardInterrupt at the loop's next safe point
+    (:meth:`check`, at the top of each :meth:`Driver.step`), never between asking Optuna for a
+    trial and submitting it, nor while a finished trial's result is being recorded (a result
+    that has arrived is kept); a second signal interrupts at once.  ``signal_name`` says which
+    came.  Only in the main thread (signal handlers live there); elsewhere both behave as usual."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self) -> None:
         self.pending = False
-        self._previous = None
+        self.signal_name: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
 
     def install(self) -> "_DeferredInterrupt":
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._note)
+        if not self._previous and threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._note)
         return self
 
     def _note(self, signum, frame) -> None:
+        import signal
+
         if self.pending:
             raise KeyboardInterrupt
         self.pending = True
+        self.signal_name = signal.Signals(signum).name
 
     def check(self) -> None:
         if self.pending:
@@ -202,8 +204,10 @@ class _DeferredInterrupt:
     def restore(self) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(number, previous)
+        self._previous = {}
 
 
 def _inside_ray_package(path: Path) -> Optional[Path]:
@@ -324,13 +328,6 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
             raise SpecError(
                 f"study {spec.name!r} already has {len(study.get_trials(deepcopy=False))} trials; "
                 f"pass --resume to continue it"
-            )
-        driver = study.user_attrs.get("driver")
-        if driver and not force and _driver_alive(driver):
-            raise SpecError(
-                f"another driver is running study {spec.name!r} (pid {driver.get('pid')} on "
-                f"{driver.get('host')}, seen {time.time() - float(driver['heartbeat']):.0f}s ago); "
-                f"wait for it or pass --force"
             )
     else:
         study = with_retries(lambda: optuna.create_study(
@@ -497,9 +494,11 @@ class Driver:
         self.waiting_duplicates: Dict[int, Tuple[Any, int]] = {}  # duplicate's number -> (it, the running original)
         self.exhausted_reported = False
         self.target = spec.trials  # lowered to what was done when every space is exhausted
-        self.interrupt = _DeferredInterrupt()  # installed by run()
+        self.interrupt = _DeferredInterrupt()  # installed by launch() once Ray is up, else by run()
         self.driver_id = {"pid": os.getpid(), "host": socket.gethostname()}
         self.last_heartbeat = 0.0
+        self.lock: Optional[DriverLock] = None  # taken by open()
+        self.abandoned = False  # the database is away or the lock lost: write nothing more
 
     # -- dry run -----------------------------------------------------------------------------
 
@@ -520,9 +519,17 @@ class Driver:
     # -- open, recover ---------------------------------------------------------------------
 
     def open(self, url: str, *, resume: bool = False, force: bool = False):
-        """Open the storage at ``url`` and create or continue the study (see :func:`_open_study`
-        for what a continuation is refused for)."""
-        self.study = _open_study(self.spec, open_storage(url), resume=resume, force=force)
+        """Take the study's driver lock (:class:`~._lock.DriverLock`; ``force`` takes it from a
+        driver that seems alive), then open the storage at ``url`` and create or continue the
+        study (see :func:`_open_study` for what a continuation is refused for).  The lock comes
+        first: two drivers started at once on a new database never both create Optuna's tables."""
+        self.lock = DriverLock(url, self.spec.name, stale_seconds=DRIVER_STALE_SECONDS)
+        self.lock.acquire(force=force)
+        try:
+            self.study = _open_study(self.spec, open_storage(url), resume=resume, force=force)
+        except BaseException:
+            self.lock.release()
+            raise
         return self.study
 
     def recover(self) -> Tuple[int, int]:
@@ -538,7 +545,10 @@ class Driver:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Step until the study is done; Ctrl-C (deferred to the next step) interrupts it."""
+        """Step until the study is done; Ctrl-C or SIGTERM (deferred to the next step) interrupts
+        it.  A database away for longer than the retry bound (:class:`DatabaseUnreachable`) or a
+        lock taken by another driver (:class:`~._lock.DriverLockLost`) stops the workers and is
+        raised, with nothing more written."""
         self.interrupt.install()
         try:
             self.heartbeat()
@@ -546,6 +556,9 @@ class Driver:
                 pass
         except KeyboardInterrupt:
             self.interrupted()
+        except (DatabaseUnreachable, DriverLockLost):
+            self.abandon()
+            raise
         finally:
             self.shutdown()
 
@@ -562,8 +575,11 @@ class Driver:
         return True
 
     def heartbeat(self) -> None:
-        """Record this driver and the time on the study, at most every quarter of the stale delay."""
+        """Refresh the driver lock, and record this driver and the time on the study (for
+        ``status``), at most every quarter of the stale delay."""
         if time.monotonic() - self.last_heartbeat > DRIVER_STALE_SECONDS / 4:
+            if self.lock is not None:
+                self.lock.refresh()
             with_retries(lambda: self.study.set_user_attr("driver", {**self.driver_id, "heartbeat": time.time()}))
             self.last_heartbeat = time.monotonic()
 
@@ -768,6 +784,8 @@ class Driver:
         for one (retries first), start the next trial, and :meth:`tell` its outcome."""
         import ray
 
+        from ._runner import describe_failure
+
         waiting = {entry.placed: entry for entry in self.running.values() if entry.placed is not None}
         ready, _ = ray.wait(list(self.running) + list(waiting), num_returns=1, timeout=timeout)
         for ref in ready:
@@ -777,13 +795,10 @@ class Driver:
             entry = self.running.pop(ref)
             try:
                 outcome = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as error:
-                # the worker's process or node died: nothing the trial's configuration did
-                self.retry_or_fail(entry, f"worker died: {type(error).__name__}", resumable=True)
-                continue
-            except ray.exceptions.RayTaskError as error:
-                cause = error.cause if getattr(error, "cause", None) is not None else error
-                self.retry_or_fail(entry, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
+            except Exception as error:  # noqa: BLE001 - nothing a trial raises ends the driver
+                reason = describe_failure(error)
+                # a worker process or node that died: nothing the trial's configuration did
+                self.retry_or_fail(entry, reason, resumable=reason.startswith("worker died:"))
                 continue
             if entry.placed is not None:  # it returned before its placement was seen
                 self.placed(entry)
@@ -971,7 +986,8 @@ class Driver:
         from optuna.trial import TrialState
 
         self.summary.interrupted = True
-        reason = "interrupted (Ctrl-C); `launch --resume` runs it again from its checkpoint"
+        how = "SIGTERM" if self.interrupt.signal_name == "SIGTERM" else "Ctrl-C"
+        reason = f"interrupted ({how}); `launch --resume` runs it again from its checkpoint"
         for entry in self.running.values():
             _kill(entry.worker)
             self.record_failure(entry.trial, entry.config["family"], reason, final=False)
@@ -985,14 +1001,26 @@ class Driver:
         print(f"[{self.spec.name}] stopped; continue with: gsmsearch launch {self.spec_path} --resume",
               file=self.out)
 
+    def abandon(self) -> None:
+        """Stop every worker and write nothing more (the database is away, or another driver
+        holds the study now): the trials left RUNNING are recovered by the next resume."""
+        self.abandoned = True
+        for entry in self.running.values():
+            _kill(entry.worker)
+        self.running.clear()
+
     def shutdown(self) -> None:
-        """Give Ctrl-C back its usual handler, clear this driver from the study (so the next
-        launch need not wait for the heartbeat to go stale) and stop the idle workers."""
+        """Give Ctrl-C and SIGTERM back their usual handlers, clear this driver from the study and
+        release its lock (so the next launch need not wait for the heartbeat to go stale) and
+        stop the idle workers."""
         self.interrupt.restore()
-        try:
-            with_retries(lambda: self.study.set_user_attr("driver", None))
-        except Exception:  # noqa: BLE001 - the database may be the thing that failed
-            pass
+        if not self.abandoned:
+            try:
+                with_retries(lambda: self.study.set_user_attr("driver", None), attempts=3)
+            except Exception:  # noqa: BLE001 - the database may be the thing that failed
+                pass
+        if self.lock is not None:
+            self.lock.release()
         for worker in self.idle:
             _kill(worker)
 
@@ -1090,14 +1118,27 @@ def launch(
     if short:  # a cluster may scale up (an autoscaler adds nodes for waiting trials)
         print(f"[{spec.name}] warning: {short} now; trials wait until it grows", file=out)
 
-    driver.open(url, resume=resume, force=force)
-    # where the trials' structure files are (gsmsearch.apply_structure finds them from the study)
-    with_retries(lambda: driver.study.set_user_attr("structures_dir", str(paths["structures"])))
-    driver.recover()
-    print(f"[{spec.name}] storage {driver.summary.storage}; {where}; up to {spec.concurrency} concurrent "
-          f"trial(s)", file=out)
-    for key in ("checkpoints", "cache", "structures"):
-        paths[key].mkdir(parents=True, exist_ok=True)
-    driver.run()
-    return driver.summarize()
+    # from here on a signal waits for the loop's first safe point (Ray's own SIGTERM handler,
+    # installed by ray.init, would end the process)
+    driver.interrupt.install()
+    try:
+        driver.open(url, resume=resume, force=force)
+        # where the trials' structure files are (gsmsearch.apply_structure finds them from the study)
+        with_retries(lambda: driver.study.set_user_attr("structures_dir", str(paths["structures"])))
+        driver.recover()
+        print(f"[{spec.name}] storage {driver.summary.storage}; {where}; up to {spec.concurrency} concurrent "
+              f"trial(s)", file=out)
+        for key in ("checkpoints", "cache", "structures"):
+            paths[key].mkdir(parents=True, exist_ok=True)
+        driver.run()
+        return driver.summarize()
+    except DatabaseUnreachable as error:
+        error.storage = redact(url)
+        error.resume = (f"gsmsearch launch {label} --resume" if isinstance(label, (str, Path))
+                        else "launch(spec, resume=True)")
+        raise
+    finally:
+        driver.interrupt.restore()
+        if driver.lock is not None:
+            driver.lock.release()
 

@@ -16,7 +16,8 @@ import os
 import socket
 from typing import Any, Dict, Optional
 
-__all__ = ["start_ray", "check_resources", "make_worker", "execute_trial"]
+__all__ = ["start_ray", "check_resources", "make_worker", "execute_trial", "TrialError", "describe_exception",
+           "describe_failure"]
 
 
 def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
@@ -120,11 +121,37 @@ def check_resources(cpus: float, gpus: float) -> Optional[str]:
     return None
 
 
+class TrialError(RuntimeError):
+    """An exception a trial raised, as the one line the driver records (``reason``: the
+    exception's type and message, and where it was raised).  :func:`execute_trial` raises it in
+    place of the trial's own exception, so what crosses Ray is always a plain error that the
+    driver can read back, whatever the trial's exception holds."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Exceptions that say a configuration can never run as given: recorded FAIL for good at once,
+#: never retried (every other exception a trial raises is retried, see :func:`execute_trial`).
+def _final_errors():
+    from ..structured._common import BudgetTooSmall
+    from ..trainer import TrialFailed
+
+    return (TrialFailed, BudgetTooSmall)
+
+
 def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
                   structure_path: Optional[str] = None) -> Dict[str, Any]:
-    """Run one trial in this process.  Returns {"ok": True, "result": ...} or
+    """Run one trial in this process.  Returns {"ok": True, "result": ...}, or
     {"ok": False, "reason": ..., "final": True} for a trial that can never succeed as configured
-    (e.g. a diverging loss).  Other exceptions propagate (the driver retries those)."""
+    (:class:`TrialFailed`, e.g. a diverging loss; ``BudgetTooSmall``, a budget below the
+    family's cheapest layer) or whose result cannot be recorded (not JSON).  Any other exception
+    is raised as a :class:`TrialError` carrying only its one-line description (type, message,
+    ``file:line in function`` of the deepest frame in gsmsearch or the user's code), never the
+    exception itself: an exception that does not pickle cannot reach the driver; the driver
+    retries a trial that raised it (``retries``), then records it FAIL for good."""
+    import json
     import time
 
     from ..trainer import TrialConfig, TrialFailed, run_trial
@@ -133,10 +160,69 @@ def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
     try:
         result = run_trial(TrialConfig.from_dict(config), checkpoint_dir=checkpoint_dir,
                            cache_dir=cache_dir, structure_path=structure_path)
-    except TrialFailed as failure:
-        return {"ok": False, "reason": failure.reason, "final": True,
-                "started": started, "finished": time.time()}
-    return {"ok": True, "result": result.to_dict(), "started": started, "finished": time.time()}
+        result = result.to_dict()
+    except _final_errors() as failure:
+        reason = failure.reason if isinstance(failure, TrialFailed) else describe_exception(failure)
+        return {"ok": False, "reason": reason, "final": True, "started": started, "finished": time.time()}
+    except Exception as error:  # noqa: BLE001 - whatever the trial raised, as a plain error
+        raise TrialError(describe_exception(error)) from None
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as error:
+        return {"ok": False, "reason": f"the trial's result cannot be recorded: {describe_exception(error)}",
+                "final": True, "started": started, "finished": time.time()}
+    return {"ok": True, "result": result, "started": started, "finished": time.time()}
+
+
+def describe_exception(error: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message (at file:line in function)``: the deepest frame of the
+    traceback in gsmsearch or in the user's code (not in the standard library or an installed
+    package other than gsmsearch); the message alone when it already says where (a plugin
+    workload's :class:`~gsmsearch.workloads.WorkloadCodeError`)."""
+    import sysconfig
+    import traceback
+
+    from ..workloads import WorkloadCodeError
+
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    described = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    if isinstance(error, WorkloadCodeError):
+        return described
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    libraries = {os.path.abspath(p) for k, p in sysconfig.get_paths().items()
+                 if k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    frames = traceback.extract_tb(error.__traceback__)
+    chosen = None
+    for frame in frames:
+        path = os.path.abspath(frame.filename)
+        if path.startswith(package + os.sep) or not any(path.startswith(lib + os.sep) for lib in libraries):
+            chosen = frame
+    chosen = chosen or (frames[-1] if frames else None)
+    if chosen is None:
+        return described
+    return f"{described} (at {chosen.filename}:{chosen.lineno} in {chosen.name})"
+
+
+def describe_failure(error: BaseException) -> str:
+    """Why a trial's Ray call failed, in one line, for the driver's record: the reason of a
+    :class:`TrialError` the trial raised, "worker died: ..." for a lost worker process or node
+    (killed, out of memory, node gone), else the error's type and last line (whatever Ray raised,
+    e.g. an exception it could not deserialize)."""
+    import ray
+
+    cause = getattr(error, "cause", None) if isinstance(error, ray.exceptions.RayTaskError) else None
+    if isinstance(cause, TrialError):
+        return cause.reason
+    if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                          ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+                          ray.exceptions.ObjectLostError, ray.exceptions.LocalRayletDiedError)):
+        return f"worker died: {type(error).__name__}"
+    shown = cause if isinstance(cause, BaseException) else error
+    lines = str(shown).strip().splitlines()
+    return f"{type(shown).__name__}: {lines[-1][:500] if lines else ''}".rstrip(": ")
 
 
 def make_worker(cpus: float, gpus: float):

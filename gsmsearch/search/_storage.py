@@ -23,11 +23,15 @@ __all__ = [
     "resolve_storage_url",
     "redact",
     "open_storage",
+    "checked_url",
     "open_readonly_storage",
     "readonly_url_and_engine_kwargs",
     "unset_variables",
     "with_retries",
     "fail_stale_trials",
+    "DatabaseUnreachable",
+    "STORAGE_RETRY_SECONDS",
+    "storage_retry_seconds",
 ]
 
 T = TypeVar("T")
@@ -101,10 +105,10 @@ def _env_names(url: str):
     return re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", url)
 
 
-def open_storage(url: str, *, must_exist: bool = False):
-    """An Optuna RDBStorage for ``url`` with engine settings that survive restarts and locks."""
-    import optuna
-
+def checked_url(url: str, *, must_exist: bool = False) -> str:
+    """``url`` with its ``${VAR}`` expanded, once the checks that retrying cannot help have
+    passed (said at once; retries are for locks and restarts): the URL's rules, and an SQLite
+    path that can hold a database (``must_exist``: and does)."""
     from ._spec import check_storage_url
 
     check_storage_url(url, allow_password=True)  # the same rules for a URL typed on the command line
@@ -113,20 +117,46 @@ def open_storage(url: str, *, must_exist: bool = False):
         path = expanded.split("sqlite:///", 1)[-1]
         if must_exist and not Path(path).exists():
             raise FileNotFoundError(f"no study database at {path}")
-        # said at once: retrying cannot help these (retries are for locks and restarts)
         problem = _sqlite_path_problem(Path(path))
         if problem:
             raise ValueError(f"storage {redact(url)}: {problem}")
+    return expanded
+
+
+def open_storage(url: str, *, must_exist: bool = False):
+    """An Optuna RDBStorage for ``url`` with engine settings that survive restarts and locks."""
+    expanded = checked_url(url, must_exist=must_exist)
+    if expanded.startswith("sqlite:"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 300}
     try:
         # a few seconds of retries at the start (a server just starting); the long budget of
         # with_retries is for a connection lost mid-study, through RetryingStorage
-        rdb = with_retries(lambda: optuna.storages.RDBStorage(expanded, engine_kwargs=engine_kwargs), attempts=4)
+        rdb = with_retries(lambda: _create_rdb(expanded, engine_kwargs), attempts=4)
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
     return RetryingStorage(rdb)
+
+
+def _create_rdb(url: str, engine_kwargs, tries: int = 5):
+    """Optuna's RDBStorage for ``url``, creating its tables on a new database.  Another process
+    creating them at the same moment (a second study's driver on the same new database) makes
+    the creation fail on a duplicate table, type or version row: the tables are there then, and
+    the next try opens them."""
+    import optuna
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except Exception as error:  # noqa: BLE001
+            text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None).lower()
+            racing = any(s in text for s in ("alembic_version", "already exists", "unique constraint",
+                                             "duplicate key", "duplicate entry"))
+            if not racing or attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 #: Tables every Optuna storage has (gsmsearch studies are Optuna studies).
@@ -257,22 +287,74 @@ def _transient(error: Exception) -> bool:
                                    "connection refused", "could not connect", "terminating connection"))
 
 
-def with_retries(action: Callable[[], T], *, attempts: int = 8, first_delay: float = 0.5) -> T:
-    """Run ``action``, retrying transient database errors with exponential backoff (~1 min)."""
+#: How long a storage operation is retried while the database is unreachable (a restart, a
+#: network cut, a locked SQLite file) before :class:`DatabaseUnreachable` is raised; the
+#: environment variable ``GSMSEARCH_STORAGE_RETRY_SECONDS`` sets another bound.
+STORAGE_RETRY_SECONDS = 300.0
+
+
+class DatabaseUnreachable(RuntimeError):
+    """The study database stayed unreachable for the whole retry bound.  ``storage`` (the URL,
+    password hidden) and ``resume`` (the command that continues the study) are filled in by the
+    driver, which knows them; the message then says both."""
+
+    def __init__(self, detail: str, seconds: float, storage: str = "", resume: str = "") -> None:
+        super().__init__(detail, seconds, storage, resume)
+        self.detail, self.seconds, self.storage, self.resume = detail, float(seconds), storage, resume
+
+    def __str__(self) -> str:
+        where = f"the database at {self.storage}" if self.storage else "the study database"
+        text = f"{where} is unreachable ({self.detail}; retried for {self.seconds:.0f}s)"
+        if self.resume:
+            text += (f"; every finished trial is safe in it; once it is back, continue the study with: "
+                     f"{self.resume}")
+        return text
+
+
+def storage_retry_seconds() -> float:
+    """The retry bound: ``GSMSEARCH_STORAGE_RETRY_SECONDS`` when set (seconds, > 0), else
+    :data:`STORAGE_RETRY_SECONDS`."""
+    value = os.environ.get("GSMSEARCH_STORAGE_RETRY_SECONDS", "").strip()
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"GSMSEARCH_STORAGE_RETRY_SECONDS={value!r}: expected a number of seconds") from None
+        if not seconds > 0 or seconds != seconds:
+            raise ValueError(f"GSMSEARCH_STORAGE_RETRY_SECONDS={value!r}: expected a number of seconds > 0")
+        return seconds
+    return STORAGE_RETRY_SECONDS
+
+
+def with_retries(action: Callable[[], T], *, attempts: Optional[int] = None, first_delay: float = 0.5,
+                 seconds: Optional[float] = None) -> T:
+    """Run ``action``, retrying transient database errors with exponential backoff (0.5 s
+    doubling to 10 s): ``attempts`` tries when given, else for up to ``seconds`` (default
+    :func:`storage_retry_seconds`), after which :class:`DatabaseUnreachable` is raised."""
     import optuna
 
+    bound = None if attempts is not None else (seconds if seconds is not None else storage_retry_seconds())
+    start = time.monotonic()
     delay = first_delay
-    for attempt in range(attempts):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return action()
+        except DatabaseUnreachable:
+            raise  # an inner retry has waited out the bound already
         except Exception as error:  # noqa: BLE001
             cause = (error.__cause__ or error.__context__) if isinstance(
                 error, optuna.exceptions.StorageInternalError) else error
-            if attempt == attempts - 1 or not (_transient(error) or (cause and _transient(cause))):
+            if not (_transient(error) or (cause and _transient(cause))):
                 raise
+            if attempts is not None and attempt >= attempts:
+                raise
+            if bound is not None and time.monotonic() - start + delay > bound:
+                detail = _short(cause if isinstance(cause, Exception) else error)
+                raise DatabaseUnreachable(detail, time.monotonic() - start) from error
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def fail_stale_trials(study, *, reason: str) -> list:

@@ -56,6 +56,10 @@ class BudgetTooSmall(ValueError):
         super().__init__(message)
         self.cheapest_fraction = float(cheapest_fraction)
 
+    def __reduce__(self):
+        # pickled as its two arguments (the default would call __init__ with the message alone)
+        return type(self), (self.args[0] if self.args else "", self.cheapest_fraction)
+
 
 def no_fit_error(family: str, budget: float, in_features: int, out_features: int, cheapest: int,
                  what: str) -> BudgetTooSmall:

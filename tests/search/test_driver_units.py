@@ -2,6 +2,7 @@
 for ``make_worker`` records what would have been submitted, and results are handed to the
 driver as the dicts a worker returns."""
 import io
+import sqlite3
 import time
 
 import optuna
@@ -91,7 +92,8 @@ def test_recover_marks_a_dead_drivers_running_trials_stale_and_reruns_their_conf
     # the first driver is gone without a word; its heartbeat is fresh and its pid (ours) alive
     with pytest.raises(SpecError, match=r"another driver is running study 'tiny' .*wait for it or pass --force"):
         make_driver(tmp_path, {"concurrency": 2}, resume=True)
-    first.study.set_user_attr("driver", {**first.driver_id, "heartbeat": time.time() - 3600})
+    with sqlite3.connect(tmp_path / "tiny.db") as db:  # its lock's heartbeat goes stale
+        db.execute("UPDATE gsmsearch_driver_lock SET heartbeat_at = heartbeat_at - 3600")
 
     second, second_workers = make_driver(tmp_path, {"concurrency": 2}, resume=True)
     assert second.recover() == (3, 3)
@@ -129,6 +131,7 @@ def test_recover_reenqueues_nothing_whose_configuration_has_finished_for_good(tm
 def test_open_refuses_an_existing_study_without_resume(tmp_path):
     driver, _ = make_driver(tmp_path)
     driver.fill()
+    driver.shutdown()
     with pytest.raises(SpecError, match=r"study 'tiny' already has 2 trials; pass --resume to continue it"):
         make_driver(tmp_path)
 
@@ -184,6 +187,7 @@ def test_an_older_study_without_a_completed_trial_continues_on_the_validation_sp
         driver.running.pop(ref)
         driver.tell(entry, outcome({"quality": 0.8, "relative_flops": 0.2}), received=110.0)
     assert sum(t.state == TrialState.COMPLETE for t in driver.study.get_trials()) == 2
+    driver.shutdown()
     driver2, _ = make_driver(tmp_path, resume=True)  # its own completed trials now: it continues
     assert driver2.study.user_attrs["objective_split"] == "val"
 
