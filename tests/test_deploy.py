@@ -8,6 +8,7 @@ import re
 import shlex
 import stat
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -362,7 +363,7 @@ def _slurm_stubs(tmp_path):
     (10.1.2.3, 10.1.2.7 and 10.1.2.8); a Ray started through srun blocks as ``--block`` does."""
     bin_dir = tmp_path / "bin"
     stub(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\nnode-c\\n"')
-    stub(bin_dir, "srun", 'case " $* " in *" ray start "*|*" bash -c "*) exec sleep 60;; esac')
+    stub(bin_dir, "srun", 'case " $* " in *" ray start "*|*" bash -c "*) exec /bin/sleep 60;; esac')
     stub(bin_dir, "getent", 'case "$2" in node-b) echo "10.1.2.7 STREAM node-b";; *) exit 2;; esac')
     # the source address of this machine's route toward an address: node-a's unless told otherwise
     stub(bin_dir, "ip", 'echo "${*: -1} dev eth0 src ${STUB_SRC:-10.1.2.3} uid 0"')
@@ -435,16 +436,80 @@ def test_slurm_script_starts_ray_everywhere_and_the_driver_on_the_head(tmp_path)
     assert not (tmp_path / "ray-77").exists()  # the job's Ray temp dir is removed at its end
 
 
-@pytest.mark.parametrize("problem, env_change, message", [
-    ("a loopback address on several nodes", {"GSMSEARCH_RAY_NODE_IP": "127.0.0.1"}, "only for a one-node job"),
-    ("no routable address", {"STUB_SRC": "127.0.1.1"}, "no routable address for the head node-a"),
-    ("a Ray that never has every node", {"GSMSEARCH_RAY_WAIT": "0", "STUB_ACTIVE": "1"}, "has 0 of 3 nodes"),
+@pytest.mark.parametrize("held_for, wait, succeeds", [(1, 60, True), (99, 3, False)])
+def test_slurm_script_waits_out_a_held_driver_lock(tmp_path, held_for, wait, succeeds):
+    """A launch refused because "another driver is running" (a driver killed hard on another host
+    holds the lock until it is stale) is retried every 15 s for GSMSEARCH_DRIVER_WAIT seconds,
+    never with --force; then the job fails without a report.  (sleep is a stub: no time passes.)"""
+    env, log = _slurm_stubs(tmp_path)
+    stub(tmp_path / "bin", "sleep", "")
+    stub(tmp_path / "bin", "gsmsearch", f"""
+        [ "$1" = launch ] || exit 0
+        n=$(( $(cat "{tmp_path}/n" 2>/dev/null || echo 0) + 1 )); echo $n > "{tmp_path}/n"
+        if [ $n -le {held_for} ]; then
+          echo "gsmsearch: error: another driver is running study 'x' (pid 7 on node-z, seen 5s ago)" >&2
+          exit 2
+        fi""")
+    out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env={**env, "GSMSEARCH_DRIVER_WAIT": str(wait)},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    launches = [argv for name, _, argv in stub_calls(log) if name == "gsmsearch" and argv[0] == "launch"]
+    reports = [argv for name, _, argv in stub_calls(log) if name == "gsmsearch" and argv[0] == "report"]
+    assert all("--force" not in argv for argv in launches)
+    assert "driver lock is held" in out.stderr and "retrying in 15 s" in out.stderr
+    if succeeds:
+        assert out.returncode == 0 and len(launches) == 2 and len(reports) == 1, out.stderr
+    else:  # the stub sleeps take no time, the tries do: a few tries, then the job fails
+        assert out.returncode == 1 and "the driver exited with status 2" in out.stderr and not reports
+        assert len(launches) >= 1
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_slurm_script_stops_the_driver_like_ctrl_c(tmp_path, signal_name):
+    """SIGUSR1 (Slurm's warning before the time limit, --signal=B:USR1) or SIGTERM sent to the
+    script alone (`scancel --batch`): the driver receives SIGINT, which it can handle (a command
+    started with & would ignore it); after USR1 the job requeues itself and exits 0, after TERM it
+    exits with the driver's status and is not requeued; no report either way."""
+    import signal
+
+    env, log = _slurm_stubs(tmp_path)
+    stub(tmp_path / "bin", "sleep", "")  # the script's own pauses take no time
+    # a driver that leaves SIGINT to Python's default (KeyboardInterrupt), as gsmsearch does until
+    # it installs its own handler
+    driver = (f"import pathlib, sys, time\npathlib.Path({str(tmp_path)!r}, 'launched').touch()\n"
+              f"try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              f"    pathlib.Path({str(tmp_path)!r}, 'interrupted').touch()\n    sys.exit(130)\n")
+    (tmp_path / "driver.py").write_text(driver)
+    stub(tmp_path / "bin", "gsmsearch", f'[ "$1" = launch ] || exit 0\nexec {sys.executable} {tmp_path}/driver.py')
+    script = subprocess.Popen(["bash", str(SBATCH), "study.yaml"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "launched").exists():
+        assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+        time.sleep(0.05)
+    script.send_signal(getattr(signal, signal_name))
+    _, stderr = script.communicate(timeout=60)
+    assert (tmp_path / "interrupted").exists(), stderr
+    calls = stub_calls(log)
+    requeues = [argv for name, _, argv in calls if name == "scontrol" and argv[0] == "requeue"]
+    assert not [argv for name, _, argv in calls if name == "gsmsearch" and argv[0] == "report"]
+    if signal_name == "SIGUSR1":
+        assert script.returncode == 0 and requeues == [["requeue", "77"]], stderr
+    else:
+        assert script.returncode == 130 and not requeues, stderr
+    assert not (tmp_path / "ray-77").exists()
+
+
+@pytest.mark.parametrize("problem, env_change, stubs, message", [
+    ("a loopback address on several nodes", {"GSMSEARCH_RAY_NODE_IP": "127.0.0.1"}, {}, "only for a one-node job"),
+    ("no routable address", {"STUB_SRC": "127.0.1.1"}, {}, "no routable address for the head node-a"),
+    ("a Ray that never has every node", {"GSMSEARCH_RAY_WAIT": "0"}, {"ray": "exit 1"}, "has 0 of 3 nodes"),
+    ("a Ray step that exits", {}, {"srun": "exit 1", "ray": "exit 1"}, "a Ray step exited while starting"),
 ])
-def test_slurm_script_refuses_what_would_not_work(tmp_path, problem, env_change, message):
+def test_slurm_script_refuses_what_would_not_work(tmp_path, problem, env_change, stubs, message):
     """Each refusal exits non-zero before the driver starts, saying what is wrong."""
     env, log = _slurm_stubs(tmp_path)
-    if "STUB_ACTIVE" in env_change:  # ray status answers with no node
-        stub(tmp_path / "bin", "ray", "exit 1")
+    for name, body in stubs.items():
+        stub(tmp_path / "bin", name, body)
     out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env={**env, **env_change}, cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and message in out.stderr, (problem, out.stderr)
