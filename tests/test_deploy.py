@@ -8,6 +8,7 @@ import re
 import shlex
 import stat
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -378,51 +379,169 @@ def test_image_files_follows_copy_semantics():
 
 
 def test_slurm_directives_come_before_the_first_command():
-    """sbatch stops reading #SBATCH lines at the first command."""
+    """sbatch stops reading #SBATCH lines at the first command; the job asks to be requeued
+    (after a node failure) and to be warned before its time limit (it requeues itself then)."""
     lines = SBATCH.read_text().splitlines()
     first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
     directives = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
     assert directives and max(directives) < first_command
+    options = {lines[i].split()[1] for i in directives}
+    assert "--requeue" in options and any(re.fullmatch(r"--signal=B:USR1@\d+", o) for o in options)
 
 
-@pytest.mark.parametrize("resume", [False, True])
-def test_slurm_script_starts_ray_everywhere_and_the_driver_on_the_head(tmp_path, resume):
-    """The script, run with stub srun/scontrol/sleep on a 3-node allocation: a Ray head on the
-    first node, a worker joining it on each other node, then ``gsmsearch launch`` (with
-    --resume when asked) and ``report`` on the head, with arguments the CLI accepts."""
+def _slurm_stubs(tmp_path):
+    """srun, scontrol, getent, ip, ray and gsmsearch stubs for a 3-node allocation node-[a-c]
+    (10.1.2.3, 10.1.2.7 and 10.1.2.8); a Ray started through srun blocks as ``--block`` does."""
     bin_dir = tmp_path / "bin"
     stub(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\nnode-c\\n"')
-    stub(bin_dir, "srun", 'case " $* " in *" hostname "*) echo "10.1.2.3 fe80::1";; esac')
-    stub(bin_dir, "sleep", "")
+    stub(bin_dir, "srun", 'case " $* " in *" ray start "*|*" bash -c "*) exec /bin/sleep 60;; esac')
+    stub(bin_dir, "getent", 'case "$2" in node-b) echo "10.1.2.7 STREAM node-b";; *) exit 2;; esac')
+    # the source address of this machine's route toward an address: node-a's unless told otherwise
+    stub(bin_dir, "ip", 'echo "${*: -1} dev eth0 src ${STUB_SRC:-10.1.2.3} uid 0"')
+    stub(bin_dir, "ray", 'printf "Node status\\nActive:\\n 1 node_a\\n 1 node_b\\n 1 node_c\\nPending:\\n"')
+    stub(bin_dir, "gsmsearch", "")
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text("")
     log = tmp_path / "log"
     log.mkdir()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
-           "GSMSEARCH_VENV": str(venv), "SLURM_JOB_NODELIST": "node-[a-c]", "SLURM_CPUS_ON_NODE": "8",
-           "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_ID": "77", "GSMSEARCH_RESUME": "1" if resume else "0"}
-    out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env=env, cwd=tmp_path, capture_output=True, text=True)
+           "GSMSEARCH_VENV": str(venv), "SLURM_JOB_NODELIST": "node-[a-c]", "SLURM_CPUS_PER_TASK": "8",
+           "SLURM_CPUS_ON_NODE": "8", "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_ID": "77",
+           "GSMSEARCH_RAY_PORT": "24680", "GSMSEARCH_RAY_TMPDIR": str(tmp_path)}
+    for name in ("GSMSEARCH_RAY_NODE_IP", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(name, None)
+    return env, log
+
+
+def test_slurm_script_starts_ray_everywhere_and_the_driver_on_the_head(tmp_path):
+    """The script, run with stubs on a 3-node allocation: a Ray head on the first node at its
+    address toward the second node (never ``hostname --ip-address``), with this job's ports and
+    temp dir and the CPUs and GPUs of its task; one step of a Ray worker on each other node, each
+    at its own address toward the head; then ``gsmsearch launch --resume`` (a new study is
+    created, an existing one continued) and ``report`` on the head, with arguments the CLI accepts."""
+    env, log = _slurm_stubs(tmp_path)
+    out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    deadline = time.monotonic() + 30  # the Ray starts run in the background
-    while len([call for call in stub_calls(log) if "ray" in call[2]]) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    runs = [argv for name, _, argv in stub_calls(log) if name == "srun"]
+    calls = stub_calls(log)
+    assert ["ahostsv4", "node-b"] in [argv for name, _, argv in calls if name == "getent"]
+    assert ["-4", "-o", "route", "get", "10.1.2.7"] in [argv for name, _, argv in calls if name == "ip"]
+    assert not [argv for name, _, argv in calls if "hostname" in argv]
+    runs = [argv for name, _, argv in calls if name == "srun"]
+    (head,) = [argv for argv in runs if "-w" in argv]
+    options, command = head[:head.index("ray")], head[head.index("ray"):]
+    assert {"--nodes=1", "--ntasks=1", "--cpus-per-task=8", "--gpus-per-task=2"} <= set(options)
+    assert options[options.index("-w") + 1] == "node-a"
+    assert command[:3] == ["ray", "start", "--head"] and "--block" in command
+    assert {"--node-ip-address=10.1.2.3", "--port=24680", "--ray-client-server-port=24681",
+            "--dashboard-port=24682", "--dashboard-agent-listen-port=24683", "--num-cpus=8", "--num-gpus=2",
+            f"--temp-dir={tmp_path}/ray-77"} <= set(command)
 
-    def on(node):
-        return [argv[argv.index(node) + 1:] for argv in runs if node in argv]
+    (workers,) = [argv for argv in runs if "--exclude=node-a" in argv]
+    options, command = workers[:workers.index("bash")], workers[workers.index("bash"):]
+    assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=8", "--gpus-per-task=2"} <= set(options)
+    # what each worker node runs: its own address toward the head, this job's Ray options
+    worker_log = tmp_path / "worker-log"
+    worker_log.mkdir()
+    ran = subprocess.run(command, env={**env, "STUB_LOG": str(worker_log), "STUB_SRC": "10.1.2.8"},
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    (ip_call,) = [argv for name, _, argv in stub_calls(worker_log) if name == "ip"]
+    assert ip_call[-1] == "10.1.2.3"
+    (ray_call,) = [argv for name, _, argv in stub_calls(worker_log) if name == "ray"]
+    assert ray_call[:2] == ["start", "--address=10.1.2.3:24680"] and "--block" in ray_call
+    assert {"--node-ip-address=10.1.2.8", "--num-cpus=8", "--num-gpus=2", f"--temp-dir={tmp_path}/ray-77",
+            "--dashboard-agent-listen-port=24683"} <= set(ray_call)
 
-    head = on("node-a")
-    ray_head = [argv for argv in head if argv[:3] == ["ray", "start", "--head"]]
-    assert len(ray_head) == 1 and "--node-ip-address=10.1.2.3" in ray_head[0]
-    port = next(arg.split("=")[1] for arg in ray_head[0] if arg.startswith("--port="))
-    assert {"--num-cpus=8", "--num-gpus=2"} <= set(ray_head[0])
-    for node in ("node-b", "node-c"):
-        (worker,) = on(node)
-        assert worker[:2] == ["ray", "start"] and f"--address=10.1.2.3:{port}" in worker
-    drivers = [argv for argv in head if argv[0] == "gsmsearch"]
-    assert [argv[1] for argv in drivers] == ["launch", "report"]
-    launch = cli_accepts(drivers[0][1:])
-    assert launch.spec == "study.yaml" and launch.address == f"10.1.2.3:{port}" and launch.resume is resume
-    report = cli_accepts(drivers[1][1:])
+    # the driver only once every node is up (ray status before it), then the report
+    names = [(name, argv[:1]) for name, _, argv in calls if name in ("ray", "gsmsearch")]
+    assert names[0] == ("ray", ["status"]) and [n for n in names if n[0] == "gsmsearch"] == [
+        ("gsmsearch", ["launch"]), ("gsmsearch", ["report"])]
+    drivers = [argv for name, cwd, argv in calls if name == "gsmsearch"]
+    launch = cli_accepts(drivers[0])
+    assert launch.spec == "study.yaml" and launch.address == "10.1.2.3:24680" and launch.resume is True
+    assert launch.force is False
+    report = cli_accepts(drivers[1])
     assert report.target == "study.yaml" and report.output == "gsmsearch-report-77.html"
+    assert not (tmp_path / "ray-77").exists()  # the job's Ray temp dir is removed at its end
+
+
+@pytest.mark.parametrize("held_for, wait, succeeds", [(1, 60, True), (99, 3, False)])
+def test_slurm_script_waits_out_a_held_driver_lock(tmp_path, held_for, wait, succeeds):
+    """A launch refused because "another driver is running" (a driver killed hard on another host
+    holds the lock until it is stale) is retried every 15 s for GSMSEARCH_DRIVER_WAIT seconds,
+    never with --force; then the job fails without a report.  (sleep is a stub: no time passes.)"""
+    env, log = _slurm_stubs(tmp_path)
+    stub(tmp_path / "bin", "sleep", "")
+    stub(tmp_path / "bin", "gsmsearch", f"""
+        [ "$1" = launch ] || exit 0
+        n=$(( $(cat "{tmp_path}/n" 2>/dev/null || echo 0) + 1 )); echo $n > "{tmp_path}/n"
+        if [ $n -le {held_for} ]; then
+          echo "gsmsearch: error: another driver is running study 'x' (pid 7 on node-z, seen 5s ago)" >&2
+          exit 2
+        fi""")
+    out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env={**env, "GSMSEARCH_DRIVER_WAIT": str(wait)},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    launches = [argv for name, _, argv in stub_calls(log) if name == "gsmsearch" and argv[0] == "launch"]
+    reports = [argv for name, _, argv in stub_calls(log) if name == "gsmsearch" and argv[0] == "report"]
+    assert all("--force" not in argv for argv in launches)
+    assert "driver lock is held" in out.stderr and "retrying in 15 s" in out.stderr
+    if succeeds:
+        assert out.returncode == 0 and len(launches) == 2 and len(reports) == 1, out.stderr
+    else:  # the stub sleeps take no time, the tries do: a few tries, then the job fails
+        assert out.returncode == 1 and "the driver exited with status 2" in out.stderr and not reports
+        assert len(launches) >= 1
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_slurm_script_stops_the_driver_like_ctrl_c(tmp_path, signal_name):
+    """SIGUSR1 (Slurm's warning before the time limit, --signal=B:USR1) or SIGTERM sent to the
+    script alone (`scancel --batch`): the driver receives SIGINT, which it can handle (a command
+    started with & would ignore it); after USR1 the job requeues itself and exits 0, after TERM it
+    exits with the driver's status and is not requeued; no report either way."""
+    import signal
+
+    env, log = _slurm_stubs(tmp_path)
+    stub(tmp_path / "bin", "sleep", "")  # the script's own pauses take no time
+    # a driver that leaves SIGINT to Python's default (KeyboardInterrupt), as gsmsearch does until
+    # it installs its own handler
+    driver = (f"import pathlib, sys, time\npathlib.Path({str(tmp_path)!r}, 'launched').touch()\n"
+              f"try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+              f"    pathlib.Path({str(tmp_path)!r}, 'interrupted').touch()\n    sys.exit(130)\n")
+    (tmp_path / "driver.py").write_text(driver)
+    stub(tmp_path / "bin", "gsmsearch", f'[ "$1" = launch ] || exit 0\nexec {sys.executable} {tmp_path}/driver.py')
+    script = subprocess.Popen(["bash", str(SBATCH), "study.yaml"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "launched").exists():
+        assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+        time.sleep(0.05)
+    script.send_signal(getattr(signal, signal_name))
+    _, stderr = script.communicate(timeout=60)
+    assert (tmp_path / "interrupted").exists(), stderr
+    calls = stub_calls(log)
+    requeues = [argv for name, _, argv in calls if name == "scontrol" and argv[0] == "requeue"]
+    assert not [argv for name, _, argv in calls if name == "gsmsearch" and argv[0] == "report"]
+    if signal_name == "SIGUSR1":
+        assert script.returncode == 0 and requeues == [["requeue", "77"]], stderr
+    else:
+        assert script.returncode == 130 and not requeues, stderr
+    assert not (tmp_path / "ray-77").exists()
+
+
+@pytest.mark.parametrize("problem, env_change, stubs, message", [
+    ("a loopback address on several nodes", {"GSMSEARCH_RAY_NODE_IP": "127.0.0.1"}, {}, "only for a one-node job"),
+    ("no routable address", {"STUB_SRC": "127.0.1.1"}, {}, "no routable address for the head node-a"),
+    ("a Ray that never has every node", {"GSMSEARCH_RAY_WAIT": "0"}, {"ray": "exit 1"}, "has 0 of 3 nodes"),
+    ("a Ray step that exits", {}, {"srun": "exit 1", "ray": "exit 1"}, "a Ray step exited while starting"),
+])
+def test_slurm_script_refuses_what_would_not_work(tmp_path, problem, env_change, stubs, message):
+    """Each refusal exits non-zero before the driver starts, saying what is wrong."""
+    env, log = _slurm_stubs(tmp_path)
+    for name, body in stubs.items():
+        stub(tmp_path / "bin", name, body)
+    out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env={**env, **env_change}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and message in out.stderr, (problem, out.stderr)
+    assert not [argv for name, _, argv in stub_calls(log) if name == "gsmsearch"]
