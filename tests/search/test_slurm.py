@@ -98,9 +98,6 @@ def test_two_jobs_on_one_node_through_scancel_and_a_time_limit(slurm, postgres_u
     mid-study and submitted again; the other reaches its time limit mid-study: warned by Slurm
     (--signal=B:USR1), it stops its driver the way Ctrl-C does and requeues itself, and its next
     run completes the study.  Both studies end complete with nothing lost, each with its report."""
-    # the database's tables exist before the two drivers start (as on a cluster whose study
-    # database is set up once); two drivers creating them at the same moment is the storage's test
-    optuna.storages.RDBStorage(postgres_url)
     limited = _spec(tmp_path / "limited", postgres_url, "limited", trials=4, epochs=200)
     cancelled = _spec(tmp_path / "cancelled", postgres_url, "cancelled", trials=3, epochs=100)
     # warned 100 s before its limit; the limit is cut short once a trial has finished (below)
@@ -120,6 +117,8 @@ def test_two_jobs_on_one_node_through_scancel_and_a_time_limit(slurm, postgres_u
                 slurm.run("scancel", first)
                 ended = slurm.wait(first, DONE, 120, cancelled.parent / f"job-{first}.out")
                 assert ended["JobState"] == "CANCELLED"
+                # the driver stopped the way Ctrl-C stops it: nothing left RUNNING
+                assert "RUNNING" not in [t.state.name for t in _trials(postgres_url, "cancelled")]
                 finished["cancelled"] = _finished(_trials(postgres_url, "cancelled"))
                 again = _submit(slurm, cancelled)
             assert slurm.job(first).get("JobState") not in DONE or again, _log(cancelled, first)[-4000:]
