@@ -213,6 +213,24 @@ def test_asha_prunes_the_bad_learning_rate_and_a_resume_does_not_rerun_pruned_tr
     assert summary.completed + summary.pruned == 6
     err = capsys.readouterr().err
     assert "stops early: asha" in err and "PRUNED after epoch" in err
+    assert f"6/6 done, 0 running, 0 failed, {summary.pruned} pruned" in err  # the progress line counts them
+
+    # the dashboard's trial table: pruned trials as pruned, with the reason and the epochs they ran
+    from gsmsearch.dashboard import DataCache, _data, dashboard_spec_from_dict, sources_in_storage
+
+    url = f"sqlite:///{tmp_path / 'tiny.db'}"
+    board = dashboard_spec_from_dict({"title": "t", "storage": url, "studies": []}, from_command_line=True)
+    [view] = DataCache(sources_in_storage(url)).views()
+    rows = {r["number"]: r for r in _data.trial_rows(view, board.axes.x, board.axes.y)}
+    for t in bad:
+        assert rows[t.number]["state"] == "PRUNED"
+        assert rows[t.number]["failure reason"] == "pruned: " + t.user_attrs["prune_reason"]
+        assert rows[t.number]["epochs"] == t.user_attrs["pruned"]["stopped_after_epoch"]
+    for t in complete:
+        row = rows[t.number]
+        assert row["samples/s"] == pytest.approx(t.user_attrs["result"]["samples_per_second"], abs=0.05)
+        assert row["peak memory (MiB)"].endswith(" RSS") and row["precision"] == "fp32" and row["world size"] == 1
+        assert row["epochs"] == 8
 
     # an interrupted attempt of a pruned configuration (FAIL, not final) must not be re-enqueued
     study = _study(tmp_path)
@@ -268,3 +286,48 @@ def test_the_cost_rule_keeps_cheap_trials_that_a_cost_blind_rule_prunes(write_sp
     assert first_cheap.state.name == "PRUNED"
     assert set(first_cheap.user_attrs["pruned"]["comparable"]) & {
         t.number for t in blind if t.user_attrs["config"]["budget"] == 0.5}
+
+
+# -- the trainer's side: the epoch watch and the run figures (no Ray) ------------------------------
+
+def test_the_epoch_watch_sees_every_epoch_stops_the_trial_and_replays_restored_epochs(tmp_path):
+    """A watch that raises TrialStopped after epoch 2 ends the trial there (its checkpoint holds 2
+    epochs, computed on the validation split); a resumed run first replays the 2 restored epochs
+    to the watch, then trains and reports epochs 3 and 4; the result reports the training
+    throughput over the 4 epochs: their training samples over their training-step seconds."""
+    import torch
+
+    from gsmsearch.trainer import TrialConfig, run_trial
+    from gsmsearch.trainer._trial import TrialStopped, epoch_watch
+    from gsmsearch.workloads import get_workload
+
+    config = TrialConfig(workload="digits-mlp", workload_options={"hidden_sizes": [16]}, family="lowrank",
+                         budget=0.5, epochs=4, batch_size=64, lr=0.01)
+    seen = []
+
+    def stop_after_two(report):
+        seen.append(report)
+        if report["epoch"] == 2:
+            raise TrialStopped("enough", report["epoch"])
+
+    with epoch_watch(stop_after_two), pytest.raises(TrialStopped) as stopped:
+        run_trial(config, checkpoint_dir=tmp_path)
+    assert stopped.value.epoch == 2 and [r["epoch"] for r in seen] == [1, 2]
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
+    splits = get_workload("digits-mlp", hidden_sizes=[16]).load_data(seed=0)
+    assert [r["samples"] for r in seen] == [len(splits.train)] * 2  # every training sample, once an epoch
+    assert all(0 < r["step_seconds"] < r["seconds"] for r in seen)  # validation is outside the steps
+
+    resumed = []
+    with epoch_watch(resumed.append):
+        result = run_trial(config, checkpoint_dir=tmp_path)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["val"] for r in resumed[:2]] == [r["val"] for r in seen]  # the restored epochs, as reported
+    assert result.epochs_run == 4
+    assert result.samples_per_second == pytest.approx(
+        4 * len(splits.train) / sum(c["step_seconds"] for c in result.curves), rel=1e-12)
+    assert result.peak_memory_kind == "process_peak_rss" and result.peak_memory_bytes > 0
+    assert result.precision == "fp32" and result.world_size == 1
+    from gsmsearch.trainer._trial import _WATCH
+
+    assert getattr(_WATCH, "callback", None) is None  # the watch belongs to its block only
