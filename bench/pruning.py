@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.pruning                  # writes bench/results/pruning.json
     .venv/bin/python -m bench.pruning --quick          # digits, 2 seeds, small: a smoke run
 
-The study (28x28 Animal-MNIST, a one-block Mixer of width 32; low-rank layers at budgets 0.1,
-0.15, 0.2 and 0.3, the learning rate sampled log-uniformly in [1e-4, 0.1], TPE, 9 epochs a
+The study (28x28 Animal-MNIST, a one-block Mixer of width 32; low-rank layers at budgets 0.15,
+0.2, 0.3 and 0.45, the learning rate sampled log-uniformly in [1e-4, 0.1], TPE, 9 epochs a
 trial, 16 trials, 2 at a time) runs once with ``pruner: none`` and once with ``asha``
 (min_epochs 1, reduction_factor 3, min_trials 2, cost_factor 1.5), for each sampler seed.  Per
 launch: the final hypervolume of the validation front (quality vs relative FLOPs, reference
@@ -34,7 +34,7 @@ def spec(name: str, seed: int, pruner: dict, *, quick: bool, trials: int, epochs
     return {
         "name": name,
         "workload": {**workload, "epochs": epochs},
-        "families": {"lowrank": {"budget": [0.1, 0.15, 0.2, 0.3], "lr": {"low": 1e-4, "high": 0.1, "log": True}}},
+        "families": {"lowrank": {"budget": [0.15, 0.2, 0.3, 0.45], "lr": {"low": 1e-4, "high": 0.1, "log": True}}},
         "sampler": {"name": "tpe", "seed": seed},
         "trials": trials,
         "concurrency": concurrency,

@@ -847,14 +847,16 @@ class Driver:
         for item in outcome.get("curve") or []:
             if item.get("quality") is not None:
                 curve.qualities[int(item["epoch"])] = float(item["quality"])
-        record = {**decision.to_dict(), "stopped_after_epoch": outcome.get("epochs")}
+        # the epoch it stopped after (its last reported one where its worker died after the request)
+        stopped = outcome.get("epochs") or (max(curve.qualities) if curve.qualities else None)
+        record = {**decision.to_dict(), "stopped_after_epoch": stopped}
         record.pop("reason", None)
         with_retries(lambda: trial.set_user_attr("epoch_quality", curve.as_list()))
         with_retries(lambda: trial.set_user_attr("pruned", record))
         with_retries(lambda: trial.set_user_attr("prune_reason", decision.reason[:2000]))
         with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
         self.display.line(f"[{self.spec.name}] trial {trial.number} ({entry.config['family']}) PRUNED after epoch "
-                          f"{outcome.get('epochs', '?')} (decided at epoch {decision.epoch})")
+                          f"{stopped if stopped is not None else '?'} (decided at epoch {decision.epoch})")
 
     def record_failure(self, trial, family: str, reason: str, *, final: bool) -> None:
         """Tell Optuna ``trial`` FAILED, with its reason and whether it is ``final`` (not

@@ -140,7 +140,7 @@ def make_worker(cpus: float, gpus: float):
             receive_files(list(workload_files))
             self.pid = os.getpid()
             self._lock = threading.Condition()  # notified at every epoch and at the end of a run
-            self._token = None  # names the trial attempt running now (the driver's)
+            self._token = None  # names the running trial attempt (given by the driver)
             self._ended = None  # the attempt that ended last
             self._epochs = []  # epochs reported since the last progress() call
             self._seen = []  # every epoch of the running attempt

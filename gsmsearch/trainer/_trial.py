@@ -62,12 +62,12 @@ def epoch_watch(callback: Callable[[Dict[str, Any]], None]):
     for the epochs a resumed trial restored from its checkpoint, then for each epoch it trains.
     The callback may raise :class:`TrialStopped` to end the trial there (a Ray worker uses this
     to report progress to the driver and to honour its stop requests)."""
-    previous = getattr(_WATCH, "callback", None)
+    outer = getattr(_WATCH, "callback", None)
     _WATCH.callback = callback
     try:
         yield
     finally:
-        _WATCH.callback = previous
+        _WATCH.callback = outer
 
 
 @dataclass
