@@ -67,6 +67,9 @@ RESULT_SCALARS = (
 # most every PROGRESS_POLL_SECONDS (one database write per trial and interval, however short the epochs)
 PROGRESS_POLL_SECONDS = 0.5
 PROGRESS_WAIT_SECONDS = 30.0
+# after an epoch where the pruner decides, a trial waits for the driver's verdict up to this long
+# (it continues without one): a trial stopped there trains no further epoch
+VERDICT_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -615,9 +618,13 @@ class Driver:
         worker = self.idle.pop() if self.idle else self.make_worker(resources.cpus_per_trial,
                                                                     resources.gpus_per_trial)
         token = f"{trial.number}/{attempt}"
+        hold = {}
+        if self.pruner is not None:  # the epochs where the pruner may stop it: it waits there for the verdict
+            hold = {"hold_at": self.pruner.rungs(TrialCurve.from_config(trial.number, config, digest)),
+                    "hold_seconds": VERDICT_WAIT_SECONDS}
         ref = worker.run.remote(
             config, str(self.paths["checkpoints"] / digest), str(self.paths["cache"]),
-            str(self.paths["structures"] / f"trial-{trial.number}.safetensors"), token=token,
+            str(self.paths["structures"] / f"trial-{trial.number}.safetensors"), token=token, **hold,
         )
         self.running[ref] = _Running(trial, config, digest, worker, ref, attempt, time.monotonic(), time.time(),
                                      token=token)
@@ -744,14 +751,18 @@ class Driver:
         if entry.stop is not None:
             return
         others = [c for n, c in self.trial_curves().items() if n != curve.number]
+        rungs = set(self.pruner.rungs(curve))
         for item in new:
-            decision = self.pruner.decide(curve, int(item["epoch"]), others)
+            epoch = int(item["epoch"])
+            decision = self.pruner.decide(curve, epoch, others)
             if decision is not None:
                 entry.stop = decision
                 entry.worker.stop.remote(entry.token, decision.reason)
                 self.display.line(f"[{self.spec.name}] trial {entry.trial.number} ({entry.config['family']}) "
                                   f"stops early: {decision.reason}")
                 return
+            if epoch in rungs:  # the trial waits after this epoch for the verdict: it continues
+                entry.worker.proceed.remote(entry.token, epoch)
 
     def enforce_time_limit(self) -> None:
         """Retry (or fail) every trial running longer than ``trial_timeout``."""

@@ -146,19 +146,25 @@ def make_worker(cpus: float, gpus: float):
             self._seen = []  # every epoch of the running attempt
             self._stop = None  # the stop reason asked for the running attempt
             self._stopped_at = None  # the epoch at which it stopped
+            self._hold, self._hold_seconds, self._released = set(), 0.0, set()  # see run()
 
-        def run(self, config, checkpoint_dir, cache_dir, structure_path=None, token=None):
+        def run(self, config, checkpoint_dir, cache_dir, structure_path=None, token=None, hold_at=(),
+                hold_seconds=0.0):
             """Run one trial attempt (see :func:`execute_trial`).  A stop asked by :meth:`stop`
             ends it at its next epoch boundary: the outcome is then {"ok": False, "pruned":
-            True, "epochs": the last epoch trained, "curve": its epochs, "reason": ...}."""
+            True, "epochs": the last epoch trained, "curve": its epochs, "reason": ...}.  After an
+            epoch in ``hold_at`` (where the driver's pruner decides) the trial waits, up to
+            ``hold_seconds``, for the driver's verdict on it (:meth:`proceed` or :meth:`stop`),
+            so a trial stopped there trains no further epoch."""
             import time
 
             from ..trainer._trial import TrialStopped, epoch_watch
 
             with self._lock:
                 self._token, self._epochs, self._seen, self._stop = token, [], [], None
-                self._lock.notify_all()
                 self._stopped_at = None
+                self._hold, self._hold_seconds, self._released = set(hold_at or ()), float(hold_seconds), set()
+                self._lock.notify_all()
             started = time.time()
             try:
                 with epoch_watch(self._epoch_done):
@@ -186,6 +192,9 @@ def make_worker(cpus: float, gpus: float):
                 self._epochs.append(item)
                 self._seen.append(item)
                 self._lock.notify_all()
+                if epoch in self._hold and self._hold_seconds > 0:
+                    self._lock.wait_for(lambda: self._stop is not None or epoch in self._released,
+                                        timeout=self._hold_seconds)
                 stop = self._stop
                 if stop is not None:
                     self._stopped_at = epoch
@@ -219,7 +228,15 @@ def make_worker(cpus: float, gpus: float):
                 if token is None or token != self._token:
                     return False
                 self._stop = str(reason)
+                self._lock.notify_all()
                 return True
+
+        def proceed(self, token, epoch: int) -> None:
+            """The driver's verdict on epoch ``epoch`` of attempt ``token``: it continues."""
+            with self._lock:
+                if token is not None and token == self._token:
+                    self._released.add(int(epoch))
+                    self._lock.notify_all()
 
         def info(self):
             return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id()}
