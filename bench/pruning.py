@@ -6,7 +6,8 @@
 The study (28x28 Animal-MNIST, a one-block Mixer of width 32; low-rank layers at budgets 0.15,
 0.2, 0.3 and 0.45, the learning rate sampled log-uniformly in [1e-4, 0.1], TPE, 9 epochs a
 trial, 16 trials, 2 at a time) runs once with ``pruner: none`` and once with ``asha``
-(min_epochs 1, reduction_factor 3, min_trials 2, cost_factor 1.5), for each sampler seed.  Per
+(min_epochs 1, reduction_factor 3, min_trials 2, cost_factor 1.5; ``--min-trials`` and
+``--reduction-factor`` change those), for each sampler seed.  Per
 launch: the final hypervolume of the validation front (quality vs relative FLOPs, reference
 point (0, 1)), the trial epochs spent (a complete trial's epochs, a pruned trial's epochs before
 it stopped), the trials complete / pruned / failed, and the wall time.  Reported: per seed, the
@@ -85,12 +86,15 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--min-trials", type=int, default=2, help="the pruner's min_trials")
+    parser.add_argument("--reduction-factor", type=int, default=3, help="the pruner's reduction_factor")
     parser.add_argument("--quick", action="store_true", help="digits-mlp, 2 seeds, 6 trials of 4 epochs")
     parser.add_argument("--out", default="bench/results/pruning.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.trials, args.epochs = args.seeds[:2], 6, 4
-    asha = {"name": "asha", "min_epochs": 1, "reduction_factor": 3, "min_trials": 2, "cost_factor": 1.5}
+    asha = {"name": "asha", "min_epochs": 1, "reduction_factor": args.reduction_factor,
+            "min_trials": args.min_trials, "cost_factor": 1.5}
     rows = []
     with tempfile.TemporaryDirectory(prefix="gsmsearch-pruning-") as tmp:
         for index, seed in enumerate(args.seeds):
