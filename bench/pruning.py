@@ -76,6 +76,10 @@ def run_one(folder: Path, name: str, body: dict) -> dict:
         "complete": states.count("COMPLETE"),
         "pruned": states.count("PRUNED"),
         "failed": states.count("FAIL"),
+        # epochs pruned trials trained after the epoch they were judged at (0: each stopped there)
+        "epochs_after_decision": sum(int(t.user_attrs["pruned"].get("stopped_after_epoch") or 0)
+                                     - int(t.user_attrs["pruned"]["epoch"])
+                                     for t in trials if isinstance(t.user_attrs.get("pruned"), dict)),
         "wall_s": wall,
     }
 
