@@ -56,7 +56,8 @@ def run(args) -> int:
                      dry_run=args.dry_run, status_interval=args.status_interval)
     if args.dry_run:
         return 0
-    print(f"study {summary.study_name}: {summary.completed} complete, {summary.failed} failed "
+    pruned = f", {summary.pruned} pruned" if summary.pruned else ""
+    print(f"study {summary.study_name}: {summary.completed} complete, {summary.failed} failed{pruned} "
           f"({summary.storage})")
     if summary.front:
         # the driver selects on validation quality; the test quality is only shown beside it

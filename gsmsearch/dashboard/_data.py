@@ -330,7 +330,8 @@ def _cell(value):
     return str(value)
 
 
-_FIXED_COLUMNS = {"id", "study", "number", "state", "family", "feasible", "front", "failure reason"}
+_FIXED_COLUMNS = {"id", "study", "number", "state", "family", "feasible", "front", "failure reason", "epochs",
+                  "samples/s", "peak memory (MiB)", "precision", "world size"}
 
 
 def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
@@ -366,12 +367,37 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
         for key, value in r.params.items():
             if key != "family":
                 row[f"param {key}"] = _cell(value)
+        row.update(_run_columns(r))
         reason = r.failure_reason
         if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None:
             reason = f"duplicate of trial {r.user_attrs['duplicate_of']}"
+        elif r.state == "PRUNED" and r.user_attrs.get("prune_reason"):
+            reason = f"pruned: {r.user_attrs['prune_reason']}"
         row["failure reason"] = "" if reason is None else str(reason)
         rows.append(row)
     return rows
+
+
+def _run_columns(record) -> Dict[str, Any]:
+    """How a trial ran, for the trials table: training throughput, peak memory (MiB; "GPU" is
+    torch's peak allocation on the device, "RSS" the worker process's peak resident set),
+    precision, world size and the epochs trained (a pruned trial's: those before it stopped)."""
+    result = record.user_attrs.get("result")
+    result = result if isinstance(result, dict) else {}
+    peak, kind = result.get("peak_memory_bytes"), result.get("peak_memory_kind")
+    label = {"cuda_max_allocated": "GPU", "process_peak_rss": "RSS"}.get(kind, "")
+    pruned = record.user_attrs.get("pruned")
+    epochs = result.get("epochs_run")
+    if isinstance(pruned, dict):
+        epochs = pruned.get("stopped_after_epoch")
+    return {
+        "epochs": _cell(epochs),
+        "samples/s": _cell(None if result.get("samples_per_second") is None
+                           else round(float(result["samples_per_second"]), 1)),
+        "peak memory (MiB)": "" if not isinstance(peak, (int, float)) else f"{peak / 2**20:.1f} {label}".strip(),
+        "precision": _cell(result.get("precision")),
+        "world size": _cell(result.get("world_size")),
+    }
 
 
 @dataclass(frozen=True)

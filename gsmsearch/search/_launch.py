@@ -36,6 +36,13 @@ What survives what:
   by that resume as after a dead driver;
 - one driver per study: :class:`~._lock.DriverLock`, a row in the study database taken
   atomically before anything else is written, refreshed by the heartbeat, taken over once stale.
+
+With a ``pruner`` (``_pruning``), the driver reads each running trial's validation quality per
+epoch from its worker (:meth:`Driver.read_progress`), records it (user attribute
+``epoch_quality``; ``trial.report`` too in a single-objective study) and asks the worker to stop
+a trial that falls behind the trials of comparable cost; such a trial is recorded PRUNED with its
+curve and the decision (user attributes ``epoch_quality``, ``pruned``, ``prune_reason``).  It is
+a verdict: its configuration is never run or resumed again, and it counts as done.
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ from ._storage import (DatabaseUnreachable, fail_stale_trials, open_storage, red
 from ._space import family_configurations, space_size, trial_config
 from ._realized import Realizer
 from ._replicates import replicate_params, waiting_params
+from ._pruning import TrialCurve, curve_from_attrs, make_pruner
 from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metric_label, study_hypervolume,
                      study_records)
 
@@ -67,8 +75,17 @@ DUPLICATES_IN_A_ROW = 8  # a family whose sampler repeats finished configuration
 RESULT_SCALARS = (
     "quality", "val_quality", "test_quality", "flops_per_sample", "dense_flops_per_sample", "relative_flops",
     "relative_linear_flops", "structured_relative_flops", "params", "dense_params", "latency_ms",
-    "dense_latency_ms", "train_seconds", "epochs_run",
+    "dense_latency_ms", "train_seconds", "epochs_run", "samples_per_second", "peak_memory_bytes",
+    "peak_memory_kind", "precision", "world_size",
 )
+# with a pruner, the driver keeps one progress() call open per running trial; the worker answers
+# it at the trial's next epoch (or after PROGRESS_WAIT_SECONDS), and the next call goes out at
+# most every PROGRESS_POLL_SECONDS (one database write per trial and interval, however short the epochs)
+PROGRESS_POLL_SECONDS = 0.5
+PROGRESS_WAIT_SECONDS = 30.0
+# after an epoch where the pruner decides, a trial waits for the driver's verdict up to this long
+# (it continues without one): a trial stopped there trains no further epoch
+VERDICT_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -77,6 +94,7 @@ class LaunchSummary:
     storage: str  # redacted
     completed: int = 0
     failed: int = 0
+    pruned: int = 0  # stopped early by the pruner (duplicates not counted)
     interrupted: bool = False
     front: List[Dict[str, Any]] = field(default_factory=list)
     # per finished trial: seconds from submission to the trial starting in its worker, inside
@@ -134,6 +152,7 @@ class _Display:
         failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
         duplicates = sum(1 for r in records if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None)
         duplicates_text = f", {duplicates} duplicate{'s' if duplicates > 1 else ''}" if duplicates else ""
+        pruned = sum(1 for r in records if _pruned_early(r))
         front = front_records(records, spec.directions)
         hv = study_hypervolume(records, spec.metric_names, spec.directions)
         remaining = max(0, self.total - done)
@@ -143,12 +162,22 @@ class _Display:
             seconds = per * remaining / max(1, spec.concurrency)
             eta = f", ETA {int(seconds // 60)}m{int(seconds % 60):02d}s"
         hv_text = "" if hv != hv else f", hypervolume {hv:.4f}"
-        self.line(f"[{spec.name}] {done}/{self.total} done, {running} running, {failed} failed{duplicates_text}; "
+        pruned_text = f", {pruned} pruned" if pruned else ""
+        self.line(f"[{spec.name}] {done}/{self.total} done, {running} running, {failed} failed{pruned_text}"
+                  f"{duplicates_text}; "
                   f"front {len(front)}{hv_text}{eta}")
 
 
 def _counts_as_done(record) -> bool:
-    return record.state == "COMPLETE" or (record.state == "FAIL" and record.user_attrs.get("final", True))
+    return (record.state == "COMPLETE" or (record.state == "FAIL" and record.user_attrs.get("final", True))
+            or _pruned_early(record))
+
+
+def _pruned_early(trial) -> bool:
+    """A trial the pruner stopped (PRUNED with a ``pruned`` decision; a repeated configuration,
+    PRUNED with ``duplicate_of``, is not one)."""
+    state = trial.state if isinstance(trial.state, str) else trial.state.name
+    return state == "PRUNED" and trial.user_attrs.get("pruned") is not None
 
 
 @dataclass
@@ -162,6 +191,11 @@ class _Running:
     started: Optional[float]  # monotonic, once the worker holds its resources: for the time limit
     submitted: float  # wall clock
     placed: Any = None  # a new worker's ``info`` ref until it is placed on a node (None after)
+    token: str = ""  # names this attempt to its worker (progress and stop requests)
+    progress_ref: Any = None  # a progress() call not answered yet
+    polled: float = 0.0  # monotonic time of its last answer
+    stop: Any = None  # the pruner's Decision, once the worker was asked to stop
+
 
 
 class _DeferredInterrupt:
@@ -348,10 +382,10 @@ def _open_study(spec: StudySpec, storage, *, resume: bool, force: bool):
 
 
 def _finished_for_good(trial) -> bool:
-    """A trial with a verdict: COMPLETE, or FAIL and not to be run again (``final``; a FAIL
-    without the mark counts as final)."""
+    """A trial with a verdict: COMPLETE, FAIL and not to be run again (``final``; a FAIL
+    without the mark counts as final), or stopped by the pruner."""
     name = trial.state.name
-    return name == "COMPLETE" or (name == "FAIL" and trial.user_attrs.get("final", True))
+    return name == "COMPLETE" or (name == "FAIL" and trial.user_attrs.get("final", True)) or _pruned_early(trial)
 
 
 def _requeue_unfinished(study) -> int:
@@ -499,6 +533,8 @@ class Driver:
         self.last_heartbeat = 0.0
         self.lock: Optional[DriverLock] = None  # taken by open()
         self.abandoned = False  # the database is away or the lock lost: write nothing more
+        self.pruner = make_pruner(spec)  # None: trials run to their last epoch
+        self.curves: Optional[Dict[int, TrialCurve]] = None  # trial number -> its curve (read at first use)
 
     # -- dry run -----------------------------------------------------------------------------
 
@@ -733,6 +769,8 @@ class Driver:
         for key, value in original.system_attrs.items():
             if key.startswith("constraints:"):
                 with_retries(lambda key=key, value=value: trial.set_constraint(key.split(":", 1)[1], value))
+            elif key == "constraints":  # the list form optuna-dashboard reads (``record_result``)
+                with_retries(lambda value=value: trial.storage.set_trial_system_attr(trial._trial_id, key, value))
         values = list(original.values)
         with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
 
@@ -766,36 +804,53 @@ class Driver:
         reused = bool(self.idle)
         worker = self.idle.pop() if reused else self.make_worker(resources.cpus_per_trial,
                                                                  resources.gpus_per_trial)
-        # a worker runs its calls in order: ``info`` answers as soon as the worker is placed
+        # ``info`` answers as soon as the worker is placed on a node
         placed = None if reused else worker.info.remote()
+        token = f"{trial.number}/{attempt}"
+        hold = {}
+        if self.pruner is not None:  # the epochs where the pruner may stop it: it waits there for the verdict
+            hold = {"hold_at": self.pruner.rungs(TrialCurve.from_config(trial.number, config, digest)),
+                    "hold_seconds": VERDICT_WAIT_SECONDS}
         ref = worker.run.remote(
             config, str(self.paths["checkpoints"] / digest), str(self.paths["cache"]),
-            str(self.paths["structures"] / f"trial-{trial.number}.safetensors"),
+            str(self.paths["structures"] / f"trial-{trial.number}.safetensors"), token=token, **hold,
         )
         entry = _Running(trial, config, digest, worker, ref, attempt, started=time.monotonic() if reused else None,
-                         submitted=time.time(), placed=placed)
+                         submitted=time.time(), placed=placed, token=token)
         self.running[ref] = entry
         if reused:
             self.record_placement(entry, self.located.get(worker, {}))
+        if self.pruner is not None:  # open at once: the worker answers at the trial's first epoch
+            entry.progress_ref = worker.progress.remote(token, PROGRESS_WAIT_SECONDS)
 
     def collect(self, timeout: float = 1.0) -> None:
-        """Wait up to ``timeout`` seconds for a trial to return or a new worker to be placed;
-        retry a trial whose worker died or raised, else hand its worker to a trial still waiting
-        for one (retries first), start the next trial, and :meth:`tell` its outcome."""
+        """Wait up to ``timeout`` seconds for a trial to return, a new worker to be placed or
+        (with a pruner) an epoch to be reported (:meth:`on_epochs`); retry a trial whose worker
+        died or raised, else hand its worker to a trial still waiting for one (retries first),
+        start the next trial, and :meth:`tell` its outcome."""
         import ray
 
         from ._runner import describe_failure
 
+        calls = self.progress_calls()  # with a pruner: an epoch reported also ends the wait
         waiting = {entry.placed: entry for entry in self.running.values() if entry.placed is not None}
-        ready, _ = ray.wait(list(self.running) + list(waiting), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(list(self.running) + list(waiting) + list(calls), num_returns=1, timeout=timeout)
+        self.read_progress(calls)
         for ref in ready:
             if ref in waiting:
-                self.placed(waiting[ref])
+                if waiting[ref].ref in self.running:
+                    self.placed(waiting[ref])
+                continue
+            if ref not in self.running:
                 continue
             entry = self.running.pop(ref)
             try:
                 outcome = ray.get(ref)
             except Exception as error:  # noqa: BLE001 - nothing a trial raises ends the driver
+                if entry.stop is not None:  # asked to stop: the decision stands, nothing to retry
+                    _kill(entry.worker)
+                    self.record_pruned(entry, {})
+                    continue
                 reason = describe_failure(error)
                 # a worker process or node that died: nothing the trial's configuration did
                 self.retry_or_fail(entry, reason, resumable=reason.startswith("worker died:"))
@@ -864,6 +919,103 @@ class Driver:
             slots.append(total.get("GPU", 0.0) / wanted.gpus_per_trial)
         return int(min(slots) + 1e-9)
 
+    # -- early stopping ---------------------------------------------------------------------
+
+    def progress_calls(self) -> Dict[Any, _Running]:
+        """With a pruner: the open progress() call of every running trial (one is opened where
+        none is, at most every :data:`PROGRESS_POLL_SECONDS` per trial), by Ray object ref."""
+        if self.pruner is None:
+            return {}
+        now = time.monotonic()
+        calls = {}
+        for entry in self.running.values():
+            if entry.progress_ref is None and now - entry.polled >= PROGRESS_POLL_SECONDS:
+                entry.progress_ref = entry.worker.progress.remote(entry.token, PROGRESS_WAIT_SECONDS)
+            if entry.progress_ref is not None:
+                calls[entry.progress_ref] = entry
+        return calls
+
+    def read_progress(self, calls: Dict[Any, _Running]) -> None:
+        """:meth:`on_epochs` the answers among ``calls`` that have arrived (without waiting)."""
+        if not calls:
+            return
+        import ray
+
+        answered, _ = ray.wait(list(calls), num_returns=len(calls), timeout=0)
+        for ref in answered:
+            entry = calls[ref]
+            entry.progress_ref, entry.polled = None, time.monotonic()
+            try:
+                epochs = ray.get(ref)
+            except ray.exceptions.RayError:  # a dead worker: collect() sees its trial's end
+                continue
+            if epochs and any(e is entry for e in self.running.values()):
+                self.on_epochs(entry, epochs)
+
+    def trial_curves(self) -> Dict[int, TrialCurve]:
+        """Every trial's validation curve: the study's (read once, at the first call) and this
+        launch's.  A configuration recorded by several trials (an interrupted attempt and its
+        re-run) counts once, by its longest curve."""
+        if self.curves is None:
+            self.curves = {}
+            by_digest: Dict[str, TrialCurve] = {}
+            for trial in with_retries(lambda: self.study.get_trials(deepcopy=False)):
+                curve = curve_from_attrs(trial.number, trial.user_attrs)
+                if curve is None:
+                    continue
+                kept = by_digest.get(curve.digest)
+                if curve.digest and kept is not None and len(kept.qualities) >= len(curve.qualities):
+                    continue
+                if curve.digest:
+                    if kept is not None:
+                        self.curves.pop(kept.number, None)
+                    by_digest[curve.digest] = curve
+                self.curves[trial.number] = curve
+        return self.curves
+
+    def curve_of(self, entry: _Running) -> TrialCurve:
+        curves = self.trial_curves()
+        number = entry.trial.number
+        if number not in curves:
+            # a configuration re-run after an interruption replaces the curve of its earlier trial
+            for other in [c for c in curves.values() if c.digest and c.digest == entry.digest]:
+                curves.pop(other.number, None)
+            curves[number] = TrialCurve.from_config(number, entry.config, entry.digest)
+        return curves[number]
+
+    def on_epochs(self, entry: _Running, epochs: List[Dict[str, Any]]) -> None:
+        """Record a running trial's new epochs (user attribute ``epoch_quality``; ``trial.report``
+        where the study has a single objective: Optuna refuses it in multi-objective studies)
+        and, unless it was asked already, ask its worker to stop when the pruner says so."""
+        curve = self.curve_of(entry)
+        new = [item for item in epochs if item.get("quality") is not None]
+        for item in new:
+            curve.qualities[int(item["epoch"])] = float(item["quality"])
+        if not new:
+            return
+        with_retries(lambda: entry.trial.set_user_attr("epoch_quality", curve.as_list()))
+        if len(self.spec.metric_names) == 1:
+            for item in new:
+                try:
+                    entry.trial.report(float(item["quality"]), step=int(item["epoch"]))
+                except Exception:  # noqa: BLE001 - a step reported before (a resumed attempt): Optuna keeps the first
+                    pass
+        if entry.stop is not None:
+            return
+        others = [c for n, c in self.trial_curves().items() if n != curve.number]
+        rungs = set(self.pruner.rungs(curve))
+        for item in new:
+            epoch = int(item["epoch"])
+            decision = self.pruner.decide(curve, epoch, others)
+            if decision is not None:
+                entry.stop = decision
+                entry.worker.stop.remote(entry.token, decision.reason)
+                self.display.line(f"[{self.spec.name}] trial {entry.trial.number} ({entry.config['family']}) "
+                                  f"stops early: {decision.reason}")
+                return
+            if epoch in rungs:  # the trial waits after this epoch for the verdict: it continues
+                entry.worker.proceed.remote(entry.token, epoch)
+
     def enforce_time_limit(self) -> None:
         """Retry (or fail) every trial running longer than ``trial_timeout``; the time a trial
         waits for its worker to be placed does not count."""
@@ -898,7 +1050,9 @@ class Driver:
         """Record a returned trial: its orchestration timing, then its result (or the failure
         the worker reported), and the timing record of :attr:`LaunchSummary.timings`."""
         timing = self.record_orchestration(entry, outcome, received)
-        if outcome["ok"]:
+        if outcome.get("pruned") and entry.stop is not None:
+            self.record_pruned(entry, outcome)
+        elif outcome["ok"]:
             self.record_result(entry, outcome["result"])
         else:
             self.record_failure(entry.trial, entry.config["family"], outcome["reason"], final=True)
@@ -946,6 +1100,11 @@ class Driver:
         with_retries(lambda: trial.set_user_attr("result", attrs))
         with_retries(lambda: trial.set_user_attr("layers", result.get("layers", {})))
         with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))
+        if self.pruner is not None:  # the whole curve, also the epochs no poll saw
+            finished = curve_from_attrs(trial.number, {"config": entry.config, "config_digest": entry.digest,
+                                                       "curves": result.get("curves", [])})
+            if finished is not None:
+                self.curve_of(entry).qualities.update(finished.qualities)
         with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
         if entry.started is not None:
             self.display.durations.append(time.monotonic() - entry.started)
@@ -967,6 +1126,29 @@ class Driver:
                 self._constraint_list = all("constraints" in t.system_attrs for t in done
                                             if any(key.startswith("constraints:") for key in t.system_attrs))
         return self._constraint_list
+
+    def record_pruned(self, entry: _Running, outcome: Dict[str, Any]) -> None:
+        """Tell Optuna a trial the pruner stopped is PRUNED (the sampler learns it), with its
+        validation curve (``epoch_quality``), the decision (``pruned``: rule, epoch, value,
+        threshold, the comparable trials) and ``prune_reason``; it counts as done and its
+        configuration is never run again (:func:`_finished_for_good`)."""
+        from optuna.trial import TrialState
+
+        trial, decision = entry.trial, entry.stop
+        curve = self.curve_of(entry)
+        for item in outcome.get("curve") or []:
+            if item.get("quality") is not None:
+                curve.qualities[int(item["epoch"])] = float(item["quality"])
+        # the epoch it stopped after (its last reported one where its worker died after the request)
+        stopped = outcome.get("epochs") or (max(curve.qualities) if curve.qualities else None)
+        record = {**decision.to_dict(), "stopped_after_epoch": stopped}
+        record.pop("reason", None)
+        with_retries(lambda: trial.set_user_attr("epoch_quality", curve.as_list()))
+        with_retries(lambda: trial.set_user_attr("pruned", record))
+        with_retries(lambda: trial.set_user_attr("prune_reason", decision.reason[:2000]))
+        with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
+        self.display.line(f"[{self.spec.name}] trial {trial.number} ({entry.config['family']}) PRUNED after epoch "
+                          f"{stopped if stopped is not None else '?'} (decided at epoch {decision.epoch})")
 
     def record_failure(self, trial, family: str, reason: str, *, final: bool) -> None:
         """Tell Optuna ``trial`` FAILED, with its reason and whether it is ``final`` (not
@@ -1030,6 +1212,7 @@ class Driver:
         records = study_records(self.study)
         summary.completed = sum(1 for r in records if r.state == "COMPLETE")
         summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+        summary.pruned = sum(1 for r in records if _pruned_early(r))
         # beside the objectives, each member's test quality: measured, never selected on
         summary.front = [
             {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values)),

@@ -231,9 +231,13 @@ def make_worker(cpus: float, gpus: float):
 
     from ..workloads._plugins import shipped_files
 
-    @ray.remote(max_restarts=0, max_concurrency=1)
+    # threads: one runs the trial; while it runs, others answer progress() (which waits for the
+    # next epoch) and stop()
+    @ray.remote(max_restarts=0, max_concurrency=4)
     class TrialWorker:
         def __init__(self, threads: int, workload_files=()) -> None:
+            import threading
+
             import torch
 
             from ..workloads._plugins import receive_files
@@ -241,13 +245,110 @@ def make_worker(cpus: float, gpus: float):
             torch.set_num_threads(max(1, threads))
             receive_files(list(workload_files))
             self.pid = os.getpid()
+            self._lock = threading.Condition()  # notified at every epoch and at the end of a run
+            self._token = None  # names the running trial attempt (given by the driver)
+            self._ended = None  # the attempt that ended last
+            self._epochs = []  # epochs reported since the last progress() call
+            self._seen = []  # every epoch of the running attempt
+            self._stop = None  # the stop reason asked for the running attempt
+            self._stopped_at = None  # the epoch at which it stopped
+            self._hold, self._hold_seconds, self._released = set(), 0.0, set()  # see run()
 
-        def run(self, config, checkpoint_dir, cache_dir, structure_path=None):
-            outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
+        def run(self, config, checkpoint_dir, cache_dir, structure_path=None, token=None, hold_at=(),
+                hold_seconds=0.0):
+            """Run one trial attempt (see :func:`execute_trial`).  A stop asked by :meth:`stop`
+            ends it at its next epoch boundary: the outcome is then {"ok": False, "pruned":
+            True, "epochs": the last epoch trained, "curve": its epochs, "reason": ...}.  After an
+            epoch in ``hold_at`` (where the driver's pruner decides) the trial waits, up to
+            ``hold_seconds``, for the driver's verdict on it (:meth:`proceed` or :meth:`stop`),
+            so a trial stopped there trains no further epoch."""
+            import time
+
+            from ..trainer._trial import TrialStopped, epoch_watch
+
+            with self._lock:
+                self._token, self._epochs, self._seen, self._stop = token, [], [], None
+                self._stopped_at = None
+                self._hold, self._hold_seconds, self._released = set(hold_at or ()), float(hold_seconds), set()
+                self._lock.notify_all()
+            started = time.time()
+            try:
+                with epoch_watch(self._epoch_done):
+                    outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
+            except TrialStopped:
+                outcome = {"ok": False}
+            except TrialError:  # the stop, as execute_trial reports any exception; else a failure
+                if self._stopped_at is None:
+                    raise
+                outcome = {"ok": False}
+            finally:
+                with self._lock:
+                    self._token, self._ended = None, token
+                    self._lock.notify_all()
+            if not outcome.get("ok") and self._stopped_at is not None:  # the stop, however reported
+                outcome = {"ok": False, "pruned": True, "reason": self._stop, "epochs": self._stopped_at,
+                           "curve": list(self._seen), "started": started, "finished": time.time()}
             context = ray.get_runtime_context()
             outcome.update(actor_id=context.get_actor_id(), node_id=context.get_node_id(),
                            host=socket.gethostname())
             return outcome
+
+        def _epoch_done(self, report) -> None:
+            from ..trainer._trial import TrialStopped
+
+            epoch = int(report["epoch"])
+            with self._lock:
+                quality = (report.get("val") or {}).get("quality")
+                item = {"epoch": epoch, "quality": None if quality is None else float(quality),
+                        "relative_flops": report.get("relative_flops")}
+                self._epochs.append(item)
+                self._seen.append(item)
+                self._lock.notify_all()
+                if epoch in self._hold and self._hold_seconds > 0:
+                    self._lock.wait_for(lambda: self._stop is not None or epoch in self._released,
+                                        timeout=self._hold_seconds)
+                stop = self._stop
+                if stop is not None:
+                    self._stopped_at = epoch
+            if stop is not None:
+                raise TrialStopped(stop, epoch)
+
+        def progress(self, token, wait: float = 0.0):
+            """The epochs attempt ``token`` finished since the last call, each {"epoch", "quality"
+            (validation), "relative_flops"}, waiting up to ``wait`` seconds for one when there is
+            none yet (also for the attempt to start: this call may run before its run() does);
+            [] once the attempt has ended or another one runs."""
+            def answer_now():
+                if self._token == token:
+                    return bool(self._epochs)
+                return token == self._ended or self._token is not None
+
+            with self._lock:
+                if token is None:
+                    return []
+                if wait > 0:
+                    self._lock.wait_for(answer_now, timeout=wait)
+                if token != self._token:
+                    return []
+                epochs, self._epochs = self._epochs, []
+                return epochs
+
+        def stop(self, token, reason: str) -> bool:
+            """Ask the attempt ``token`` to stop at its next epoch boundary; False when another
+            attempt (or none) is running, which is left alone."""
+            with self._lock:
+                if token is None or token != self._token:
+                    return False
+                self._stop = str(reason)
+                self._lock.notify_all()
+                return True
+
+        def proceed(self, token, epoch: int) -> None:
+            """The driver's verdict on epoch ``epoch`` of attempt ``token``: it continues."""
+            with self._lock:
+                if token is not None and token == self._token:
+                    self._released.add(int(epoch))
+                    self._lock.notify_all()
 
         def info(self):
             """Where this worker runs; answered once it is placed (the driver waits on it)."""

@@ -316,6 +316,29 @@ class Resources(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0, le=1024)
 
 
+class PrunerSpec(_Strict):
+    """``pruner:``: early stopping of trials against trials of comparable cost (``_pruning``).
+    Unset parameters take their defaults (min_epochs 1, reduction_factor 3, min_trials 3,
+    cost_factor 1.5)."""
+
+    name: Literal["none", "median", "asha", "successive-halving", "hyperband"] = "none"
+    min_epochs: Optional[int] = Field(None, ge=1, le=10_000)  # first epoch a trial may be stopped at
+    reduction_factor: Optional[int] = Field(None, ge=2, le=1_000)  # asha, successive-halving, hyperband
+    min_trials: Optional[int] = Field(None, ge=1, le=100_000)  # comparable trials needed to decide
+    cost_factor: Optional[float] = Field(None, ge=1.0, le=1_000.0)  # comparable: costs within this factor
+
+    @model_validator(mode="after")
+    def _parameters_apply(self):
+        given = [key for key in ("min_epochs", "reduction_factor", "min_trials", "cost_factor")
+                 if getattr(self, key) is not None]
+        if self.name == "none" and given:
+            raise ValueError(f"{given[0]} is a parameter of a pruner, and name is none; give name: median, asha, "
+                             f"successive-halving or hyperband")
+        if self.name == "median" and self.reduction_factor is not None:
+            raise ValueError("reduction_factor applies to asha, successive-halving and hyperband, not median")
+        return self
+
+
 class Executor(_Strict):
     address: Optional[str] = None  # None: a local Ray; "auto" or "ray://host:port": a cluster
     num_cpus: Optional[int] = Field(None, ge=1, le=4096)  # size of a local Ray (default: all cores)
@@ -350,6 +373,12 @@ class StudySpec(_Strict):
             raise ValueError("fp16 needs GPU trials (resources.gpus_per_trial > 0): its loss scaling runs on "
                              "CUDA and CPU autocast computes in bfloat16; use bf16 or fp32 on CPUs")
         return precision
+    pruner: PrunerSpec = PrunerSpec()
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_by_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
 
     @field_validator("name")
     @classmethod
@@ -461,10 +490,29 @@ def spec_from_dict(data: Any, source: str = "<spec>", *, spec_dir: Union[str, Pa
         raise SpecError(_format_errors(source, error)) from None
     from ._space import config_errors, workload_errors  # the trainer's and the workload's own checks
 
-    errors = config_errors(spec) or workload_errors(spec)
+    errors = pruner_errors(spec) or config_errors(spec) or workload_errors(spec)
     if errors:
         raise SpecError("\n".join(_cut(f"{source}: {line}") for line in errors))
     return spec
+
+
+def pruner_errors(spec: StudySpec) -> List[str]:
+    """What makes ``spec``'s pruner unusable with the rest of the spec (one line per problem)."""
+    pruner = spec.pruner
+    if pruner.name == "none":
+        return []
+    errors = []
+    if "quality" not in spec.metric_names or spec.directions[spec.metric_names.index("quality")] != "maximize":
+        errors.append(f"pruner.name: {pruner.name} compares trials by their validation quality per epoch; "
+                      f"it needs quality (maximized) among the objectives")
+    epochs = spec.workload.epochs
+    if pruner.min_epochs is not None and pruner.min_epochs >= epochs:
+        errors.append(f"pruner.min_epochs: {pruner.min_epochs} is not below workload.epochs ({epochs}); a trial "
+                      f"is never stopped at its last epoch, so the pruner would never act")
+    elif epochs < 2:
+        errors.append(f"pruner.name: {pruner.name} needs workload.epochs of 2 or more (a trial is never stopped "
+                      f"at its last epoch), got {epochs}")
+    return errors
 
 
 def check_storage_url(url: Optional[str], *, allow_password: bool = False) -> Optional[str]:

@@ -80,6 +80,8 @@ class EpochReport:
     mean_width: Optional[float]
     sigma: Optional[float]
     seconds: float  # wall time of this epoch's training + validation
+    samples: int = 0  # training samples this epoch
+    step_seconds: float = 0.0  # wall time of this epoch's training steps alone (no validation)
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -239,7 +241,9 @@ class TrainingLoop:
         return flops / dense if dense else 1.0
 
     def run(self, on_epoch: Optional[Callable[[EpochReport], Optional[bool]]] = None) -> List[Dict]:
-        """Train the remaining epochs.  ``on_epoch`` gets each report; returning True stops."""
+        """Train the remaining epochs.  ``on_epoch`` gets each report, once the epoch's checkpoint
+        is written; returning True stops, and an exception it raises (a stop request of the
+        driver, ``_trial.TrialStopped``) leaves the loop at that epoch boundary."""
         loader_batches = None
         for epoch in range(self.start_epoch, self.epochs):
             started = time.perf_counter()
@@ -279,6 +283,7 @@ class TrainingLoop:
                     self.controller.step(self.layers, self.lam, self.structure_lr * factor)
                 total_loss += loss_value * _batch_len(batch)
                 count += _batch_len(batch)
+            step_seconds = time.perf_counter() - started  # the steps only: throughput = samples / this
             sigma = self._sigma(epoch + 1) if self.layers else None
             if self.layers:
                 set_sigma(self.model, sigma)
@@ -297,6 +302,8 @@ class TrainingLoop:
                 mean_width=mean_width(self.layers) if self.layers else None,
                 sigma=sigma,
                 seconds=seconds,
+                samples=count,
+                step_seconds=step_seconds,
             )
             self.curves.append(report.to_dict())
             self._save_checkpoint(epoch + 1)

@@ -1,8 +1,10 @@
 """One trial: build the workload's model with the configured structure, train it, measure it."""
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,35 @@ from ._dense_cache import cached_dense_state
 from ._fit_cache import cached_gblr_fit
 from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
 
-__all__ = ["TrialResult", "run_trial", "build_trial_model", "layer_budgets", "measure_latency"]
+__all__ = ["TrialResult", "run_trial", "build_trial_model", "layer_budgets", "measure_latency", "TrialStopped",
+           "epoch_watch"]
+
+
+class TrialStopped(Exception):
+    """Raised at an epoch boundary by an :func:`epoch_watch` callback when the trial is to stop
+    early (a pruner's decision); ``epoch`` is the last epoch trained, ``reason`` why."""
+
+    def __init__(self, reason: str, epoch: int) -> None:
+        super().__init__(reason)
+        self.reason, self.epoch = reason, int(epoch)
+
+
+_WATCH = threading.local()
+
+
+@contextlib.contextmanager
+def epoch_watch(callback: Callable[[Dict[str, Any]], None]):
+    """Within the block, every :func:`run_trial` of this thread calls ``callback`` with each epoch's
+    report (as a dict: ``epoch``, ``val``, ...) once the epoch's checkpoint is written -- first
+    for the epochs a resumed trial restored from its checkpoint, then for each epoch it trains.
+    The callback may raise :class:`TrialStopped` to end the trial there (a Ray worker uses this
+    to report progress to the driver and to honour its stop requests)."""
+    outer = getattr(_WATCH, "callback", None)
+    _WATCH.callback = callback
+    try:
+        yield
+    finally:
+        _WATCH.callback = outer
 
 
 @dataclass
@@ -68,6 +98,16 @@ class TrialResult:
     # learning rates, weight decay, budget anneal, sigma schedule -- so a result stays readable
     # if the defaults change
     resolved: Dict[str, Any] = field(default_factory=dict)
+    # training throughput: training samples per second of training steps (validation excluded),
+    # over the epochs this trial trained (a resumed trial's restored epochs included)
+    samples_per_second: Optional[float] = None
+    # peak memory: on a GPU the most memory torch allocated on it during the trial
+    # (torch.cuda.max_memory_allocated, "cuda_max_allocated"); on a CPU the worker process's
+    # peak resident set size since it started (getrusage ru_maxrss, "process_peak_rss")
+    peak_memory_bytes: Optional[int] = None
+    peak_memory_kind: Optional[str] = None
+    precision: str = "fp32"  # the training arithmetic
+    world_size: int = 1  # processes training the trial
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -502,7 +542,7 @@ def run_trial(
     try:
         return _run_trial(config, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir, cache_dir=cache_dir,
                           structure_path=structure_path)
-    except TrialFailed:
+    except (TrialFailed, TrialStopped):
         raise
     except Exception as error:
         located = user_code_error(error, config.workload)
@@ -540,7 +580,20 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         teacher=teacher, distill=float(config.distill), distill_temperature=float(config.distill_temperature),
         precision=resolved["precision"],
     )
-    curves = loop.run(on_epoch)
+    watch = getattr(_WATCH, "callback", None)
+    cuda = torch.device(config.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(config.device)
+    if watch is not None:
+        for restored in list(loop.curves):
+            watch(dict(restored))
+
+    def epoch_done(report: EpochReport) -> Optional[bool]:
+        if watch is not None:
+            watch(report.to_dict())  # may raise TrialStopped
+        return on_epoch(report) if on_epoch is not None else None
+
+    curves = loop.run(epoch_done)
 
     # The deployed model: exact masks, exported to its mask-free execution plan.
     set_sigma(model, None)
@@ -593,4 +646,30 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         layers=layers,
         curves=curves,
         resolved=_resolved_record(config, resolved, shares),
+        samples_per_second=_throughput(curves),
+        **_peak_memory(config.device if cuda else None),
+        precision=str(getattr(config, "precision", None) or "fp32"),
+        world_size=int(getattr(config, "world_size", None) or 1),
     )
+
+
+def _throughput(curves: List[Dict[str, Any]]) -> Optional[float]:
+    """Training samples per second of training steps over the epoch reports ``curves``."""
+    samples = sum(int(c.get("samples") or 0) for c in curves)
+    seconds = sum(float(c.get("step_seconds") or 0.0) for c in curves)
+    return samples / seconds if samples and seconds > 0 else None
+
+
+def _peak_memory(cuda_device: Optional[str]) -> Dict[str, Any]:
+    """{"peak_memory_bytes", "peak_memory_kind"}: see :class:`TrialResult`."""
+    if cuda_device is not None:
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(cuda_device)),
+                "peak_memory_kind": "cuda_max_allocated"}
+    try:
+        import resource
+        import sys
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return {"peak_memory_bytes": None, "peak_memory_kind": None}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": int(peak if sys.platform == "darwin" else peak * 1024),
+            "peak_memory_kind": "process_peak_rss"}

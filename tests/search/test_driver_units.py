@@ -32,7 +32,7 @@ class FakeWorkers:
 
         class Run:
             @staticmethod
-            def remote(config, checkpoint_dir, cache_dir, structure_path):
+            def remote(config, checkpoint_dir, cache_dir, structure_path, token=None):
                 submitted.append((config, checkpoint_dir, structure_path))
                 return object()
 
