@@ -648,7 +648,7 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         resolved=_resolved_record(config, resolved, shares),
         samples_per_second=_throughput(curves),
         **_peak_memory(config.device if cuda else None),
-        precision=str(getattr(config, "precision", None) or "fp32"),
+        precision=resolved["precision"],
         world_size=int(getattr(config, "world_size", None) or 1),
     )
 
