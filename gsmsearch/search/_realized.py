@@ -107,22 +107,9 @@ def _blockdiag(in_features: int, out_features: int, budget: float, *, num_blocks
 
 
 def _monarch(in_features: int, out_features: int, budget: float, *, num_blocks=None) -> Structure:
-    from ..structured._common import check_int, fits, no_fit_error
-    from ..structured._monarch import monarch_flops
+    from ..structured._monarch import monarch_num_blocks
 
-    most = min(in_features, out_features)
-    if num_blocks is None:
-        costs = [(monarch_flops(in_features, out_features, b), -b) for b in range(1, most + 1)]
-        fitting = [c for c in costs if fits(c[0], budget, in_features, out_features)]
-        if not fitting:
-            cheapest, b = min(costs)
-            raise no_fit_error("monarch", budget, in_features, out_features, cheapest, "layer")
-        num_blocks = -max(fitting)[1]
-    else:
-        num_blocks = check_int("num_blocks", num_blocks, 1, most)
-        if not fits(monarch_flops(in_features, out_features, num_blocks), budget, in_features, out_features):
-            raise ValueError(f"num_blocks={num_blocks} does not fit budget={budget}")
-    return {"num_blocks": int(num_blocks)}
+    return {"num_blocks": int(monarch_num_blocks(in_features, out_features, budget, num_blocks))}
 
 
 def _blocklowrank(in_features: int, out_features: int, budget: float, *, num_blocks=None,

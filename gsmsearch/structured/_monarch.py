@@ -46,6 +46,28 @@ def monarch_flops(in_features: int, out_features: int, num_blocks: int) -> int:
     return num_blocks * q * (p + s)
 
 
+def monarch_num_blocks(in_features: int, out_features: int, budget: float,
+                       num_blocks: Optional[int] = None) -> int:
+    """The number of blocks ``MonarchLinear.from_dense`` builds at ``budget``: ``num_blocks``
+    when given (refused when it does not fit), else the b in [1, min(in, out)] with the largest
+    cost within ``budget`` (ties: the smaller b)."""
+    most = min(in_features, out_features)
+    if num_blocks is None:
+        costs = [(monarch_flops(in_features, out_features, b), -b) for b in range(1, most + 1)]
+        fitting = [c for c in costs if fits(c[0], budget, in_features, out_features)]
+        if not fitting:
+            cheapest, b = min(costs)
+            raise no_fit_error("monarch", budget, in_features, out_features, cheapest,
+                               f"layer (num_blocks={-b})")
+        return -max(fitting)[1]
+    num_blocks = check_int("num_blocks", num_blocks, 1, most)
+    cost = monarch_flops(in_features, out_features, num_blocks)
+    if not fits(cost, budget, in_features, out_features):
+        raise ValueError(f"num_blocks={num_blocks} costs {cost} multiply-adds, more than "
+                         f"budget={budget} of {out_features}x{in_features} allows")
+    return num_blocks
+
+
 @register_family("monarch")
 class MonarchLinear(StructuredLinear):
     """Monarch linear layer (see the module docstring for the exact layout).
@@ -128,21 +150,7 @@ class MonarchLinear(StructuredLinear):
         budget = cls._check_budget(budget)
         fitted = check_dense(weight, bias)
         out_features, in_features = fitted.shape
-        most = min(in_features, out_features)
-        if num_blocks is None:
-            costs = [(monarch_flops(in_features, out_features, b), -b) for b in range(1, most + 1)]
-            fitting = [c for c in costs if fits(c[0], budget, in_features, out_features)]
-            if not fitting:
-                cheapest, b = min(costs)
-                raise no_fit_error("monarch", budget, in_features, out_features, cheapest,
-                                   f"layer (num_blocks={-b})")
-            num_blocks = -max(fitting)[1]
-        else:
-            num_blocks = check_int("num_blocks", num_blocks, 1, most)
-            cost = monarch_flops(in_features, out_features, num_blocks)
-            if not fits(cost, budget, in_features, out_features):
-                raise ValueError(f"num_blocks={num_blocks} costs {cost} multiply-adds, more than "
-                                 f"budget={budget} of {out_features}x{in_features} allows")
+        num_blocks = monarch_num_blocks(in_features, out_features, budget, num_blocks)
         layer = cls(in_features, out_features, num_blocks=num_blocks, bias=bias is not None)
         b, p, q, s = num_blocks, layer.in_block, layer.mid_block, layer.out_block
         padded = F.pad(fitted, (0, b * p - in_features, 0, b * s - out_features))  # (b*s, b*p)
