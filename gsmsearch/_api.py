@@ -157,7 +157,8 @@ Source = Union[str, Path, Tuple[str, str, int]]
 def structure_file(source: Source, *, workdir: Union[str, Path, None] = None) -> Path:
     """The structure file ``source`` names: a path, or (storage URL, study name, trial number) of a
     finished trial, its file under the study's ``structures`` folder (recorded in the study at
-    launch; ``workdir``: the study's workdir, where it was moved)."""
+    launch; ``workdir``: the study's workdir, where it was moved).  A duplicate (a proposal that
+    realised the model of an earlier trial, ``duplicate_of``) names that trial's file."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -175,6 +176,9 @@ def structure_file(source: Source, *, workdir: Union[str, Path, None] = None) ->
     trial = trials.get(int(number))
     if trial is None:
         raise ValueError(f"study {study_name!r} has no trial {number}")
+    if trial.user_attrs.get("duplicate_of") is not None:  # its model is the one that trial trained
+        number = int(trial.user_attrs["duplicate_of"])
+        trial = trials[number]
     if trial.state.name != "COMPLETE":
         raise ValueError(f"trial {number} of study {study_name!r} is {trial.state.name}, not COMPLETE: "
                          f"it has no learned structure")

@@ -873,7 +873,10 @@ class Driver:
 
         try:
             where = ray.get(entry.placed)
-        except Exception:  # noqa: BLE001 - the worker died before it ran: its run ref says so
+        except Exception as error:  # noqa: BLE001 - the worker died before it ran: its run ref says so
+            entry.placed = None  # waited on no more
+            self.display.line(f"[{self.spec.name}] trial {entry.trial.number}: its worker did not start "
+                              f"({type(error).__name__})")
             return
         entry.placed, entry.started = None, time.monotonic()
         self.located[entry.worker] = where

@@ -226,6 +226,10 @@ def test_a_study_trains_a_model_once_when_two_budgets_realise_it(write_spec, tmp
     assert [p.name for p in (workdir / "structures").iterdir()] == [f"trial-{trained.number}.safetensors"]
     assert [(r.number, r.state) for r in study_records(study)] == [(0, "COMPLETE"), (1, "PRUNED")]
     assert [m["number"] for m in summary.front] == [trained.number]
+    # the duplicate's model is the one its original trained
+    from gsmsearch import structure_file
+    storage = f"sqlite:///{tmp_path / 'tiny.db'}"
+    assert structure_file((storage, "tiny", duplicate.number)) == structure_file((storage, "tiny", trained.number))
 
     resumed = launch(spec, resume=True, status_interval=1e9)
     assert resumed.completed == 1
