@@ -59,10 +59,14 @@ def _loopback_only():
     (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) once, when ``ray`` is first imported.  So the variable
     is set for the processes Ray starts now, and the value Ray already read is overridden for the
     time of ``ray.init``; both are put back afterwards, so a later connection to a real cluster
-    from this process is not held to loopback."""
+    from this process is not held to loopback.
+
+    ``RAY_AUTH_MODE`` (unless set already) stays ``disabled`` for as long as the process lives: with
+    it unset, Ray turns token authentication on in a process that finds a token in ``~/.ray``, at
+    any later call and for every child process, which then cannot talk to this Ray."""
     from ray._private import ray_constants
 
-    saved_env = {name: os.environ.get(name) for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
+    saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -71,11 +75,10 @@ def _loopback_only():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if saved_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
 
 
 def _is_loopback(address: str) -> bool:

@@ -55,16 +55,17 @@ def listening_addresses(session):
 
 servers, listening = listening_addresses(session)
 env_after = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+auth_after = os.environ.get("RAY_AUTH_MODE")
 ray.shutdown()
 print("RESULT " + json.dumps({"nodes": node_addresses, "gcs": gcs, "task": task_address,
                              "listening": sorted(listening), "servers": servers,
-                             "env_after": env_after}))
+                             "env_after": env_after, "auth_after": auth_after}))
 """
 
 
 def test_local_ray_binds_loopback_only():
     env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_AUTH_MODE")}
     seen = fresh_python(CHECK, env=env, timeout=180)
     assert seen["nodes"] == ["127.0.0.1"]
     assert seen["gcs"].startswith("127.0.0.1:")
@@ -73,3 +74,5 @@ def test_local_ray_binds_loopback_only():
     assert seen["listening"] == ["127.0.0.1"], seen["listening"]
     # the switch is put back, so a later ray.init(address=...) in the same process is not held to it
     assert seen["env_after"] is None
+    # no token between this process (and its children) and its Ray, also at later calls
+    assert seen["auth_after"] == "disabled"

@@ -49,8 +49,11 @@ def _spec(tmp_path, storage, address, **overrides):
 
 
 def _launch(spec, log):
+    # the cluster runs without Ray's token authentication; so must its client (Ray turns the token
+    # on in a process that finds one in ~/.ray with RAY_AUTH_MODE unset, and its children inherit it)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "gsmsearch", "launch", str(spec), "--status-interval", "2"],
-                            cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+                            cwd=ROOT, stdout=log, stderr=log, start_new_session=True, env=env)
 
 
 def _finish(driver, log_path, timeout=420):
