@@ -51,6 +51,9 @@ class TrialStopped(Exception):
         super().__init__(reason)
         self.reason, self.epoch = reason, int(epoch)
 
+    def __reduce__(self):
+        return type(self), (self.reason, self.epoch)
+
 
 _WATCH = threading.local()
 

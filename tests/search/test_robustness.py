@@ -62,6 +62,9 @@ EXAMPLES = {
     "gsmsearch.search._storage.DatabaseUnreachable": lambda c: c("connection refused", 12.5,
                                                                  "postgresql+psycopg://u@h/db", "gsmsearch launch s.yaml --resume"),
     "gsmsearch.cli._errors.UsageError": lambda c: c("bad argument"),
+    "gsmsearch.search._realized.NotRealizable": lambda c: c("gblr: learned in training"),
+    "gsmsearch.trainer._trial.TrialStopped": lambda c: c("asha: behind at epoch 2", 2),
+    "gsmsearch.workloads._hf.MissingExtra": lambda c: c("hf-causal-lm needs transformers: pip install 'gsmsearch[hf]'"),
 }
 
 
@@ -190,7 +193,10 @@ def test_a_worker_error_that_cannot_be_read_back_is_retried_then_recorded(write_
 
     @ray.remote(max_restarts=0)
     class Broken:
-        def run(self, config, checkpoint_dir, cache_dir, structure_path=None):
+        def info(self):
+            return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "host": "localhost"}
+
+        def run(self, config, checkpoint_dir, cache_dir, structure_path=None, **_):
             raise _TwoArguments("cannot be read back", 3)
 
     monkeypatch.setattr(_runner, "make_worker", lambda cpus, gpus: Broken.options(num_cpus=cpus).remote())
