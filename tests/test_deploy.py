@@ -511,8 +511,11 @@ def test_slurm_script_stops_the_driver_like_ctrl_c(tmp_path, signal_name):
               f"    pathlib.Path({str(tmp_path)!r}, 'interrupted').touch()\n    sys.exit(130)\n")
     (tmp_path / "driver.py").write_text(driver)
     stub(tmp_path / "bin", "gsmsearch", f'[ "$1" = launch ] || exit 0\nexec {sys.executable} {tmp_path}/driver.py')
+    # slurmstepd starts a batch script with SIGINT at its default; a test process started in the
+    # background of a non-interactive shell has it ignored, which no shell can undo for its children
     script = subprocess.Popen(["bash", str(SBATCH), "study.yaml"], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (tmp_path / "launched").exists():
         assert time.monotonic() < deadline and script.poll() is None, script.communicate()

@@ -249,3 +249,15 @@ def triton_runs(tensor: torch.Tensor) -> bool:
     if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False  # (without importing triton: a second of every CPU process's first step)
     return _triton_importable()
+
+
+def untied(tensors: dict) -> dict:
+    """``tensors`` with every tensor that shares memory with an earlier one copied: a tied weight
+    (a language model's head and token embedding) appears under two keys, and safetensors refuses
+    shared memory (loading writes both keys)."""
+    storages, out = set(), {}
+    for key, value in tensors.items():
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in storages else value
+        storages.add(storage)
+    return out

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ._base import StructuredLinear, get_family
+from ._common import untied
 from ._surgery import set_module
 
 __all__ = ["save_structure", "load_structure", "FORMAT_VERSION"]
@@ -56,18 +57,6 @@ def save_structure(model: nn.Module, path: Union[str, Path], *, extra_metadata: 
     tmp = path.with_name(path.name + ".tmp")
     save_file(untied(tensors), str(tmp), metadata=metadata)
     tmp.replace(path)  # atomic: a reader never sees a half-written file
-
-
-def untied(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``tensors`` with every tensor that shares memory with an earlier one copied: a tied weight
-    (a language model's head and token embedding) appears under two keys, and safetensors refuses
-    shared memory (loading writes both keys)."""
-    storages, out = set(), {}
-    for key, value in tensors.items():
-        storage = value.untyped_storage().data_ptr()
-        out[key] = value.clone() if storage in storages else value
-        storages.add(storage)
-    return out
 
 
 def _structural_keys(model: nn.Module) -> set:

@@ -215,9 +215,10 @@ def code_digest(roots: Sequence[str], within: Sequence[str] = ("gsmsearch",)) ->
     :func:`module_closure` of ``roots``."""
     import numpy
 
-    import gsmsearch
-
-    digest = hashlib.sha256(f"{gsmsearch.__version__} {torch.__version__} {numpy.__version__}".encode())
+    # the package's version, read without an import statement: ``import gsmsearch`` here would put
+    # the whole package (every lazily imported module of its __init__) into each closure
+    version = sys.modules[__name__.partition(".")[0]].__version__
+    digest = hashlib.sha256(f"{version} {torch.__version__} {numpy.__version__}".encode())
     for name in module_closure(roots, within):
         digest.update(f"\0{name}\0{module_fingerprint(name)}".encode())
     return digest.hexdigest()
@@ -253,7 +254,7 @@ def written_once(path: Path, make: Callable[[], Tuple[nn.Module, Dict[str, str]]
     find the file.  Written to a temporary name and renamed, so it is never seen half-written."""
     from safetensors.torch import save_file
 
-    from ..structured._serialize import untied
+    from ..structured._common import untied
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:

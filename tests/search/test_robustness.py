@@ -176,7 +176,7 @@ def test_a_trial_whose_budget_cannot_be_built_fails_for_good_and_the_study_finis
     assert failed.state.name == "FAIL" and failed.user_attrs["final"] is True
     assert failed.user_attrs["attempts"] == 1  # a configuration that cannot be built is not retried
     assert re.fullmatch(r"BudgetTooSmall: budget=0\.05 is too small for a monarch layer of 64 -> 512: .* "
-                        r"\(at \S+/gsmsearch/structured/_monarch\.py:\d+ in from_dense\)",
+                        r"\(at \S+/gsmsearch/structured/_monarch\.py:\d+ in monarch_num_blocks\)",
                         failed.user_attrs["failure_reason"]), failed.user_attrs["failure_reason"]
     # resuming runs nothing again
     assert main(["launch", str(spec), "--resume", "--status-interval", "1000"]) == 0

@@ -98,7 +98,8 @@ def test_two_jobs_on_one_node_through_scancel_and_a_time_limit(slurm, postgres_u
     mid-study and submitted again; the other reaches its time limit mid-study: warned by Slurm
     (--signal=B:USR1), it stops its driver the way Ctrl-C does and requeues itself, and its next
     run completes the study.  Both studies end complete with nothing lost, each with its report."""
-    limited = _spec(tmp_path / "limited", postgres_url, "limited", trials=4, epochs=200)
+    # long enough that the study outlasts Slurm's next limit check (every 30 s) after the cut below
+    limited = _spec(tmp_path / "limited", postgres_url, "limited", trials=4, epochs=500)
     cancelled = _spec(tmp_path / "cancelled", postgres_url, "cancelled", trials=3, epochs=100)
     # warned 100 s before its limit; the limit is cut short once a trial has finished (below)
     job = _submit(slurm, limited, "--time=10", "--signal=B:USR1@100")

@@ -32,7 +32,7 @@ class InProcessWorkers:
 
         class Run:
             @staticmethod
-            def remote(config, checkpoint_dir, cache_dir, structure_path):
+            def remote(config, checkpoint_dir, cache_dir, structure_path, **_):
                 outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
                 return ray.put({**outcome, "actor_id": "in-process"})
 

@@ -76,9 +76,11 @@ def _nan_inputs(inputs, labels):
 
 def _everything_but_test(result):
     record = result.to_dict()
-    for key in ("test_quality", "test_metrics", "train_seconds"):
+    # and the clocks: training time, throughput, the process's peak memory
+    for key in ("test_quality", "test_metrics", "train_seconds", "samples_per_second", "peak_memory_bytes"):
         record.pop(key)
-    record["curves"] = [{k: v for k, v in epoch.items() if k != "seconds"} for epoch in record["curves"]]
+    record["curves"] = [{k: v for k, v in epoch.items() if k not in ("seconds", "step_seconds")}
+                        for epoch in record["curves"]]
     return record
 
 
