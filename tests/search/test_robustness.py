@@ -272,16 +272,16 @@ def _finished(trials):
     return {t.number: (t.values, t.user_attrs["config_digest"]) for t in trials if t.state.name == "COMPLETE"}
 
 
-def test_postgres_away_for_45_seconds_within_the_bound_is_waited_out(
+def test_postgres_away_for_30_seconds_within_the_bound_is_waited_out(
         write_spec, postgres_server, postgres_url, tmp_path):
-    """45 s without the server, within the retry bound (240 s here): the driver waits it out."""
+    """30 s without the server, within the retry bound (240 s here): the driver waits it out."""
     spec = write_spec({"storage": postgres_url, "trials": 3, "workload": SLOW})
     driver = _launch_process(spec, tmp_path, env={"GSMSEARCH_STORAGE_RETRY_SECONDS": "240"})
     try:
         _wait(lambda: any(t.state.name == "COMPLETE" for t in _trials(postgres_url)))
         _pg_stop(postgres_server)
         try:
-            time.sleep(45)
+            time.sleep(30)
         finally:
             _pg_start(postgres_server)
         code = driver.wait(400)
