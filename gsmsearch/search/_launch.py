@@ -20,8 +20,7 @@ What survives what:
 - a trial that fails (exception, worker crash, time limit) is retried up to ``retries`` times
   from its last per-epoch checkpoint, before any new trial starts; after that it is recorded FAIL
   with its reason, for good (user attribute ``final``), as is a trial that reports it can never
-  succeed as configured, except when its worker or node died: that one is not final, so
-  ``--resume`` runs it again.  ``trial_timeout`` counts the time a trial runs, not the time it
+  succeed as configured.  ``trial_timeout`` counts the time a trial runs, not the time it
   waits for a worker to be placed; on a cluster that lost a node, trials waiting for a worker it
   can no longer place go to the workers that are free;
 - a killed driver leaves RUNNING trials behind: the next ``launch --resume`` marks them FAIL
@@ -852,8 +851,7 @@ class Driver:
                     self.record_pruned(entry, {})
                     continue
                 reason = describe_failure(error)
-                # a worker process or node that died: nothing the trial's configuration did
-                self.retry_or_fail(entry, reason, resumable=reason.startswith("worker died:"))
+                self.retry_or_fail(entry, reason)
                 continue
             if entry.placed is not None:  # it returned before its placement was seen
                 self.placed(entry)
@@ -1030,11 +1028,10 @@ class Driver:
                 self.running.pop(ref)
                 self.retry_or_fail(entry, f"exceeded trial_timeout of {self.spec.trial_timeout:g}s")
 
-    def retry_or_fail(self, entry: _Running, reason: str, *, resumable: bool = False) -> None:
+    def retry_or_fail(self, entry: _Running, reason: str) -> None:
         """Stop ``entry``'s worker; resubmit the trial from its last checkpoint while it has
-        retries left, served before any new trial (:meth:`reassign`).  Out of retries, it is
-        recorded failed: for good, or, when ``resumable`` (its worker or node died, nothing its
-        configuration did), not final, so that ``--resume`` runs it again."""
+        retries left, served before any new trial (:meth:`reassign`); then record it failed for
+        good."""
         _kill(entry.worker)
         self.located.pop(entry.worker, None)
         if entry.attempt < self.spec.retries:
@@ -1043,9 +1040,8 @@ class Driver:
             self.submit(entry.trial, entry.config, entry.digest, entry.attempt + 1)
             self.reassign()
         else:
-            suffix = "; `launch --resume` runs it again" if resumable else ""
             self.record_failure(entry.trial, entry.config["family"],
-                                f"{reason} (after {entry.attempt + 1} attempt(s)){suffix}", final=not resumable)
+                                f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
 
     # -- recording -------------------------------------------------------------------------
 

@@ -191,13 +191,18 @@ def test_a_worker_error_that_cannot_be_read_back_is_retried_then_recorded(write_
 
     from gsmsearch.search import _runner
 
+    class Unreadable(Exception):  # local, so Ray ships it by value (no import of this test module)
+        def __init__(self, message, code):
+            super().__init__(message)
+            self.code = code
+
     @ray.remote(max_restarts=0)
     class Broken:
         def info(self):
             return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "host": "localhost"}
 
         def run(self, config, checkpoint_dir, cache_dir, structure_path=None, **_):
-            raise _TwoArguments("cannot be read back", 3)
+            raise Unreadable("cannot be read back", 3)
 
     monkeypatch.setattr(_runner, "make_worker", lambda cpus, gpus: Broken.options(num_cpus=cpus).remote())
     spec = write_spec({"trials": 2, "concurrency": 1, "retries": 1})
