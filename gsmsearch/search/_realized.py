@@ -115,34 +115,9 @@ def _monarch(in_features: int, out_features: int, budget: float, *, num_blocks=N
 def _blocklowrank(in_features: int, out_features: int, budget: float, *, num_blocks=None,
                   rank=None) -> Structure:
     """The (num_blocks, rank) candidates ``BlockLowRankLinear.from_dense`` scores, in its order."""
-    from ..structured._blocklowrank import max_block_rank
-    from ..structured._common import check_int, fits, no_fit_error
+    from ..structured._blocklowrank import blocklowrank_candidates
 
-    most = min(in_features, out_features)
-    if num_blocks is not None:
-        block_choices = [check_int("num_blocks", num_blocks, 1, most)]
-    else:
-        block_choices = [2 ** e for e in range(int(math.log2(most)) + 1)]
-    if rank is not None:
-        rank = check_int("rank", rank, 1)
-    candidates = []
-    for b in block_choices:
-        cap = max_block_rank(in_features, out_features, b)
-        if rank is not None:
-            if rank > cap:
-                if num_blocks is not None:
-                    raise ValueError(f"rank must be in [1, {cap}], got {rank}")
-                continue
-            r = rank if fits(b * rank * (in_features + out_features), budget, in_features, out_features) else 0
-        else:
-            r = min(cap, int(budget * in_features * out_features // (b * (in_features + out_features))) + 1)
-            while r > 0 and not fits(b * r * (in_features + out_features), budget, in_features, out_features):
-                r -= 1
-        if r >= 1:
-            candidates.append((int(b), int(r)))
-    if not candidates:
-        raise no_fit_error("blocklowrank", budget, in_features, out_features,
-                           block_choices[0] * (rank or 1) * (in_features + out_features), "layer")
+    candidates = blocklowrank_candidates(in_features, out_features, budget, num_blocks, rank)
     if len(candidates) == 1:
         return {"num_blocks": candidates[0][0], "rank": candidates[0][1]}
     return {"candidates": [list(c) for c in candidates]}

@@ -7,7 +7,7 @@ Cost per token: ``sum_ij r' (h_i + c_j) = b r' (in + out)``, for any sizes.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +23,46 @@ __all__ = ["BlockLowRankLinear"]
 def max_block_rank(in_features: int, out_features: int, num_blocks: int) -> int:
     """r' can be at most the smallest block side (a larger rank adds cost, not expressivity)."""
     return min(in_features // num_blocks, out_features // num_blocks)
+
+
+def blocklowrank_candidates(in_features: int, out_features: int, budget: float,
+                            num_blocks: Optional[int] = None, rank: Optional[int] = None) -> List[Tuple[int, int]]:
+    """The (b, r') pairs ``BlockLowRankLinear.from_dense`` scores at ``budget``, in its order:
+    b = ``num_blocks`` if given, else every power of two b <= min(in, out); r' = ``rank`` if given,
+    else the largest rank with b r' (in + out) within ``budget`` (capped at the smallest block
+    side).  Raises when no pair fits."""
+    most = min(in_features, out_features)
+    if num_blocks is not None:
+        block_choices = [check_int("num_blocks", num_blocks, 1, most)]
+    else:
+        block_choices = [2 ** e for e in range(int(math.log2(most)) + 1)]
+    if rank is not None:
+        rank = check_int("rank", rank, 1)
+    candidates = []
+    for b in block_choices:
+        cap = max_block_rank(in_features, out_features, b)
+        if rank is not None:
+            if rank > cap:
+                if num_blocks is not None:
+                    raise ValueError(f"rank must be in [1, {cap}] (the smallest block side "
+                                     f"with num_blocks={b}), got {rank}")
+                continue
+            r = rank if fits(b * rank * (in_features + out_features), budget, in_features,
+                             out_features) else 0
+        else:
+            r = min(cap, int(budget * in_features * out_features
+                             // (b * (in_features + out_features))) + 1)
+            while r > 0 and not fits(b * r * (in_features + out_features), budget,
+                                     in_features, out_features):
+                r -= 1
+        if r >= 1:
+            candidates.append((int(b), int(r)))
+    if not candidates:
+        b = block_choices[0]
+        cost = b * (rank or 1) * (in_features + out_features)
+        raise no_fit_error("blocklowrank", budget, in_features, out_features, cost,
+                           f"layer (num_blocks={b}, rank={rank or 1})")
+    return candidates
 
 
 @register_family("blocklowrank")
@@ -111,44 +151,15 @@ class BlockLowRankLinear(StructuredLinear):
         budget = cls._check_budget(budget)
         fitted = check_dense(weight, bias)
         out_features, in_features = fitted.shape
-        most = min(in_features, out_features)
-        if num_blocks is not None:
-            block_choices = [check_int("num_blocks", num_blocks, 1, most)]
-        else:
-            block_choices = [2 ** e for e in range(int(math.log2(most)) + 1)]
-        if rank is not None:
-            rank = check_int("rank", rank, 1)
         total = float(fitted.square().sum())
         best = None  # (error, b, r, blocks)
-        for b in block_choices:
-            cap = max_block_rank(in_features, out_features, b)
-            if rank is not None:
-                if rank > cap:
-                    if num_blocks is not None:
-                        raise ValueError(f"rank must be in [1, {cap}] (the smallest block side "
-                                         f"with num_blocks={b}), got {rank}")
-                    continue
-                r = rank if fits(b * rank * (in_features + out_features), budget, in_features,
-                                 out_features) else 0
-            else:
-                r = min(cap, int(budget * in_features * out_features
-                                 // (b * (in_features + out_features))) + 1)
-                while r > 0 and not fits(b * r * (in_features + out_features), budget,
-                                         in_features, out_features):
-                    r -= 1
-            if r < 1:
-                continue
+        for b, r in blocklowrank_candidates(in_features, out_features, budget, num_blocks, rank):
             rows = BlockLayout(out_features, b).gather[:, None, :, None]
             cols = BlockLayout(in_features, b).gather[None, :, None, :]
             blocks = dense_to_blocks(fitted, rows, cols)                  # (b, b, hmax, cmax)
             error = float(total - top_energy(blocks, r).sum())
             if best is None or error < best[0] - 1e-9 * total:
                 best = (error, b, r, blocks)
-        if best is None:
-            b = block_choices[0]
-            cost = b * (rank or 1) * (in_features + out_features)
-            raise no_fit_error("blocklowrank", budget, in_features, out_features, cost,
-                               f"layer (num_blocks={b}, rank={rank or 1})")
         _, b, r, blocks = best
         layer = cls(in_features, out_features, num_blocks=b, rank=r, bias=bias is not None)
         left, right = sqrt_split(*truncated_svd(blocks, r), r)

@@ -21,7 +21,7 @@ session = ray._private.worker._global_node.get_session_dir_path()
 
 
 def listening_addresses(session):
-    # The session's processes (their command lines name the session folder), their sockets, and
+    # This Ray's processes (their command lines name its session folder), their sockets, and
     # the local address of each of those that listens (/proc/net/tcp{,6}, state 0A).
     inodes, servers = set(), 0
     for pid in filter(str.isdigit, os.listdir("/proc")):
