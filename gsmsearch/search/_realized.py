@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ..trainer import TrialConfig
