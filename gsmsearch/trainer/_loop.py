@@ -17,6 +17,8 @@ projection (after the optimizer step, outside autocast).  fp16 scales the loss w
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import random
@@ -208,8 +210,9 @@ class TrainingLoop:
     # -- training --------------------------------------------------------------------------
     def autocast(self):
         """The context of every forward pass: autocast at the loop's precision (off for fp32)."""
-        return torch.autocast(torch.device(self.device).type, dtype=self._amp_dtype,
-                              enabled=self._amp_dtype is not None)
+        if self._amp_dtype is None:  # fp32: no autocast state to enter at every step
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self._amp_dtype)
 
     def _backward_step(self, loss: torch.Tensor) -> None:
         """Gradients of ``loss`` and the optimizer step (fp16: through the loss scaler)."""
