@@ -15,9 +15,26 @@ from .conftest import TINY_SPEC
 SLOW = {**TINY_SPEC["workload"], "epochs": 80}  # long enough that Ctrl-C lands while trials run
 
 
-def _ray_worker_pids():
+def _ray_worker_pids(driver: int):
+    """The TrialWorker processes of the driver's own Ray (its descendants: other tests running at
+    the same time have theirs)."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def descends(pid):
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == driver:
+                return True
+        return False
+
     out = subprocess.run(["pgrep", "-f", "ray::TrialWorker"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    return [pid for pid in map(int, out.stdout.split()) if descends(pid)]
 
 
 def _wait(predicate, timeout=180, interval=0.5):
@@ -46,8 +63,8 @@ def test_killed_worker_is_retried_and_the_study_completes(write_spec, tmp_path):
     try:
         # once a checkpoint exists, the trial is mid-training: kill its worker process
         ckpt_root = tmp_path / ".gsmsearch" / "tiny" / "checkpoints"
-        _wait(lambda: list(ckpt_root.glob("*/last.pt")) and _ray_worker_pids())
-        for pid in _ray_worker_pids():
+        _wait(lambda: list(ckpt_root.glob("*/last.pt")) and _ray_worker_pids(driver.pid))
+        for pid in _ray_worker_pids(driver.pid):
             os.kill(pid, signal.SIGKILL)
         assert driver.wait(300) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
