@@ -61,6 +61,9 @@ __all__ = [
     "HFCausalLM",
     "DEFAULT_PATTERNS",
     "conv1d_to_linear",
+    "load_model",
+    "rebuild_linears",
+    "checkpoint_fingerprint",
     "read_table",
     "PadCollate",
 ]
@@ -150,6 +153,48 @@ def conv1d_to_linear(model: nn.Module) -> List[str]:
         set_module(model, name, linear)
         replaced.append(name)
     return replaced
+
+
+def load_model(auto_class: str, model_dir: Path, config, load_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(model_dir)`` in float32, nothing downloaded, with
+    ``Conv1D`` layers as ``nn.Linear`` (:func:`conv1d_to_linear`); on the meta device (a spec's
+    checks) built from ``config`` alone, no weights read."""
+    transformers = importlib.import_module("transformers")
+    auto = getattr(transformers, auto_class)
+    with _quiet(transformers):
+        if torch.get_default_device().type == "meta":
+            model = auto.from_config(config, dtype=torch.float32)
+        else:
+            model = auto.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32,
+                                         **(load_kwargs or {}))
+    conv1d_to_linear(model)
+    return model
+
+
+def rebuild_linears(model: nn.Module, patterns: Sequence[str], linear_factory: LinearFactory) -> None:
+    """Rebuild each ``nn.Linear`` matching ``patterns`` with ``linear_factory``, in place, copying the
+    checkpoint's weights where the new layer has an ``nn.Linear``-shaped weight (as the built-ins do)."""
+    from ..structured import matching_linears, set_module
+
+    for name, linear in matching_linears(model, list(patterns), ()):
+        layer = linear_factory(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+        with torch.no_grad():
+            if isinstance(weight, torch.Tensor) and weight.shape == linear.weight.shape:
+                weight.copy_(linear.weight)
+                if isinstance(bias, torch.Tensor) and linear.bias is not None and bias.shape == linear.bias.shape:
+                    bias.copy_(linear.bias)
+        set_module(model, name, layer)
+
+
+def checkpoint_fingerprint(model_dir: Path) -> str:
+    """Of a checkpoint folder's files (config, weights: name, size, modification time): keys the
+    dense-model cache, so a checkpoint written again at the same path is not confused with the old one."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
@@ -416,13 +461,7 @@ class _HFWorkload(Workload):
         return 0
 
     def _fingerprint(self) -> str:
-        """Of the checkpoint files (config, weights: name, size, modification time): keys the
-        dense-model cache, so a checkpoint written again at the same path is not confused with the old one."""
-        digest = hashlib.sha256((self.model_dir / "config.json").read_bytes())
-        for path in sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin")):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return digest.hexdigest()[:16]
+        return checkpoint_fingerprint(self.model_dir)
 
     def _load_kwargs(self) -> Dict[str, Any]:
         return {}
@@ -439,28 +478,11 @@ class _HFWorkload(Workload):
         meta device (a spec's checks) built from the config alone, no weights read.  With
         ``linear_factory``, each candidate layer is then rebuilt by it, with the checkpoint's
         weights where the new layer has an ``nn.Linear``-shaped weight (as the built-ins do)."""
-        auto = getattr(self.transformers, self.auto_class)
-        with _quiet(self.transformers):
-            if torch.get_default_device().type == "meta":
-                model = auto.from_config(self._model_config(), dtype=torch.float32)
-            else:
-                model = auto.from_pretrained(str(self.model_dir), local_files_only=True, dtype=torch.float32,
-                                             **self._load_kwargs())
-        conv1d_to_linear(model)
+        model = load_model(self.auto_class, self.model_dir, self._model_config(), self._load_kwargs())
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = self.pad_id  # GPT-2/Llama classification finds the last token by it
         if linear_factory is not None:
-            from ..structured import matching_linears, set_module
-
-            for name, linear in matching_linears(model, list(self.candidate_patterns), ()):
-                layer = linear_factory(linear.in_features, linear.out_features, bias=linear.bias is not None)
-                weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
-                with torch.no_grad():
-                    if isinstance(weight, torch.Tensor) and weight.shape == linear.weight.shape:
-                        weight.copy_(linear.weight)
-                        if isinstance(bias, torch.Tensor) and linear.bias is not None and bias.shape == linear.bias.shape:
-                            bias.copy_(linear.bias)
-                set_module(model, name, layer)
+            rebuild_linears(model, self.candidate_patterns, linear_factory)
         return model
 
     @property

@@ -11,10 +11,13 @@ is only recorded.
 
 Metrics: ``perplexity`` = exp(mean next-token NLL over every predicted token), ``loss`` = that
 mean NLL, and ``quality`` = ``-perplexity`` (higher is better, as every workload's quality).
-Runs on our own GPT-2 implementation (:mod:`._gpt2`); ``transformers`` is not needed.
+The model is ``transformers``' own ``GPT2LMHeadModel`` loaded from the folder as it is (extra
+``gsmsearch[hf]``), with its ``Conv1D`` layers as ``nn.Linear`` (:func:`._hf.conv1d_to_linear`),
+so any GPT-2 checkpoint in Hugging Face layout, the user's own fine-tuned one included, loads.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Union
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ._gpt2 import GPT2Config, load_gpt2
+from ._hf import checkpoint_fingerprint, load_model, rebuild_linears, require
 from ._registry import (
     MissingFiles,
     DataSplits, Workload, attention_flops, check_positive_int, move_to_device, record_options,
@@ -77,14 +80,19 @@ class GPT2WikiText(Workload):
         self.checkpoint_dir = Path(checkpoint_dir)
         if not (self.checkpoint_dir / "config.json").is_file() or not (self.checkpoint_dir / "model.safetensors").is_file():
             raise MissingFiles(f"checkpoint_dir {str(self.checkpoint_dir)!r} must hold config.json and model.safetensors")
-        self.config = GPT2Config.from_json(self.checkpoint_dir / "config.json")
+        transformers = require("transformers", "gpt2-wikitext")
+        model_type = json.loads((self.checkpoint_dir / "config.json").read_text()).get("model_type")
+        if model_type != "gpt2":
+            raise ValueError(f"checkpoint_dir {str(self.checkpoint_dir)!r} holds a {model_type!r} model, not GPT-2 "
+                             f"(other causal language models: the workload hf-causal-lm)")
+        self.config = transformers.GPT2Config.from_pretrained(str(self.checkpoint_dir), local_files_only=True)
         self.context_length = check_positive_int("context_length", context_length)
         if self.context_length > self.config.n_positions:
             raise ValueError(f"context_length {context_length} exceeds the model's n_positions={self.config.n_positions}")
         record_options(
             self,
             {"data_dir": str(self.data_dir), "checkpoint_dir": str(self.checkpoint_dir),
-             "context_length": self.context_length},
+             "context_length": self.context_length, "checkpoint": checkpoint_fingerprint(self.checkpoint_dir)},
         )
 
     def load_data(self, seed: int = 0) -> DataSplits:
@@ -103,11 +111,14 @@ class GPT2WikiText(Workload):
         generator = torch.Generator().manual_seed(seed)
         return (torch.randint(0, self.config.vocab_size, (batch_size, self.context_length), generator=generator),)
 
-    def build_model(self, linear_factory=nn.Linear) -> nn.Module:
-        return load_gpt2(self.checkpoint_dir, linear_factory=linear_factory)
+    def build_model(self, linear_factory=None) -> nn.Module:
+        model = load_model("GPT2LMHeadModel", self.checkpoint_dir, self.config)
+        if linear_factory is not None:
+            rebuild_linears(model, self.candidate_patterns, linear_factory)
+        return model
 
     def forward(self, model, batch):
-        return model(batch[0])  # (B, T, vocab)
+        return model(input_ids=batch[0]).logits  # (B, T, vocab)
 
     def loss(self, model_output, batch):
         # predict token t+1 from tokens <= t

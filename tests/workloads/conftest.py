@@ -36,7 +36,7 @@ def wikitext_gpt2(tmp_path_factory):
     """(data_dir, checkpoint_dir): WikiText-style files and a tiny random GPT-2 in HF layout."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from gsmsearch.workloads._gpt2 import GPT2Config, GPT2LMHeadModel, save_gpt2
+    import transformers
 
     data_dir = tmp_path_factory.mktemp("wikitext")
     for name, repeat in (("wiki.train.tokens", 4), ("wiki.valid.tokens", 2), ("wiki.test.tokens", 2)):
@@ -51,8 +51,9 @@ def wikitext_gpt2(tmp_path_factory):
     )
     tokenizer.save(str(checkpoint_dir / "tokenizer.json"))
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2, n_head=2)
-    save_gpt2(GPT2LMHeadModel(config), checkpoint_dir)
+    config = transformers.GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(checkpoint_dir)
     return data_dir, checkpoint_dir
 
 

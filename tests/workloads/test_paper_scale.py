@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gsmsearch.workloads import get_workload
-from gsmsearch.workloads._gpt2 import load_gpt2
 from gsmsearch.workloads._vit import vit_b16_config, VisionTransformer
 
 
@@ -61,23 +60,52 @@ def test_gpt2_perplexity_metric(workload_options):
     assert metrics["perplexity"] == pytest.approx(workload.config.vocab_size, rel=0.3)
 
 
-def test_gpt2_is_causal(wikitext_gpt2):
-    _, checkpoint_dir = wikitext_gpt2
-    model = load_gpt2(checkpoint_dir).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+def test_gpt2_is_causal(workload_options):
+    workload = get_workload("gpt2-wikitext", **workload_options["gpt2-wikitext"])
+    model = workload.build_model().eval()
+    vocab = workload.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 10))
     changed = ids.clone()
-    changed[0, 7:] = (changed[0, 7:] + 1) % model.config.vocab_size
-    assert torch.allclose(model(ids)[0, :7], model(changed)[0, :7], atol=1e-6)
-    assert not torch.allclose(model(ids)[0, 7:], model(changed)[0, 7:])
-
-
-def test_gpt2_matches_transformers_reference(wikitext_gpt2):
-    transformers = pytest.importorskip(
-        "transformers", reason="reference check needs the optional transformers package (gsmsearch[gpt2])"
-    )
-    _, checkpoint_dir = wikitext_gpt2
-    ours = load_gpt2(checkpoint_dir).eval()
-    reference = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir)).eval()
-    ids = torch.randint(0, ours.config.vocab_size, (2, 12))
+    changed[0, 7:] = (changed[0, 7:] + 1) % vocab
     with torch.no_grad():
-        assert torch.allclose(ours(ids), reference(ids).logits, atol=1e-4)
+        logits, other = workload.forward(model, (ids,)), workload.forward(model, (changed,))
+    assert torch.allclose(logits[0, :7], other[0, :7], atol=1e-6)
+    assert not torch.allclose(logits[0, 7:], other[0, 7:])
+
+
+def test_a_users_own_gpt2_checkpoint_loads_as_is(wikitext_gpt2, tmp_path):
+    """A GPT-2 changed and saved by the user with transformers (here: every weight moved) is what
+    the workload runs: its logits are those of transformers' own model read from the folder, its
+    Conv1D layers now nn.Linear, and the tied LM head stays tied to the token embedding."""
+    import transformers
+
+    data_dir, checkpoint_dir = wikitext_gpt2
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint_dir))
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    theirs.save_pretrained(tmp_path / "fine-tuned")
+    (tmp_path / "fine-tuned" / "tokenizer.json").write_bytes((checkpoint_dir / "tokenizer.json").read_bytes())
+    workload = get_workload("gpt2-wikitext", data_dir=data_dir, checkpoint_dir=tmp_path / "fine-tuned",
+                            context_length=16)
+    ours = workload.build_model().eval()
+    theirs.eval()
+    assert isinstance(ours.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    ids = torch.randint(0, workload.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        # float32, the same operations up to the transposed matmul: equal to rounding
+        torch.testing.assert_close(workload.forward(ours, (ids,)), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_wikitext_refuses_another_model_type(wikitext_gpt2, tmp_path):
+    import json
+
+    data_dir, checkpoint_dir = wikitext_gpt2
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes((checkpoint_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="holds a 'llama' model, not GPT-2.*hf-causal-lm"):
+        get_workload("gpt2-wikitext", data_dir=data_dir, checkpoint_dir=folder)
