@@ -1179,8 +1179,7 @@ class Driver:
         for number in sorted(running_now & set(self.asked)):
             trial = self.asked[number]
             self.record_failure(trial, trial.params.get("family", "?"), reason, final=False)
-        print(f"[{self.spec.name}] stopped; continue with: gsmsearch launch {self.spec_path} --resume",
-              file=self.out)
+        print(f"[{self.spec.name}] stopped; continue with: {resume_command(self.spec_path)}", file=self.out)
 
     def abandon(self) -> None:
         """Stop every worker and write nothing more (the database is away, or another driver
@@ -1229,6 +1228,14 @@ def _kill(worker) -> None:
         ray.kill(worker)
     except Exception:  # noqa: BLE001 - already dead
         pass
+
+
+def resume_command(label) -> str:
+    """How to continue a study launched from ``label``: a spec file's path (the CLI command), or
+    ``"<dict spec>"`` / ``"<StudySpec>"`` (:func:`resolve_spec`: the Python call)."""
+    if str(label) in ("<dict spec>", "<StudySpec>"):
+        return "gsmsearch.launch(spec, resume=True) with the same spec"
+    return f"gsmsearch launch {label} --resume"
 
 
 def resolve_spec(spec: Union[str, Path, Dict[str, Any], StudySpec], *,
@@ -1316,8 +1323,7 @@ def launch(
         return driver.summarize()
     except DatabaseUnreachable as error:
         error.storage = redact(url)
-        error.resume = (f"gsmsearch launch {label} --resume" if isinstance(label, (str, Path))
-                        else "launch(spec, resume=True)")
+        error.resume = resume_command(label)
         raise
     finally:
         driver.interrupt.restore()

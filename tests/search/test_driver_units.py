@@ -9,7 +9,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from gsmsearch.search._launch import DUPLICATES_IN_A_ROW, RESULT_SCALARS, Driver, _requeue_unfinished
+from gsmsearch.search._launch import (DUPLICATES_IN_A_ROW, RESULT_SCALARS, Driver, _requeue_unfinished, resume_command,
+                                      study_paths)
 from gsmsearch.search._space import family_configurations
 from gsmsearch.search._spec import SpecError, spec_from_dict
 
@@ -376,8 +377,21 @@ def test_interrupted_records_running_and_asked_but_unsubmitted_trials_as_not_fin
     for t in trials:
         assert t.user_attrs["failure_reason"].startswith("interrupted (Ctrl-C)") and t.user_attrs["final"] is False
     assert driver.summary.interrupted
-    assert "stopped; continue with: gsmsearch launch" in driver.out.getvalue()
+    assert f"stopped; continue with: gsmsearch launch {tmp_path / 'study.yaml'} --resume" in driver.out.getvalue()
     assert _requeue_unfinished(driver.study) == 2
+
+
+@pytest.mark.parametrize("label", ["<dict spec>", "<StudySpec>"])
+def test_a_study_launched_from_python_is_continued_from_python(tmp_path, label):
+    """No spec file to name: the hint is the Python call (resolve_spec's labels)."""
+    driver = Driver(spec_from_dict(TINY_SPEC), label, paths=study_paths(spec_from_dict(TINY_SPEC), tmp_path / "s.yaml"),
+                    out=io.StringIO(), status_interval=1e9, make_worker=FakeWorkers())
+    driver.open(f"sqlite:///{tmp_path / 'tiny.db'}")
+    driver.fill()
+    driver.interrupted()
+    assert driver.out.getvalue().rstrip().endswith(
+        "stopped; continue with: gsmsearch.launch(spec, resume=True) with the same spec")
+    assert resume_command(label) == "gsmsearch.launch(spec, resume=True) with the same spec"
 
 
 def test_heartbeat_marks_the_study_and_shutdown_clears_it(tmp_path):
