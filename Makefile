@@ -14,7 +14,7 @@ quickstart: setup
 test:
 	scripts/setup.sh --test
 	scripts/test-services.sh
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
+	$(PY) -m pytest -q --durations=15 --numprocesses=2 --dist=loadfile
 
 bench: setup
 	$(PY) -m bench --threads 1 --out bench/results/cpu-1thread.json

@@ -40,7 +40,8 @@ def postgres_server():
                    check=True, capture_output=True)
     port = _free_port()
     ctl = as_postgres + [_pg_bin("pg_ctl"), "-D", str(data)]
-    subprocess.run(ctl + ["-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {sock}", "-l",
+    # max_connections: several drivers and their workers at once in one test (the default is 100)
+    subprocess.run(ctl + ["-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c max_connections=300", "-l",
                           str(root / "log"), "-w", "start"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     server = {"port": port, "ctl": ctl, "data": data, "sock": sock, "root": root,

@@ -4,6 +4,7 @@ slurmd on this machine, see slurm_cluster.py), each job starting its own Ray ins
 jobs at once on the node (the slow parts overlap): one is cancelled mid-study and submitted
 again, the other reaches its time limit mid-study and requeues itself; both studies complete
 with nothing lost and both jobs write their reports."""
+import functools
 import os
 import re
 import sys
@@ -54,8 +55,16 @@ def _log(spec: Path, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+@functools.lru_cache(maxsize=None)
+def _storage(url: str):
+    """One storage (one connection pool) per database for the whole test: the loop below reads
+    twice a second, and a storage per read would leave its pooled connections open until the
+    garbage collector runs, past the server's max_connections."""
+    return optuna.storages.RDBStorage(url)
+
+
 def _trials(storage: str, name: str):
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    return optuna.load_study(study_name=name, storage=_storage(storage)).get_trials(deepcopy=False)
 
 
 def _assert_complete(storage, name, trials_wanted, finished_before):
