@@ -162,6 +162,14 @@ def render(paths: Sequence[str], rows: str = "budget", labels: Optional[Sequence
            dense_column: bool = False, workload: Optional[str] = None) -> Tuple[str, List[Lead]]:
     """The markdown table and lead lines for the given grid files, and the leads themselves."""
     loaded = [json.loads(Path(p).read_text()) for p in paths]
+    names = list(labels) if labels else [Path(p).stem for p in paths]
+    return render_grids(loaded, names, rows=rows, dense_column=dense_column, workload=workload)
+
+
+def render_grids(loaded: Sequence[Dict[str, Any]], names: Sequence[str], rows: str = "budget",
+                 dense_column: bool = False, workload: Optional[str] = None) -> Tuple[str, List[Lead]]:
+    """:func:`render` of grids already read (``{"trials": [...]}`` each; ``names``: their row
+    labels with ``rows="file"``)."""
     all_records = [r for d in loaded for r in d.get("trials", [])]
     percent = is_percent(all_records)
     scale, digits = (100.0, 2) if percent else (1.0, 4)
@@ -172,7 +180,6 @@ def render(paths: Sequence[str], rows: str = "budget", labels: Optional[Sequence
         families = ["dense", *families]
     table: Dict[str, Dict[str, Cell]] = {}
     if rows == "file":
-        names = list(labels) if labels else [Path(p).stem for p in paths]
         for name, file_cells in zip(names, per_file):
             row = {f: c for (f, _), c in file_cells.items()}
             table[name] = {f: row[f] for f in families if f in row}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -136,23 +135,11 @@ def _mean_std(values: List[float]) -> tuple:
     return mean, std
 
 
-def _se_diff(a: List[float], b: List[float]) -> float:
-    if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    return math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-
-
-def _cell(records: List[Dict[str, Any]]) -> str:
-    ok = [r for r in records if "error" not in r]
-    failed = len(records) - len(ok)
-    if not ok:
-        return f"failed ({failed})" if failed else "-"
-    mean, std = _mean_std([100 * _test(r) for r in ok])
-    flops = statistics.fmean(r["structured_relative_flops"] for r in ok)
-    text = f"{mean:.2f} ± {std:.2f} (f={flops:.3f})"
-    if failed:
-        text += f" [{failed} failed]"
-    return text
+def _val_test(records) -> str:
+    """Validation and test accuracy (%) of ``records``: mean ± sample std, and each seed's test."""
+    val, test = _mean_std([100 * r["val_quality"] for r in records]), _mean_std([100 * _test(r) for r in records])
+    return (f"validation {val[0]:.2f} ± {val[1]:.2f}, test {test[0]:.2f} ± {test[1]:.2f} "
+            f"(test per seed: {_per_seed(records)})")
 
 
 def _per_seed(records) -> str:
@@ -161,8 +148,6 @@ def _per_seed(records) -> str:
 
 # -- report --------------------------------------------------------------------------------------
 def render(meta: Dict[str, Any], records: List[Dict[str, Any]], dense_start: List[Dict[str, Any]]) -> str:
-    families = meta["families"]
-    budgets = meta["budgets"]
     lines = [
         f"# Structured-family grid: {meta['workload']} ({meta['mode']})",
         "",
@@ -173,7 +158,7 @@ def render(meta: Dict[str, Any], records: List[Dict[str, Any]], dense_start: Lis
         f"- mode: {meta['mode']}; epochs: {meta['epochs']} (all trials, dense included); dtype: float32; "
         f"device: cpu",
         f"- seeds: {' '.join(map(str, meta['seeds']))} (cells: mean ± sample std over seeds, "
-        f"test accuracy in %; f = achieved structured relative FLOPs, mean)",
+        f"accuracy in %)",
         f"- overrides: {json.dumps(meta['overrides']) if meta['overrides'] else 'none (TrialConfig defaults)'}",
         f"- dense overrides: {json.dumps(meta['dense_overrides']) if meta.get('dense_overrides') else 'none'}",
         f"- split sizes (seed {meta['seeds'][0]}): {meta.get('split_sizes', '?')}; one test example = "
@@ -185,67 +170,18 @@ def render(meta: Dict[str, Any], records: List[Dict[str, Any]], dense_start: Lis
     ]
     dense = [r for r in records if r["config"]["family"] == "dense"]
     dense_ok = [r for r in dense if "error" not in r]
-    dense_mean, dense_std = _mean_std([100 * _test(r) for r in dense_ok])
     if dense:
-        lines.append(
-            f"**dense** ({meta['epochs']} more epochs from the pre-trained dense model in finetune "
-            f"mode; from scratch in scratch mode): test {dense_mean:.2f} ± {dense_std:.2f} "
-            f"(per seed: {_per_seed(dense_ok)})"
-            if meta["mode"] == "finetune" else
-            f"**dense** (scratch, {meta['epochs']} epochs): test {dense_mean:.2f} ± {dense_std:.2f} "
-            f"(per seed: {_per_seed(dense_ok)})"
-        )
+        what = (f"{meta['epochs']} more epochs from the pre-trained dense model" if meta["mode"] == "finetune"
+                else f"scratch, {meta['epochs']} epochs")
+        lines.append(f"**dense** ({what}): {_val_test(dense_ok)}")
     if dense_start:
-        m, s = _mean_std([100 * _test(d) for d in dense_start])
-        lines.append(
-            f"\n**dense pre-trained** (the cached fine-tune start point, workload default recipe): "
-            f"test {m:.2f} ± {s:.2f} (per seed: {_per_seed(dense_start)})"
-        )
-    lines += ["", "Test accuracy (%):", ""]
-    lines.append("| budget | " + " | ".join(families) + " |")
-    lines.append("|---|" + "---|" * len(families))
-    by = {}
-    for r in records:
-        by.setdefault((r["config"]["family"], float(r["config"]["budget"])), []).append(r)
-    for budget in budgets:
-        cells = [_cell(by.get((family, float(budget)), [])) for family in families]
-        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
-    lines += ["", "Validation accuracy (%), mean ± std:", ""]
-    lines.append("| budget | " + " | ".join(families) + " |")
-    lines.append("|---|" + "---|" * len(families))
-    for budget in budgets:
-        cells = []
-        for family in families:
-            ok = [r for r in by.get((family, float(budget)), []) if "error" not in r]
-            m, s = _mean_std([100 * r["val_quality"] for r in ok])
-            cells.append(f"{m:.2f} ± {s:.2f}" if ok else "-")
-        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
-    lines += ["", "Per budget (by mean test accuracy; ± = standard error of the difference of means, "
-              "sqrt(s1^2/n1 + s2^2/n2); the best hand-crafted family is the max of several noisy "
-              "means, so it is biased upwards):", ""]
-    for budget in budgets:
-        means = {}
-        for family in families:
-            ok = [r for r in by.get((family, float(budget)), []) if "error" not in r]
-            if ok:
-                means[family] = statistics.fmean(100 * _test(r) for r in ok)
-        if not means:
-            continue
-        hand = {f: m for f, m in means.items() if f != "gblr"}
-        text = f"- budget {budget}: best overall {max(means, key=means.get)} ({max(means.values()):.2f})"
-        if hand:
-            best = max(hand, key=hand.get)
-            text += f"; best hand-crafted {best} ({hand[best]:.2f})"
-        if "gblr" in means:
-            text += f"; gblr {means['gblr']:.2f}"
-            gblr_q = [100 * _test(r) for r in by.get(("gblr", float(budget)), []) if "error" not in r]
-            if hand:
-                best_q = [100 * _test(r) for r in by.get((best, float(budget)), []) if "error" not in r]
-                text += f" = {means['gblr'] - hand[best]:+.2f} ± {_se_diff(gblr_q, best_q):.2f} pts vs {best}"
-            if dense_ok:
-                dense_q = [100 * _test(r) for r in dense_ok]
-                text += f", {means['gblr'] - dense_mean:+.2f} ± {_se_diff(gblr_q, dense_q):.2f} pts vs dense"
-        lines.append(text)
+        lines.append(f"\n**dense pre-trained** (the cached fine-tune start point, workload default recipe): "
+                     f"{_val_test(dense_start)}")
+    from bench.accuracy_tables import render_grids  # it reads this module's helpers
+
+    table, _ = render_grids([{"trials": records}], [meta["workload"]])
+    lines += ["", "Accuracy (%): validation (test in brackets), mean ± sample std over seeds; each row's "
+              "leader chosen on validation, bold; below, its margin over the runner-up:", "", table.rstrip()]
     over = [
         f"{r['config']['family']}@{r['config']['budget']} s{r['config']['seed']}: "
         f"f={r['structured_relative_flops']:.3f}"
@@ -263,36 +199,6 @@ def render(meta: Dict[str, Any], records: List[Dict[str, Any]], dense_start: Lis
                 f"- {r['config']['family']}@{r['config']['budget']} seed {r['config']['seed']}: "
                 f"{r['error'].splitlines()[0]}"
             )
-    if dense_ok:
-        lines += ["", "Issue-3 targets:", ""]
-        if meta["workload"] == "digits-mlp":
-            lines.append(f"- dense test >= 97.00: {dense_mean:.2f} -> {'met' if dense_mean >= 97 else 'NOT met'}")
-        for budget in budgets:
-            ok = [r for r in by.get(("gblr", float(budget)), []) if "error" not in r]
-            if not ok:
-                continue
-            m = statistics.fmean(100 * _test(r) for r in ok)
-            if float(budget) <= 0.3:
-                lines.append(
-                    f"- gblr@{budget} within 1.5 pts of dense: {m - dense_mean:+.2f} -> "
-                    f"{'met' if m >= dense_mean - 1.5 else 'NOT met'}"
-                )
-        for budget in budgets:
-            hand = {}
-            for family in families:
-                if family == "gblr":
-                    continue
-                ok = [r for r in by.get((family, float(budget)), []) if "error" not in r]
-                if ok:
-                    hand[family] = statistics.fmean(100 * _test(r) for r in ok)
-            ok = [r for r in by.get(("gblr", float(budget)), []) if "error" not in r]
-            if hand and ok:
-                m = statistics.fmean(100 * _test(r) for r in ok)
-                best = max(hand, key=hand.get)
-                lines.append(
-                    f"- gblr@{budget} >= best hand-crafted ({best} {hand[best]:.2f}): {m:.2f} -> "
-                    f"{'met' if m >= hand[best] else 'NOT met'}"
-                )
     return "\n".join(lines) + "\n"
 
 
