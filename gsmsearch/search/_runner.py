@@ -310,10 +310,10 @@ def make_worker(cpus: float, gpus: float, *, workers: int = 1, placement: str = 
                     outcome["ranks"] = group.finish()
             except TrialStopped:
                 outcome = {"ok": False}
-            except TrialError:  # the stop, as execute_trial reports any exception; else a failure
+            except TrialError as error:  # the stop, as execute_trial reports any exception; else a failure
                 if self._stopped_at is None:
                     if group is not None:
-                        group.raise_failure()  # another rank's failure, where one caused this one
+                        group.raise_failure(error.reason)  # another rank's failure, where it caused this one
                     raise
                 outcome = {"ok": False}
             finally:
@@ -534,21 +534,23 @@ class _RankGroup:
             outcomes.append({k: outcome.get(k) for k in ("rank", "digests", "pid", "node")})
         return [{"rank": 0, "digests": list(self.lead.epoch_digests), "pid": os.getpid()}] + outcomes
 
-    def raise_failure(self) -> None:
-        """Rank 0's attempt failed: raise instead the death of another rank's process (a
-        :class:`TrialError`) where one died, seen within a few seconds -- rank 0's own error
-        (a closed connection) is then its consequence.  Another rank's exception is not raised:
-        it may as well be the consequence of rank 0's."""
+    def raise_failure(self, own: str) -> None:
+        """Rank 0's attempt failed with ``own``: raise instead another rank's failure (a
+        :class:`TrialError` naming the rank), seen within a few seconds, where it is the cause:
+        that rank's process died, or rank 0's own error is a failed collective (the other rank
+        left the process group by failing).  Otherwise rank 0's error stands: another rank's
+        exception may then be its consequence."""
         import ray
 
+        collective = any(word in own for word in ("Connection closed", "Connection reset", "gloo", "NCCL",
+                                                  "DistBackendError", "DistNetworkError"))
         ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=5.0)
         for ref in ready:
             try:
                 ray.get(ref)
             except Exception as error:  # noqa: BLE001 - the cause, where the process died
-                reason = self._failure(self.refs.index(ref), error)
-                if describe_failure(error).startswith("worker died"):
-                    raise TrialError(reason) from None
+                if collective or describe_failure(error).startswith("worker died"):
+                    raise TrialError(self._failure(self.refs.index(ref), error)) from None
 
     def close(self, wait: float = 30.0) -> None:
         """Rank 0's attempt has ended: wait (up to ``wait`` seconds) for the other ranks' calls
