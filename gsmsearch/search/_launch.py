@@ -510,7 +510,8 @@ class Driver:
         self.paths = paths if paths is not None else study_paths(spec, Path(spec_path))
         self.out = out if out is not None else sys.stderr
         self.device = device or ("cuda" if spec.resources.gpus_per_trial > 0 else "cpu")
-        self.make_worker = make_worker  # (cpus, gpus) -> a worker actor; _runner.make_worker
+        # (cpus, gpus[, workers=, placement=]) -> a worker actor or group; _runner.make_worker
+        self.make_worker = make_worker
         self.summary = LaunchSummary(study_name=spec.name, storage=storage_label)
         self.display = _Display(self.out, spec.trials, status_interval)
         self.study = None
@@ -801,8 +802,10 @@ class Driver:
         (:meth:`placed`), and an idle worker takes the trial over meanwhile (:meth:`reassign`)."""
         resources = self.spec.resources
         reused = bool(self.idle)
+        # workers_per_trial > 1: a group of workers in one placement group (``_runner.WorkerGroup``)
         worker = self.idle.pop() if reused else self.make_worker(resources.cpus_per_trial,
-                                                                 resources.gpus_per_trial)
+                                                                 resources.gpus_per_trial,
+                                                                 **resources.worker_options())
         # ``info`` answers as soon as the worker is placed on a node
         placed = None if reused else worker.info.remote()
         token = f"{trial.number}/{attempt}"
@@ -1222,12 +1225,9 @@ class Driver:
 
 
 def _kill(worker) -> None:
-    import ray
+    from ._runner import kill_worker
 
-    try:
-        ray.kill(worker)
-    except Exception:  # noqa: BLE001 - already dead
-        pass
+    kill_worker(worker)  # a worker actor, or every rank of a data-parallel trial
 
 
 def resume_command(label) -> str:

@@ -8,16 +8,29 @@ A workload given as ``path/to/file.py:ClassName`` reaches the workers as text: t
 file when it validated the spec, and passes every such file to each worker it creates, which runs
 that text (``workloads._plugins``: ``shipped_files`` / ``receive_files``).  No shared filesystem
 and no runtime environment are needed for it.
+
+A data-parallel trial (``resources.workers_per_trial`` N > 1) runs on a :class:`WorkerGroup`: N
+worker actors in one Ray placement group (one bundle per worker, PACK or SPREAD), which the
+driver holds, places, reuses and kills as it does one worker.  Rank 0 is the worker the driver
+talks to: its ``run`` starts the other ranks (``run_rank``), trains as rank 0, reports the epochs
+and returns the trial's one result (``trainer._distributed`` for the training).  A rank that
+fails fails the attempt: rank 0 reports it (``rank R of N: reason``), or, where rank 0 is left
+waiting on the dead rank, it ends its own process, which the driver sees as a dead worker; the
+driver retries the trial on a new group from its last checkpoint, as for any failed attempt.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ["start_ray", "check_resources", "make_worker", "execute_trial", "TrialError", "describe_exception",
-           "describe_failure"]
+           "describe_failure", "WorkerGroup", "kill_worker"]
+
+#: seconds rank 0 waits, once another rank of its trial has failed, for its own attempt to end
+#: (a collective fails at once where the dead rank's connection closes) before it ends its process
+RANK_FAILURE_GRACE_SECONDS = 20.0
 
 
 def start_ray(address: Optional[str], *, num_cpus: Optional[int] = None) -> str:
@@ -145,7 +158,7 @@ def _final_errors():
 
 
 def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
-                  structure_path: Optional[str] = None) -> Dict[str, Any]:
+                  structure_path: Optional[str] = None, parallel=None) -> Dict[str, Any]:
     """Run one trial in this process.  Returns {"ok": True, "result": ...}, or
     {"ok": False, "reason": ..., "final": True} for a trial that can never succeed as configured
     (:class:`TrialFailed`, e.g. a diverging loss; ``BudgetTooSmall``, a budget below the
@@ -153,17 +166,24 @@ def execute_trial(config: Dict[str, Any], checkpoint_dir: str, cache_dir: str,
     is raised as a :class:`TrialError` carrying only its one-line description (type, message,
     ``file:line in function`` of the deepest frame in gsmsearch or the user's code), never the
     exception itself: an exception that does not pickle cannot reach the driver; the driver
-    retries a trial that raised it (``retries``), then records it FAIL for good."""
+    retries a trial that raised it (``retries``), then records it FAIL for good.
+
+    ``parallel``: this process's rank in a data-parallel trial (``trainer._distributed``); a
+    rank other than 0 returns {"ok": True, "result": None} when its training ends, or
+    {"ok": False, "stopped": True} where rank 0 stopped the trial."""
     import json
     import time
 
     from ..trainer import TrialConfig, TrialFailed, run_trial
+    from ..trainer._distributed import RankStopped
 
     started = time.time()
     try:
         result = run_trial(TrialConfig.from_dict(config), checkpoint_dir=checkpoint_dir,
-                           cache_dir=cache_dir, structure_path=structure_path)
-        result = result.to_dict()
+                           cache_dir=cache_dir, structure_path=structure_path, parallel=parallel)
+        result = result.to_dict() if result is not None else None
+    except RankStopped:
+        return {"ok": False, "stopped": True, "started": started, "finished": time.time()}
     except _final_errors() as failure:
         reason = failure.reason if isinstance(failure, TrialFailed) else describe_exception(failure)
         return {"ok": False, "reason": reason, "final": True, "started": started, "finished": time.time()}
@@ -228,8 +248,10 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(shown).__name__}: {lines[-1][:500] if lines else ''}".rstrip(": ")
 
 
-def make_worker(cpus: float, gpus: float):
-    """A new worker actor holding ``cpus`` CPUs and ``gpus`` (possibly fractional) GPUs."""
+def make_worker(cpus: float, gpus: float, *, workers: int = 1, placement: str = "pack"):
+    """A new worker actor holding ``cpus`` CPUs and ``gpus`` (possibly fractional) GPUs; with
+    ``workers`` > 1, a :class:`WorkerGroup` of that many actors sharing them evenly, in one
+    placement group (``placement``: pack = on as few nodes as fit, spread = over as many)."""
     import ray
 
     from ..workloads._plugins import shipped_files
@@ -258,13 +280,17 @@ def make_worker(cpus: float, gpus: float):
             self._hold, self._hold_seconds, self._released = set(), 0.0, set()  # see run()
 
         def run(self, config, checkpoint_dir, cache_dir, structure_path=None, token=None, hold_at=(),
-                hold_seconds=0.0):
+                hold_seconds=0.0, peers=(), backend="gloo"):
             """Run one trial attempt (see :func:`execute_trial`).  A stop asked by :meth:`stop`
             ends it at its next epoch boundary: the outcome is then {"ok": False, "pruned":
             True, "epochs": the last epoch trained, "curve": its epochs, "reason": ...}.  After an
             epoch in ``hold_at`` (where the driver's pruner decides) the trial waits, up to
             ``hold_seconds``, for the driver's verdict on it (:meth:`proceed` or :meth:`stop`),
-            so a trial stopped there trains no further epoch."""
+            so a trial stopped there trains no further epoch.
+
+            ``peers``: the other ranks' workers of a data-parallel trial (:class:`WorkerGroup`):
+            this worker is rank 0; it starts them on the same trial and joins them over
+            ``backend``; the outcome also lists each rank's parameter digests (``ranks``)."""
             import time
 
             from ..trainer._trial import TrialStopped, epoch_watch
@@ -275,16 +301,24 @@ def make_worker(cpus: float, gpus: float):
                 self._hold, self._hold_seconds, self._released = set(hold_at or ()), float(hold_seconds), set()
                 self._lock.notify_all()
             started = time.time()
+            group = _RankGroup(peers, backend, config, checkpoint_dir, cache_dir) if peers else None
             try:
                 with epoch_watch(self._epoch_done):
-                    outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path)
+                    outcome = execute_trial(config, checkpoint_dir, cache_dir, structure_path,
+                                            parallel=group.lead if group is not None else None)
+                if group is not None:
+                    outcome["ranks"] = group.finish()
             except TrialStopped:
                 outcome = {"ok": False}
-            except TrialError:  # the stop, as execute_trial reports any exception; else a failure
+            except TrialError as error:  # the stop, as execute_trial reports any exception; else a failure
                 if self._stopped_at is None:
+                    if group is not None:
+                        group.raise_failure(error.reason)  # another rank's failure, where it caused this one
                     raise
                 outcome = {"ok": False}
             finally:
+                if group is not None:
+                    group.close()
                 with self._lock:
                     self._token, self._ended = None, token
                     self._lock.notify_all()
@@ -294,6 +328,18 @@ def make_worker(cpus: float, gpus: float):
             context = ray.get_runtime_context()
             outcome.update(actor_id=context.get_actor_id(), node_id=context.get_node_id(),
                            host=socket.gethostname())
+            return outcome
+
+        def run_rank(self, config, checkpoint_dir, cache_dir, parallel):
+            """Rank ``parallel["rank"]`` (> 0) of a data-parallel trial whose rank 0 called this
+            (see :meth:`run`): trains its share; returns execute_trial's outcome with the
+            parameter digest after each epoch (``digests``)."""
+            from ..trainer._distributed import DataParallel
+
+            rank = DataParallel(**parallel)
+            outcome = execute_trial(config, checkpoint_dir, cache_dir, None, parallel=rank)
+            outcome.update(rank=rank.rank, digests=list(rank.epoch_digests), pid=self.pid,
+                           node=ray.get_runtime_context().get_node_id())
             return outcome
 
         def _epoch_done(self, report) -> None:
@@ -358,4 +404,166 @@ def make_worker(cpus: float, gpus: float):
             return {"pid": self.pid, "node": ray.get_runtime_context().get_node_id(),
                     "host": socket.gethostname()}
 
-    return TrialWorker.options(num_cpus=cpus, num_gpus=gpus).remote(max(1, int(cpus)), shipped_files())
+    if int(workers) <= 1:
+        return TrialWorker.options(num_cpus=cpus, num_gpus=gpus).remote(max(1, int(cpus)), shipped_files())
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = int(workers)
+    each_cpus, each_gpus = float(cpus) / n, float(gpus) / n
+    bundle = {"CPU": each_cpus, **({"GPU": each_gpus} if each_gpus > 0 else {})}
+    group = placement_group([dict(bundle) for _ in range(n)], strategy=str(placement).upper())
+    ranks = [
+        TrialWorker.options(num_cpus=each_cpus, num_gpus=each_gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=index)).remote(max(1, int(each_cpus)), shipped_files())
+        for index in range(n)
+    ]
+    # nccl where every rank holds a GPU of its own; gloo on CPUs and for ranks sharing a GPU
+    return WorkerGroup(ranks, group, backend="nccl" if each_gpus >= 1 else "gloo")
+
+
+class WorkerGroup:
+    """The workers of one data-parallel trial, seen by the driver as one worker: ``run``,
+    ``info``, ``progress``, ``stop`` and ``proceed`` go to rank 0 (``run`` with the other ranks
+    as its peers), :func:`kill_worker` ends every rank and frees the placement group.  Rank 0 is
+    placed only once the whole placement group is reserved, so its ``info`` answering means the
+    trial holds all its resources."""
+
+    def __init__(self, ranks, placement_group, backend: str) -> None:
+        self.ranks, self.placement_group, self.backend = list(ranks), placement_group, backend
+        lead = self.ranks[0]
+        self.info, self.progress, self.stop, self.proceed = lead.info, lead.progress, lead.stop, lead.proceed
+        self.run = _GroupMethod(lead, self.ranks[1:], backend)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def kill(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for rank in self.ranks:
+            try:
+                ray.kill(rank)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        try:
+            remove_placement_group(self.placement_group)
+        except Exception:  # noqa: BLE001 - already removed
+            pass
+
+
+class _GroupMethod:
+    def __init__(self, lead, peers, backend: str) -> None:
+        self.lead, self.peers, self.backend = lead, list(peers), backend
+
+    def remote(self, *args, **kwargs):
+        return self.lead.run.remote(*args, peers=self.peers, backend=self.backend, **kwargs)
+
+
+def kill_worker(worker) -> None:
+    """End a worker actor, or every rank of a :class:`WorkerGroup` (and free its placement group)."""
+    import ray
+
+    if isinstance(worker, WorkerGroup):
+        worker.kill()
+        return
+    try:
+        ray.kill(worker)
+    except Exception:  # noqa: BLE001 - already dead
+        pass
+
+
+class _RankGroup:
+    """Rank 0's side of a data-parallel attempt (in :meth:`TrialWorker.run`): it starts the other
+    ranks on a rendezvous address of this node, watches them and collects their outcomes."""
+
+    def __init__(self, peers, backend, config, checkpoint_dir, cache_dir) -> None:
+        import threading
+
+        import ray
+
+        from ..trainer._distributed import DataParallel
+
+        address = ray.util.get_node_ip_address()
+        world = len(peers) + 1
+        port = _free_port(address)
+        self.lead = DataParallel(rank=0, world_size=world, master_addr=address, master_port=port, backend=backend)
+        self.refs = [peer.run_rank.remote(config, checkpoint_dir, cache_dir,
+                                          DataParallel(rank=index + 1, world_size=world, master_addr=address,
+                                                       master_port=port, backend=backend).to_dict())
+                     for index, peer in enumerate(peers)]
+        self.failed: Optional[str] = None
+        self._done = threading.Event()
+        self._watch = threading.Thread(target=self._watch_ranks, daemon=True)
+        self._watch.start()
+
+    def _failure(self, index: int, error: BaseException) -> str:
+        return f"rank {index + 1} of {len(self.refs) + 1}: {describe_failure(error)}"
+
+    def _watch_ranks(self) -> None:
+        """Notes the first rank that fails; where rank 0's attempt has not ended
+        :data:`RANK_FAILURE_GRACE_SECONDS` later (it waits on the dead rank), ends this process."""
+        import ray
+
+        pending = list(self.refs)
+        while pending and not self._done.is_set():
+            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as error:  # noqa: BLE001 - a failed rank
+                    self.failed = self.failed or self._failure(self.refs.index(ref), error)
+            if self.failed is not None:
+                if not self._done.wait(RANK_FAILURE_GRACE_SECONDS):
+                    os._exit(1)  # the driver sees a dead worker and retries the trial
+                return
+
+    def finish(self) -> List[Dict[str, Any]]:
+        """Every other rank's outcome (rank, digests, ...) once rank 0's attempt has ended;
+        raises :class:`TrialError` for a rank that failed."""
+        import ray
+
+        outcomes = []
+        for index, ref in enumerate(self.refs):
+            try:
+                outcome = ray.get(ref)
+            except Exception as error:  # noqa: BLE001 - the attempt fails with it
+                raise TrialError(self._failure(index, error)) from None
+            outcomes.append({k: outcome.get(k) for k in ("rank", "digests", "pid", "node")})
+        return [{"rank": 0, "digests": list(self.lead.epoch_digests), "pid": os.getpid()}] + outcomes
+
+    def raise_failure(self, own: str) -> None:
+        """Rank 0's attempt failed with ``own``: raise instead another rank's failure (a
+        :class:`TrialError` naming the rank), seen within a few seconds, where it is the cause:
+        that rank's process died, or rank 0's own error is a failed collective (the other rank
+        left the process group by failing).  Otherwise rank 0's error stands: another rank's
+        exception may then be its consequence."""
+        import ray
+
+        collective = any(word in own for word in ("Connection closed", "Connection reset", "gloo", "NCCL",
+                                                  "DistBackendError", "DistNetworkError"))
+        ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=5.0)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as error:  # noqa: BLE001 - the cause, where the process died
+                if collective or describe_failure(error).startswith("worker died"):
+                    raise TrialError(self._failure(self.refs.index(ref), error)) from None
+
+    def close(self, wait: float = 30.0) -> None:
+        """Rank 0's attempt has ended: wait (up to ``wait`` seconds) for the other ranks' calls
+        to end too, so that the group's next trial starts on workers that have left this one's
+        process group."""
+        import ray
+
+        self._done.set()
+        if self.refs:
+            ray.wait(list(self.refs), num_returns=len(self.refs), timeout=wait)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]

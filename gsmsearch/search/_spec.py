@@ -312,8 +312,49 @@ class Sampler(_Strict):
 
 
 class Resources(_Strict):
+    """What one trial holds.  ``cpus_per_trial`` / ``gpus_per_trial`` are the trial's totals;
+    with ``workers_per_trial`` N > 1 the trial runs data-parallel on N workers sharing them evenly
+    (``cpus_per_worker`` / ``gpus_per_worker`` give the share instead, and set the totals to N
+    times it), in one Ray placement group (``placement``: pack or spread)."""
+
     cpus_per_trial: float = Field(1.0, gt=0, le=4096)
     gpus_per_trial: float = Field(0.0, ge=0, le=1024)
+    workers_per_trial: int = Field(1, ge=1, le=1024)
+    cpus_per_worker: Optional[float] = Field(None, gt=0, le=4096)
+    gpus_per_worker: Optional[float] = Field(None, ge=0, le=1024)
+    placement: Literal["pack", "spread"] = "pack"
+
+    @model_validator(mode="after")
+    def _per_worker(self):
+        n = self.workers_per_trial
+        for kind in ("cpus", "gpus"):
+            share, total = getattr(self, f"{kind}_per_worker"), f"{kind}_per_trial"
+            if share is None:
+                continue
+            if total in self.model_fields_set and abs(getattr(self, total) - n * share) > 1e-9 * max(1.0, n * share):
+                raise ValueError(f"{total} ({getattr(self, total):g}) must be workers_per_trial x {kind}_per_worker "
+                                 f"({n} x {share:g} = {n * share:g}); give one of the two")
+            if n * share > (4096 if kind == "cpus" else 1024):
+                raise ValueError(f"workers_per_trial x {kind}_per_worker = {n * share:g}, more than a trial may "
+                                 f"hold ({total} at most {4096 if kind == 'cpus' else 1024})")
+            object.__setattr__(self, total, n * share)
+        return self
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs each worker of a trial holds."""
+        return self.cpus_per_trial / self.workers_per_trial
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs each worker of a trial holds (a fraction: workers share a device)."""
+        return self.gpus_per_trial / self.workers_per_trial
+
+    def worker_options(self) -> Dict[str, Any]:
+        """``make_worker``'s keywords beside the trial's totals: none for one worker per trial."""
+        if self.workers_per_trial == 1:
+            return {}
+        return {"workers": self.workers_per_trial, "placement": self.placement}
 
 
 class PrunerSpec(_Strict):

@@ -14,6 +14,12 @@ float32 (master weights), and so do the GBLR widths, locations and masks (the GB
 its masks with autocast off, in its parameters' dtype) and the proximal step and budget
 projection (after the optimizer step, outside autocast).  fp16 scales the loss with a
 ``GradScaler`` (a step whose gradients overflowed is skipped and the scale lowered).
+
+Data-parallel (``parallel``, a :class:`~._distributed.DataParallel`): the loop runs on every rank
+of the trial; each rank trains on its slice of every global batch, the gradients and the step's
+loss are reduced across ranks before the optimizer step, rank 0 alone validates (its metrics go
+to every rank), writes the checkpoint and calls ``on_epoch`` (its verdict goes to every rank);
+see ``_distributed``.
 """
 from __future__ import annotations
 
@@ -134,6 +140,8 @@ class TrainingLoop:
     distill_temperature: float = 4.0
     # autocast of the forward passes: fp32 | bf16 | fp16 | auto (see the module docstring)
     precision: str = "fp32"
+    # data-parallel training: this process's rank in the trial (None: the trial is this process)
+    parallel: Optional[Any] = None
     curves: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -170,6 +178,8 @@ class TrainingLoop:
         self.train_seconds = 0.0
         if self.checkpoint_path is not None:
             self._maybe_resume()
+        if self.parallel is not None:
+            self._agree_on_start()
 
     # -- checkpoints -----------------------------------------------------------------------
     def _maybe_resume(self) -> None:
@@ -179,6 +189,9 @@ class TrainingLoop:
         state = torch.load(path, map_location=self.device, weights_only=False)
         if state.get("tag") != self.checkpoint_tag:
             return  # a checkpoint of another configuration: start afresh (it is overwritten)
+        self._load_state(state)
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -187,25 +200,48 @@ class TrainingLoop:
         self.curves = list(state["curves"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
 
+    def _state(self, epoch: int) -> Dict[str, Any]:
+        return {
+            "tag": self.checkpoint_tag,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "curves": self.curves,
+            "train_seconds": self.train_seconds,
+        }
+
     def _save_checkpoint(self, epoch: int) -> None:
-        if self.checkpoint_path is None:
-            return
+        if self.checkpoint_path is None or (self.parallel is not None and self.parallel.rank != 0):
+            return  # data-parallel: rank 0 writes, every rank resumes from it
         path = Path(self.checkpoint_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(
-            {
-                "tag": self.checkpoint_tag,
-                "epoch": epoch,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "curves": self.curves,
-                "train_seconds": self.train_seconds,
-            },
-            tmp,
-        )
+        torch.save(self._state(epoch), tmp)
         tmp.replace(path)
+
+    def _agree_on_start(self) -> None:
+        """Data-parallel: every rank starts where rank 0 does.  Each rank has read the
+        checkpoint itself; where the ranks did not find the same epoch (a rank that does not
+        see rank 0's checkpoint folder), rank 0 sends its whole state.  Rank 0's parameters and
+        buffers then go to every rank, and ranks other than 0 draw their random numbers
+        (dropout, say) from a stream of their own."""
+        import io
+
+        parallel = self.parallel
+        if not parallel.all_equal(self.start_epoch):
+            data = None
+            if parallel.rank == 0:
+                buffer = io.BytesIO()
+                torch.save(self._state(self.start_epoch), buffer)
+                data = buffer.getvalue()
+            data = parallel.broadcast_object(data)
+            if parallel.rank != 0:
+                state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=False)
+                self._load_state(state)
+        parallel.broadcast_module(self.model)
+        if parallel.rank != 0:
+            torch.manual_seed((int(self.seed) * 1_000_003 + int(parallel.rank)) % 2**63)
 
     # -- training --------------------------------------------------------------------------
     def autocast(self):
@@ -224,6 +260,27 @@ class TrainingLoop:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)  # unscales; skipped when a gradient is not finite
         self.scaler.update()
+
+    def _parallel_step(self, loss: torch.Tensor, weight: float, epoch: int, step: int) -> float:
+        """Data-parallel :meth:`_backward_step`: this rank's gradients, reduced across ranks
+        (weighted by ``weight``, this rank's share of the global batch) with the step's loss,
+        then the optimizer step on every rank.  Returns the global batch's loss; a non-finite
+        one fails the trial on every rank, before the step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+        loss_value = self.parallel.reduce_step(params, loss, weight)
+        if not math.isfinite(loss_value):
+            raise TrialFailed(
+                f"non-finite training loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
+                f"lower the learning rate (lr={self.lr}, structure_lr={self.structure_lr})"
+            )
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return loss_value
 
     def _sigma(self, epoch: float) -> Optional[float]:
         return self.sigma_schedule(epoch) if self.sigma_schedule is not None else None
@@ -266,6 +323,10 @@ class TrainingLoop:
                     set_sigma(self.model, self._sigma(progress))
                     if self.budget_schedule is not None and isinstance(self.controller, ProjectFlops):
                         self.controller.target_relative_flops = self.budget_schedule(progress)
+                size = weight = None
+                if self.parallel is not None:  # this rank's slice of the global batch
+                    batch, mine, size = self.parallel.shard(batch)
+                    weight = mine / size
                 batch = move_to_device(batch, self.device)
                 with self.autocast():
                     output = self.workload.forward(self.model, batch)
@@ -275,6 +336,13 @@ class TrainingLoop:
                             target = self.workload.forward(self.teacher, batch)
                         soft = self.workload.distillation_loss(output, target, batch, self.distill_temperature)
                         loss = (1.0 - self.distill) * loss + self.distill * soft
+                if self.parallel is not None:
+                    loss_value = self._parallel_step(loss, weight, epoch, step)
+                    if self.layers and self.controller is not None:
+                        self.controller.step(self.layers, self.lam, self.structure_lr * factor)
+                    total_loss += loss_value * size
+                    count += size
+                    continue
                 loss_value = float(loss.detach())  # the step's one read of the loss from a GPU
                 if not math.isfinite(loss_value):
                     raise TrialFailed(
@@ -287,12 +355,18 @@ class TrainingLoop:
                 total_loss += loss_value * _batch_len(batch)
                 count += _batch_len(batch)
             step_seconds = time.perf_counter() - started  # the steps only: throughput = samples / this
+            if self.parallel is not None:  # what shows the ranks' parameters stay bit-identical
+                self.parallel.epoch_digests.append(self.parallel.digest(self.model))
             sigma = self._sigma(epoch + 1) if self.layers else None
             if self.layers:
                 set_sigma(self.model, sigma)
-            with self.autocast():
-                val = self.workload.evaluate(self.model, self.splits.val, device=self.device,
-                                             collate_fn=self.splits.collate_fn)
+            val = None
+            if self.parallel is None or self.parallel.rank == 0:
+                with self.autocast():
+                    val = self.workload.evaluate(self.model, self.splits.val, device=self.device,
+                                                 collate_fn=self.splits.collate_fn)
+            if self.parallel is not None:  # rank 0's metrics, over the whole split, on every rank
+                val = self.parallel.broadcast_object(val)
             if not all(math.isfinite(v) for v in val.values()):
                 raise TrialFailed(f"non-finite validation metrics at epoch {epoch + 1}: {val}")
             seconds = time.perf_counter() - started
@@ -310,7 +384,10 @@ class TrainingLoop:
             )
             self.curves.append(report.to_dict())
             self._save_checkpoint(epoch + 1)
-            if on_epoch is not None and on_epoch(report):
+            if self.parallel is not None:  # rank 0 reports; its verdict holds on every rank
+                if self.parallel.agree((lambda: on_epoch(report)) if on_epoch is not None else None):
+                    break
+            elif on_epoch is not None and on_epoch(report):
                 break
         return self.curves
 

@@ -37,6 +37,7 @@ from ._calibration import activation_weighted, input_second_moments
 from ._config import TrialConfig, resolve_precision
 from ._dense_cache import cached_dense_state
 from ._fit_cache import cached_gblr_fit
+from ._distributed import RankStopped
 from ._loop import EpochReport, TrainingLoop, TrialFailed, seed_everything
 
 __all__ = ["TrialResult", "run_trial", "build_trial_model", "layer_budgets", "measure_latency", "TrialStopped",
@@ -527,7 +528,8 @@ def run_trial(
     checkpoint_dir: Optional[Path] = None,
     cache_dir: Optional[Path] = None,
     structure_path: Optional[Path] = None,
-) -> TrialResult:
+    parallel=None,
+) -> Optional[TrialResult]:
     """Train and measure one configuration; raises :class:`TrialFailed` with a reason.
 
     Which data decides what: the model trains on the training split (and the activation
@@ -539,13 +541,20 @@ def run_trial(
     ``structure_path``: also save the trained model (learned structure included) there, in the
     format of :func:`gsmsearch.structured.save_structure`.
 
+    ``parallel``: this process's :class:`~._distributed.DataParallel` rank in a data-parallel
+    trial (``_distributed``): every rank builds the model (the dense and fit caches are filled
+    once, under their file locks, and read by the others), joins the trial's process group and
+    trains its share; rank 0 alone reports epochs (``on_epoch``, :func:`epoch_watch`), measures
+    the trained model and returns the result, with ``world_size`` and ``samples_per_second``
+    over all ranks; the other ranks return None.
+
     An exception raised inside a user's workload code (``module:Class``, ``file.py:Class``, an
     entry point) is raised as a :class:`~gsmsearch.workloads.WorkloadCodeError` whose one-line
     message starts with the user's ``file:line`` (what the driver records as the failure reason)."""
     try:
         return _run_trial(config, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir, cache_dir=cache_dir,
-                          structure_path=structure_path)
-    except (TrialFailed, TrialStopped):
+                          structure_path=structure_path, parallel=parallel)
+    except (TrialFailed, TrialStopped, RankStopped):
         raise
     except Exception as error:
         located = user_code_error(error, config.workload)
@@ -554,7 +563,8 @@ def run_trial(
         raise located from error
 
 
-def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, structure_path) -> TrialResult:
+def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, structure_path,
+               parallel=None) -> Optional[TrialResult]:
     workload = get_workload(config.workload, **config.workload_options)
     resolved = _resolved(config, workload)
     splits = workload.load_data(seed=config.seed)
@@ -569,6 +579,21 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
             return budget
         return budget + (1.0 - budget) * max(0.0, 1.0 - epoch / anneal)
 
+    if parallel is None:
+        return _train_and_measure(config, workload, resolved, splits, teacher, model, shares, tokens,
+                                  budget_schedule, on_epoch=on_epoch, checkpoint_dir=checkpoint_dir,
+                                  structure_path=structure_path, parallel=None)
+    parallel.start(config.device)
+    try:
+        return _train_and_measure(config, workload, resolved, splits, teacher, model, shares, tokens,
+                                  budget_schedule, on_epoch=on_epoch if parallel.rank == 0 else None,
+                                  checkpoint_dir=checkpoint_dir, structure_path=structure_path, parallel=parallel)
+    finally:
+        parallel.close()
+
+
+def _train_and_measure(config, workload, resolved, splits, teacher, model, shares, tokens, budget_schedule, *,
+                       on_epoch, checkpoint_dir, structure_path, parallel) -> Optional[TrialResult]:
     loop = TrainingLoop(
         workload, model, splits,
         epochs=int(config.epochs), batch_size=resolved["batch_size"], lr=resolved["lr"],
@@ -582,14 +607,18 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         lr_schedule=resolved["lr_schedule"], warmup_epochs=float(config.warmup_epochs),
         teacher=teacher, distill=float(config.distill), distill_temperature=float(config.distill_temperature),
         precision=resolved["precision"],
+        parallel=parallel,
     )
-    watch = getattr(_WATCH, "callback", None)
+    # data-parallel: rank 0 reports (and hears the driver's stop requests)
+    watch = getattr(_WATCH, "callback", None) if parallel is None or parallel.rank == 0 else None
     cuda = torch.device(config.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(config.device)
-    if watch is not None:
-        for restored in list(loop.curves):
-            watch(dict(restored))
+    restored_epochs = (lambda: [watch(dict(restored)) for restored in list(loop.curves)]) if watch else None
+    if parallel is not None:  # a stop rank 0 hears here holds for every rank
+        parallel.agree(restored_epochs)
+    elif restored_epochs is not None:
+        restored_epochs()
 
     def epoch_done(report: EpochReport) -> Optional[bool]:
         if watch is not None:
@@ -597,6 +626,10 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         return on_epoch(report) if on_epoch is not None else None
 
     curves = loop.run(epoch_done)
+    if parallel is not None:
+        if parallel.rank != 0:
+            return None  # rank 0 measures the trained model (the same parameters, bit for bit)
+        parallel.close()
 
     # The deployed model: exact masks, exported to its mask-free execution plan.
     set_sigma(model, None)
@@ -652,7 +685,7 @@ def _run_trial(config: TrialConfig, *, on_epoch, checkpoint_dir, cache_dir, stru
         samples_per_second=_throughput(curves),
         **_peak_memory(config.device if cuda else None),
         precision=resolved["precision"],
-        world_size=int(getattr(config, "world_size", None) or 1),
+        world_size=parallel.world_size if parallel is not None else 1,
     )
 
 
