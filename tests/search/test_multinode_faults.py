@@ -12,6 +12,7 @@ left RUNNING or WAITING, no completed configuration ran twice.
 
 One cluster serves the whole module; the node-killing test runs last (it leaves one node)."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,6 +84,11 @@ def _mid_study(url, checkpoints, completed=1):
         return now if running and len(finished(now)) >= completed else None
 
     return wait(ready, timeout=240, interval=0.3)
+
+
+def _status_lines(log_path):
+    """How many progress lines ("[tiny] 1/4 done, ...") the driver has written."""
+    return sum(1 for line in log_path.read_text().splitlines() if re.match(r"\[tiny\] \d+/\d+ done", line))
 
 
 def _requeued_from(url):
@@ -176,9 +182,13 @@ def test_postgres_restarted_then_away_for_30_seconds_mid_study_loses_nothing(clu
     log_path = tmp_path / "driver.log"
     driver = _launch(spec, log_path, "--address", cluster["address"], GSMSEARCH_STORAGE_RETRY_SECONDS="240")
     try:
+        # at the first completion: the others still have most of their epochs to run
         first = finished(_mid_study(postgres_url, checkpoints))
+        lines = _status_lines(log_path)
         pg_restart(postgres_server)
-        before = finished(_mid_study(postgres_url, checkpoints, completed=len(first) + 1))
+        # the driver has read the study since (a progress line, every 2 s, reads it), and a trial runs
+        wait(lambda: _status_lines(log_path) > lines, timeout=120, interval=0.2)
+        before = finished(_mid_study(postgres_url, checkpoints))
         pg_stop(postgres_server)
         try:
             time.sleep(30)
@@ -205,7 +215,10 @@ def test_a_trial_whose_node_died_with_no_retry_left_is_resumed_later(cluster, po
     driver = _launch(spec, log_path, "--address", cluster["address"])
     try:
         def placed_and_checkpointed():
+            # the gblr trial: it runs several times as long as the lowrank one, so it is still
+            # running when its node dies
             now = [t for t in trials(postgres_url) if t.state.name == "RUNNING" and t.user_attrs.get("placements")
+                   and t.user_attrs.get("family") == "gblr"
                    and (checkpoints / t.user_attrs.get("config_digest", "-") / "last.pt").exists()]
             return now[0] if now else None
 
