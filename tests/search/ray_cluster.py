@@ -7,16 +7,22 @@ runs Ray's dashboard, whose job server takes ``ray job submit``, on a free port 
 Run as ``python -m tests.search.ray_cluster --nodes 2``.  It prints one ``CLUSTER <json>`` line
 (``address``; ``dashboard``: the job server's URL or null; ``nodes``: ``node_id`` and
 ``raylet_pid`` of each worker node), then reads commands on stdin: ``kill <node_id>`` SIGKILLs
-that node's raylet (its workers die with it), and the end of input shuts the cluster down.
-:func:`start` does this from a test (a context manager giving the parsed line and ``process``)."""
+that node's raylet and every process it started (its workers and agents: a machine that dies
+takes them all; a worker whose raylet alone died may still finish its task), and the end of
+input shuts the cluster down.  :func:`start` does this from a test (a context manager giving the
+parsed line and ``process``), with Ray's files in a temporary folder of the cluster's own: Ray
+Jobs find "their" cluster through the ``ray_current_cluster`` file of that folder, which
+``/tmp/ray`` holds for whichever cluster of the machine started last."""
 import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,7 +57,10 @@ def start(nodes: int = 2, cpus: int = 1, dashboard: bool = False):
     # (a Ray Jobs entrypoint runs from the head's raylet)
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "tests.search.ray_cluster", "--nodes", str(nodes), "--cpus", str(cpus)]
+    # short: Ray's socket paths under it must stay within the 107 bytes Unix allows
+    temp = tempfile.mkdtemp(prefix="gsm-rc-", dir="/tmp")
+    command = [sys.executable, "-m", "tests.search.ray_cluster", "--nodes", str(nodes), "--cpus", str(cpus),
+               "--temp-dir", temp]
     process = subprocess.Popen(command + (["--dashboard"] if dashboard else []), cwd=ROOT, env=env,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True, start_new_session=True)
@@ -71,6 +80,24 @@ def start(nodes: int = 2, cpus: int = 1, dashboard: bool = False):
             pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # its own session: the cluster's processes only
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _descendants(pid: int):
+    """The processes ``pid`` started, and theirs (read from /proc)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def main() -> None:
@@ -85,9 +112,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--dashboard", action="store_true")
+    parser.add_argument("--temp-dir", default=None)
     args = parser.parse_args()
     head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-            "_system_config": FAST_HEALTH_CHECKS}
+            "_system_config": FAST_HEALTH_CHECKS, "temp_dir": args.temp_dir}
     dashboard = None
     if args.dashboard:
         # the job server's port, free; the head's agent binds a port of the system's choosing
@@ -97,6 +125,10 @@ def main() -> None:
                     dashboard_agent_listen_port=None)
         dashboard = f"http://127.0.0.1:{port}"
     cluster = Cluster(initialize_head=True, head_node_args=head)
+    if args.temp_dir:  # where the job server's drivers look for the cluster's address ("auto")
+        from ray._private.utils import write_ray_address
+
+        write_ray_address(cluster.address, args.temp_dir)
     nodes = [cluster.add_node(num_cpus=args.cpus, node_ip_address="127.0.0.1") for _ in range(args.nodes)]
     cluster.wait_for_nodes()
     described = [{"node_id": node.node_id,
@@ -109,7 +141,9 @@ def main() -> None:
             command = line.split()
             if command[:1] == ["kill"]:
                 (pid,) = [n["raylet_pid"] for n in described if n["node_id"] == command[1]]
-                os.kill(pid, signal.SIGKILL)
+                for victim in [pid] + _descendants(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(victim, signal.SIGKILL)
                 print(f"KILLED {command[1]}", flush=True)
     finally:
         cluster.shutdown()

@@ -149,15 +149,22 @@ def test_job_driver_killed_then_resubmitted_with_resume_loses_nothing(cluster, p
                "gsmsearch", "launch", "study.yaml", "--resume", "--status-interval", "2"]
     first = f"gsm-{time.time_ns()}"
     _job("submit", "--submission-id", first, *command)
-    left = _mid_study(postgres_url, tmp_path / "work" / "checkpoints")
-    # the job's driver process, as it records itself on the study (this host, a gsmsearch launch)
-    driver = optuna.load_study(study_name="tiny", storage=postgres_url).user_attrs["driver"]
-    assert driver["host"] == socket.gethostname()
-    with open(f"/proc/{driver['pid']}/cmdline", "rb") as f:
-        assert b"launch\0study.yaml" in f.read()
-    os.kill(driver["pid"], signal.SIGKILL)
+    try:
+        _mid_study(postgres_url, tmp_path / "work" / "checkpoints")
+        # the job's driver process, as it records itself on the study (this host, a gsmsearch launch)
+        driver = optuna.load_study(study_name="tiny", storage=postgres_url).user_attrs["driver"]
+        assert driver["host"] == socket.gethostname()
+        with open(f"/proc/{driver['pid']}/cmdline", "rb") as f:
+            assert b"launch\0study.yaml" in f.read()
+        os.kill(driver["pid"], signal.SIGKILL)
+    except BaseException:
+        subprocess.run([f"{BIN}/ray", "job", "stop", "--address", address, first], env=_env(),
+                       capture_output=True, timeout=120)
+        raise
     status, logs = _job_status(address, first, {"FAILED", "SUCCEEDED", "STOPPED"})
     assert status == "FAILED", logs[-3000:]
+    # the job ran on this cluster (Ray Jobs' drivers find it through the cluster's own temp folder)
+    assert f"Ray cluster at {cluster['address']};" in logs
     left = trials(postgres_url)
     before = finished(left)
     stale = {t.number for t in left if t.state.name == "RUNNING"}
