@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "run a study spec: trials on Ray, results and Pareto front in the study database"
 EXAMPLES = """examples:
@@ -57,10 +58,18 @@ def run(args) -> int:
     if args.dry_run:
         return 0
     pruned = f", {summary.pruned} pruned" if summary.pruned else ""
-    print(f"study {summary.study_name}: {summary.completed} complete, {summary.failed} failed{pruned} "
+    to_resume = f", {summary.to_resume} to resume (their worker or node died)" if summary.to_resume else ""
+    print(f"study {summary.study_name}: {summary.completed} complete, {summary.failed} failed{pruned}{to_resume} "
           f"({summary.storage})")
     if summary.front:
         # the driver selects on validation quality; the test quality is only shown beside it
         names = {"quality": "quality (val)", "test_quality": "quality (test)"}
         print(front_table([{names.get(k, k): v for k, v in row.items()} for row in summary.front]))
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        return 130
+    if summary.to_resume:
+        # EX_TEMPFAIL, as for a database that stayed away: the same command with --resume continues
+        print(f"gsmsearch: {summary.to_resume} trial(s) failed because their worker or node died; continue "
+              f"the study with: gsmsearch launch {args.spec} --resume", file=sys.stderr)
+        return 75
+    return 0

@@ -20,8 +20,11 @@ What survives what:
 - a trial that fails (exception, worker crash, time limit) is retried up to ``retries`` times
   from its last per-epoch checkpoint, before any new trial starts; after that it is recorded FAIL
   with its reason, for good (user attribute ``final``), as is a trial that reports it can never
-  succeed as configured.  ``trial_timeout`` counts the time a trial runs, not the time it
-  waits for a worker to be placed; on a cluster that lost a node, trials waiting for a worker it
+  succeed as configured.  A trial whose every attempt ended with its worker process or node
+  dying (nothing its configuration did) is recorded FAIL not final (user attribute
+  ``worker_died``): it counts toward the launch's target, so the launch ends, and ``--resume``
+  runs it again from its checkpoint.  ``trial_timeout`` counts the time a trial runs, not the
+  time it waits for a worker to be placed; on a cluster that lost a node, trials waiting for a worker it
   can no longer place go to the workers that are free;
 - a killed driver leaves RUNNING trials behind: the next ``launch --resume`` marks them FAIL
   ("stale", not final) and re-enqueues their configurations, which resume from their checkpoints;
@@ -94,6 +97,7 @@ class LaunchSummary:
     completed: int = 0
     failed: int = 0
     pruned: int = 0  # stopped early by the pruner (duplicates not counted)
+    to_resume: int = 0  # failed because their worker or node died: ``--resume`` runs them again
     interrupted: bool = False
     front: List[Dict[str, Any]] = field(default_factory=list)
     # per finished trial: seconds from submission to the trial starting in its worker, inside
@@ -147,7 +151,7 @@ class _Display:
             return
         self.last = now
         records = study_records(study)
-        done = sum(1 for r in records if _counts_as_done(r))
+        done = sum(1 for r in records if _counts_as_done(r)) + len(_awaiting_resume(records))
         failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
         duplicates = sum(1 for r in records if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None)
         duplicates_text = f", {duplicates} duplicate{'s' if duplicates > 1 else ''}" if duplicates else ""
@@ -168,6 +172,8 @@ class _Display:
 
 
 def _counts_as_done(record) -> bool:
+    """A record with a verdict (see :func:`_finished_for_good`).  The trials that wait for a
+    ``--resume`` (:func:`_awaiting_resume`) count as done too; that takes all the records."""
     return (record.state == "COMPLETE" or (record.state == "FAIL" and record.user_attrs.get("final", True))
             or _pruned_early(record))
 
@@ -387,11 +393,29 @@ def _finished_for_good(trial) -> bool:
     return name == "COMPLETE" or (name == "FAIL" and trial.user_attrs.get("final", True)) or _pruned_early(trial)
 
 
+def _awaiting_resume(trials) -> List[Any]:
+    """The trials (or records) that failed only because their worker or node died (FAIL, not
+    ``final``, ``worker_died``), whose configuration no trial has re-enqueued (``requeued_from``)
+    or finished for good since.  Each counts toward a launch's target, as a verdict would (a
+    launch on a cluster whose workers keep dying ends); ``--resume`` re-enqueues them
+    (:func:`_requeue_unfinished`), and from then on the re-enqueued trial is the one that counts."""
+    def state(t) -> str:
+        return t.state if isinstance(t.state, str) else t.state.name
+
+    requeued = {t.user_attrs.get("requeued_from") for t in trials}
+    finished = {t.user_attrs.get("config_digest") for t in trials
+                if state(t) == "COMPLETE" or (state(t) == "FAIL" and t.user_attrs.get("final", True))
+                or _pruned_early(t)}
+    return [t for t in trials if state(t) == "FAIL" and t.user_attrs.get("worker_died")
+            and t.user_attrs.get("final", True) is False and t.number not in requeued
+            and t.user_attrs.get("config_digest") not in finished]
+
+
 def _requeue_unfinished(study) -> int:
-    """Enqueue again the configurations of trials that stopped without a verdict (stale or
-    interrupted) and that no trial has finished for good since (completed, or failed with
-    ``final``); returns how many.  A re-enqueued trial carries ``requeued_from`` (finished trials
-    cannot be updated, so the mark is on the new one)."""
+    """Enqueue again the configurations of trials that stopped without a verdict (stale,
+    interrupted, or failed because their worker or node died) and that no trial has finished
+    for good since (completed, or failed with ``final``); returns how many.  A re-enqueued trial
+    carries ``requeued_from`` (finished trials cannot be updated, so the mark is on the new one)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -518,6 +542,7 @@ class Driver:
         self.running: Dict[Any, _Running] = {}  # Ray object ref -> the trial it will return
         self.idle: List[Any] = []  # workers free for the next trial
         self.placements: Dict[int, List[Dict[str, Any]]] = {}  # trial number -> node of each attempt
+        self.worker_deaths: Dict[int, int] = {}  # trial number -> its attempts that ended with its worker dying
         self.located: Dict[Any, Dict[str, Any]] = {}  # worker -> where it was placed (its ``info``)
         self.asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
         self.exhausted: Dict[str, int] = {}  # family -> duplicates in a row (unbounded spaces)
@@ -621,7 +646,8 @@ class Driver:
 
     def done_count(self, trials=None) -> int:
         trials = with_retries(lambda: self.study.get_trials(deepcopy=False)) if trials is None else trials
-        return sum(1 for t in trials if _finished_for_good(t) and not _is_duplicate(t))
+        return (sum(1 for t in trials if _finished_for_good(t) and not _is_duplicate(t))
+                + len(_awaiting_resume(trials)))
 
     def fill(self, unrecorded: int = 0) -> None:
         """Start trials until every slot is busy or the target is reached; ``unrecorded``
@@ -1033,15 +1059,27 @@ class Driver:
 
     def retry_or_fail(self, entry: _Running, reason: str) -> None:
         """Stop ``entry``'s worker; resubmit the trial from its last checkpoint while it has
-        retries left, served before any new trial (:meth:`reassign`); then record it failed for
-        good."""
+        retries left, served before any new trial (:meth:`reassign`); then record it failed: for
+        good, unless every attempt ended with its worker process or node dying (``reason``
+        "worker died: ...", out of memory excepted: its configuration may need more than a node
+        has), nothing its configuration did; such a trial is recorded not final, with
+        ``worker_died``: it counts toward this launch's target (:func:`_awaiting_resume`) and
+        ``--resume`` runs it again from its checkpoint."""
         _kill(entry.worker)
         self.located.pop(entry.worker, None)
+        number = entry.trial.number
+        if reason.startswith("worker died:") and "OutOfMemoryError" not in reason:
+            self.worker_deaths[number] = self.worker_deaths.get(number, 0) + 1
         if entry.attempt < self.spec.retries:
             self.display.line(f"[{self.spec.name}] trial {entry.trial.number} attempt {entry.attempt + 1} failed "
                               f"({reason}); retrying from its last checkpoint")
             self.submit(entry.trial, entry.config, entry.digest, entry.attempt + 1)
             self.reassign()
+        elif self.worker_deaths.get(number, 0) == entry.attempt + 1:
+            self.record_failure(entry.trial, entry.config["family"],
+                                f"{reason} (after {entry.attempt + 1} attempt(s)): its worker or node died, nothing "
+                                f"its configuration did; `launch --resume` runs it again from its checkpoint",
+                                final=False, worker_died=True)
         else:
             self.record_failure(entry.trial, entry.config["family"],
                                 f"{reason} (after {entry.attempt + 1} attempt(s))", final=True)
@@ -1152,13 +1190,16 @@ class Driver:
         self.display.line(f"[{self.spec.name}] trial {trial.number} ({entry.config['family']}) PRUNED after epoch "
                           f"{stopped if stopped is not None else '?'} (decided at epoch {decision.epoch})")
 
-    def record_failure(self, trial, family: str, reason: str, *, final: bool) -> None:
+    def record_failure(self, trial, family: str, reason: str, *, final: bool, worker_died: bool = False) -> None:
         """Tell Optuna ``trial`` FAILED, with its reason and whether it is ``final`` (not
-        final: ``--resume`` runs its configuration again)."""
+        final: ``--resume`` runs its configuration again); ``worker_died``: every attempt lost
+        its worker or node (user attribute ``worker_died``, see :func:`_awaiting_resume`)."""
         from optuna.trial import TrialState
 
         with_retries(lambda: trial.set_user_attr("failure_reason", reason[:2000]))
         with_retries(lambda: trial.set_user_attr("final", final))
+        if worker_died:
+            with_retries(lambda: trial.set_user_attr("worker_died", True))
         with_retries(lambda: self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         self.display.line(f"[{self.spec.name}] trial {trial.number} ({family}) FAILED: {reason}")
 
@@ -1214,6 +1255,7 @@ class Driver:
         summary.completed = sum(1 for r in records if r.state == "COMPLETE")
         summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
         summary.pruned = sum(1 for r in records if _pruned_early(r))
+        summary.to_resume = len(_awaiting_resume(records))
         # beside the objectives, each member's test quality: measured, never selected on
         summary.front = [
             {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values)),

@@ -354,6 +354,64 @@ def test_a_trial_past_its_time_limit_is_retried_in_its_checkpoint_folder_then_fa
     assert trial.user_attrs["failure_reason"] == "exceeded trial_timeout of 60s (after 2 attempt(s))"
 
 
+def _fail_running(driver, reason):
+    (ref, entry), = driver.running.items()
+    driver.running.pop(ref)
+    driver.retry_or_fail(entry, reason)
+    return entry
+
+
+def test_a_trial_whose_every_attempt_lost_its_worker_counts_toward_the_target_and_resume_reruns_it(tmp_path):
+    driver, workers = make_driver(tmp_path, {"concurrency": 1, "retries": 1, "trials": 2})
+    driver.fill()
+    first = _fail_running(driver, "worker died: ActorDiedError")
+    (retry,) = driver.running.values()
+    assert (retry.trial.number, retry.attempt) == (first.trial.number, 1)
+    _fail_running(driver, "worker died: NodeDiedError")
+    trial = driver.study.get_trials()[first.trial.number]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["final"] is False and trial.user_attrs["worker_died"]
+    assert trial.user_attrs["failure_reason"] == (
+        "worker died: NodeDiedError (after 2 attempt(s)): its worker or node died, nothing its configuration "
+        "did; `launch --resume` runs it again from its checkpoint")
+    # it counts toward the target: one more trial, then the launch is done
+    driver.fill()
+    assert len(workers.submitted) == 3
+    finish(driver)
+    driver.fill()
+    assert not driver.running and len(workers.submitted) == 3
+    assert driver.summarize().to_resume == 1
+    driver.shutdown()
+
+    # --resume re-enqueues it; from then on its re-run is what counts: it runs, and nothing else
+    second, second_workers = make_driver(tmp_path, {"concurrency": 1, "retries": 1, "trials": 2}, resume=True)
+    assert second.recover() == (0, 1)
+    second.fill()
+    assert [c for c, _, _ in second_workers.submitted] == [workers.submitted[0][0]]
+    assert [d for _, d, _ in second_workers.submitted] == [workers.submitted[0][1]]  # its checkpoint folder
+    finish(second)
+    second.fill()
+    assert not second.running and second.summarize().to_resume == 0
+
+
+def test_a_trial_that_also_failed_otherwise_fails_for_good(tmp_path):
+    """Only a trial whose every attempt lost its worker is resumable: one attempt that raised,
+    timed out or ran out of memory makes its failure final."""
+    for reasons in (["worker died: ActorDiedError", "ValueError: bad"],
+                    ["exceeded trial_timeout of 60s", "worker died: ActorDiedError"],
+                    ["worker died: OutOfMemoryError", "worker died: OutOfMemoryError"]):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        driver, _ = make_driver(folder, {"concurrency": 1, "retries": 1, "trials": 1})
+        driver.fill()
+        for reason in reasons:
+            entry = _fail_running(driver, reason)
+        trial = driver.study.get_trials()[entry.trial.number]
+        assert trial.state == TrialState.FAIL and trial.user_attrs["final"] is True, reasons
+        assert "worker_died" not in trial.user_attrs
+        assert trial.user_attrs["failure_reason"] == f"{reasons[-1]} (after 2 attempt(s))"
+        driver.shutdown()
+
+
 # -- interrupt and shutdown ------------------------------------------------------------------
 
 

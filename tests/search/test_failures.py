@@ -1,16 +1,16 @@
 """Failures during a study: a killed worker is retried, Ctrl-C stops cleanly and resumes,
 a PostgreSQL restart mid-study is survived."""
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
-import optuna
-
 from gsmsearch.search import launch
 
 from .conftest import TINY_SPEC
+from .faults import pg_restart, trials as _trials, wait as _wait
 
 SLOW = {**TINY_SPEC["workload"], "epochs": 80}  # long enough that Ctrl-C lands while trials run
 
@@ -35,23 +35,6 @@ def _ray_worker_pids(driver: int):
 
     out = subprocess.run(["pgrep", "-f", "ray::TrialWorker"], capture_output=True, text=True)
     return [pid for pid in map(int, out.stdout.split()) if descends(pid)]
-
-
-def _wait(predicate, timeout=180, interval=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
-
-
-def _trials(db):
-    try:
-        return optuna.load_study(study_name="tiny", storage=db).get_trials()
-    except Exception:  # noqa: BLE001 - not created yet
-        return []
 
 
 def test_killed_worker_is_retried_and_the_study_completes(write_spec, tmp_path):
@@ -128,6 +111,62 @@ def test_ctrl_c_between_ask_and_submission_leaves_no_running_trial(write_spec, t
         assert "interrupted" in t.user_attrs["failure_reason"] and t.user_attrs["final"] is False
 
 
+def test_workers_that_always_die_end_the_launch_and_resume_runs_their_trials(write_spec, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A worker environment where every trial's worker dies (here: its process exits as the trial
+    starts; on a cluster, nodes that keep dying): each trial is retried, then recorded FAIL not
+    final with ``worker_died``.  Those trials count toward the launch's target, so the launch
+    ends after ``trials`` of them (it does not propose new trials without end), with exit status
+    75 and the command that continues; ``--resume``, with workers that live, runs each of them
+    again and completes the study with no other trial."""
+    import ray
+
+    from gsmsearch.cli import main
+    from gsmsearch.search import _runner
+
+    @ray.remote(max_restarts=0)
+    class Dying:  # local, so Ray ships it by value (no import of this test module)
+        def info(self):
+            import os
+            import socket
+
+            return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                    "host": socket.gethostname()}
+
+        def run(self, *args, **kwargs):
+            import os
+
+            os._exit(1)
+
+    spec = write_spec({"trials": 3, "concurrency": 1, "retries": 1})
+    db = f"sqlite:///{tmp_path / 'tiny.db'}"
+    with monkeypatch.context() as patch:
+        patch.setattr(_runner, "make_worker", lambda cpus, gpus: Dying.options(num_cpus=cpus).remote())
+        assert main(["launch", str(spec), "--status-interval", "1000"]) == 75
+    captured = capsys.readouterr()
+    assert "study tiny: 0 complete, 0 failed, 3 to resume (their worker or node died)" in captured.out
+    assert (f"gsmsearch: 3 trial(s) failed because their worker or node died; continue the study with: "
+            f"gsmsearch launch {spec} --resume") in captured.err
+    lost = _trials(db)
+    assert [t.state.name for t in lost] == ["FAIL"] * 3  # bounded: the launch's target, no more
+    for trial in lost:
+        assert trial.user_attrs["final"] is False and trial.user_attrs["worker_died"] is True
+        assert [p["attempt"] for p in trial.user_attrs["placements"]] == [1, 2]  # retried once
+        # Ray names a dead actor by a subclass of RayActorError (ActorDiedError here)
+        assert re.fullmatch(r"worker died: \w+ \(after 2 attempt\(s\)\): its worker or node died, nothing its "
+                            r"configuration did; `launch --resume` runs it again from its checkpoint",
+                            trial.user_attrs["failure_reason"]), trial.user_attrs["failure_reason"]
+    assert main(["launch", str(spec), "--resume", "--status-interval", "1000"]) == 0
+    assert "study tiny: 3 complete, 0 failed (" in capsys.readouterr().out
+    trials = _trials(db)
+    assert [t.state.name for t in trials] == ["FAIL"] * 3 + ["COMPLETE"] * 3
+    assert [t.user_attrs["requeued_from"] for t in trials[3:]] == [0, 1, 2]
+    assert [t.user_attrs["config_digest"] for t in trials[3:]] == [t.user_attrs["config_digest"] for t in lost]
+    # a further resume finds nothing left to run
+    assert main(["launch", str(spec), "--resume", "--status-interval", "1000"]) == 0
+    assert len(_trials(db)) == 6
+
+
 def test_postgres_restart_mid_study_is_survived(write_spec, postgres_server, postgres_url, tmp_path):
     spec = write_spec({"storage": postgres_url, "trials": 4, "workload": SLOW})
     log = open(tmp_path / "driver.log", "w")
@@ -135,11 +174,7 @@ def test_postgres_restart_mid_study_is_survived(write_spec, postgres_server, pos
                               stdout=log, stderr=log, start_new_session=True)
     try:
         _wait(lambda: any(t.state.name == "COMPLETE" for t in _trials(postgres_url)), timeout=240)
-        # the restarted server must not inherit our pipes (it outlives pg_ctl): log to a file
-        subprocess.run(postgres_server["ctl"] + ["-m", "fast", "-w", "-l", str(postgres_server["root"] / "log"),
-                       "restart", "-o",
-                       f"-c listen_addresses=127.0.0.1 -p {postgres_server['port']} -k {postgres_server['sock']}"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        pg_restart(postgres_server)
         code = driver.wait(300)
     finally:
         if driver.poll() is None:

@@ -3,7 +3,6 @@ one-CPU nodes, every server on 127.0.0.1), against the real PostgreSQL of the fi
 workdir in a folder every node sees: trials record the node and host they ran on and spread over
 the nodes; a node killed mid-trial costs that trial one attempt, which runs again on the surviving
 node from the trial's last checkpoint, ahead of the trials not started yet."""
-import json
 import os
 import signal
 import socket
@@ -16,29 +15,15 @@ import pytest
 import yaml
 
 from .conftest import TINY_SPEC
+from .ray_cluster import start as start_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
 def ray_cluster():
-    process = subprocess.Popen([sys.executable, "-m", "tests.search.ray_cluster", "--nodes", "2", "--cpus", "1"],
-                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
-    try:
-        line = process.stdout.readline()
-        while line and not line.startswith("CLUSTER "):
-            line = process.stdout.readline()
-        assert line, "the test cluster did not start"
-        cluster = json.loads(line[len("CLUSTER "):])
-        cluster["process"] = process
+    with start_cluster(nodes=2, cpus=1) as cluster:
         yield cluster
-    finally:
-        try:
-            process.stdin.close()
-            process.wait(60)
-        except Exception:  # noqa: BLE001
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _spec(tmp_path, storage, address, **overrides):

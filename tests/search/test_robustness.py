@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import optuna
 import pytest
 
 import gsmsearch
@@ -22,25 +21,9 @@ from gsmsearch.search._runner import TrialError, describe_exception, execute_tri
 from gsmsearch.trainer import TrialConfig
 
 from .conftest import TINY_SPEC
+from .faults import finished as _finished, pg_start as _pg_start, pg_stop as _pg_stop, trials as _trials, wait as _wait
 
 SLOW = {**TINY_SPEC["workload"], "epochs": 80}  # long enough that a signal lands while trials run
-
-
-def _trials(url, name="tiny"):
-    try:
-        return optuna.load_study(study_name=name, storage=url).get_trials()
-    except Exception:  # noqa: BLE001 - not created yet, or the server is down
-        return []
-
-
-def _wait(predicate, timeout=240, interval=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
 
 
 # -- exceptions that cross processes ---------------------------------------------------------
@@ -254,27 +237,11 @@ def test_sigterm_stops_like_ctrl_c_and_resume_finishes(write_spec, tmp_path):
 # -- a database that goes away -------------------------------------------------------------------
 
 
-def _pg_stop(server):
-    subprocess.run(server["ctl"] + ["-m", "fast", "-w", "stop"], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=120)
-
-
-def _pg_start(server):
-    # the server must not inherit our pipes (it outlives pg_ctl): it logs to a file
-    subprocess.run(server["ctl"] + ["-w", "-l", str(server["root"] / "log"), "start", "-o",
-                                    f"-c listen_addresses=127.0.0.1 -p {server['port']} -k {server['sock']}"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-
-
 def _launch_process(spec, tmp_path, *extra, env=None):
     log = open(tmp_path / "driver.log", "w")
     return subprocess.Popen([sys.executable, "-m", "gsmsearch", "launch", str(spec), "--status-interval", "1",
                              *extra], stdout=log, stderr=log, start_new_session=True,
                             env={**os.environ, **(env or {})})
-
-
-def _finished(trials):
-    return {t.number: (t.values, t.user_attrs["config_digest"]) for t in trials if t.state.name == "COMPLETE"}
 
 
 def test_postgres_away_for_30_seconds_within_the_bound_is_waited_out(
