@@ -548,3 +548,17 @@ def test_slurm_script_refuses_what_would_not_work(tmp_path, problem, env_change,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and message in out.stderr, (problem, out.stderr)
     assert not [argv for name, _, argv in stub_calls(log) if name == "gsmsearch"]
+
+
+def test_slurm_job_whose_driver_left_trials_to_resume_fails_saying_to_submit_again(tmp_path):
+    """Exit 75 (trials left to run again): the job fails, is not requeued (a worker environment
+    that never starts would loop), writes no report, and says how to continue."""
+    env, log = _slurm_stubs(tmp_path)
+    stub(tmp_path / "bin", "gsmsearch", 'case "$1" in launch) exit 75;; esac')
+    out = subprocess.run(["bash", str(SBATCH), "study.yaml"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1
+    assert "left the study resumable (exit 75" in out.stderr and "submit the same command again" in out.stderr
+    calls = stub_calls(log)
+    assert [argv[:1] for name, _, argv in calls if name == "gsmsearch"] == [["launch"]]
+    assert not [argv for name, _, argv in calls if name == "scontrol" and argv[:1] == ["requeue"]]
