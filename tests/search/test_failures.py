@@ -135,7 +135,9 @@ def test_workers_that_always_die_end_the_launch_and_resume_runs_their_trials(wri
 
         def run(self, *args, **kwargs):
             import os
+            import time
 
+            time.sleep(1)  # the reply to ``info`` leaves the process first (it dies with it otherwise)
             os._exit(1)
 
     spec = write_spec({"trials": 3, "concurrency": 1, "retries": 1})
