@@ -227,10 +227,13 @@ def run_export(args) -> int:
                                           "duration"))
     # quality by split, the same columns whatever the study's age: the objective's split and
     # the other one's value recorded beside it (an older study's quality is on the test split)
-    from ..search import objective_split, split_qualities, study_records
+    from ..search import objective_split, split_qualities
+    from ..search._records import VIEW_KEYS
 
     split = objective_split(study.user_attrs)
-    records = {r.number: r for r in study_records(study)}
+    reader, data = _read(name, url, VIEW_KEYS)  # the records, without building the trials a second time
+    reader.close()
+    records = {r.number: r for r in data.records}
     qualities = {n: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
                  for n, r in records.items()}
     frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
