@@ -221,18 +221,23 @@ def run_export(args) -> int:
     if output != "-":
         spec = args.study if is_file(args.study) else None
         check_output_path(output, databases=[url], specs=[spec])
-    study = _load(name, url)
-    frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs",
-                                          "system_attrs", "datetime_start", "datetime_complete",
-                                          "duration"))
+    # Optuna's trials_dataframe columns, read from the tables (with the nested attributes as
+    # their stored JSON text) instead of building every trial
+    import pandas as pd
+
+    from ..search import objective_split, split_qualities
+    from ..search._records import export_table
+
+    reader, data = _read(name, url, ("family", "duplicate_of", "failure_reason", "result"))
+    try:
+        rows, columns = export_table(reader, data)
+    finally:
+        reader.close()
+    frame = pd.DataFrame(rows, columns=columns)
+    del rows
     # quality by split, the same columns whatever the study's age: the objective's split and
     # the other one's value recorded beside it (an older study's quality is on the test split)
-    from ..search import objective_split, split_qualities
-    from ..search._records import VIEW_KEYS
-
-    split = objective_split(study.user_attrs)
-    reader, data = _read(name, url, VIEW_KEYS)  # the records, without building the trials a second time
-    reader.close()
+    split = objective_split(data.user_attrs)
     records = {r.number: r for r in data.records}
     qualities = {n: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
                  for n, r in records.items()}

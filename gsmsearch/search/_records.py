@@ -221,6 +221,68 @@ class StudyReader:
             "('{}', '[]', 'null', 'false', '0', '0.0', '\"\"')")}
 
 
+def _local(moment):
+    """A stored naive-UTC datetime as Optuna hands it out: naive local time."""
+    import datetime
+
+    if moment is None:
+        return None
+    if isinstance(moment, str):  # SQLite returns its text
+        moment = datetime.datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=datetime.timezone.utc).astimezone().replace(tzinfo=None)
+
+
+def _raw_json(value: str) -> Any:
+    """A stored attribute for a flat table: a mapping or list stays the JSON text Optuna stored
+    (``json.dumps`` of it, what ``export`` writes for one), anything else is parsed."""
+    return value if value[:1] in ("{", "[") else json.loads(value)
+
+
+def export_table(reader: "StudyReader", data: StudyData):
+    """The rows (dicts) and columns of Optuna's ``Study.trials_dataframe`` with attrs number,
+    state, values, params, user_attrs, system_attrs, datetime_start, datetime_complete and
+    duration (``multi_index=False``), read from the tables; nested user and system attributes
+    (mappings, lists) are their stored JSON text instead of Python objects, as ``export``
+    writes them."""
+    study_id = int(data.study_id)
+    times = {row[0]: (row[1], _local(row[2]), _local(row[3])) for row in reader._raw(
+        f"SELECT number, state, datetime_start, datetime_complete FROM trials WHERE study_id = {study_id}")}
+    nested = {}
+    for table, prefix in (("trial_user_attributes", "user_attrs"), ("trial_system_attributes", "system_attrs")):
+        out: Dict[int, Dict[str, Any]] = {}
+        id_column = "trial_user_attribute_id" if prefix == "user_attrs" else "trial_system_attribute_id"
+        for number, key, value in reader._raw(
+                f"SELECT t.number, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+                f"WHERE t.study_id = {study_id} ORDER BY a.{id_column}"):
+            out.setdefault(number, {})[key] = _raw_json(value)
+        nested[prefix] = out
+    names = reader._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
+                         id=study_id, key=_METRIC_NAMES)
+    metric_names = json.loads(names[0][0]) if names else None
+    value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
+    found = {"params": set(), "user_attrs": set(), "system_attrs": set()}
+    rows = []
+    for record in data.records:
+        state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
+        row = {"number": record.number, "state": state}
+        values = record.values if record.values is not None else [None] * len(data.directions)
+        for key, value in zip(value_keys, values):
+            row[f"values_{key}"] = value
+        for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].get(record.number, {})),
+                              ("system_attrs", nested["system_attrs"].get(record.number, {}))):
+            for key, value in attrs.items():
+                row[f"{prefix}_{key}"] = value
+                found[prefix].add(key)
+        row["datetime_start"], row["datetime_complete"] = start, complete
+        row["duration"] = complete - start if start is not None and complete is not None else None
+        rows.append(row)
+    columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
+    for prefix in ("params", "user_attrs", "system_attrs"):
+        columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
+    columns += ["datetime_start", "datetime_complete", "duration"]
+    return rows, columns
+
+
 def _literals(keys: Iterable[str]) -> str:
     """Attribute keys as SQL string literals: the keys of this module and its callers (letters,
     digits, ``_``, ``:`` and ``.``), refused otherwise."""

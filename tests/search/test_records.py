@@ -150,6 +150,33 @@ def test_a_constraint_that_is_no_number(tmp_path):
     assert math.isnan(odd.constraints["params"]) and not odd.feasible
 
 
+def check_export_matches_optuna(url, name):
+    """The export table equals Optuna's trials_dataframe, its nested values as JSON text."""
+    import json
+
+    import pandas as pd
+
+    from gsmsearch.search._records import export_table
+
+    study = optuna.load_study(study_name=name, storage=url)
+    expected = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "system_attrs",
+                                             "datetime_start", "datetime_complete", "duration"))
+    for column in expected.columns:
+        expected[column] = expected[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+    reader = StudyReader(url)
+    try:
+        rows, columns = export_table(reader, reader.read(name, user_keys=("duplicate_of",)))
+    finally:
+        reader.close()
+    pd.testing.assert_frame_equal(pd.DataFrame(rows, columns=columns), expected)
+
+
+def test_the_export_table_is_optunas_trials_dataframe(synthetic_sqlite, postgres_url):
+    check_export_matches_optuna(synthetic_sqlite, "synthetic")
+    _synthetic(postgres_url)
+    check_export_matches_optuna(postgres_url, "synthetic")
+
+
 def _launched(tmp_path):
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump({**TINY_SPEC, "trials": 3, "concurrency": 1,
@@ -163,8 +190,10 @@ def test_a_launched_study_reads_the_same_on_sqlite_and_postgresql(tmp_path, post
     expected = check_reader_matches_optuna(url, "tiny")
     assert [r.state for r in expected] == ["COMPLETE"] * 3
     assert all(r.user_attrs.get("layers") and r.user_attrs.get("result") for r in expected)
+    check_export_matches_optuna(url, "tiny")
     optuna.copy_study(from_study_name="tiny", from_storage=url, to_storage=postgres_url)
     check_reader_matches_optuna(postgres_url, "tiny")
+    check_export_matches_optuna(postgres_url, "tiny")
     # the commands read both the same way
     capsys.readouterr()
     assert main(["status", str(spec)]) == 0
