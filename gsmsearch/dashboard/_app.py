@@ -407,6 +407,13 @@ def create_app(spec, cache: DataCache):
             return [html.P("That trial is not in the loaded studies.", style=_CSS["muted"])]
         return _detail(view, view.detailed([record])[0], spec)
 
+    # the studies' figures, computed once before the first page asks for them (on a study of
+    # 100,000 trials, seconds): the first refresh finds them in the memo
+    for view in cache.views():
+        if not view.error:
+            for make in (_figures.pareto_figure, _figures.comparison_figure, _figures.hypervolume_figure):
+                computed(make.__name__, view, lambda view, spec, make=make: _figures.safe_figure(make, view, spec))
+
     policy = _content_security_policy(app)
 
     @app.server.after_request
