@@ -67,19 +67,6 @@ def _read(name: str, url: str, user_keys):
         raise UsageError(f"no study {name!r} in that storage; it has: {', '.join(names) or '(none)'}") from None
 
 
-def _load(name: str, url: str):
-    import optuna
-
-    from ..search._storage import open_readonly_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_readonly_storage(url)
-    names = [s.study_name for s in storage.get_all_studies()]
-    if name not in names:
-        raise UsageError(f"no study {name!r} in that storage; it has: {', '.join(names) or '(none)'}")
-    return optuna.load_study(study_name=name, storage=storage)
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("list", help="list the studies in a storage",
                               epilog="example:\n  gsmsearch list --storage sqlite:///studies/quickstart.db",
