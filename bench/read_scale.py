@@ -268,6 +268,7 @@ def main(argv=None) -> int:
                 storages.append(("postgresql", _fresh_database(args.postgres, f"gsm_read_{size}")))
             for kind, url in storages:
                 row = run_size(kind, url, size, folder, not args.no_dashboard)
+                row["command"], row["started"] = report["command"], report["started"]
                 report["runs"].append(row)
                 print(f"{kind:10s} {size:7d} trials (pre-fill {row['prefill_s']:.0f} s): "
                       + ", ".join(f"{k} {v['wall_s']:.1f} s ({v['peak_rss_mib']:.0f} MiB)"

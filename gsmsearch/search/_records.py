@@ -178,7 +178,6 @@ class StudyReader:
                constraints_only: bool = False) -> Dict[int, Dict[str, Any]]:
         """trial id -> {key: value} of the study's trials' attributes in ``table`` (``keys``:
         only those; ``constraints_only``: ``constraints`` and ``constraints:<name>``)."""
-        id_column = "trial_user_attribute_id" if table == "trial_user_attributes" else "trial_system_attribute_id"
         sql = (f"SELECT a.trial_id, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
                f"WHERE t.study_id = {int(study_id)}")
         if constraints_only:
@@ -187,7 +186,9 @@ class StudyReader:
             sql += f" AND a.key IN ({_literals(keys)})"
         out: Dict[int, Dict[str, Any]] = {}
         loads = json.loads
-        for trial_id, key, value in self._raw(sql + f" ORDER BY a.{id_column}"):
+        # in the database's order (no ORDER BY: sorting 100,000 trials' attribute rows, values
+        # and all, costs a third of the query); a trial's attributes are a mapping, as in Optuna
+        for trial_id, key, value in self._raw(sql):
             if constraints_only and not (key == "constraints" or key.startswith("constraints:")):
                 continue  # SQLite's LIKE ignores case
             attrs = out.get(trial_id)
