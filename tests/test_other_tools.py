@@ -147,9 +147,10 @@ def test_our_readers_read_the_list_form_alone(tmp_path):
     assert [r.feasible for r in records] == [False, True, True]
     assert {r.number for r in front_records(records, ["maximize", "minimize"])} == \
         {t.number for t in study.best_trials} == {1}
-    from gsmsearch.dashboard._source import _records
+    from gsmsearch.dashboard._source import StudySource, load_view
 
-    assert [r.feasible for r in _records(study)] == [False, True, True]
+    view = load_view(StudySource(name="listed", url=f"sqlite:///{db}", label="listed"), "0")
+    assert [r.feasible for r in view.records] == [False, True, True]
     out = tmp_path / "listed.csv"
     assert main(["export", "listed", "--storage", f"sqlite:///{db}", "-o", str(out)]) == 0
     assert pd.read_csv(out)["feasible"].tolist() == [False, True, True]

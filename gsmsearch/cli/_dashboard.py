@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
                    help="allow a non-loopback --host: anyone who reaches it can read the studies")
     p.add_argument("--refresh", type=float, default=None, metavar="SECONDS",
                    help="re-read the studies this often (default: the spec's refresh_seconds, 10)")
+    p.add_argument("--max-points", type=int, default=None, metavar="N", help=_MAX_POINTS_HELP)
     p.set_defaults(run=run_dashboard)
 
     p = subparsers.add_parser(
@@ -64,7 +65,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-details", type=int, default=80,
                    help="trial details kept in the report: every completed trial up to this many, else the "
                         "families' front trials (default 80)")
+    p.add_argument("--max-points", type=int, default=None, metavar="N", help=_MAX_POINTS_HELP)
     p.set_defaults(run=run_report)
+
+
+_MAX_POINTS_HELP = ("per study, the dominated and infeasible trials drawn and the trial-table rows beside the front "
+                    "trials: a study with more shows a uniform sample of N of them (seed 0), every front trial "
+                    "shown, and says so (default: the spec's max_points, 2000)")
+
+
+def _with_max_points(spec, value):
+    """``spec`` with ``--max-points`` applied (checked as the spec field is)."""
+    if value is None:
+        return spec
+    if not 0 <= value <= 1_000_000:
+        raise UsageError(f"--max-points must be between 0 and 1000000, got {value}")
+    return spec.model_copy(update={"max_points": value})
 
 
 def _title(text: str) -> str:
@@ -149,6 +165,7 @@ def run_dashboard(args) -> int:
     spec, sources, _ = load_target(args.target, args.storage, args.study, discover=discover)
     if args.refresh is not None:
         spec = spec.model_copy(update={"refresh_seconds": args.refresh})
+    spec = _with_max_points(spec, args.max_points)
     from ..dashboard import DataCache, create_app
 
     cache = DataCache(sources, max_age=min(2.0, spec.refresh_seconds / 2),
@@ -185,7 +202,10 @@ def run_report(args) -> int:
 
     if args.max_details < 0:
         raise UsageError(f"--max-details must be >= 0, got {args.max_details}")
+    if args.max_points is not None and not 0 <= args.max_points <= 1_000_000:
+        raise UsageError(f"--max-points must be between 0 and 1000000, got {args.max_points}")
     spec, sources, stem = load_target(args.target, args.storage, args.study)
+    spec = _with_max_points(spec, args.max_points)
     safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "study"
     output = check_output_path(args.output or f"{safe_stem}-report.html", databases=[s.url for s in sources],
                                specs=_spec_files(args.target, spec))

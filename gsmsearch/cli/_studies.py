@@ -26,14 +26,16 @@ def is_file(text: str) -> bool:
 def _resolve(study_arg: str, storage: str):
     """(study name, storage URL) from a spec path or a name plus --storage."""
     if study_arg.endswith((".yaml", ".yml")) or is_file(study_arg):
-        from ..search import load_spec, resolve_storage_url, study_paths
+        # the study's name and storage alone, and the spec's folder as the driver resolves it
+        # (``study_paths``): the read commands import neither the driver nor the training stack
+        from ..search._spec import load_study_location
+        from ..search._storage import resolve_storage_url
 
-        spec = load_spec(study_arg)
+        spec = load_study_location(study_arg)
         if storage:
             return spec.name, storage
         check_storage_variables(study_arg, spec.storage)
-        url = resolve_storage_url(spec.storage, spec_dir=study_paths(spec, Path(study_arg))["spec_dir"],
-                                  study_name=spec.name)
+        url = resolve_storage_url(spec.storage, spec_dir=Path(study_arg).resolve().parent, study_name=spec.name)
         return spec.name, url
     if not storage:
         raise UsageError("give --storage URL with a study name (or pass the study's spec file)")
@@ -42,7 +44,7 @@ def _resolve(study_arg: str, storage: str):
 
 def check_storage_variables(spec_path, storage: Optional[str]) -> None:
     """A SpecError naming the spec file when its storage URL uses a ${VAR} that is not set."""
-    from ..search import SpecError
+    from ..search._spec import SpecError
     from ..search._storage import unset_variables
 
     missing = unset_variables(storage or "")
@@ -51,17 +53,18 @@ def check_storage_variables(spec_path, storage: Optional[str]) -> None:
                         f"uses it)")
 
 
-def _load(name: str, url: str):
-    import optuna
+def _read(name: str, url: str, user_keys):
+    """(reader, the study's data) from :mod:`gsmsearch.search._records`: the trials' records
+    holding the user attributes ``user_keys``, read in a few queries."""
+    from ..search._records import StudyReader
 
-    from ..search._storage import open_readonly_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_readonly_storage(url)
-    names = [s.study_name for s in storage.get_all_studies()]
-    if name not in names:
-        raise UsageError(f"no study {name!r} in that storage; it has: {', '.join(names) or '(none)'}")
-    return optuna.load_study(study_name=name, storage=storage)
+    reader = StudyReader(url)
+    try:
+        return reader, reader.read(name, user_keys=user_keys)
+    except KeyError:
+        names = reader.study_names()
+        reader.close()
+        raise UsageError(f"no study {name!r} in that storage; it has: {', '.join(names) or '(none)'}") from None
 
 
 def add_parser(subparsers) -> None:
@@ -91,20 +94,17 @@ def add_parser(subparsers) -> None:
 
 
 def run_list(args) -> int:
-    import optuna
-
-    from ..search._storage import open_readonly_storage
+    from ..search._records import StudyReader
     from ._format import table
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_readonly_storage(args.storage)
+    reader = StudyReader(args.storage)
+    counts = reader.state_counts()
     rows = []
-    for summary in storage.get_all_studies():
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        states = [t.state.name for t in study.get_trials(deepcopy=False)]
-        rows.append({"study": summary.study_name, "trials": len(states),
-                     "complete": states.count("COMPLETE"), "running": states.count("RUNNING"),
-                     "failed": states.count("FAIL")})
+    for name in reader.study_names():
+        states = counts.get(name, {})
+        rows.append({"study": name, "trials": sum(states.values()), "complete": states.get("COMPLETE", 0),
+                     "running": states.get("RUNNING", 0), "failed": states.get("FAIL", 0)})
+    reader.close()
     print(table(rows, ["study", "trials", "complete", "running", "failed"]) if rows else "(no studies)")
     return 0
 
@@ -134,14 +134,14 @@ def _quality_columns(record, metrics, split: str) -> dict:
 
 
 def run_status(args) -> int:
-    from ..search import front_records, objective_split, study_hypervolume, study_records
+    from ..search._records import STATUS_KEYS
+    from ..search._study import front_records, objective_split, study_hypervolume
     from ._format import table
 
     name, url = _resolve(args.study, args.storage)
-    study = _load(name, url)
-    records = study_records(study)
-    directions = ["maximize" if d.name == "MAXIMIZE" else "minimize" for d in study.directions]
-    metrics = study.metric_names or [f"objective_{i}" for i in range(len(directions))]
+    reader, study = _read(name, url, STATUS_KEYS)
+    records = study.records
+    directions, metrics = study.directions, study.metric_names
     counts = {}
     for r in records:
         counts[r.state] = counts.get(r.state, 0) + 1
@@ -156,6 +156,11 @@ def run_status(args) -> int:
         hv_text = "" if hv != hv else f", hypervolume {hv:.4f}"
         print(f"  {family}: {sum(r.state == 'COMPLETE' for r in fam)} complete{hv_text}")
     front = front_records(records, directions)
+    # the recorded result (the qualities on each split) of the front trials alone
+    results = reader.user_attrs(study.study_id, [r.number for r in front], keys=("result",))
+    reader.close()
+    for r in front:
+        r.user_attrs.update(results[r.number])
     rows = [{"trial": r.number, "family": r.family, **_quality_columns(r, metrics, split),
              **{k: v for k, v in r.params.items() if k != "family"}} for r in front]
     if rows:
@@ -203,16 +208,24 @@ def run_export(args) -> int:
     if output != "-":
         spec = args.study if is_file(args.study) else None
         check_output_path(output, databases=[url], specs=[spec])
-    study = _load(name, url)
-    frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs",
-                                          "system_attrs", "datetime_start", "datetime_complete",
-                                          "duration"))
+    # Optuna's trials_dataframe columns, read from the tables (with the nested attributes as
+    # their stored JSON text) instead of building every trial
+    import pandas as pd
+
+    from ..search import objective_split, split_qualities
+    from ..search._records import export_table
+
+    reader, data = _read(name, url, ("family", "duplicate_of", "failure_reason", "result"))
+    try:
+        rows, columns = export_table(reader, data)
+    finally:
+        reader.close()
+    frame = pd.DataFrame(rows, columns=columns)
+    del rows
     # quality by split, the same columns whatever the study's age: the objective's split and
     # the other one's value recorded beside it (an older study's quality is on the test split)
-    from ..search import objective_split, split_qualities, study_records
-
-    split = objective_split(study.user_attrs)
-    records = {r.number: r for r in study_records(study)}
+    split = objective_split(data.user_attrs)
+    records = {r.number: r for r in data.records}
     qualities = {n: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
                  for n, r in records.items()}
     frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)

@@ -99,14 +99,21 @@ def _budget_tables(views, spec):
     return cells or [html.P("No completed trials yet.", style=_CSS["muted"])]
 
 
-def _trial_table_data(views, spec):
+def _trial_table_data(views, spec, notes=None):
+    """(rows, columns) of the trials table: per study, every front trial and at most
+    ``spec.max_points`` others (a uniform sample beyond that, said in ``notes`` when given)."""
     rows = []
     for view in views:
         if not view.error:
             try:
-                rows += _data.trial_rows(view, spec.axes.x, spec.axes.y, spec.families)
+                mine, sampled = _data.sampled_trial_rows(view, spec.axes.x, spec.axes.y, spec.families,
+                                                         spec.max_points)
             except Exception:  # noqa: BLE001 - its figures say what is wrong; the other studies' rows stay
                 continue
+            rows += mine
+            if sampled is not None and notes is not None:
+                notes.append(f"{view.label}: " + sampled.note(
+                    "trials off the fronts", "every front member shown; gsmsearch export writes every trial"))
     columns = [c for c in dict.fromkeys(c for row in rows for c in row) if c not in ("id", "failure reason")]
     columns.append("failure reason")
     return _table_data(rows, columns)
@@ -265,6 +272,7 @@ def create_app(spec, cache: DataCache):
                 html.H2("Trials", style=_CSS["h2"]),
                 html.P("Sort with the arrows, filter in the row under the headers (e.g. FAIL, gblr, > 0.9); click a "
                        "row for the trial's structure.", style=_CSS["muted"]),
+                html.Div(id="trials-note", style=_CSS["muted"]),
                 dash_table.DataTable(
                     id="trials", sort_action="native", filter_action="native", page_size=20,
                     **_DATA_TABLE_STYLE,
@@ -312,13 +320,15 @@ def create_app(spec, cache: DataCache):
         Output("configurations", "columns"),
         Output("section-configurations", "style"),
         Output("studies", "children"),
+        Output("trials-note", "children"),
         Output("shown", "data"),
         Input("refresh", "n_intervals"),
         State("shown", "data"),
     )
     def refresh(_, shown):
         views_now = cache.views()
-        rows, columns = _trial_table_data(views_now, spec)
+        notes: List[str] = []
+        rows, columns = _trial_table_data(views_now, spec, notes)
         configurations = _configuration_table_data(views_now, spec)
         studies = []
         if cache.discover and (cache.listing_error or not views_now):
@@ -337,7 +347,7 @@ def create_app(spec, cache: DataCache):
                                                         f"{_data.split_note(view)}"]))
         outputs = (by_key(views_now, 0, _figures.pareto_figure), by_key(views_now, 1, _figures.comparison_figure),
                    by_key(views_now, 2, _figures.hypervolume_figure), _budget_tables(views_now, spec), rows,
-                   columns, *configurations, studies)
+                   columns, *configurations, studies, [html.P(note, className="sample-note") for note in notes])
         # send only what changed: a figure redrawn with the same data drops its hover label (and
         # a click in progress on it), the table its active cell
         # (the figures present are part of it: figures added for a new study are filled at once)
@@ -395,7 +405,14 @@ def create_app(spec, cache: DataCache):
         record = None if view is None else next((r for r in view.records if r.number == selected.get("number")), None)
         if record is None:
             return [html.P("That trial is not in the loaded studies.", style=_CSS["muted"])]
-        return _detail(view, record, spec)
+        return _detail(view, view.detailed([record])[0], spec)
+
+    # the studies' figures, computed once before the first page asks for them (on a study of
+    # 100,000 trials, seconds): the first refresh finds them in the memo
+    for view in cache.views():
+        if not view.error:
+            for make in (_figures.pareto_figure, _figures.comparison_figure, _figures.hypervolume_figure):
+                computed(make.__name__, view, lambda view, spec, make=make: _figures.safe_figure(make, view, spec))
 
     policy = _content_security_policy(app)
 

@@ -19,8 +19,10 @@ an x (cost, minimised) / y (quality, maximised) pair of metrics:
 from __future__ import annotations
 
 import math
+import random
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,7 +34,7 @@ __all__ = [
     "Point", "metric_value", "trial_families", "family_points", "family_hypervolumes",
     "hypervolume_history", "budget_table", "coverage_counts", "layer_budget", "trial_rows",
     "config_summary", "layer_structure", "FAMILY_ORDER", "SeedSpread", "drawn_records", "configuration_rows",
-    "metric_title", "other_split_quality", "split_note",
+    "metric_title", "other_split_quality", "split_note", "SAMPLE_SEED", "Sampled", "sample", "sample_points",
 ]
 
 #: GBLR first, then the hand-crafted families, dense last (unknown families after, sorted)
@@ -48,6 +50,93 @@ class Point:
     x: float
     y: float
     status: str  # "front", "dominated" or "infeasible"
+
+
+#: the seed of the uniform sample of a big study's dominated trials (the same sample at every
+#: refresh and in every report of the same study)
+SAMPLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What a sample left out: ``shown`` of ``total`` items, drawn uniformly with ``seed``."""
+
+    shown: int
+    total: int
+    seed: int = SAMPLE_SEED
+
+    def note(self, what: str, kept: str = "every front member shown") -> str:
+        return (f"showing {self.shown:,} of {self.total:,} {what}, sampled uniformly with seed {self.seed}; "
+                f"{kept}")
+
+
+def sample(items: Sequence[Any], keep: Callable[[Any], bool], cap: Optional[int],
+           seed: int = SAMPLE_SEED) -> Tuple[List[Any], Optional[Sampled]]:
+    """Every item for which ``keep(item)`` holds, and of the others: all when there are at most
+    ``cap`` (or ``cap`` is None), else ``cap`` of them drawn uniformly at random without
+    replacement (``random.Random(seed)``); in input order.  The :class:`Sampled` says how many
+    of the others are shown, None when none was left out."""
+    others = [index for index, item in enumerate(items) if not keep(item)]
+    if cap is None or len(others) <= cap:
+        return list(items), None
+    chosen = set(random.Random(seed).sample(others, cap))
+    return ([item for index, item in enumerate(items) if index in chosen or keep(item)],
+            Sampled(shown=cap, total=len(others), seed=seed))
+
+
+def sample_points(points: Dict[str, List["Point"]], cap: Optional[int],
+                  seed: int = SAMPLE_SEED) -> Tuple[Dict[str, List["Point"]], Optional[Sampled]]:
+    """:func:`family_points`' points with every front point (of every family's front) and every
+    dense trial kept, and at most ``cap`` of the dominated and infeasible points of all families
+    together (:func:`sample`)."""
+    flat = [point for family_pts in points.values() for point in family_pts]
+    kept, sampled = sample(flat, lambda p: p.status == "front" or p.family == "dense", cap, seed)
+    if sampled is None:
+        return points, None
+    out: Dict[str, List[Point]] = {family: [] for family in points}
+    for point in kept:
+        out[point.family].append(point)
+    return out, sampled
+
+
+_MEMO: "OrderedDict[tuple, Tuple[Any, int, Any]]" = OrderedDict()
+
+
+def _memo(kind: str, records, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per (``kind``, records list, ``key``): every view of a study
+    (fronts, comparison, hypervolume, budgets, tables, the report's notes) groups and splits the
+    same records list, which on a study of 100,000 trials costs seconds each time.  The last few
+    results are kept, each with its list (the same object, of the same length)."""
+    memo_key = (kind, id(records), key)
+    kept = _MEMO.get(memo_key)
+    if kept is not None and kept[0] is records and kept[1] == len(records):
+        _MEMO.move_to_end(memo_key)
+        return kept[2]
+    result = make()
+    _MEMO[memo_key] = (records, len(records), result)
+    while len(_MEMO) > 24:
+        _MEMO.popitem(last=False)
+    return result
+
+
+def _configurations(records) -> List[Configuration]:
+    """``group_configurations(records)``, once per records list (:func:`_memo`)."""
+    return _memo("configurations", records, (), lambda: group_configurations(records))
+
+
+def _repeats(records) -> bool:
+    """``has_repeats(group_configurations(records))``: at once False when the trials that
+    belong to a configuration all ran with one seed (the usual study), as then no configuration
+    can have two."""
+    def seeds():
+        return {repr(trial_seed(r)) for r in records if r.state != "PRUNED"
+                and not (r.state == "FAIL" and _final(r) is False)}
+
+    return _memo("repeats", records, (), lambda: len(seeds()) > 1 and has_repeats(_configurations(records)))
+
+
+def _final(record):
+    return record.user_attrs.get("final", True) if isinstance(record.user_attrs, dict) else True
 
 
 def _finite(value) -> Optional[float]:
@@ -125,6 +214,12 @@ def _complete_xy(records, x: str, y: str, metric_names) -> List[Tuple[Any, float
 def family_points(records, x: str, y: str, metric_names, families=None) -> Dict[str, List[Point]]:
     """family -> its COMPLETE trials with finite x and y, each marked "front" (non-dominated among
     the family's feasible trials), "dominated" (feasible, not on the front) or "infeasible"."""
+    key = (x, y, tuple(metric_names), None if families is None else tuple(families))
+    points = _memo("points", records, key, lambda: _family_points(records, x, y, metric_names, families))
+    return {family: list(family_pts) for family, family_pts in points.items()}
+
+
+def _family_points(records, x: str, y: str, metric_names, families=None) -> Dict[str, List[Point]]:
     out: Dict[str, List[Point]] = {}
     for family in trial_families(records, families):
         rows = _complete_xy([r for r in records if r.family == family], x, y, metric_names)
@@ -164,16 +259,21 @@ def hypervolume_history(records, x: str, y: str, metric_names, reference: Tuple[
     hypervolume may shrink)."""
     out: Dict[str, List[Tuple[int, float]]] = {}
     chosen = trial_families(records, families)
-    if has_repeats(group_configurations(records)):
+    if _repeats(records):
         return _seeded_history(records, x, y, metric_names, reference, chosen)
     rows = sorted(_complete_xy([r for r in records if r.feasible and r.family in chosen], x, y, metric_names),
                   key=lambda row: row[0].number)
     for family in chosen + ["all"]:
         mine = [row for row in rows if family == "all" or row[0].family == family]
-        history, seen = [], []
+        # the hypervolume of the trials so far is that of their front: a trial that the front
+        # weakly dominates leaves it (and the value) as it is; else it joins the front, dropping
+        # the points it dominates (each trial costs the front's size, not the trials so far)
+        history, front, volume = [], [], 0.0
         for r, xv, yv in mine:
-            seen.append((xv, yv))
-            history.append((r.number, _hypervolume(seen, reference)))
+            if not any(fx <= xv and fy >= yv for fx, fy in front):
+                front = [(fx, fy) for fx, fy in front if not (xv <= fx and yv >= fy)] + [(xv, yv)]
+                volume = _hypervolume(front, reference)
+            history.append((r.number, volume))
         out[family] = history
     return out
 
@@ -338,6 +438,14 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
     """One flat row per trial (every state) for the trials table: study, number, state, family,
     feasible, front (where configurations ran with several seeds: its configuration's means are
     on the front), the objectives and axes, the sampled parameters and the failure reason."""
+    return sampled_trial_rows(view, x, y, families)[0]
+
+
+def sampled_trial_rows(view, x: str, y: str, families=None,
+                       cap: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Optional[Sampled]]:
+    """:func:`trial_rows` of every front trial and, of the other trials (every state), all when
+    at most ``cap``, else ``cap`` of them drawn uniformly (:func:`sample`); with what was left
+    out (None: nothing)."""
     drawn, spreads = drawn_records(view.records, x, y, view.metric_names)
     points = family_points(drawn, x, y, view.metric_names, families)
     status = {(p.family, p.number): p.status for ps in points.values() for p in ps}
@@ -351,10 +459,10 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
     titles = {m: metric_title(m, view) for m in metrics}
     column = {m: f"{titles[m]} (metric)" if titles[m] in _FIXED_COLUMNS else titles[m] for m in metrics}
     chosen = set(trial_families(view.records, families))
+    records = [r for r in view.records if families is None or r.family in chosen]
+    records, sampled = sample(records, lambda r: status.get((r.family, r.number)) == "front", cap)
     rows = []
-    for r in view.records:
-        if families is not None and r.family not in chosen:
-            continue
+    for r in records:
         row = {"id": f"{view.key}:{r.number}", "study": view.label, "number": r.number, "state": r.state,
                "family": str(r.family or ""),
                "feasible": ("yes" if r.feasible else "no") if r.state == "COMPLETE" else "",
@@ -375,7 +483,7 @@ def trial_rows(view, x: str, y: str, families=None) -> List[Dict[str, Any]]:
             reason = f"pruned: {r.user_attrs['prune_reason']}"
         row["failure reason"] = "" if reason is None else str(reason)
         rows.append(row)
-    return rows
+    return rows, sampled
 
 
 def _run_columns(record) -> Dict[str, Any]:
@@ -451,9 +559,13 @@ def drawn_records(records, x: str, y: str, metric_names) -> Tuple[list, Dict[int
     feasible when its mean constraints hold), numbered as its first such trial, and
     {that number: its SeedSpread}.  Trials of other states are left out (no configuration of
     theirs has a mean)."""
-    configurations = group_configurations(records)
-    if not has_repeats(configurations):
+    return _memo("drawn", records, (x, y, tuple(metric_names)), lambda: _drawn(records, x, y, metric_names))
+
+
+def _drawn(records, x: str, y: str, metric_names) -> Tuple[list, Dict[int, SeedSpread]]:
+    if not _repeats(records):
         return list(records), {}
+    configurations = _configurations(records)
     out, spreads = [], {}
     for configuration in configurations:
         made = _mean_record(configuration, x, y, metric_names)

@@ -280,6 +280,7 @@ def pareto_figure(view, spec, height: int = 460):
     points = _data.family_points(records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     if not any(points.values()):
         return empty_figure(no_points_message(view, spec))
+    points, sampled = _data.sample_points(points, spec.max_points)
     fig = go.Figure()
     for family, family_pts in points.items():
         for trace in _family_traces(view, family, family_pts, spec, records=records, spreads=spreads):
@@ -288,6 +289,7 @@ def pareto_figure(view, spec, height: int = 460):
     _dense_line(fig, spec)
     over_x, over_y = _seed_axes(spreads)
     title = "Pareto fronts of the means over seeds" if spreads else "Pareto fronts"
+    _sample_note(fig, sampled, spreads)
     fig.update_layout(
         template="plotly_white", height=height, title=dict(text=f"{title}: {esc(short(view.label))}", x=0.01),
         xaxis=dict(title=_axis_title(spec.axes.x, over_x, view), type="log" if spec.axes.log_x else "linear"),
@@ -295,6 +297,22 @@ def pareto_figure(view, spec, height: int = 460):
         margin=dict(l=60, r=20, t=50, b=50), uirevision=f"pareto-{view.key}", clickmode="event",
     )
     return fig
+
+
+def sample_text(sampled, spreads=None) -> str:
+    """What a figure's sample of dominated and infeasible points left out, in words."""
+    what = "dominated and infeasible configurations" if spreads else "dominated and infeasible trials"
+    return sampled.note(what)
+
+
+def _sample_note(fig, sampled, spreads=None) -> None:
+    """A line under the figure's title saying how its dominated and infeasible points were
+    sampled (nothing when every point is drawn)."""
+    if sampled is None:
+        return
+    fig.add_annotation(text=esc(sample_text(sampled, spreads)), showarrow=False, xref="paper", yref="paper",
+                       x=0, y=1.0, xanchor="left", yanchor="bottom", font=dict(size=11, color="#666"),
+                       name="sample-note")
 
 
 def comparison_figure(view, spec, height: int = 360):
@@ -313,6 +331,7 @@ def comparison_figure(view, spec, height: int = 360):
     if not points.get("gblr") or not others:
         return empty_figure(f"{view.label}: the comparison needs completed GBLR trials and at least one "
                             f"hand-crafted family")
+    points, sampled = _data.sample_points(points, spec.max_points)
     fig = make_subplots(rows=1, cols=len(others), shared_yaxes=True, shared_xaxes=True,
                         subplot_titles=[f"gblr vs {esc(f)}" for f in others], horizontal_spacing=0.03)
     for column, family in enumerate(others, start=1):
@@ -329,7 +348,11 @@ def comparison_figure(view, spec, height: int = 360):
     over_x, over_y = _seed_axes(spreads)
     fig.update_xaxes(title_text=_axis_title(spec.axes.x, over_x, view), row=1, col=1)
     fig.update_yaxes(title_text=_axis_title(spec.axes.y, over_y, view), row=1, col=1)
-    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
+    if sampled is not None:
+        fig.add_annotation(text=esc(sample_text(sampled, spreads)), showarrow=False, xref="paper", yref="paper",
+                           x=0, y=1.12, xanchor="left", yanchor="bottom", font=dict(size=11, color="#666"),
+                           name="sample-note")
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=80, b=50),
                       title=dict(text=f"GBLR against each hand-crafted family: {esc(short(view.label))}", x=0.01),
                       uirevision=f"compare-{view.key}")
     return fig
@@ -357,7 +380,7 @@ def hypervolume_figure(view, spec, height: int = 340):
                          marker_color=[family_color(f) for f in families], name="hypervolume",
                          showlegend=False, hovertemplate="%{x}: %{y:.4g}<extra></extra>"), row=1, col=1)
     for family in families + ["all"]:
-        steps = history.get(family) or []
+        steps = _steps(history.get(family) or [])
         if not steps:
             continue
         fig.add_trace(go.Scatter(
@@ -372,6 +395,13 @@ def hypervolume_figure(view, spec, height: int = 340):
     fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=60, b=50),
                       title=dict(text=f"{title}: {esc(short(view.label))}", x=0.01), uirevision=f"hv-{view.key}")
     return fig
+
+
+def _steps(history: List[Tuple[int, float]]) -> List[Tuple[int, float]]:
+    """The entries of a hypervolume history where its value changes, and its last one: the same
+    staircase line (drawn ``hv``) from a marker per change instead of per trial."""
+    return [entry for index, entry in enumerate(history)
+            if index == 0 or index == len(history) - 1 or entry[1] != history[index - 1][1]]
 
 
 def layer_flops_figure(record, height: int = 300):

@@ -195,14 +195,21 @@ def _configurations_section(views, spec) -> str:
 
 def _trials_section(views, spec, detailed: set) -> str:
     rows: List[Dict[str, Any]] = []
+    notes = []
     for view in views:
         if not view.error:
             try:
-                rows += _data.trial_rows(view, spec.axes.x, spec.axes.y, spec.families)
+                mine, sampled = _data.sampled_trial_rows(view, spec.axes.x, spec.axes.y, spec.families,
+                                                         spec.max_points)
             except Exception:  # noqa: BLE001 - its figures say what is wrong; the other studies' rows stay
                 continue
+            rows += mine
+            if sampled is not None:
+                notes.append(f"{view.label}: " + sampled.note(
+                    "trials off the fronts", "every front member shown; gsmsearch export writes every trial"))
     if not rows:
         return '<p class="muted">No trials.</p>'
+    note = "".join(f'<p class="muted sample-note">{_e(text)}</p>' for text in notes)
     columns = list(dict.fromkeys(c for row in rows for c in row if c != "id"))
     # the failure reason last, parameters before it
     columns = [c for c in columns if c != "failure reason"] + ["failure reason"]
@@ -222,7 +229,7 @@ def _trials_section(views, spec, detailed: set) -> str:
     families = sorted({row["family"] for row in rows}, key=_data.family_sort_key)
     states = sorted({row["state"] for row in rows})
     options = lambda values: "".join(f'<option value="{_e(v)}">{_e(v)}</option>' for v in values)  # noqa: E731
-    return (
+    return note + (
         '<div class="controls"><input id="filter-text" type="search" placeholder="filter rows (any text)"> '
         f'<select id="filter-family"><option value="">all families</option>{options(families)}</select> '
         f'<select id="filter-state"><option value="">all states</option>{options(states)}</select> '
@@ -235,17 +242,18 @@ def _trials_section(views, spec, detailed: set) -> str:
 
 
 def _detail_trials(view, spec, max_details: int) -> List[Any]:
-    complete = [r for r in view.records if r.state == "COMPLETE" and r.user_attrs.get("layers")
+    """The trials whose detail the report holds, with every attribute they recorded."""
+    complete = [r for r in view.records if r.state == "COMPLETE" and view.has_layers(r)
                 and (spec.families is None or r.family in spec.families)]
     if len(complete) <= max_details:
-        return complete
+        return view.detailed(complete)
     records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
     points = _data.family_points(records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
     front = {p.number for ps in points.values() for p in ps if p.status == "front"}
     # a front configuration's first trial (the one its point opens) first, then its other seeds
     others = {n for number in front if number in spreads for n, *_ in spreads[number].seeds} - front
     chosen = [r for r in complete if r.number in front] + [r for r in complete if r.number in others]
-    return chosen[:max_details]
+    return view.detailed(chosen[:max_details])
 
 
 def trial_detail_html(view, record, spec, figures: _Figures, max_cells: int = 96) -> str:
@@ -302,6 +310,25 @@ def _safe_detail_html(view, record, spec, figures: _Figures) -> str:
                 f"{_e(str(error)[:200])}).</p></section>")
 
 
+def _pareto_sample_notes(views, spec) -> str:
+    """Per study whose dominated and infeasible points are sampled in the front figures: how
+    (the figures say it too)."""
+    notes = []
+    for view in views:
+        if view.error:
+            continue
+        try:
+            records, spreads = _data.drawn_records(view.records, spec.axes.x, spec.axes.y, view.metric_names)
+            points = _data.family_points(records, spec.axes.x, spec.axes.y, view.metric_names, spec.families)
+            _, sampled = _data.sample_points(points, spec.max_points)
+        except Exception:  # noqa: BLE001 - its figures say what is wrong
+            continue
+        if sampled is not None:
+            notes.append(f"{view.label}: {_figures.sample_text(sampled, spreads)} (the fronts, hypervolumes and "
+                         f"budget table are computed from every trial).")
+    return "".join(f'<p class="muted sample-note">{_e(text)}</p>' for text in notes)
+
+
 def _sha256(text: str) -> str:
     return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
 
@@ -355,6 +382,7 @@ hypervolume reference point x={ref.x:g}, y={ref.y:g} for every family.</p>
 <h2 id="pareto">Pareto fronts per family</h2>
 <p class="muted">Bright: each family's front (feasible, non-dominated); dimmed: dominated; crosses: infeasible.
 Dotted line: the dense model's cost. Hover for a trial's configuration, click for its structure.</p>
+{_pareto_sample_notes(views, spec)}
 {pareto}
 <h2 id="compare">GBLR against each hand-crafted family</h2>
 {compare}

@@ -8,11 +8,14 @@ cannot write, so a bug cannot change a study either:
 - PostgreSQL: every connection starts with ``default_transaction_read_only=on``.
 - MySQL: every connection runs ``SET SESSION TRANSACTION READ ONLY``.
 
-Optuna's table creation is skipped (``skip_table_creation=True``); the studies are then loaded
-with ``optuna.load_study`` and only read (``get_trials``, ``user_attrs``).
+The trials are read with :class:`gsmsearch.search._records.StudyReader`: a few set-based queries
+of Optuna's tables, holding the user attributes the views use for every trial
+(:data:`~gsmsearch.search._records.VIEW_KEYS`); the rest of a trial's attributes (its recorded
+``layers``) are read for the trials whose detail is shown (:meth:`StudyView.detailed`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..search._storage import readonly_url_and_engine_kwargs  # the one rule for every reader
-from ..search._study import TrialRecord, objective_split, study_records, trial_constraints
+from ..search._study import TrialRecord, objective_split
 
 __all__ = ["StudySource", "StudyView", "readonly_storage", "resolve_sources", "sources_in_storage",
            "load_view", "DataCache"]
@@ -51,6 +54,30 @@ class StudyView:
     # gsmsearch recorded (``gsmsearch.search.objective_split``); shown on every quality label
     objective_split: str = "test"
     error: Optional[str] = None  # why the study could not be read (shown instead of its views)
+    # the numbers of the trials that recorded ``layers`` (read for a trial's detail alone); None:
+    # the records hold every user attribute
+    with_layers: Optional[frozenset] = None
+    study_id: Optional[int] = field(default=None, compare=False, repr=False)
+    reader: Any = field(default=None, compare=False, repr=False)
+
+    def has_layers(self, record) -> bool:
+        """Whether the trial recorded a (non-empty) ``layers`` attribute."""
+        if self.with_layers is None:
+            return bool(record.user_attrs.get("layers"))
+        return record.number in self.with_layers
+
+    def detailed(self, records) -> List[TrialRecord]:
+        """``records`` holding every user attribute of their trials (what a trial's detail
+        shows), read for them alone."""
+        records = list(records)
+        if self.reader is None or not records:
+            return records
+        attrs = self.reader.user_attrs(self.study_id, [r.number for r in records])
+        out = []
+        for record in records:
+            full = {**attrs.get(record.number, {}), **record.user_attrs}
+            out.append(dataclasses.replace(record, user_attrs=full))
+        return out
 
 
 def readonly_storage(url: str):
@@ -70,7 +97,8 @@ def readonly_storage(url: str):
 
 def resolve_sources(spec, base_dir: Path) -> List[StudySource]:
     """The studies a dashboard spec names, with storage URLs resolved against ``base_dir``."""
-    from ..search import load_spec, resolve_storage_url, study_paths
+    from ..search._spec import load_study_location
+    from ..search._storage import resolve_storage_url
 
     sources = []
     for ref in spec.studies:
@@ -78,8 +106,10 @@ def resolve_sources(spec, base_dir: Path) -> List[StudySource]:
             spec_path = Path(ref.spec)
             if not spec_path.is_absolute():
                 spec_path = base_dir / spec_path
-            study_spec = load_spec(spec_path)
-            spec_dir = study_paths(study_spec, spec_path)["spec_dir"]
+            # the study's name and storage (the training stack is not imported to read a study),
+            # relative to the spec's folder as the driver resolves them
+            study_spec = load_study_location(spec_path)
+            spec_dir = spec_path.resolve().parent
             url = resolve_storage_url(ref.storage or study_spec.storage, spec_dir=spec_dir,
                                       study_name=study_spec.name)
             name = study_spec.name
@@ -92,8 +122,13 @@ def resolve_sources(spec, base_dir: Path) -> List[StudySource]:
 
 def sources_in_storage(url: str, names: Optional[List[str]] = None) -> List[StudySource]:
     """Every study in a storage (or the named ones), in creation order."""
-    storage = readonly_storage(url)
-    available = [s.study_name for s in storage.get_all_studies()]
+    from ..search._records import StudyReader
+
+    reader = StudyReader(url)
+    try:
+        available = reader.study_names()
+    finally:
+        reader.close()
     if names:
         missing = [n for n in names if n not in available]
         if missing:
@@ -112,21 +147,10 @@ def _number(value) -> float:
         return math.nan  # a constraint that is not a number: not known to hold (infeasible)
 
 
-def _records(study) -> List[TrialRecord]:
-    """The study's trial records, with what the views rely on made safe whatever the study holds
-    (it may come from plain Optuna or another tool): the family is a string or None; a constraint
-    value that is not a number counts as violated."""
-    try:
-        records = study_records(study)
-    except (TypeError, ValueError):
-        records = []
-        for trial in study.get_trials(deepcopy=False):
-            constraints = trial_constraints(trial.system_attrs, _number)
-            records.append(TrialRecord(
-                number=trial.number, state=trial.state.name,
-                family=trial.params.get("family") or trial.user_attrs.get("family"),
-                values=list(trial.values) if trial.values is not None else None,
-                params=dict(trial.params), user_attrs=dict(trial.user_attrs), constraints=constraints))
+def _safe(records: List[TrialRecord]) -> List[TrialRecord]:
+    """The records with what the views rely on made safe whatever the study holds (it may come
+    from plain Optuna or another tool): the family is a string or None (constraint values that
+    are not numbers were read as NaN: violated)."""
     for record in records:
         if record.family is not None and not isinstance(record.family, str):
             record.family = str(record.family)[:100]
@@ -135,22 +159,23 @@ def _records(study) -> List[TrialRecord]:
     return records
 
 
-def load_view(source: StudySource, key: str, storage=None) -> StudyView:
-    """Read one study; a study that cannot be read gives a view with ``error`` set."""
-    import optuna
-
+def load_view(source: StudySource, key: str, reader=None) -> StudyView:
+    """Read one study (with ``reader``, a :class:`~gsmsearch.search._records.StudyReader` of its
+    storage, else one of its own); a study that cannot be read gives a view with ``error`` set."""
     from ..search import redact
+    from ..search._records import VIEW_KEYS, StudyReader
 
     view = StudyView(key=key, name=source.name, label=source.label, storage=redact(source.url))
     try:
-        storage = storage or readonly_storage(source.url)
-        study = optuna.load_study(study_name=source.name, storage=storage)
-        view.directions = ["maximize" if d.name == "MAXIMIZE" else "minimize" for d in study.directions]
-        view.metric_names = list(study.metric_names or [f"objective_{i}" for i in range(len(view.directions))])
-        spec = study.user_attrs.get("spec")
+        reader = reader or StudyReader(source.url)
+        data = reader.read(source.name, user_keys=VIEW_KEYS, number=_number)
+        view.directions, view.metric_names = data.directions, data.metric_names
+        spec = data.user_attrs.get("spec")
         view.spec = spec if isinstance(spec, dict) else {}
-        view.objective_split = objective_split(study.user_attrs)
-        view.records = _records(study)
+        view.objective_split = objective_split(data.user_attrs)
+        view.records = _safe(data.records)
+        view.with_layers = frozenset(reader.numbers_with(data.study_id, "layers"))
+        view.study_id, view.reader = data.study_id, reader
     except KeyError:
         view.error = f"no study {source.name!r} in {view.storage}"
     except Exception as error:  # noqa: BLE001 - one unreadable study must not stop the others
@@ -175,11 +200,12 @@ class DataCache:
         self._storages: Dict[str, Any] = {}
         self._views: Optional[List[StudyView]] = None
         self._read_at = 0.0
+        self._took = 0.0  # how long the last read took
         self._lock = threading.Lock()
 
     def _list_studies(self) -> None:
         try:
-            names = [s.study_name for s in self._storage(self.discover).get_all_studies()]
+            names = self._storage(self.discover).study_names()
         except Exception as error:  # noqa: BLE001 - shown on the page, tried again next time
             self.listing_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
             return
@@ -188,15 +214,23 @@ class DataCache:
         self.sources += [StudySource(name=n, url=self.discover, label=n) for n in names if n not in known]
 
     def _storage(self, url: str):
+        """The :class:`~gsmsearch.search._records.StudyReader` of ``url`` (one per storage)."""
+        from ..search._records import StudyReader
+
         if url not in self._storages:
-            self._storages[url] = readonly_storage(url)
+            self._storages[url] = StudyReader(url)
         return self._storages[url]
 
     def views(self, refresh: bool = False) -> List[StudyView]:
         import time
 
         with self._lock:
-            if refresh or self._views is None or time.monotonic() - self._read_at > self.max_age:
+            # a read that takes long (a study of 100,000 trials: seconds) is repeated at most every
+            # four times its duration, so that the page's first load and its refreshes are not
+            # spent reading the same study again
+            wait = max(self.max_age, 4 * self._took) if self.max_age else 0.0
+            if refresh or self._views is None or time.monotonic() - self._read_at > wait:
+                begin = time.monotonic()
                 if self.discover:
                     self._list_studies()
                 views = []
@@ -216,4 +250,5 @@ class DataCache:
                     old = previous.get(view.key)
                     views.append(old if old is not None and old == view else view)
                 self._views, self._read_at = views, time.monotonic()
+                self._took = self._read_at - begin
             return self._views

@@ -132,6 +132,9 @@ class DashboardSpec(_Strict):
     axes: Axes = Axes()
     hypervolume_reference: Optional[Point] = None  # default: x = 1 (dense cost), y = 0
     budgets: List[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], min_length=1, max_length=12)
+    # per study: the dominated and infeasible trials drawn, and the trials-table rows beside the
+    # front trials; a study with more shows a uniform sample of them (every front trial shown)
+    max_points: int = Field(2000, ge=0, le=1_000_000)
     references: List[ReferencePoint] = Field(default_factory=list)
     refresh_seconds: float = Field(10.0, ge=1, le=3600)
 

@@ -773,6 +773,32 @@ def read_yaml(path: Union[str, Path]) -> Any:
         raise SpecError(_cut(f"{path}: not valid YAML at {where}: {problem}")) from None
 
 
+class StudyLocation(BaseModel):
+    """Where a study spec's study lives: its ``name`` and ``storage``, checked as
+    :class:`StudySpec` checks them; every other key is left to :func:`load_spec`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    name: str = Field(min_length=1, max_length=200)
+    storage: Optional[str] = None
+
+    _name_chars = field_validator("name")(StudySpec._name_chars.__func__)
+    _storage_url = field_validator("storage")(StudySpec._storage_url.__func__)
+
+
+def load_study_location(path: Union[str, Path]) -> StudyLocation:
+    """A study spec's ``name`` and ``storage``, read as :func:`load_spec` reads the file but
+    without validating the rest of the spec (its workload, families, ...), whose checks import the
+    training stack: what the read commands (``status``, ``export``, ``report``, ``dashboard``)
+    need to find a study."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: (top level): expected a mapping of keys, got {type(data).__name__}")
+    try:
+        return StudyLocation.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_errors(str(path), error)) from None
+
+
 def load_spec(path: Union[str, Path]) -> StudySpec:
     data = read_yaml(path)  # a missing file, a link loop, ...: a SpecError naming it
     spec_dir = Path(path).resolve().parent

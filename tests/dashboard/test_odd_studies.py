@@ -45,7 +45,7 @@ def test_every_view_of_every_odd_study_is_a_figure_or_a_note(odd_views):
         for make in (_figures.pareto_figure, _figures.comparison_figure, _figures.hypervolume_figure):
             json.dumps(make(view, spec), cls=PlotlyJSONEncoder)
         _figures.budget_rows(view, spec)
-        for record in view.records:
+        for record in view.detailed(view.records):  # with their layers, as a click reads them
             detail = _app._detail(view, record, spec)
             text = json.dumps(detail, cls=PlotlyJSONEncoder)
             assert "could not be shown" not in text, (view.name, record.number)
@@ -100,7 +100,8 @@ def test_odd_studies_that_have_points_draw_them(odd_views):
 
 def test_malformed_layer_records_give_notes_and_the_huge_one_is_drawn_block_averaged(odd_views):
     views, spec = odd_views
-    records = _view(views, "odd-layers").records
+    view = _view(views, "odd-layers")
+    records = view.detailed(view.records)  # with their layers, as a trial's detail reads them
     big = records[0]
     [(name, layer)] = _figures.structure_layers(big)
     start = time.perf_counter()

@@ -1,0 +1,304 @@
+"""Reading a study's trial records straight from Optuna's database tables, read-only.
+
+``status``, ``export``, ``report`` and the dashboard read every trial of a study; Optuna's
+``get_trials`` builds a full FrozenTrial for each (every attribute, parameter distribution and
+intermediate value), which on a study of 100,000 trials takes minutes of a read command.  Here
+one set-based query per table reads only what a command asks for: the trials' numbers and
+states, their objective values, parameters, the constraint system attributes and the user
+attributes named in ``user_keys``.  The records equal those :func:`gsmsearch.search.study_records`
+builds from Optuna's API (``tests/search/test_records.py`` compares them field by field on SQLite
+and PostgreSQL), restricted to those user attributes.
+
+The connections are the read-only ones of :func:`gsmsearch.search._storage.readonly_url_and_engine_kwargs`.
+Every storage gsmsearch accepts is one of Optuna's relational databases (SQLite, PostgreSQL,
+MySQL), so this is the one path the read commands take.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from ._study import TrialRecord, trial_constraints
+
+__all__ = ["StudyData", "StudyReader", "read_study", "STATUS_KEYS", "VIEW_KEYS"]
+
+#: the trial user attributes ``status`` reads for every trial: the family, a duplicate's original
+#: and the failure reason (the front trials' recorded ``result`` is read for them alone)
+STATUS_KEYS = ("family", "duplicate_of", "failure_reason")
+#: those the report and the dashboard read for every trial (a trial's ``layers`` are read for the
+#: trials whose detail is shown, with :meth:`StudyReader.user_attrs`)
+VIEW_KEYS = STATUS_KEYS + ("result", "config", "final", "pruned", "prune_reason")
+
+#: Optuna's system attribute holding a study's metric names (``Study.set_metric_names``)
+_METRIC_NAMES = "study:metric_names"
+_CHUNK = 500  # trial ids per IN (...) list: well under every database's bound-parameter limit
+
+
+@dataclass
+class StudyData:
+    """A study as read: its directions ("maximize"/"minimize"), metric names (``objective_i``
+    where none were set), user attributes and trial records, in trial order."""
+
+    name: str
+    study_id: int
+    directions: List[str]
+    metric_names: List[str]
+    user_attrs: Dict[str, Any]
+    records: List[TrialRecord] = field(default_factory=list)
+
+
+def _value(value: Optional[float], value_type: str) -> float:
+    """Optuna's stored objective value (``TrialValueModel.stored_repr_to_value``)."""
+    if value_type == "INF_POS":
+        return math.inf
+    if value_type == "INF_NEG":
+        return -math.inf
+    return math.nan if value is None else float(value)
+
+
+class StudyReader:
+    """Read-only access to the studies of one storage URL (one SQLAlchemy engine, its
+    connections refusing writes)."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy
+
+        from ._storage import OPTUNA_TABLES, _short, readonly_url_and_engine_kwargs, redact, with_retries
+
+        self.url = url
+        readonly, engine_kwargs = readonly_url_and_engine_kwargs(url)
+        self.engine = sqlalchemy.create_engine(readonly, **engine_kwargs)
+        try:
+            present = with_retries(lambda: set(sqlalchemy.inspect(self.engine).get_table_names()), attempts=4)
+        except Exception as error:  # noqa: BLE001
+            self.engine.dispose()
+            raise ValueError(f"cannot open storage {redact(url)}: {_short(error)}") from None
+        if not set(OPTUNA_TABLES) <= present:
+            self.engine.dispose()
+            raise ValueError(f"no gsmsearch/Optuna study in {redact(url)} (it has no Optuna tables)")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _rows(self, sql: str, **params) -> list:
+        import sqlalchemy
+
+        with self.engine.connect() as connection:
+            return connection.execute(sqlalchemy.text(sql), params).all()
+
+    def _raw(self, sql: str) -> list:
+        """The rows of ``sql`` (no bound parameters: the values in it are integers and keys of
+        this module, written in), as the database driver's tuples: at 100,000 trials SQLAlchemy's
+        row objects cost more than the query."""
+        with self.engine.connect() as connection:
+            cursor = connection.connection.cursor()
+            try:
+                cursor.execute(sql)
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+
+    def study_names(self) -> List[str]:
+        """The storage's studies, in creation order."""
+        return [row[0] for row in self._rows("SELECT study_name FROM studies ORDER BY study_id")]
+
+    def state_counts(self) -> Dict[str, Dict[str, int]]:
+        """study name -> {trial state: how many trials}."""
+        out: Dict[str, Dict[str, int]] = {}
+        for name, state, count in self._rows(
+                "SELECT s.study_name, t.state, COUNT(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                "GROUP BY s.study_name, t.state"):
+            out.setdefault(name, {})[state] = count
+        return out
+
+    def read(self, name: str, *, user_keys: Optional[Sequence[str]] = STATUS_KEYS,
+             number: Callable[[Any], Any] = float) -> StudyData:
+        """The study ``name`` (KeyError when the storage has none of that name), its trials'
+        records holding the user attributes ``user_keys`` (None: every one).  ``number``
+        converts each constraint value (as :func:`gsmsearch.search._study.trial_constraints`)."""
+        found = self._rows("SELECT study_id FROM studies WHERE study_name = :name", name=name)
+        if not found:
+            raise KeyError(name)
+        study_id = found[0][0]
+        directions = ["maximize" if d == "MAXIMIZE" else "minimize" for (d,) in self._rows(
+            "SELECT direction FROM study_directions WHERE study_id = :id ORDER BY objective", id=study_id)]
+        study_attrs = {key: json.loads(value) for key, value in self._rows(
+            "SELECT key, value_json FROM study_user_attributes WHERE study_id = :id "
+            "ORDER BY study_user_attribute_id", id=study_id)}
+        names = self._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
+                           id=study_id, key=_METRIC_NAMES)
+        metric_names = json.loads(names[0][0]) if names else None
+        data = StudyData(name=name, study_id=study_id, directions=directions,
+                         metric_names=list(metric_names or [f"objective_{i}" for i in range(len(directions))]),
+                         user_attrs=study_attrs)
+        study_id = int(study_id)
+        # the trials with their objective values: one LEFT JOIN per objective (a trial holds
+        # each objective's value or none of them)
+        objectives = range(len(directions))
+        columns = "".join(f", v{k}.value, v{k}.value_type" for k in objectives)
+        joins = "".join(f" LEFT JOIN trial_values v{k} ON v{k}.trial_id = t.trial_id AND v{k}.objective = {k}"
+                        for k in objectives)
+        trials = self._raw(f"SELECT t.trial_id, t.number, t.state{columns} FROM trials t{joins} "
+                           f"WHERE t.study_id = {study_id} ORDER BY t.trial_id")
+        params = self._params(study_id)
+        system = self._attrs("trial_system_attributes", study_id, None, constraints_only=True)
+        user = self._attrs("trial_user_attributes", study_id, user_keys)
+        empty: Dict[str, Any] = {}
+        for row in trials:
+            trial_id, trial_number, state = row[0], row[1], row[2]
+            trial_params = params.get(trial_id, {})
+            attrs = user.get(trial_id, {})
+            trial_values = ([_value(row[3 + 2 * k], row[4 + 2 * k]) for k in objectives]
+                            if objectives and row[4] is not None else None)
+            told_duplicate = state == "COMPLETE" and isinstance(attrs.get("duplicate_of"), int)
+            data.records.append(TrialRecord(
+                number=trial_number, state="PRUNED" if told_duplicate else state,
+                family=trial_params.get("family") or attrs.get("family"),
+                values=trial_values, params=trial_params, user_attrs=attrs,
+                constraints=trial_constraints(system.get(trial_id, empty), number)))
+        return data
+
+    def _params(self, study_id: int) -> Dict[int, Dict[str, Any]]:
+        from optuna.distributions import json_to_distribution
+
+        distributions: Dict[str, Any] = {}  # one parse per distinct distribution
+        out: Dict[int, Dict[str, Any]] = {}
+        for trial_id, name, value, distribution in self._raw(
+                "SELECT p.trial_id, p.param_name, p.param_value, p.distribution_json FROM trial_params p "
+                f"JOIN trials t ON t.trial_id = p.trial_id WHERE t.study_id = {study_id} ORDER BY p.param_id"):
+            if distribution not in distributions:
+                distributions[distribution] = json_to_distribution(distribution)
+            out.setdefault(trial_id, {})[name] = distributions[distribution].to_external_repr(value)
+        return out
+
+    def _attrs(self, table: str, study_id: int, keys: Optional[Iterable[str]], *,
+               constraints_only: bool = False) -> Dict[int, Dict[str, Any]]:
+        """trial id -> {key: value} of the study's trials' attributes in ``table`` (``keys``:
+        only those; ``constraints_only``: ``constraints`` and ``constraints:<name>``)."""
+        sql = (f"SELECT a.trial_id, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+               f"WHERE t.study_id = {int(study_id)}")
+        if constraints_only:
+            sql += " AND (a.key = 'constraints' OR a.key LIKE 'constraints:%')"
+        elif keys is not None:
+            sql += f" AND a.key IN ({_literals(keys)})"
+        out: Dict[int, Dict[str, Any]] = {}
+        loads = json.loads
+        # in the database's order (no ORDER BY: sorting 100,000 trials' attribute rows, values
+        # and all, costs a third of the query); a trial's attributes are a mapping, as in Optuna
+        for trial_id, key, value in self._raw(sql):
+            if constraints_only and not (key == "constraints" or key.startswith("constraints:")):
+                continue  # SQLite's LIKE ignores case
+            attrs = out.get(trial_id)
+            if attrs is None:
+                attrs = out[trial_id] = {}
+            attrs[key] = loads(value)
+        return out
+
+    def user_attrs(self, study_id: int, numbers: Iterable[int],
+                   keys: Optional[Sequence[str]] = None) -> Dict[int, Dict[str, Any]]:
+        """trial number -> its user attributes (``keys``: only those; None: every one), of the
+        study's trials numbered ``numbers``."""
+        wanted = sorted({int(n) for n in numbers})
+        out: Dict[int, Dict[str, Any]] = {n: {} for n in wanted}
+        only = f" AND a.key IN ({_literals(keys)})" if keys is not None else ""
+        for start in range(0, len(wanted), _CHUNK):
+            chunk = ", ".join(str(n) for n in wanted[start:start + _CHUNK])
+            for number, key, value in self._raw(
+                    "SELECT t.number, a.key, a.value_json FROM trial_user_attributes a JOIN trials t "
+                    f"ON t.trial_id = a.trial_id WHERE t.study_id = {int(study_id)} AND t.number IN ({chunk}){only} "
+                    "ORDER BY a.trial_user_attribute_id"):
+                out[number][key] = json.loads(value)
+        return out
+
+    def numbers_with(self, study_id: int, key: str) -> set:
+        """The numbers of the study's trials whose user attribute ``key`` holds something (not
+        an empty mapping or list, null, false, 0 or ""), its value not read."""
+        return {row[0] for row in self._raw(
+            "SELECT t.number FROM trial_user_attributes a JOIN trials t ON t.trial_id = a.trial_id "
+            f"WHERE t.study_id = {int(study_id)} AND a.key = {_literals([key])} AND a.value_json NOT IN "
+            "('{}', '[]', 'null', 'false', '0', '0.0', '\"\"')")}
+
+
+def _local(moment):
+    """A stored naive-UTC datetime as Optuna hands it out: naive local time."""
+    import datetime
+
+    if moment is None:
+        return None
+    if isinstance(moment, str):  # SQLite returns its text
+        moment = datetime.datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=datetime.timezone.utc).astimezone().replace(tzinfo=None)
+
+
+def _raw_json(value: str) -> Any:
+    """A stored attribute for a flat table: a mapping or list stays the JSON text Optuna stored
+    (``json.dumps`` of it, what ``export`` writes for one), anything else is parsed."""
+    return value if value[:1] in ("{", "[") else json.loads(value)
+
+
+def export_table(reader: "StudyReader", data: StudyData):
+    """The rows (dicts) and columns of Optuna's ``Study.trials_dataframe`` with attrs number,
+    state, values, params, user_attrs, system_attrs, datetime_start, datetime_complete and
+    duration (``multi_index=False``), read from the tables; nested user and system attributes
+    (mappings, lists) are their stored JSON text instead of Python objects, as ``export``
+    writes them."""
+    study_id = int(data.study_id)
+    times = {row[0]: (row[1], _local(row[2]), _local(row[3])) for row in reader._raw(
+        f"SELECT number, state, datetime_start, datetime_complete FROM trials WHERE study_id = {study_id}")}
+    nested = {}
+    for table, prefix in (("trial_user_attributes", "user_attrs"), ("trial_system_attributes", "system_attrs")):
+        out: Dict[int, Dict[str, Any]] = {}
+        id_column = "trial_user_attribute_id" if prefix == "user_attrs" else "trial_system_attribute_id"
+        for number, key, value in reader._raw(
+                f"SELECT t.number, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+                f"WHERE t.study_id = {study_id} ORDER BY a.{id_column}"):
+            out.setdefault(number, {})[key] = _raw_json(value)
+        nested[prefix] = out
+    names = reader._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
+                         id=study_id, key=_METRIC_NAMES)
+    metric_names = json.loads(names[0][0]) if names else None
+    value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
+    found = {"params": set(), "user_attrs": set(), "system_attrs": set()}
+    rows = []
+    for record in data.records:
+        state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
+        row = {"number": record.number, "state": state}
+        values = record.values if record.values is not None else [None] * len(data.directions)
+        for key, value in zip(value_keys, values):
+            row[f"values_{key}"] = value
+        for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].get(record.number, {})),
+                              ("system_attrs", nested["system_attrs"].get(record.number, {}))):
+            for key, value in attrs.items():
+                row[f"{prefix}_{key}"] = value
+                found[prefix].add(key)
+        row["datetime_start"], row["datetime_complete"] = start, complete
+        row["duration"] = complete - start if start is not None and complete is not None else None
+        rows.append(row)
+    columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
+    for prefix in ("params", "user_attrs", "system_attrs"):
+        columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
+    columns += ["datetime_start", "datetime_complete", "duration"]
+    return rows, columns
+
+
+def _literals(keys: Iterable[str]) -> str:
+    """Attribute keys as SQL string literals: the keys of this module and its callers (letters,
+    digits, ``_``, ``:`` and ``.``), refused otherwise."""
+    keys = list(keys)
+    for key in keys:
+        if not re.fullmatch(r"[A-Za-z0-9_:.]+", key):
+            raise ValueError(f"not an attribute key this reader writes into SQL: {key!r}")
+    return ", ".join(f"'{key}'" for key in keys) or "NULL"
+
+
+def read_study(url: str, name: str, *, user_keys: Optional[Sequence[str]] = STATUS_KEYS,
+               number: Callable[[Any], Any] = float) -> StudyData:
+    """:meth:`StudyReader.read` on a reader of its own (closed after)."""
+    reader = StudyReader(url)
+    try:
+        return reader.read(name, user_keys=user_keys, number=number)
+    finally:
+        reader.close()
