@@ -73,6 +73,9 @@ from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metri
 __all__ = ["launch", "resolve_spec", "Driver", "LaunchSummary", "make_sampler", "study_paths"]
 
 DRIVER_STALE_SECONDS = 60.0
+#: a trial whose new worker dies before it is placed is submitted again this often without spending
+#: an attempt (a node dying but not yet known dead to Ray takes workers and loses them)
+UNSTARTED_RESUBMITS = 3
 DUPLICATES_IN_A_ROW = 8  # a family whose sampler repeats finished configurations this often is exhausted
 RESULT_SCALARS = (
     "quality", "val_quality", "test_quality", "flops_per_sample", "dense_flops_per_sample", "relative_flops",
@@ -543,6 +546,7 @@ class Driver:
         self.idle: List[Any] = []  # workers free for the next trial
         self.placements: Dict[int, List[Dict[str, Any]]] = {}  # trial number -> node of each attempt
         self.worker_deaths: Dict[int, int] = {}  # trial number -> its attempts that ended with its worker dying
+        self.unstarted: Dict[int, int] = {}  # trial number -> workers that died before being placed
         self.located: Dict[Any, Dict[str, Any]] = {}  # worker -> where it was placed (its ``info``)
         self.asked: Dict[int, Any] = {}  # trial number -> every trial this launch asked for
         self.exhausted: Dict[str, int] = {}  # family -> duplicates in a row (unbounded spaces)
@@ -1068,6 +1072,16 @@ class Driver:
         _kill(entry.worker)
         self.located.pop(entry.worker, None)
         number = entry.trial.number
+        if (entry.started is None and reason.startswith("worker died:")
+                and self.unstarted.get(number, 0) < UNSTARTED_RESUBMITS):
+            # its worker died before it was placed (e.g. on a node dying but not yet known dead):
+            # the trial did not run, so this costs no attempt; bounded, for workers that never start
+            self.unstarted[number] = self.unstarted.get(number, 0) + 1
+            self.display.line(f"[{self.spec.name}] trial {number}: its worker died before it started ({reason}); "
+                              f"submitted again (not counted as an attempt)")
+            self.submit(entry.trial, entry.config, entry.digest, entry.attempt)
+            self.reassign()
+            return
         if reason.startswith("worker died:") and "OutOfMemoryError" not in reason:
             self.worker_deaths[number] = self.worker_deaths.get(number, 0) + 1
         if entry.attempt < self.spec.retries:

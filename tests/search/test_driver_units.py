@@ -9,7 +9,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from gsmsearch.search._launch import (DUPLICATES_IN_A_ROW, RESULT_SCALARS, Driver, _requeue_unfinished, resume_command,
+from gsmsearch.search._launch import (DUPLICATES_IN_A_ROW, RESULT_SCALARS, UNSTARTED_RESUBMITS, Driver,
+                                      _requeue_unfinished, resume_command,
                                       study_paths)
 from gsmsearch.search._space import family_configurations
 from gsmsearch.search._spec import SpecError, spec_from_dict
@@ -354,11 +355,41 @@ def test_a_trial_past_its_time_limit_is_retried_in_its_checkpoint_folder_then_fa
     assert trial.user_attrs["failure_reason"] == "exceeded trial_timeout of 60s (after 2 attempt(s))"
 
 
-def _fail_running(driver, reason):
+def _fail_running(driver, reason, *, placed=True):
+    """The only running trial fails with ``reason``: after its worker was placed (it ran), or
+    before (``placed=False``: its worker never started)."""
     (ref, entry), = driver.running.items()
     driver.running.pop(ref)
+    if placed:
+        entry.placed, entry.started = None, time.monotonic()
     driver.retry_or_fail(entry, reason)
     return entry
+
+
+def test_a_worker_that_dies_before_it_is_placed_costs_no_attempt_a_bounded_number_of_times(tmp_path):
+    """A node dying but not yet known dead takes new workers and loses them: the trial did not
+    run, so it is submitted again on the same attempt, UNSTARTED_RESUBMITS times at most; after
+    that such a death counts as an attempt (a worker environment that never starts ends)."""
+    driver, workers = make_driver(tmp_path, {"concurrency": 1, "retries": 1, "trials": 1})
+    driver.fill()
+    number = next(iter(driver.running.values())).trial.number
+    for resubmitted in range(1, UNSTARTED_RESUBMITS + 1):
+        _fail_running(driver, "worker died: ActorDiedError", placed=False)
+        (entry,) = driver.running.values()
+        assert (entry.trial.number, entry.attempt) == (number, 0)
+        assert len(workers.submitted) == 1 + resubmitted and workers.submitted[-1] == workers.submitted[0]
+    assert driver.out.getvalue().count("its worker died before it started") == UNSTARTED_RESUBMITS
+    _fail_running(driver, "worker died: ActorDiedError", placed=False)  # now it costs attempt 1
+    (entry,) = driver.running.values()
+    assert entry.attempt == 1
+    assert "attempt 1 failed (worker died: ActorDiedError); retrying" in driver.out.getvalue()
+    # a worker that raised before it was placed is no death: that costs the attempt at once
+    (tmp_path / "b").mkdir()
+    driver2, _ = make_driver(tmp_path / "b", {"concurrency": 1, "retries": 1, "trials": 1})
+    driver2.fill()
+    _fail_running(driver2, "ValueError: bad option (at w.py:3)", placed=False)
+    (entry,) = driver2.running.values()
+    assert entry.attempt == 1
 
 
 def test_a_trial_whose_every_attempt_lost_its_worker_counts_toward_the_target_and_resume_reruns_it(tmp_path):
