@@ -172,6 +172,7 @@ def measure(spec_path: str) -> dict:
                 return function(*args, **kwargs)
             finally:
                 into["s"] += time.perf_counter() - begin
+                into["n"] = into.get("n", 0) + 1
         return wrapper
 
     ray.wait, ray.get = timed(ray.wait, blocked), timed(ray.get, blocked)
@@ -179,9 +180,11 @@ def measure(spec_path: str) -> dict:
     original_run = _launch.Driver.run
 
     def run(self):
-        begin = time.perf_counter()
+        begin, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         original_run(self)
         run_wall["s"] = time.perf_counter() - begin
+        run_wall["cpu_s"] = time.process_time() - cpu  # all of the process's threads (Ray's client too)
+        run_wall["load"] = (load + os.getloadavg()[0]) / 2
 
     _launch.Driver.run = run
     profile_path = os.environ.get("DRIVER_SCALE_PROFILE")  # a cProfile of the launch, for finding where time goes
@@ -194,7 +197,8 @@ def measure(spec_path: str) -> dict:
     else:
         summary = launch(spec_path, resume=True, status_interval=1e9, out=open(os.devnull, "w"))
     trials = summary.completed
-    return {"run_wall_s": run_wall["s"], "blocked_on_ray_s": blocked["s"], "ask_s": asking["s"],
+    return {"run_wall_s": run_wall["s"], "run_cpu_s": run_wall["cpu_s"], "load_average_1min": run_wall["load"],
+            "asks": asking.get("n", 0), "blocked_on_ray_s": blocked["s"], "ask_s": asking["s"],
             "completed": trials, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": baseline}
 
 
@@ -250,11 +254,13 @@ def run_size(storage_kind: str, storage: str, size: int, more: int, folder: Path
 
 
 def run_driver_size(storage_kind: str, storage: str, size: int, more: int, folder: Path) -> dict:
-    """The driver's part alone (``--driver-only``): pre-fill, then ``launch --resume`` measured."""
+    """The driver's part alone (``--driver-only``): pre-fill, then ``launch --resume`` measured.
+    A spec holds at most 100,000 trials: at that size the pre-fill stops ``more`` short of it."""
     name = f"scale_{storage_kind}_{size}"
     spec_path = folder / f"{name}.yaml"
-    spec_path.write_text(yaml.safe_dump(_spec(name, storage, size + more, str(folder / name))))
-    filled = _step("prefill", str(spec_path), str(size))
+    total = min(size + more, 100_000)
+    spec_path.write_text(yaml.safe_dump(_spec(name, storage, total, str(folder / name))))
+    filled = _step("prefill", str(spec_path), str(total - more))
     measured = _step("measure", str(spec_path))
     driver_s = measured["run_wall_s"] - measured["blocked_on_ray_s"]
     ran = measured["completed"] - filled["trials"]
@@ -294,8 +300,11 @@ def main(argv=None) -> int:
                     row = run_driver_size(kind, url, size, args.more, folder)
                     report["runs"].append(row)
                     print(f"{kind:10s} {size:7d} trials: driver {row['driver_s_per_trial']:.3f} s/trial "
-                          f"(ask {row['ask_s_per_trial']:.3f}, rest {row['other_driver_s_per_trial']:.3f}), "
+                          f"(ask {row['ask_s_per_trial']:.3f}, rest {row['other_driver_s_per_trial']:.3f}; "
+                          f"{row['asks']} asks; load {row['load_average_1min']:.1f}), "
                           f"peak {row['peak_rss_mib']:.0f} MiB, pre-fill {row['prefill_s']:.0f} s", flush=True)
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # each size as it is measured
+                    Path(args.out).write_text(json.dumps(report, indent=1))
                     continue
                 row = run_size(kind, url, size, args.more, folder)
                 report["runs"].append(row)

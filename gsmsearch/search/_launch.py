@@ -1243,15 +1243,17 @@ class Driver:
     def summarize(self) -> LaunchSummary:
         """Fill the summary from the study as it now is, and print the last progress line."""
         spec, summary = self.spec, self.summary
-        records = study_records(self.study)
-        summary.completed = sum(1 for r in records if r.state == "COMPLETE")
-        summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
-        summary.pruned = sum(1 for r in records if _pruned_early(r))
+        index = self.trial_index().refresh()  # the counts and the front of study_records, without reading them all
+        summary.completed = index.counts["state:COMPLETE"]  # a told duplicate reads PRUNED there
+        summary.failed = index.counts["failed"]
+        summary.pruned = index.counts["pruned"]
         # beside the objectives, each member's test quality: measured, never selected on
+        members = [index.trial(number) for number in index.front_numbers()]
         summary.front = [
-            {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values)),
-             "test_quality": (r.user_attrs.get("result") or {}).get("test_quality")}
-            for r in front_records(records, spec.directions)
+            {"number": t.number, "family": t.params.get("family") or t.user_attrs.get("family"),
+             **dict(zip(spec.metric_names, t.values)),
+             "test_quality": (t.user_attrs.get("result") or {}).get("test_quality")}
+            for t in members
         ]
         self.display.status(self.study, spec, 0, force=True)
         return summary
