@@ -179,9 +179,24 @@ def measure(spec_path: str) -> dict:
     _launch._next_trial = timed(_launch._next_trial, asking)
     original_run = _launch.Driver.run
 
+    collecting = {"s": 0.0, "full": 0}  # the garbage collector's passes while the loop runs
+
+    def on_gc(phase, info, started={}):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            collecting["s"] += time.perf_counter() - started.pop("t")
+            collecting["full"] += info.get("generation") == 2
+
     def run(self):
+        import gc
+
         begin, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
-        original_run(self)
+        gc.callbacks.append(on_gc)
+        try:
+            original_run(self)
+        finally:
+            gc.callbacks.remove(on_gc)
         run_wall["s"] = time.perf_counter() - begin
         run_wall["cpu_s"] = time.process_time() - cpu  # all of the process's threads (Ray's client too)
         run_wall["load"] = (load + os.getloadavg()[0]) / 2
@@ -198,7 +213,8 @@ def measure(spec_path: str) -> dict:
         summary = launch(spec_path, resume=True, status_interval=1e9, out=open(os.devnull, "w"))
     trials = summary.completed
     return {"run_wall_s": run_wall["s"], "run_cpu_s": run_wall["cpu_s"], "load_average_1min": run_wall["load"],
-            "asks": asking.get("n", 0), "blocked_on_ray_s": blocked["s"], "ask_s": asking["s"],
+            "asks": asking.get("n", 0), "gc_s": collecting["s"], "gc_full_passes": collecting["full"],
+            "blocked_on_ray_s": blocked["s"], "ask_s": asking["s"],
             "completed": trials, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": baseline}
 
 

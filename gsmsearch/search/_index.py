@@ -131,6 +131,7 @@ class TrialIndex:
         self.front: Dict[int, Tuple[float, ...]] = {}  # number -> values, of the feasible complete non-dominated
         self.worst: List[float] = []  # per objective, the worst value of any record with values (minimised form)
         self.sampler_front: Dict[int, Tuple[float, ...]] = {}  # non-dominated complete trials, feasible or not
+        self._minimized: Dict[int, List[float]] = {}  # number -> values in minimisation form, of the fronts' members
         self.recent: Deque[int] = deque(maxlen=history)  # numbers of the latest finished trials, last last
 
     # -- reading -----------------------------------------------------------------------------
@@ -151,8 +152,13 @@ class TrialIndex:
             self.full_reads += 1  # a storage that cannot be asked for the changed trials alone
             changed = with_retries(lambda: self.study.get_trials(deepcopy=False))
         else:
-            unfinished, after = set(self.unfinished), self.max_trial_id
-            changed = with_retries(lambda: backend._get_trials(self.study._study_id, None, unfinished, after))
+            # the trials created since (one range read of the trial ids), then each unfinished
+            # one by its id (one query of both would make SQLite scan every trial of the study)
+            after = self.max_trial_id
+            changed = with_retries(lambda: backend._get_trials(self.study._study_id, None, set(), after))
+            for trial_id in sorted(self.unfinished):
+                if trial_id <= after:
+                    changed.append(with_retries(lambda trial_id=trial_id: backend.get_trial(trial_id)))
         for trial in changed:
             self._update(trial)
         return self
@@ -244,9 +250,21 @@ class TrialIndex:
                     self.worst = list(mins)
                 self.worst = [max(w, v) for w, v in zip(self.worst, mins)]
                 if c.candidate:
-                    _insert(self.front, number, c.values, self.directions)
+                    self._insert(self.front, number, c.values, mins)
         if sign > 0 and c.complete and c.values is not None:
-            _insert(self.sampler_front, number, c.values, self.directions)
+            mins = to_minimization(c.values, self.directions)
+            if not any(math.isnan(v) for v in mins):
+                self._insert(self.sampler_front, number, c.values, mins)
+
+    def _insert(self, front: Dict[int, Tuple[float, ...]], number: int, values, mins: List[float]) -> None:
+        """Add a point to a non-dominated set (``_pareto.pareto_front``'s rule: a point equal to
+        a member is kept beside it; one with a NaN never enters)."""
+        if any(dominates(self._minimized[other], mins) for other in front):
+            return
+        for other in [other for other in front if dominates(mins, self._minimized[other])]:
+            del front[other]
+        front[number] = tuple(values)
+        self._minimized[number] = mins
 
     def _finished(self, number: int, trial) -> None:
         self.recent.append(number)
@@ -339,21 +357,6 @@ class TrialIndex:
             return None
         numbers = set(self.recent) | set(self.sampler_front) | set(self.unfinished.values())
         return [self.trials[n] for n in sorted(numbers)]
-
-
-def _insert(front: Dict[int, Tuple[float, ...]], number: int, values, directions) -> None:
-    """Add a point to a non-dominated set (``_pareto.pareto_front``'s rule: a point equal to a
-    member is kept beside it; one with a NaN never enters)."""
-    mins = to_minimization(values, directions)
-    if any(math.isnan(v) for v in mins):
-        return
-    members = {n: to_minimization(v, directions) for n, v in front.items()}
-    if any(dominates(m, mins) for m in members.values()):
-        return
-    for other, m in members.items():
-        if dominates(mins, m):
-            del front[other]
-    front[number] = tuple(values)
 
 
 def write_attrs(trial, user: Optional[Dict[str, Any]] = None, system: Optional[Dict[str, Any]] = None) -> None:

@@ -1345,6 +1345,7 @@ def launch(
         # where the trials' structure files are (gsmsearch.apply_structure finds them from the study)
         with_retries(lambda: driver.study.set_user_attr("structures_dir", str(paths["structures"])))
         driver.recover()
+        driver.trial_index().refresh()  # its one read of the whole study, before the loop
         print(f"[{spec.name}] storage {driver.summary.storage}; {where}; up to {spec.concurrency} concurrent "
               f"trial(s)", file=out)
         for key in ("checkpoints", "cache", "structures"):
