@@ -10,7 +10,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from gsmsearch.search._index import TrialIndex, bounded_sampler
-from gsmsearch.search._launch import _known_digests, _known_realized, _next_trial
+from gsmsearch.search._launch import _known_digests, _known_realized
 from gsmsearch.search._replicates import waiting_params
 from gsmsearch.search._space import trial_config
 from gsmsearch.search._storage import open_storage
