@@ -83,6 +83,9 @@ def prefill(spec_path: str, size: int) -> dict:
         attrs = json.loads(json.dumps(template.user_attrs))
         attrs["config"]["budget"] = budget
         attrs["config_digest"] = f"{rng.getrandbits(64):016x}"
+        # a realised key of its own too: a copy shares its template's model, and a study whose
+        # every proposal realises a model trained already would run no more trials
+        attrs["realized_key"] = f"prefill-{attrs['config_digest']}"
         attrs["result"].update(quality=quality, val_quality=quality, relative_flops=flops,
                                test_quality=quality - rng.uniform(0, 0.02))
         params = {"family": family, f"{family}.budget": budget}
@@ -92,12 +95,63 @@ def prefill(spec_path: str, size: int) -> dict:
             params=params, distributions={k: template.distributions[k] for k in params},
             user_attrs=attrs, system_attrs={"constraints:relative_flops": flops - 0.6},
             intermediate_values={}))
-        if len(batch) == 1000:
-            study.add_trials(batch)
+        if len(batch) == 2000:
+            _bulk_add_trials(study, batch)
             batch = []
     if batch:
-        study.add_trials(batch)
+        _bulk_add_trials(study, batch)
     return {"prefill_s": time.perf_counter() - started, "trials": len(study.get_trials(deepcopy=False))}
+
+
+def _bulk_add_trials(study, trials) -> None:
+    """Add finished ``trials`` to ``study`` in one transaction, as ``Study.add_trials`` records
+    them (the same rows in Optuna's own tables, through its SQLAlchemy models), numbered after
+    the study's last trial.  ``add_trials`` takes one transaction and a count of the past trials
+    per trial, which makes a 100,000-trial pre-fill quadratic."""
+    import json as _json
+
+    import sqlalchemy
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+
+    rdb = study._storage._rdb  # RetryingStorage -> Optuna's RDBStorage
+    session = rdb.scoped_session()
+    try:
+        numbers = session.execute(sqlalchemy.select(sqlalchemy.func.count()).select_from(models.TrialModel)
+                                  .where(models.TrialModel.study_id == study._study_id)).scalar()
+        trial_rows = []
+        for offset, trial in enumerate(trials):
+            row = models.TrialModel(number=numbers + offset, study_id=study._study_id, state=trial.state)
+            row.datetime_start, row.datetime_complete = trial.datetime_start, trial.datetime_complete
+            trial_rows.append({"number": row.number, "study_id": row.study_id, "state": row.state,
+                               "datetime_start": row._datetime_start_utc,
+                               "datetime_complete": row._datetime_complete_utc})
+        table = models.TrialModel.__table__
+        ids = session.execute(sqlalchemy.insert(table).returning(table.c.trial_id, sort_by_parameter_order=True),
+                              trial_rows).scalars().all()
+        values, params, user, system = [], [], [], []
+        for trial_id, trial in zip(ids, trials):
+            for objective, value in enumerate(trial.values or []):
+                stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+                values.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
+            for name, value in trial.params.items():
+                distribution = trial.distributions[name]
+                params.append({"trial_id": trial_id, "param_name": name,
+                               "param_value": distribution.to_internal_repr(value),
+                               "distribution_json": distribution_to_json(distribution)})
+            user += [{"trial_id": trial_id, "key": k, "value_json": _json.dumps(v)} for k, v in trial.user_attrs.items()]
+            system += [{"trial_id": trial_id, "key": k, "value_json": _json.dumps(v)}
+                       for k, v in trial.system_attrs.items()]
+        for model, rows in ((models.TrialValueModel, values), (models.TrialParamModel, params),
+                            (models.TrialUserAttributeModel, user), (models.TrialSystemAttributeModel, system)):
+            if rows:
+                session.execute(sqlalchemy.insert(model.__table__), rows)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 def measure(spec_path: str) -> dict:
@@ -118,21 +172,49 @@ def measure(spec_path: str) -> dict:
                 return function(*args, **kwargs)
             finally:
                 into["s"] += time.perf_counter() - begin
+                into["n"] = into.get("n", 0) + 1
         return wrapper
 
     ray.wait, ray.get = timed(ray.wait, blocked), timed(ray.get, blocked)
     _launch._next_trial = timed(_launch._next_trial, asking)
     original_run = _launch.Driver.run
 
+    collecting = {"s": 0.0, "full": 0}  # the garbage collector's passes while the loop runs
+
+    def on_gc(phase, info, started={}):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            collecting["s"] += time.perf_counter() - started.pop("t")
+            collecting["full"] += info.get("generation") == 2
+
     def run(self):
-        begin = time.perf_counter()
-        original_run(self)
+        import gc
+
+        begin, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+        gc.callbacks.append(on_gc)
+        try:
+            original_run(self)
+        finally:
+            gc.callbacks.remove(on_gc)
         run_wall["s"] = time.perf_counter() - begin
+        run_wall["cpu_s"] = time.process_time() - cpu  # all of the process's threads (Ray's client too)
+        run_wall["load"] = (load + os.getloadavg()[0]) / 2
 
     _launch.Driver.run = run
-    summary = launch(spec_path, resume=True, status_interval=1e9, out=open(os.devnull, "w"))
+    profile_path = os.environ.get("DRIVER_SCALE_PROFILE")  # a cProfile of the launch, for finding where time goes
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        summary = profiler.runcall(launch, spec_path, resume=True, status_interval=1e9, out=open(os.devnull, "w"))
+        profiler.dump_stats(profile_path)
+    else:
+        summary = launch(spec_path, resume=True, status_interval=1e9, out=open(os.devnull, "w"))
     trials = summary.completed
-    return {"run_wall_s": run_wall["s"], "blocked_on_ray_s": blocked["s"], "ask_s": asking["s"],
+    return {"run_wall_s": run_wall["s"], "run_cpu_s": run_wall["cpu_s"], "load_average_1min": run_wall["load"],
+            "asks": asking.get("n", 0), "gc_s": collecting["s"], "gc_full_passes": collecting["full"],
+            "blocked_on_ray_s": blocked["s"], "ask_s": asking["s"],
             "completed": trials, "peak_rss_mib": _peak_rss_mib(), "baseline_rss_mib": baseline}
 
 
@@ -187,6 +269,22 @@ def run_size(storage_kind: str, storage: str, size: int, more: int, folder: Path
             "other_driver_s_per_trial": (driver_s - measured["ask_s"]) / more, "commands": commands}
 
 
+def run_driver_size(storage_kind: str, storage: str, size: int, more: int, folder: Path) -> dict:
+    """The driver's part alone (``--driver-only``): pre-fill, then ``launch --resume`` measured.
+    A spec holds at most 100,000 trials: at that size the pre-fill stops ``more`` short of it."""
+    name = f"scale_{storage_kind}_{size}"
+    spec_path = folder / f"{name}.yaml"
+    total = min(size + more, 100_000)
+    spec_path.write_text(yaml.safe_dump(_spec(name, storage, total, str(folder / name))))
+    filled = _step("prefill", str(spec_path), str(total - more))
+    measured = _step("measure", str(spec_path))
+    driver_s = measured["run_wall_s"] - measured["blocked_on_ray_s"]
+    ran = measured["completed"] - filled["trials"]
+    return {"storage": storage_kind, "size": size, "more": ran, **filled, **measured,
+            "driver_s_per_trial": driver_s / more, "ask_s_per_trial": measured["ask_s"] / more,
+            "other_driver_s_per_trial": (driver_s - measured["ask_s"]) / more}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.driver_scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--more", type=int, default=20, help="real trials run after the pre-fill")
     parser.add_argument("--postgres", default=None, help="a PostgreSQL server URL (a database per size is created)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "driver-scale.json"))
+    parser.add_argument("--driver-only", action="store_true",
+                        help="measure the driver alone (no status/export/report runs)")
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:
@@ -212,6 +312,16 @@ def main(argv=None) -> int:
             if args.postgres:
                 storages.append(("postgresql", _fresh_database(args.postgres, f"gsm_scale_{size}")))
             for kind, url in storages:
+                if args.driver_only:
+                    row = run_driver_size(kind, url, size, args.more, folder)
+                    report["runs"].append(row)
+                    print(f"{kind:10s} {size:7d} trials: driver {row['driver_s_per_trial']:.3f} s/trial "
+                          f"(ask {row['ask_s_per_trial']:.3f}, rest {row['other_driver_s_per_trial']:.3f}; "
+                          f"{row['asks']} asks; load {row['load_average_1min']:.1f}), "
+                          f"peak {row['peak_rss_mib']:.0f} MiB, pre-fill {row['prefill_s']:.0f} s", flush=True)
+                    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # each size as it is measured
+                    Path(args.out).write_text(json.dumps(report, indent=1))
+                    continue
                 row = run_size(kind, url, size, args.more, folder)
                 report["runs"].append(row)
                 print(f"{kind:10s} {size:7d} trials: driver {row['driver_s_per_trial']:.3f} s/trial "

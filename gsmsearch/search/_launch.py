@@ -65,6 +65,7 @@ from ._storage import (DatabaseUnreachable, fail_stale_trials, open_storage, red
                        with_retries)
 from ._space import family_configurations, space_size, trial_config
 from ._realized import Realizer
+from ._index import SAMPLER_HISTORY, TrialIndex, bounded_sampler, write_attrs
 from ._replicates import replicate_params, waiting_params
 from ._pruning import TrialCurve, curve_from_attrs, make_pruner
 from ._study import (OBJECTIVE_SPLIT, OBJECTIVE_SPLIT_ATTR, front_records, metric_label, study_hypervolume,
@@ -144,6 +145,7 @@ class _Display:
         self.out, self.total, self.interval = out, total, interval
         self.last = 0.0
         self.durations: List[float] = []
+        self.index: Optional[TrialIndex] = None  # the driver's, once it has one: no whole-study read per line
 
     def line(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -153,14 +155,23 @@ class _Display:
         if not force and now - self.last < self.interval:
             return
         self.last = now
-        records = study_records(study)
-        done = sum(1 for r in records if _counts_as_done(r)) + len(_awaiting_resume(records))
-        failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
-        duplicates = sum(1 for r in records if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None)
+        if self.index is not None and self.index.study is study:
+            index = self.index.refresh()
+            counts = index.counts
+            done, failed, duplicates, pruned = (counts["record_done"] + index.awaiting_resume(), counts["failed"],
+                                                counts["duplicate"], counts["pruned"])
+            front = index.front_numbers()
+            hv = index.hypervolume(spec.metric_names)
+        else:
+            records = study_records(study)
+            done = sum(1 for r in records if _counts_as_done(r)) + len(_awaiting_resume(records))
+            failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
+            duplicates = sum(1 for r in records
+                             if r.state == "PRUNED" and r.user_attrs.get("duplicate_of") is not None)
+            pruned = sum(1 for r in records if _pruned_early(r))
+            front = front_records(records, spec.directions)
+            hv = study_hypervolume(records, spec.metric_names, spec.directions)
         duplicates_text = f", {duplicates} duplicate{'s' if duplicates > 1 else ''}" if duplicates else ""
-        pruned = sum(1 for r in records if _pruned_early(r))
-        front = front_records(records, spec.directions)
-        hv = study_hypervolume(records, spec.metric_names, spec.directions)
         remaining = max(0, self.total - done)
         eta = ""
         if self.durations and remaining:
@@ -477,29 +488,40 @@ def _known_realized(trials, key_of) -> Dict[str, int]:
 def _next_trial(study, spec: StudySpec, exhausted: Dict[str, int], trials):
     """Ask for the next trial: a re-enqueued configuration first, else the least-tried family
     among those whose space is not exhausted (``exhausted``: family -> duplicates in a row;
-    ``trials``: the study's trials, read once by the caller).  A family's count is its distinct
-    configurations run or running (by realised key where the trial records one, see
-    ``_realized``), so a configuration recorded twice counts once against the size of a finite
-    space, and a duplicate, never trained, does not count."""
+    ``trials``: the driver's :class:`~._index.TrialIndex`, or the study's trials read once by the
+    caller).  A family's count is its distinct configurations run or running (by realised key
+    where the trial records one, see ``_realized``), so a configuration recorded twice counts
+    once against the size of a finite space, and a duplicate, never trained, does not count."""
     from optuna.trial import TrialState
 
-    if not any(t.state == TrialState.WAITING for t in trials):
-        tried: Dict[str, set] = {family: set() for family in spec.families
-                                 if exhausted.get(family, 0) < DUPLICATES_IN_A_ROW}
-        if not tried:
+    if isinstance(trials, TrialIndex):
+        any_waiting = trials.any_waiting
+    else:
+        any_waiting = any(t.state == TrialState.WAITING for t in trials)
+    if not any_waiting:
+        families = [family for family in spec.families if exhausted.get(family, 0) < DUPLICATES_IN_A_ROW]
+        if not families:
             return None
-        for t in trials:
-            family = t.params.get("family")
-            if family in tried and not _is_duplicate(t) and (_finished_for_good(t) or t.state == TrialState.RUNNING):
-                tried[family].add(t.user_attrs.get("realized_key") or t.user_attrs.get("config_digest")
-                                  or ("trial", t.number))
-        counts = {family: len(configs) for family, configs in tried.items()}
+        if isinstance(trials, TrialIndex):
+            counts = {family: trials.tried_count(family) for family in families}
+        else:
+            tried: Dict[str, set] = {family: set() for family in families}
+            for t in trials:
+                family = t.params.get("family")
+                if family in tried and not _is_duplicate(t) and (_finished_for_good(t)
+                                                                 or t.state == TrialState.RUNNING):
+                    tried[family].add(t.user_attrs.get("realized_key") or t.user_attrs.get("config_digest")
+                                      or ("trial", t.number))
+            counts = {family: len(configs) for family, configs in tried.items()}
         # a family whose finite space has been run entirely gets no more proposals
         counts = {f: c for f, c in counts.items() if (space_size(spec, f) or float("inf")) > c}
         if not counts:
             return None
         family = min(counts, key=lambda f: (counts[f], list(spec.families).index(f)))
         with_retries(lambda: study.enqueue_trial({"family": family}, skip_if_exists=False))
+    if isinstance(trials, TrialIndex):
+        trials.refresh()  # the trial just queued
+        return trials.ask()
     return with_retries(study.ask)
 
 
@@ -564,6 +586,7 @@ class Driver:
         self.abandoned = False  # the database is away or the lock lost: write nothing more
         self.pruner = make_pruner(spec)  # None: trials run to their last epoch
         self.curves: Optional[Dict[int, TrialCurve]] = None  # trial number -> its curve (read at first use)
+        self.index: Optional[TrialIndex] = None  # the study's trials as the driver reads them (``_index``)
 
     # -- dry run -----------------------------------------------------------------------------
 
@@ -595,7 +618,20 @@ class Driver:
         except BaseException:
             self.lock.release()
             raise
+        self.trial_index()
         return self.study
+
+    def trial_index(self) -> TrialIndex:
+        """The driver's :class:`~._index.TrialIndex` of its study (made at the first call, read
+        at the first refresh), and the study's sampler asked through it (``SAMPLER_HISTORY``)."""
+        if self.index is None or self.index.study is not self.study:
+            self.index = TrialIndex(self.study, self.spec.directions, self.realized_key, history=SAMPLER_HISTORY)
+            self.display.index = self.index
+            if not hasattr(self.study.sampler, "index"):
+                self.study.sampler = bounded_sampler(self.study.sampler, self.index)
+            else:
+                self.study.sampler.index = self.index
+        return self.index
 
     def recover(self) -> Tuple[int, int]:
         """Mark FAIL ("stale", not final) the trials left RUNNING by a driver that stopped, and
@@ -649,7 +685,12 @@ class Driver:
             self.last_heartbeat = time.monotonic()
 
     def done_count(self, trials=None) -> int:
-        trials = with_retries(lambda: self.study.get_trials(deepcopy=False)) if trials is None else trials
+        """Trials finished for good, duplicates not counted, and those waiting for a ``--resume``
+        because their worker or node died (:func:`_awaiting_resume`): of ``trials`` when given,
+        else of the study (through the driver's index)."""
+        if trials is None:
+            index = self.trial_index().refresh()
+            return index.done + index.awaiting_resume()
         return (sum(1 for t in trials if _finished_for_good(t) and not _is_duplicate(t))
                 + len(_awaiting_resume(trials)))
 
@@ -658,16 +699,15 @@ class Driver:
         results have arrived but are not in the database yet (they count as done)."""
         in_flight = len(self.running)
         if self.waiting_duplicates:
-            self.settle_duplicates(with_retries(lambda: self.study.get_trials(deepcopy=False)))
+            self.settle_duplicates()
         while in_flight < self.spec.concurrency:
             if self.interrupt.pending:  # stop asking; the loop stops once this result is recorded
                 break
-            # one read of the study per proposal: the count, the family choice and the
-            # duplicate check all see the same trials (none of them changes what they read)
-            trials = with_retries(lambda: self.study.get_trials(deepcopy=False))
-            if self.done_count(trials) + unrecorded + in_flight >= self.target:
+            # one refresh of the driver's index per proposal (the trials changed since the last):
+            # the count, the family choice and the duplicate check all see the same trials
+            if self.done_count() + unrecorded + in_flight >= self.target:
                 break
-            proposal = self.ask(trials)
+            proposal = self.ask()
             if proposal is None:
                 if not self.exhausted_reported:
                     self.display.line(f"[{self.spec.name}] every family's search space is exhausted "
@@ -681,36 +721,35 @@ class Driver:
             self.submit(proposal.trial, proposal.config, proposal.digest, attempt=0)
             in_flight += 1
 
-    def ask(self, trials) -> Optional[_Proposal]:
-        """Ask Optuna for one trial and build its configuration (``trials``: the study's trials,
-        read once by the caller); None when every family's space is exhausted.  A configuration
-        that has completed, failed for good or is running is not run again, nor is one that
-        realises the same model as such a trial (its realised key, ``_realized``): the trial is
-        recorded as a duplicate (see :meth:`set_aside`)."""
-        trial = _next_trial(self.study, self.spec, self.exhausted, trials)
+    def ask(self, trials=None) -> Optional[_Proposal]:
+        """Ask Optuna for one trial and build its configuration; None when every family's space
+        is exhausted.  A configuration that has completed, failed for good or is running is not
+        run again, nor is one that realises the same model as such a trial (its realised key,
+        ``_realized``): the trial is recorded as a duplicate (see :meth:`set_aside`).  What has
+        run is read from the driver's index, refreshed here (``trials``, a caller's read of the
+        study, holds the same trials and is not needed)."""
+        index = self.trial_index().refresh()
+        trial = _next_trial(self.study, self.spec, self.exhausted, index)
         if trial is None:
             return None
         self.asked[trial.number] = trial
         config = trial_config(self.spec, trial, device=self.device).to_dict()
         digest = TrialConfig.from_dict(config).digest()
         family = config["family"]
-        known = _known_digests(trials)
-        originals = _known_realized(trials, self.realized_key)
+        known = index.known
+        originals = index.known_realized
         if digest in known:
             self.set_aside(trial, family, known, duplicate_of=known[digest], known_realized=originals)
             return _Proposal(trial, config, digest, duplicate_of=known[digest])
         realized = self.realizer.key(config)
         if realized is not None and realized in originals:
-            original = next(t for t in trials if t.number == originals[realized])
+            original = index.trial(originals[realized])
             self.set_aside(trial, family, known, duplicate_of=original.number, known_realized=originals,
                            original=original, config=config, realized=realized)
             return _Proposal(trial, config, digest, duplicate_of=original.number)
         self.exhausted[family] = 0
-        with_retries(lambda: trial.set_user_attr("config", config))
-        with_retries(lambda: trial.set_user_attr("config_digest", digest))
-        with_retries(lambda: trial.set_user_attr("realized_key", realized))
-        with_retries(lambda: trial.set_user_attr("family", family))
-        self.queue_replicates(trial, known, trials, known_realized=originals)
+        write_attrs(trial, {"config": config, "config_digest": digest, "realized_key": realized, "family": family})
+        self.queue_replicates(trial, known, index, known_realized=originals)
         return _Proposal(trial, config, digest)
 
     def realized_key(self, trial) -> Optional[str]:
@@ -731,7 +770,8 @@ class Driver:
         before any new configuration; see ``_replicates``)."""
         import optuna
 
-        for params in replicate_params(self.spec, trial.params, known=known, waiting=waiting_params(trials),
+        waiting = trials.waiting_params() if isinstance(trials, TrialIndex) else waiting_params(trials)
+        for params in replicate_params(self.spec, trial.params, known=known, waiting=waiting,
                                        device=self.device):
             if known_realized:
                 sibling = trial_config(self.spec, optuna.trial.FixedTrial(params), device=self.device)
@@ -758,15 +798,13 @@ class Driver:
         configurations left); an unbounded family counts the repeat towards being exhausted."""
         from optuna.trial import TrialState
 
+        attrs: Dict[str, Any] = {}
         if realized is not None:
             reason = f"realises the same structure as trial {duplicate_of}"
-            with_retries(lambda: trial.set_user_attr("config", config))
-            with_retries(lambda: trial.set_user_attr("realized_key", realized))
+            attrs.update(config=config, realized_key=realized)
         else:
             reason = f"the same configuration as trial {duplicate_of}"
-        with_retries(lambda: trial.set_user_attr("duplicate_of", duplicate_of))
-        with_retries(lambda: trial.set_user_attr("duplicate_reason", reason))
-        with_retries(lambda: trial.set_user_attr("family", family))
+        write_attrs(trial, {**attrs, "duplicate_of": duplicate_of, "duplicate_reason": reason, "family": family})
         if realized is not None and original is not None and original.state == TrialState.RUNNING:
             self.waiting_duplicates[trial.number] = (trial, original.number)  # told by settle_duplicates
         elif realized is not None and original is not None:
@@ -796,21 +834,20 @@ class Driver:
         if original.state != TrialState.COMPLETE:
             with_retries(lambda: self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
             return
-        for key, value in original.system_attrs.items():
-            if key.startswith("constraints:"):
-                with_retries(lambda key=key, value=value: trial.set_constraint(key.split(":", 1)[1], value))
-            elif key == "constraints":  # the list form optuna-dashboard reads (``record_result``)
-                with_retries(lambda value=value: trial.storage.set_trial_system_attr(trial._trial_id, key, value))
+        # its constraints in both forms the original holds (``set_constraint``'s
+        # ``constraints:<metric>``, and the list optuna-dashboard reads; see ``record_result``)
+        write_attrs(trial, system={key: value for key, value in original.system_attrs.items()
+                                   if key.startswith("constraints:") or key == "constraints"})
         values = list(original.values)
         with_retries(lambda: self.study.tell(trial, values, skip_if_finished=True))
 
-    def settle_duplicates(self, trials) -> None:
+    def settle_duplicates(self, trials=None) -> None:
         """Tell Optuna each duplicate that waits for the trial it duplicates (one running when it
         was proposed: it stays RUNNING, training nothing) once that trial has finished
-        (``trials``: the study's trials, read by the caller)."""
+        (``trials``: the study's trials, read by the caller; else the driver's index, refreshed)."""
         from optuna.trial import TrialState
 
-        by_number = {t.number: t for t in trials}
+        by_number = {t.number: t for t in trials} if trials is not None else self.trial_index().refresh().trials
         for number, (trial, original) in list(self.waiting_duplicates.items()):
             if by_number[original].state not in (TrialState.RUNNING, TrialState.WAITING):
                 self.tell_duplicate(trial, by_number[original])
@@ -1120,11 +1157,9 @@ class Driver:
             "run_s": outcome["finished"] - outcome["started"],
             "return_s": received - outcome["finished"],
         }
-        with_retries(lambda: entry.trial.set_user_attr("timing", timing))
-        with_retries(lambda: entry.trial.set_user_attr("ray_actor_id", outcome.get("actor_id")))
-        with_retries(lambda: entry.trial.set_user_attr("node_id", outcome.get("node_id")))
-        with_retries(lambda: entry.trial.set_user_attr("host", outcome.get("host")))
-        with_retries(lambda: entry.trial.set_user_attr("attempts", entry.attempt + 1))
+        write_attrs(entry.trial, {"timing": timing, "ray_actor_id": outcome.get("actor_id"),
+                                  "node_id": outcome.get("node_id"), "host": outcome.get("host"),
+                                  "attempts": entry.attempt + 1})
         return timing
 
     def record_result(self, entry: _Running, result: Dict[str, Any]) -> None:
@@ -1141,19 +1176,21 @@ class Driver:
                 return
             values.append(float(value))
         violations = []
+        system = {}  # ``Trial.set_constraint``'s form: ``constraints:<metric>``
         for constraint in spec.constraints:
             value = float(result[constraint.metric])
             violation = value - constraint.max if constraint.max is not None else constraint.min - value
-            trial.set_constraint(constraint.metric, violation)
+            if violation != violation:  # as ``Trial.set_constraint`` refuses it
+                raise ValueError(f"Attempted to set a constraint for {constraint.metric!r}, but NaN is not allowed.")
+            system[f"constraints:{constraint.metric}"] = violation
             violations.append(violation)
         if violations and self.records_constraint_list():  # also Optuna's list form, which optuna-dashboard reads
-            with_retries(lambda: trial.storage.set_trial_system_attr(trial._trial_id, "constraints", violations))
+            system["constraints"] = violations
         attrs = {k: result[k] for k in RESULT_SCALARS if k in result}
         attrs["test_metrics"] = result.get("test_metrics", {})
         attrs["resolved"] = result.get("resolved", {})  # what the config's defaults meant
-        with_retries(lambda: trial.set_user_attr("result", attrs))
-        with_retries(lambda: trial.set_user_attr("layers", result.get("layers", {})))
-        with_retries(lambda: trial.set_user_attr("curves", result.get("curves", [])))
+        write_attrs(trial, {"result": attrs, "layers": result.get("layers", {}), "curves": result.get("curves", [])},
+                    system=system)
         if self.pruner is not None:  # the whole curve, also the epochs no poll saw
             finished = curve_from_attrs(trial.number, {"config": entry.config, "config_digest": entry.digest,
                                                        "curves": result.get("curves", [])})
@@ -1265,16 +1302,18 @@ class Driver:
     def summarize(self) -> LaunchSummary:
         """Fill the summary from the study as it now is, and print the last progress line."""
         spec, summary = self.spec, self.summary
-        records = study_records(self.study)
-        summary.completed = sum(1 for r in records if r.state == "COMPLETE")
-        summary.failed = sum(1 for r in records if r.state == "FAIL" and r.user_attrs.get("final", True))
-        summary.pruned = sum(1 for r in records if _pruned_early(r))
-        summary.to_resume = len(_awaiting_resume(records))
+        index = self.trial_index().refresh()  # the counts and the front of study_records, without reading them all
+        summary.completed = index.counts["state:COMPLETE"]  # a told duplicate reads PRUNED there
+        summary.failed = index.counts["failed"]
+        summary.pruned = index.counts["pruned"]
+        summary.to_resume = index.awaiting_resume()
         # beside the objectives, each member's test quality: measured, never selected on
+        members = [index.trial(number) for number in index.front_numbers()]
         summary.front = [
-            {"number": r.number, "family": r.family, **dict(zip(spec.metric_names, r.values)),
-             "test_quality": (r.user_attrs.get("result") or {}).get("test_quality")}
-            for r in front_records(records, spec.directions)
+            {"number": t.number, "family": t.params.get("family") or t.user_attrs.get("family"),
+             **dict(zip(spec.metric_names, t.values)),
+             "test_quality": (t.user_attrs.get("result") or {}).get("test_quality")}
+            for t in members
         ]
         self.display.status(self.study, spec, 0, force=True)
         return summary
@@ -1371,6 +1410,7 @@ def launch(
         # where the trials' structure files are (gsmsearch.apply_structure finds them from the study)
         with_retries(lambda: driver.study.set_user_attr("structures_dir", str(paths["structures"])))
         driver.recover()
+        driver.trial_index().refresh()  # its one read of the whole study, before the loop
         print(f"[{spec.name}] storage {driver.summary.storage}; {where}; up to {spec.concurrency} concurrent "
               f"trial(s)", file=out)
         for key in ("checkpoints", "cache", "structures"):
