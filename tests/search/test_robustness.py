@@ -48,6 +48,7 @@ EXAMPLES = {
     "gsmsearch.search._realized.NotRealizable": lambda c: c("gblr: learned in training"),
     "gsmsearch.trainer._trial.TrialStopped": lambda c: c("asha: behind at epoch 2", 2),
     "gsmsearch.workloads._hf.MissingExtra": lambda c: c("hf-causal-lm needs transformers: pip install 'gsmsearch[hf]'"),
+    "gsmsearch.trainer._distributed.RankStopped": lambda c: c("rank 0 stopped the trial at epoch 2"),
 }
 
 
