@@ -40,11 +40,13 @@ def postgres_server():
                    check=True, capture_output=True)
     port = _free_port()
     ctl = as_postgres + [_pg_bin("pg_ctl"), "-D", str(data)]
-    # max_connections: several drivers and their workers at once in one test (the default is 100)
-    subprocess.run(ctl + ["-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c max_connections=300", "-l",
+    # max_connections: several drivers and their workers at once in one test (the default is 100);
+    # the fault tests restart the server with the same options (``server["options"]``)
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c max_connections=300"
+    subprocess.run(ctl + ["-o", options, "-l",
                           str(root / "log"), "-w", "start"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    server = {"port": port, "ctl": ctl, "data": data, "sock": sock, "root": root,
+    server = {"port": port, "ctl": ctl, "data": data, "sock": sock, "root": root, "options": options,
               "url": f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"}
     yield server
     subprocess.run(ctl + ["-m", "immediate", "-w", "stop"], stdout=subprocess.DEVNULL,
@@ -62,7 +64,16 @@ def postgres_url(postgres_server, request):
                          autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://postgres@127.0.0.1:{postgres_server['port']}/{name}"
+    yield f"postgresql+psycopg://postgres@127.0.0.1:{postgres_server['port']}/{name}"
+    # the connections this test left open (pools of storages it no longer holds) end with it, so
+    # that the tests after it on this server do not run out of connections
+    try:
+        with psycopg.connect(f"host=127.0.0.1 port={postgres_server['port']} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+    except psycopg.OperationalError:
+        pass  # the server is down (a fault test stopped it): nothing is connected
 
 
 TINY_SPEC = {

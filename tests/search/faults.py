@@ -8,9 +8,14 @@ import optuna
 
 
 def trials(url, name="tiny"):
-    """The study's trials; [] while it does not exist yet or its database is down."""
+    """The study's trials; [] while it does not exist yet or its database is down.  One
+    connection per call, closed after it (a pooled one would stay open until the garbage
+    collector ran: polled every fraction of a second, past the server's max_connections)."""
+    from sqlalchemy.pool import NullPool
+
     try:
-        return optuna.load_study(study_name=name, storage=url).get_trials()
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
     except Exception:  # noqa: BLE001 - not created yet, or the server is down
         return []
 
@@ -27,7 +32,7 @@ def wait(predicate, timeout=240, interval=0.5):
 
 
 def _server_options(server):
-    return f"-c listen_addresses=127.0.0.1 -p {server['port']} -k {server['sock']}"
+    return server["options"]  # as the fixture started it (tests/search/conftest.py)
 
 
 def pg_stop(server):
