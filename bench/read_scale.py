@@ -38,23 +38,9 @@ from pathlib import Path
 
 import yaml
 
+from bench.driver_scale import _spec  # the same study spec
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _spec(name: str, storage: str, trials: int, workdir: str) -> dict:
-    return {
-        "name": name,
-        "storage": storage,
-        "workdir": workdir,
-        "workload": {"name": "digits-mlp", "options": {"hidden_sizes": [32, 32]}, "epochs": 1,
-                     "batch_size": 64, "lr": 0.003},
-        "families": {"lowrank": {"budget": {"low": 0.1, "high": 0.9}},
-                     "gblr": {"budget": {"low": 0.1, "high": 0.9}}},
-        "constraints": [{"metric": "relative_flops", "max": 0.6}],
-        "trials": trials,
-        "concurrency": 1,
-        "executor": {"num_cpus": 2},
-    }
 
 
 def prefill(spec_path: str, size: int) -> dict:

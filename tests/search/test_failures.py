@@ -10,6 +10,7 @@ import time
 from gsmsearch.search import launch
 
 from .conftest import TINY_SPEC
+from .ray_cluster import _descendants
 from .faults import pg_restart, trials as _trials, wait as _wait
 
 SLOW = {**TINY_SPEC["workload"], "epochs": 80}  # long enough that Ctrl-C lands while trials run
@@ -18,23 +19,8 @@ SLOW = {**TINY_SPEC["workload"], "epochs": 80}  # long enough that Ctrl-C lands 
 def _ray_worker_pids(driver: int):
     """The TrialWorker processes of the driver's own Ray (its descendants: other tests running at
     the same time have theirs)."""
-    parents = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-
-    def descends(pid):
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == driver:
-                return True
-        return False
-
     out = subprocess.run(["pgrep", "-f", "ray::TrialWorker"], capture_output=True, text=True)
-    return [pid for pid in map(int, out.stdout.split()) if descends(pid)]
+    return sorted(set(map(int, out.stdout.split())) & set(_descendants(driver)))
 
 
 def test_killed_worker_is_retried_and_the_study_completes(write_spec, tmp_path):
