@@ -330,3 +330,45 @@ def test_the_epoch_watch_sees_every_epoch_stops_the_trial_and_replays_restored_e
     from gsmsearch.trainer._trial import _WATCH
 
     assert getattr(_WATCH, "callback", None) is None  # the watch belongs to its block only
+
+
+# -- the benchmark's replay (bench/pruning.py --replay) ------------------------------------------
+
+def _row(number, curve_values, quality_cost):
+    return {"number": number, "digest": f"d{number}", "state": "COMPLETE", "budget": 0.3, "lr": 0.01,
+            "duplicate_of": None, "values": list(quality_cost),
+            "curve": [[e + 1, q] for e, q in enumerate(curve_values)], "pruned_at": None}
+
+
+def test_the_benchmark_replay_decides_as_the_pruner_and_counts_epochs():
+    """Three trials of one budget, one at a time, asha (rungs 1 and 2, the best half continues):
+    trial 0 has no comparable trial and runs its 4 epochs; trial 1 trails it after epoch 1 and
+    stops there; trial 2 leads at both rungs and finishes.  Epochs 4 + 1 + 4; the front is trial
+    2 alone, hypervolume 0.95 * (1 - 0.3).  With hindsight, trial 2 in full (and trial 0, which
+    runs before any other starts) keeps the front: 4 + 4 + 1 epochs."""
+    from bench.pruning import hindsight, replay
+
+    trials = [_row(0, [0.5, 0.6, 0.7, 0.8], (0.8, 0.3)), _row(1, [0.4, 0.5, 0.6, 0.7], (0.7, 0.3)),
+              _row(2, [0.6, 0.65, 0.9, 0.95], (0.95, 0.3))]
+    pruner = Pruner("asha", epochs=4, min_epochs=1, reduction_factor=2, min_trials=1)
+    result = replay(trials, pruner, epochs=4, concurrency=1)
+    assert result["epochs"] == 9 and result["complete"] == 2
+    assert result["hypervolume"] == pytest.approx(0.95 * 0.7, abs=1e-12)  # one rectangle, exact up to rounding
+    assert hindsight(trials, epochs=4, concurrency=1) == {"epochs": 9, "full": [0, 2]}
+    # two at a time: trial 1 reports epoch 1 after trial 0 did, and stops there all the same
+    assert replay(trials, Pruner("asha", epochs=4, min_epochs=1, reduction_factor=2, min_trials=1),
+                  epochs=4, concurrency=2)["epochs"] == 9
+
+
+def test_the_benchmark_baseline_must_have_the_same_spec(tmp_path):
+    from bench.pruning import load_baseline, spec
+
+    body = spec("pruning-SEED", 0, {"name": "asha"}, quick=True, trials=6, epochs=4, concurrency=2)
+    path = tmp_path / "result.json"
+    path.write_text(__import__("json").dumps({"spec": body, "rows": [{"seed": 0, "none": {"epochs": 24}}]}))
+    other_pruner = spec("pruning-SEED", 0, {"name": "median"}, quick=True, trials=6, epochs=4, concurrency=2)
+    assert load_baseline(str(path), other_pruner, [0]) == {0: {"epochs": 24}}  # the pruner may differ
+    with pytest.raises(SystemExit, match="spec differs"):
+        load_baseline(str(path), spec("x", 0, {}, quick=True, trials=7, epochs=4, concurrency=2), [0])
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[1\]"):
+        load_baseline(str(path), body, [0, 1])
