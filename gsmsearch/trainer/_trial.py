@@ -33,7 +33,7 @@ from ..structured import (
 )
 from ..workloads import get_workload, move_to_device
 from ..workloads._plugins import user_code_error
-from ._calibration import activation_weighted, input_second_moments
+from ._calibration import activation_weighted, cached_input_moments
 from ._config import TrialConfig, resolve_precision
 from ._dense_cache import cached_dense_state
 from ._fit_cache import cached_gblr_fit
@@ -242,22 +242,23 @@ def dense_state(workload, *, seed: int, device: str = "cpu", cache_dir=None, pre
     return cached_dense_state(workload, seed=seed, recipe=recipe, train=train, cache_dir=cache_dir)
 
 
-def layer_budgets(config: TrialConfig, workload, model: nn.Module, splits=None) -> Dict[str, float]:
+def layer_budgets(config: TrialConfig, workload, model: nn.Module, splits=None, *,
+                  cache_dir=None) -> Dict[str, float]:
     """The budget of every layer ``config`` structures in ``model`` (the dense model, trained
     weights loaded) under ``config.budget_allocation``: ``uniform``, ``global`` (by the dense
     weights' spectra) or ``activation`` (by the spectra of W C^{1/2}, C the second moment of the
-    layer's inputs over calibration batches of the training split, ``_calibration``; ``splits``
-    is loaded when not given)."""
+    layer's inputs over calibration batches of the training split, ``_calibration``, cached in
+    ``cache_dir``; ``splits`` is loaded when not given and the moments are not cached)."""
     include = config.include if config.include is not None else list(workload.candidate_patterns)
     targets = matching_linears(model, include, config.exclude)
     if config.budget_allocation == "uniform":
         return {name: float(config.budget) for name, _ in targets}
     weights = {name: linear.weight for name, linear in targets}
     if config.budget_allocation == "activation":
-        if splits is None:
-            splits = workload.load_data(seed=config.seed)
         model.to(config.device)
-        moments = input_second_moments(model, targets, workload, splits, device=config.device,
+        moments = cached_input_moments(model, targets, workload,
+                                       lambda: splits if splits is not None else workload.load_data(seed=config.seed),
+                                       seed=config.seed, device=config.device, cache_dir=cache_dir,
                                        samples=workload.calibration_samples,
                                        batch_size=workload.default_batch_size)
         model.to("cpu")
@@ -359,7 +360,7 @@ def _build_trial_model(config: TrialConfig, workload, *, cache_dir=None, splits=
     whole: List[str] = []
     shares = None
     if config.budget_allocation != "uniform":
-        shares = layer_budgets(config, workload, model, splits)
+        shares = layer_budgets(config, workload, model, splits, cache_dir=cache_dir)
         budget = lambda name, linear: shares[name]  # noqa: E731
         # a layer given its whole dense cost stays dense (exact; no family fits better there)
         whole = [name for name, share in shares.items() if share >= 1.0 - 1e-9]
@@ -542,8 +543,8 @@ def run_trial(
     format of :func:`gsmsearch.structured.save_structure`.
 
     ``parallel``: this process's :class:`~._distributed.DataParallel` rank in a data-parallel
-    trial (``_distributed``): every rank builds the model (the dense and fit caches are filled
-    once, under their file locks, and read by the others), joins the trial's process group and
+    trial (``_distributed``): every rank builds the model (the dense, calibration and fit caches
+    are filled once, under their file locks, and read by the others), joins the trial's process group and
     trains its share; rank 0 alone reports epochs (``on_epoch``, :func:`epoch_watch`), measures
     the trained model and returns the result, with ``world_size`` and ``samples_per_second``
     over all ranks; the other ranks return None.

@@ -550,7 +550,7 @@ def test_activation_allocation_calibrates_on_training_inputs(tmp_path):
     assert torch.allclose(moments["layers.0"], first.T @ first / 300, atol=1e-10)
     assert moments["layers.1"].shape == (32, 32)
     cfg = tiny(family="lowrank", budget=0.3, mode="finetune", epochs=1, budget_allocation="activation")
-    shares = layer_budgets(cfg, workload, dense, splits)
+    shares = layer_budgets(cfg, workload, dense, splits, cache_dir=tmp_path)
     spectra = layer_budgets(tiny(family="lowrank", budget=0.3, mode="finetune", budget_allocation="global"),
                             workload, dense)
     assert shares != spectra  # the inputs change the split
@@ -563,6 +563,43 @@ def test_activation_allocation_calibrates_on_training_inputs(tmp_path):
     assert result.structured_relative_flops <= 0.3 + 1e-9
     with pytest.raises(ValueError, match="budget_allocation 'activation' needs mode finetune"):
         tiny(family="lowrank", budget=0.3, mode="scratch", budget_allocation="activation")
+
+
+def test_calibration_is_computed_once_per_model_and_read_back_after(tmp_path):
+    """Every trial (and every rank of a data-parallel trial) starting from one dense model reads
+    the moments the first one computed: the same tensors to the bit, without loading the data;
+    another model (one weight changed) or another calibration size computes its own."""
+    from gsmsearch.structured import matching_linears
+    from gsmsearch.trainer._calibration import cached_input_moments, input_second_moments
+
+    workload = get_workload("digits-mlp", **TINY)
+    dense = workload.build_model()
+    dense.load_state_dict(cached_dense_state_for(workload, tmp_path))
+    splits = workload.load_data(seed=0)
+    targets = matching_linears(dense, list(workload.candidate_patterns))
+    loads = []
+
+    def load():
+        loads.append(1)
+        return splits
+
+    def cached(model, samples=300):
+        return cached_input_moments(model, targets, workload, load, seed=0, samples=samples, batch_size=100,
+                                    cache_dir=tmp_path)
+
+    first = cached(dense)
+    assert len(loads) == 1 and len(list((tmp_path / "calibration").glob("*.safetensors"))) == 1
+    direct = input_second_moments(dense, targets, workload, splits, samples=300, batch_size=100)
+    assert first.keys() == direct.keys() and all(torch.equal(first[k], direct[k]) for k in direct)
+    again = cached(dense)
+    assert len(loads) == 1 and all(torch.equal(again[k], first[k]) for k in first)
+    cached(dense, samples=200)
+    assert len(loads) == 2
+    with torch.no_grad():
+        dense.layers[0].bias[0] += 1.0  # the second layer sees its first input move
+    changed = cached(dense)
+    assert len(loads) == 3 and not torch.equal(changed["layers.1"], first["layers.1"])
+    assert torch.equal(changed["layers.0"], first["layers.0"])  # the pixels: no weight before them
 
 
 def test_a_fixed_structure_computes_no_structure_gradients():
