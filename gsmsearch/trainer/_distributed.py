@@ -4,9 +4,9 @@ A trial with ``world_size`` N > 1 runs the same :class:`~._loop.TrainingLoop` in
 (ranks), each holding a full copy of the model:
 
 - data: every rank walks the same shuffled global batches as a one-process trial (same seed per
-  epoch, same batch size: ``batch_size`` is the global batch) and keeps its own contiguous slice
-  of each (:meth:`DataParallel.shard`; sizes differ by at most one sample).  So the union of the
-  ranks' slices at each step is the one-process batch;
+  epoch, same batch size: ``batch_size`` is the global batch) and reads and collates only its own
+  contiguous slice of each (``DataSplits.loader(shard=...)``; sizes differ by at most one
+  sample).  So the union of the ranks' slices at each step is the one-process batch;
 - gradients: after the backward pass one all-reduce sums every gradient weighted by the rank's
   share of the global batch (n_rank / n_batch), so each rank holds the gradient of the mean loss
   over the global batch, the one-process gradient up to the summation order.  The step's loss
@@ -35,7 +35,7 @@ from __future__ import annotations
 import datetime
 import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -99,18 +99,13 @@ class DataParallel:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
     # -- data ----------------------------------------------------------------------------------
-    def shard(self, batch: Any) -> Tuple[Any, int, int]:
-        """(this rank's slice of the global ``batch``, its sample count, the batch's sample count).
-        Slices are contiguous, in rank order, sizes differing by at most one.  A rank whose slice
-        is empty (a last batch smaller than the world) gets the batch's first sample with a
-        count of 0: its gradient then enters the sum with weight 0."""
-        total = _batch_len(batch)
-        base, extra = divmod(total, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        size = base + (1 if self.rank < extra else 0)
-        if size == 0:
-            return _slice(batch, 0, 1), 0, total
-        return _slice(batch, start, start + size), size, total
+    def share(self, total: int) -> int:
+        """How many of a global batch's ``total`` samples are this rank's (its slice of the batch,
+        ``workloads.share_of``); 0 for a rank that gets the batch's first sample only to take
+        part in the step, its gradient then entering the sum with weight 0."""
+        from ..workloads._registry import share_of
+
+        return share_of(total, self.rank, self.world_size)[1]
 
     # -- gradients -----------------------------------------------------------------------------
     def reduce_step(self, params: List[nn.Parameter], loss: torch.Tensor, weight: float) -> float:
@@ -203,27 +198,3 @@ class DataParallel:
                      if tensor.numel() else b"")
         return h.hexdigest()
 
-
-def _batch_len(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _batch_len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return _batch_len(batch[0]) if not isinstance(batch[0], (str, bytes)) else len(batch)
-    raise TypeError(f"cannot tell the size of a batch of type {type(batch).__name__}")
-
-
-def _slice(batch, start: int, stop: int):
-    """Rows [start, stop) of every tensor (and list) in ``batch``."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, dict):
-        return type(batch)((k, _slice(v, start, stop)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
-        return type(batch)(*(_slice(v, start, stop) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        if batch and all(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch):
-            return type(batch)(_slice(v, start, stop) for v in batch)
-        return batch[start:stop]  # a list of samples (strings, say)
-    return batch

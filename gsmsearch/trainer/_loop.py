@@ -308,9 +308,12 @@ class TrainingLoop:
         for epoch in range(self.start_epoch, self.epochs):
             started = time.perf_counter()
             # the order of each epoch depends only on (seed, epoch): resuming replays it exactly
+            # data-parallel: this rank's slice of each global batch, read and collated alone
+            shard = None if self.parallel is None else (self.parallel.rank, self.parallel.world_size)
             loader = self.splits.loader(
-                "train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch
+                "train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch, shard=shard
             )
+            samples = len(self.splits["train"])
             loader_batches = loader_batches or max(1, len(loader))
             self.model.train()
             total_loss, count = 0.0, 0
@@ -324,9 +327,9 @@ class TrainingLoop:
                     if self.budget_schedule is not None and isinstance(self.controller, ProjectFlops):
                         self.controller.target_relative_flops = self.budget_schedule(progress)
                 size = weight = None
-                if self.parallel is not None:  # this rank's slice of the global batch
-                    batch, mine, size = self.parallel.shard(batch)
-                    weight = mine / size
+                if self.parallel is not None:  # this rank's share of the global batch
+                    size = min(self.batch_size, samples - step * self.batch_size)
+                    weight = self.parallel.share(size) / size
                 batch = move_to_device(batch, self.device)
                 with self.autocast():
                     output = self.workload.forward(self.model, batch)

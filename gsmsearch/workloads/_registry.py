@@ -64,6 +64,31 @@ def move_to_device(batch: Any, device: Optional[torch.device]) -> Any:
     return batch
 
 
+def share_of(total: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """(start, size) of rank ``rank``'s contiguous share of ``total`` samples split among
+    ``world_size`` ranks in rank order, sizes differing by at most one."""
+    base, extra = divmod(int(total), int(world_size))
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+class ShardedBatchSampler:
+    """The batches of ``batches`` (a batch sampler), each cut to rank ``rank``'s share
+    (:func:`share_of`); where that share is empty (a last batch smaller than the world), the
+    batch's first index, which the rank counts with weight 0.  The ranks of a data-parallel
+    trial then read and collate only their own samples of each global batch."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, int(rank), int(world_size)
+
+    def __iter__(self):
+        for indices in self.batches:
+            start, size = share_of(len(indices), self.rank, self.world_size)
+            yield indices[start:start + size] if size else indices[:1]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -73,17 +98,26 @@ def make_loader(
     drop_last: bool = False,
     num_workers: int = 0,
     collate_fn: Optional[Callable[[list], Any]] = None,
+    shard: Optional[Tuple[int, int]] = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset``.  A :class:`TensorDataset` with the default collation is read
     a whole batch at a time (one gather per tensor, where the default reads every sample with its
     own ``__getitem__`` and stacks them: 8-16% of a digits trial's training time).  Same
-    sampler, so the same batches in the same order, with the same values; a batch is a tuple."""
-    if collate_fn is None and isinstance(dataset, TensorDataset):
+    sampler, so the same batches in the same order, with the same values; a batch is a tuple.
+    ``shard`` = (rank, world size): each batch is that rank's share of the batch the loader gives
+    without it (:class:`ShardedBatchSampler`), only those samples read and collated."""
+    if collate_fn is None and isinstance(dataset, TensorDataset) or shard is not None:
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batches = BatchSampler(sampler, int(batch_size), drop_last)
+        if shard is not None:
+            batches = ShardedBatchSampler(batches, *shard)
         # the loader keeps the generator too: each pass draws its base seed from it before the
         # sampler's permutation, as the default loader does
-        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, int(batch_size), drop_last),
-                          generator=generator, num_workers=num_workers)
+        if collate_fn is None and isinstance(dataset, TensorDataset):
+            return DataLoader(dataset, batch_size=None, sampler=batches, generator=generator,
+                              num_workers=num_workers)
+        return DataLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers,
+                          collate_fn=collate_fn)
     return DataLoader(dataset, batch_size=int(batch_size), shuffle=shuffle, generator=generator,
                       drop_last=drop_last, num_workers=num_workers, collate_fn=collate_fn)
 
@@ -117,13 +151,16 @@ class DataSplits:
         seed: Optional[int] = None,
         drop_last: bool = False,
         num_workers: int = 0,
+        shard: Optional[Tuple[int, int]] = None,
     ) -> DataLoader:
-        """A DataLoader over ``split``; with ``shuffle`` the order is fixed by ``seed``."""
+        """A DataLoader over ``split``; with ``shuffle`` the order is fixed by ``seed``; ``shard``
+        = (rank, world size): each batch is that rank's share of the one-process batch
+        (:func:`make_loader`)."""
         generator = None
         if shuffle and seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
         return make_loader(self[split], batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                           num_workers=num_workers, collate_fn=self.collate_fn)
+                           num_workers=num_workers, collate_fn=self.collate_fn, shard=shard)
 
 
 class Workload(abc.ABC):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from gsmsearch.workloads._registry import make_loader
+from gsmsearch.workloads._registry import make_loader, share_of
 
 
 def _dataset(n=203):
@@ -41,3 +41,47 @@ def test_a_custom_collation_keeps_the_default_path():
     data = _dataset(10)
     loader = make_loader(data, 4, collate_fn=lambda samples: len(samples))
     assert list(loader) == [4, 4, 2]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("custom_collation", [False, True])
+def test_a_sharded_loader_gives_each_rank_its_share_of_the_one_process_batches(world_size, custom_collation):
+    """With ``shard=(rank, world)`` every rank's loader yields its contiguous slice of each batch
+    the one-process loader yields (same shuffle, same generator use), the slices in rank order
+    making up the batch; the collation sees only the rank's samples; a rank with an empty share
+    of the last batch (10 samples, batches of 4: the last holds 2) gets that batch's first
+    sample."""
+    data = _dataset(10)
+    seen = []
+
+    def collate(samples):  # records how many samples each rank's collation was handed
+        seen.append(len(samples))
+        return tuple(torch.stack(parts) for parts in zip(*samples))
+
+    collate_fn = collate if custom_collation else None
+    whole = [tuple(part.clone() for part in batch) for batch in make_loader(
+        data, 4, shuffle=True, generator=torch.Generator().manual_seed(3), collate_fn=collate_fn)]
+    seen.clear()
+    shares = []
+    for rank in range(world_size):
+        generator = torch.Generator().manual_seed(3)
+        loader = make_loader(data, 4, shuffle=True, generator=generator, collate_fn=collate_fn,
+                             shard=(rank, world_size))
+        assert len(loader) == len(whole) == 3
+        shares.append(list(loader))
+    for step, batch in enumerate(whole):
+        total = batch[0].shape[0]
+        parts = []
+        for rank in range(world_size):
+            start, size = share_of(total, rank, world_size)
+            x, y = shares[rank][step]
+            if size:
+                assert torch.equal(x, batch[0][start:start + size]) and torch.equal(y, batch[1][start:start + size])
+                parts.append(x)
+            else:  # world 3, last batch of 2: rank 2 holds the batch's first sample, weighted 0
+                assert world_size == 3 and step == 2 and rank == 2
+                assert torch.equal(x, batch[0][:1])
+        assert torch.equal(torch.cat(parts), batch[0])
+    if custom_collation:
+        expected = [share_of(n, rank, world_size)[1] or 1 for rank in range(world_size) for n in (4, 4, 2)]
+        assert seen == expected
