@@ -116,6 +116,7 @@ def test_two_jobs_on_one_node_through_scancel_and_a_time_limit(slurm, postgres_u
     again = None
     finished = {}  # study name -> {number: (values, config digest)} when its first run stopped
     shared = cut = False  # both jobs running at one moment; the time limit cut short
+    held = 0.0  # when the requeued job was first seen held
     deadline = time.monotonic() + 600
     while True:
         assert time.monotonic() < deadline, f"{_log(limited, job)[-3000:]}\n{_log(cancelled, first)[-3000:]}"
@@ -147,9 +148,13 @@ def test_two_jobs_on_one_node_through_scancel_and_a_time_limit(slurm, postgres_u
             assert "RUNNING" not in [t.state.name for t in trials], _log(limited, job)[-4000:]
             finished["limited"] = _finished(trials)
         if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
-            # Slurm holds a requeued job for about two minutes before it may start: start it now,
-            # with a limit the rest of the study fits in
-            slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10")
+            # Slurm holds a requeued job for about two minutes before it may start: start it sooner,
+            # with a limit the rest of the study fits in.  Not at once: slurmd refuses a launch
+            # whose credential dates from the second it revoked the job's previous one ("already
+            # killed, do not launch batch job") and the job then fails
+            held = held or time.monotonic()
+            if time.monotonic() - held > 3:
+                slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10")
         if fields.get("JobState") in DONE and again and slurm.job(again).get("JobState") in DONE:
             break
         time.sleep(0.5)
