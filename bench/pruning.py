@@ -6,6 +6,8 @@
         --out bench/results/pruning-cost-factor-2.json # reuses the runs without a pruner
     .venv/bin/python -m bench.pruning --replay bench/results/pruning.json \
         --out bench/results/pruning-replay.json        # a grid of settings over recorded curves
+    .venv/bin/python -m bench.pruning --trials 32 --pruner none \
+        --out bench/results/pruning-32-trials.json     # only the runs without a pruner, 32 trials
 
 The study (28x28 Animal-MNIST, a one-block Mixer of width 32; low-rank layers at budgets 0.15,
 0.2, 0.3 and 0.45, the learning rate sampled log-uniformly in [1e-4, 0.1], TPE, 9 epochs a
@@ -13,8 +15,10 @@ trial, 16 trials, 2 at a time) runs once with ``pruner: none`` and once with a p
 asha, min_epochs 1, reduction_factor 3, min_trials 2, cost_factor 1.5; ``--pruner``,
 ``--min-epochs``, ``--reduction-factor``, ``--min-trials`` and ``--cost-factor`` change those),
 for each sampler seed.  The runs without a pruner do not depend on the pruner's setting:
-``--baseline FILE`` takes them from an earlier result file of the same spec (checked; the
-result's ``baseline`` names the file) and runs only the pruned side.  Per launch: the final
+``--baseline FILE`` takes them from another result file of the same spec (checked; the
+result's ``baseline`` names the file) and runs only the pruned side; ``--pruner none`` runs only
+them (a file for ``--baseline`` and ``--replay``).  ``--trials`` changes the study's size.  The
+result file is written after every seed.  Per launch: the final
 hypervolume of the validation front (quality vs relative FLOPs, reference point (0, 1)), the
 trial epochs spent (a complete trial's epochs, a pruned trial's epochs before it stopped), the
 trials complete / pruned / failed, the wall time, and per trial its budget, learning rate,
@@ -123,7 +127,7 @@ def comparable_spec(body: dict) -> dict:
 
 
 def load_baseline(path: str, expected: dict, seeds) -> dict:
-    """The ``pruner: none`` launches of an earlier result file, by seed: they do not depend on
+    """The ``pruner: none`` launches of another result file, by seed: they do not depend on
     the pruner, so a setting can be measured against them without running them again.  The
     file's spec must equal this run's (but for the pruner) and hold every seed asked for."""
     report = json.loads(Path(path).read_text())
@@ -316,7 +320,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--pruner", default="asha", choices=["median", "asha", "successive-halving", "hyperband"])
+    parser.add_argument("--pruner", default="asha", choices=["none", "median", "asha", "successive-halving", "hyperband"],
+                        help="none: run only the launches without a pruner (a baseline for --baseline and --replay)")
     parser.add_argument("--min-epochs", type=int, default=1, help="the pruner's min_epochs")
     parser.add_argument("--min-trials", type=int, default=2, help="the pruner's min_trials")
     parser.add_argument("--reduction-factor", type=int, default=3, help="the pruner's reduction_factor")
@@ -336,13 +341,20 @@ def main(argv=None) -> int:
               "cost_factor": args.cost_factor}
     if args.pruner != "median":
         pruner["reduction_factor"] = args.reduction_factor
+    if args.pruner == "none":
+        pruner = {"name": "none"}
     report_spec = spec("pruning-SEED", 0, pruner, quick=args.quick, trials=args.trials, epochs=args.epochs,
                        concurrency=args.concurrency)
     baseline = load_baseline(args.baseline, report_spec, args.seeds) if args.baseline else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="gsmsearch-pruning-") as tmp:
         for index, seed in enumerate(args.seeds):
-            variants = [("pruned", pruner)] if baseline else [("none", {"name": "none"}), ("pruned", pruner)]
+            if args.pruner == "none":
+                variants = [("none", {"name": "none"})]
+            elif baseline:
+                variants = [("pruned", pruner)]
+            else:
+                variants = [("none", {"name": "none"}), ("pruned", pruner)]
             if index % 2:  # alternate which goes first, so the machine's drift favours neither
                 variants.reverse()
             row = {"seed": seed}
@@ -355,31 +367,43 @@ def main(argv=None) -> int:
                 row[label] = run_one(Path(tmp), name, body)
                 summary = {k: v for k, v in row[label].items() if k != "trials"}
                 print(f"seed {seed} pruner {label}: {json.dumps(summary)}", flush=True)
-            row["hypervolume_ratio"] = row["pruned"]["hypervolume"] / row["none"]["hypervolume"]
-            row["epochs_ratio"] = row["pruned"]["epochs"] / row["none"]["epochs"]
+            if "pruned" in row:
+                row["hypervolume_ratio"] = row["pruned"]["hypervolume"] / row["none"]["hypervolume"]
+                row["epochs_ratio"] = row["pruned"]["epochs"] / row["none"]["epochs"]
             rows.append(row)
+            write_report(args, report_spec, rows)  # after every seed: a cut-short run keeps its seeds
+    report = write_report(args, report_spec, rows)
+    if args.pruner == "none":
+        return 0
+    print(f"| seed | hypervolume none / {args.pruner} | ratio | epochs none / {args.pruner} | ratio | pruned | "
+          f"wall s none / {args.pruner} |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        print(f"| {r['seed']} | {r['none']['hypervolume']:.4f} / {r['pruned']['hypervolume']:.4f} | "
+              f"{r['hypervolume_ratio']:.3f} | {r['none']['epochs']} / {r['pruned']['epochs']} | "
+              f"{r['epochs_ratio']:.3f} | {r['pruned']['pruned']} of {args.trials} | "
+              f"{r['none']['wall_s']:.0f} / {r['pruned']['wall_s']:.0f} |")
+    return 0
+
+
+def write_report(args, report_spec: dict, rows: list) -> dict:
+    """Write the result file of the seeds run so far (without a pruner only: no ratios)."""
     report = {
         "spec": report_spec,
         # where the runs without a pruner come from: this run, or the result file named
         "baseline": args.baseline or "this run",
         "rows": rows,
-        "median_hypervolume_ratio": statistics.median(r["hypervolume_ratio"] for r in rows),
-        "median_epochs_ratio": statistics.median(r["epochs_ratio"] for r in rows),
-        "targets_met_every_seed": all(r["hypervolume_ratio"] >= 0.95 and r["epochs_ratio"] <= 0.5 for r in rows),
     }
-    print(f"| seed | hypervolume none / {args.pruner} | ratio | epochs none / {args.pruner} | ratio | pruned | "
-          f"wall s none / {args.pruner} |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['seed']} | {r['none']['hypervolume']:.4f} / {r['pruned']['hypervolume']:.4f} | "
-              f"{r['hypervolume_ratio']:.3f} | {r['none']['epochs']} / {r['pruned']['epochs']} | "
-              f"{r['epochs_ratio']:.3f} | {r['pruned']['pruned']} of {args.trials} | "
-              f"{r['none']['wall_s']:.0f} / {r['pruned']['wall_s']:.0f} |")
+    if args.pruner != "none":
+        report["median_hypervolume_ratio"] = statistics.median(r["hypervolume_ratio"] for r in rows)
+        report["median_epochs_ratio"] = statistics.median(r["epochs_ratio"] for r in rows)
+        report["targets_met_every_seed"] = all(r["hypervolume_ratio"] >= 0.95 and r["epochs_ratio"] <= 0.5
+                                               for r in rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
-    return 0
+    print(f"wrote {out} ({len(rows)} seed(s))")
+    return report
 
 
 if __name__ == "__main__":

@@ -372,3 +372,26 @@ def test_the_benchmark_baseline_must_have_the_same_spec(tmp_path):
         load_baseline(str(path), spec("x", 0, {}, quick=True, trials=7, epochs=4, concurrency=2), [0])
     with pytest.raises(SystemExit, match=r"seed\(s\) \[1\]"):
         load_baseline(str(path), body, [0, 1])
+
+
+def test_the_benchmark_file_without_a_pruner_serves_as_baseline_and_replay(tmp_path):
+    """``--pruner none`` writes the runs without a pruner only: no ratios, no targets; the file is
+    taken as ``--baseline`` by a pruned run of the same spec and replayed by ``--replay``."""
+    import argparse
+    import json
+
+    from bench.pruning import load_baseline, replay_grid, spec, write_report
+
+    body = spec("pruning-SEED", 0, {"name": "none"}, quick=True, trials=2, epochs=4, concurrency=1)
+    none = {"epochs": 8, "hypervolume": 0.95 * 0.7,
+            "trials": [_row(0, [0.5, 0.6, 0.7, 0.8], (0.8, 0.3)), _row(1, [0.6, 0.65, 0.9, 0.95], (0.95, 0.3))]}
+    args = argparse.Namespace(pruner="none", baseline=None, out=str(tmp_path / "none.json"))
+    report = write_report(args, body, [{"seed": 0, "none": none}])
+    assert json.loads((tmp_path / "none.json").read_text()) == report
+    assert set(report) == {"spec", "baseline", "rows"}  # no ratio without a pruned side
+    asha = spec("pruning-SEED", 0, {"name": "asha"}, quick=True, trials=2, epochs=4, concurrency=1)
+    assert load_baseline(args.out, asha, [0]) == {0: none}
+    assert replay_grid(args.out, str(tmp_path / "replay.json")) == 0
+    replayed = json.loads((tmp_path / "replay.json").read_text())
+    # trial 0 runs alone before trial 1 starts, so no setting stops it; hindsight keeps both in full
+    assert replayed["hindsight"] == [{"seed": 0, "epochs": 8, "full": [0, 1], "epochs_ratio": 1.0}]
