@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from ._study import TrialRecord, trial_constraints
 
-__all__ = ["StudyData", "StudyReader", "read_study", "STATUS_KEYS", "VIEW_KEYS"]
+__all__ = ["StudyData", "StudyReader", "read_study", "LazyAttrs", "STATUS_KEYS", "VIEW_KEYS", "LAZY_KEYS"]
 
 #: the trial user attributes ``status`` reads for every trial: the family, a duplicate's original
 #: and the failure reason (the front trials' recorded ``result`` is read for them alone)
@@ -31,6 +31,11 @@ STATUS_KEYS = ("family", "duplicate_of", "failure_reason")
 #: those the report and the dashboard read for every trial (a trial's ``layers`` are read for the
 #: trials whose detail is shown, with :meth:`StudyReader.user_attrs`)
 VIEW_KEYS = STATUS_KEYS + ("result", "config", "final", "pruned", "prune_reason")
+
+#: the view attributes the report and the dashboard keep as their stored JSON text, parsed for a
+#: trial when something reads them (:class:`LazyAttrs`): the figures need a trial's values,
+#: family and constraints, and these (the larger part of the text read) only for the trials shown
+LAZY_KEYS = ("result", "config")
 
 #: Optuna's system attribute holding a study's metric names (``Study.set_metric_names``)
 _METRIC_NAMES = "study:metric_names"
@@ -48,6 +53,114 @@ class StudyData:
     metric_names: List[str]
     user_attrs: Dict[str, Any]
     records: List[TrialRecord] = field(default_factory=list)
+
+
+_UNPARSED = object()
+
+
+class _Stored:
+    """An attribute's stored JSON text, and its value once parsed."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str) -> None:
+        self.text, self.value = text, _UNPARSED
+
+    def parsed(self):
+        if self.value is _UNPARSED:
+            self.value = json.loads(self.text)
+        return self.value
+
+
+class LazyAttrs(dict):
+    """A trial's user attributes, some of them held as their stored JSON text and parsed the first
+    time they are read (the text kept beside the parsed value, which is not to be changed in
+    place).  It is a dict that reads like the dict of parsed values everywhere: item access,
+    ``get``, ``items``, ``values``, iteration, ``dict(...)``, ``{**...}``, equality, ``copy``,
+    ``json.dumps`` and pickling all give the parsed values.  Two attributes stored as the same
+    text are equal without parsing either (a study re-read unchanged compares at the cost of
+    its text)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key):
+        value = dict.__getitem__(self, key)
+        return value.parsed() if type(value) is _Stored else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __iter__(self):
+        # defined here (as dict's own) so that ``dict(...)``, ``{**...}`` and ``update(...)`` read
+        # the values through __getitem__, not the stored ones
+        return dict.__iter__(self)
+
+    def items(self):
+        from collections.abc import ItemsView
+
+        return ItemsView(self)
+
+    def values(self):
+        from collections.abc import ValuesView
+
+        return ValuesView(self)
+
+    def pop(self, key, *default):
+        if key in self:
+            value = self[key]
+            dict.__delitem__(self, key)
+            return value
+        return dict.pop(self, key, *default)
+
+    def popitem(self):
+        key = next(reversed(dict.keys(self)))
+        return key, self.pop(key)
+
+    def setdefault(self, key, default=None):
+        if key in self:
+            return self[key]
+        dict.__setitem__(self, key, default)
+        return default
+
+    def copy(self) -> "LazyAttrs":
+        out = LazyAttrs()
+        for key in dict.__iter__(self):
+            dict.__setitem__(out, key, dict.__getitem__(self, key))
+        return out
+
+    def __eq__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        for key in dict.__iter__(self):
+            if key not in other:
+                return False
+            mine = dict.__getitem__(self, key)
+            theirs = dict.__getitem__(other, key) if isinstance(other, LazyAttrs) else None
+            if type(mine) is _Stored and type(theirs) is _Stored and mine.text == theirs.text:
+                continue
+            if self[key] != other[key]:
+                return False
+        return True
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None
+
+    def __or__(self, other):
+        return dict(self) | other
+
+    def __ror__(self, other):
+        return other | dict(self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
 
 
 def _value(value: Optional[float], value_type: str) -> float:
@@ -115,10 +228,26 @@ class StudyReader:
         return out
 
     def read(self, name: str, *, user_keys: Optional[Sequence[str]] = STATUS_KEYS,
-             number: Callable[[Any], Any] = float) -> StudyData:
+             number: Callable[[Any], Any] = float, lazy_keys: Sequence[str] = ()) -> StudyData:
         """The study ``name`` (KeyError when the storage has none of that name), its trials'
         records holding the user attributes ``user_keys`` (None: every one).  ``number``
-        converts each constraint value (as :func:`gsmsearch.search._study.trial_constraints`)."""
+        converts each constraint value (as :func:`gsmsearch.search._study.trial_constraints`).
+        ``lazy_keys``: user attributes parsed only when read (a record holding one has a
+        :class:`LazyAttrs`; it reads the same as the parsed dict)."""
+        import gc
+
+        # the records are a few objects per trial and attribute, none of them in a reference
+        # cycle: the cyclic collector's passes over them while they are made (a third of the
+        # read at 100,000 trials) find nothing to free
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._read(name, user_keys, number, lazy_keys)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _read(self, name: str, user_keys, number, lazy_keys) -> StudyData:
         found = self._rows("SELECT study_id FROM studies WHERE study_name = :name", name=name)
         if not found:
             raise KeyError(name)
@@ -145,7 +274,7 @@ class StudyReader:
                            f"WHERE t.study_id = {study_id} ORDER BY t.trial_id")
         params = self._params(study_id)
         system = self._attrs("trial_system_attributes", study_id, None, constraints_only=True)
-        user = self._attrs("trial_user_attributes", study_id, user_keys)
+        user = self._attrs("trial_user_attributes", study_id, user_keys, lazy_keys=lazy_keys)
         empty: Dict[str, Any] = {}
         for row in trials:
             trial_id, trial_number, state = row[0], row[1], row[2]
@@ -175,9 +304,10 @@ class StudyReader:
         return out
 
     def _attrs(self, table: str, study_id: int, keys: Optional[Iterable[str]], *,
-               constraints_only: bool = False) -> Dict[int, Dict[str, Any]]:
+               constraints_only: bool = False, lazy_keys: Sequence[str] = ()) -> Dict[int, Dict[str, Any]]:
         """trial id -> {key: value} of the study's trials' attributes in ``table`` (``keys``:
-        only those; ``constraints_only``: ``constraints`` and ``constraints:<name>``)."""
+        only those; ``constraints_only``: ``constraints`` and ``constraints:<name>``; the values
+        of ``lazy_keys`` are parsed when read, in a :class:`LazyAttrs`)."""
         sql = (f"SELECT a.trial_id, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
                f"WHERE t.study_id = {int(study_id)}")
         if constraints_only:
@@ -186,6 +316,8 @@ class StudyReader:
             sql += f" AND a.key IN ({_literals(keys)})"
         out: Dict[int, Dict[str, Any]] = {}
         loads = json.loads
+        lazy = frozenset(lazy_keys)
+        mapping = LazyAttrs if lazy else dict
         # in the database's order (no ORDER BY: sorting 100,000 trials' attribute rows, values
         # and all, costs a third of the query); a trial's attributes are a mapping, as in Optuna
         for trial_id, key, value in self._raw(sql):
@@ -193,8 +325,11 @@ class StudyReader:
                 continue  # SQLite's LIKE ignores case
             attrs = out.get(trial_id)
             if attrs is None:
-                attrs = out[trial_id] = {}
-            attrs[key] = loads(value)
+                attrs = out[trial_id] = mapping()
+            if key in lazy:
+                dict.__setitem__(attrs, key, _Stored(value))
+            else:
+                attrs[key] = loads(value)
         return out
 
     def user_attrs(self, study_id: int, numbers: Iterable[int],
@@ -295,10 +430,10 @@ def _literals(keys: Iterable[str]) -> str:
 
 
 def read_study(url: str, name: str, *, user_keys: Optional[Sequence[str]] = STATUS_KEYS,
-               number: Callable[[Any], Any] = float) -> StudyData:
+               number: Callable[[Any], Any] = float, lazy_keys: Sequence[str] = ()) -> StudyData:
     """:meth:`StudyReader.read` on a reader of its own (closed after)."""
     reader = StudyReader(url)
     try:
-        return reader.read(name, user_keys=user_keys, number=number)
+        return reader.read(name, user_keys=user_keys, number=number, lazy_keys=lazy_keys)
     finally:
         reader.close()
