@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from ._study import TrialRecord, trial_constraints
 
-__all__ = ["StudyData", "StudyReader", "read_study", "LazyAttrs", "STATUS_KEYS", "VIEW_KEYS", "LAZY_KEYS"]
+__all__ = ["StudyData", "StudyReader", "read_study", "ExportTable", "export_table", "LazyAttrs", "STATUS_KEYS",
+           "VIEW_KEYS", "LAZY_KEYS"]
 
 #: the trial user attributes ``status`` reads for every trial: the family, a duplicate's original
 #: and the failure reason (the front trials' recorded ``result`` is read for them alone)
@@ -374,49 +375,106 @@ def _raw_json(value: str) -> Any:
     return value if value[:1] in ("{", "[") else json.loads(value)
 
 
+#: SQL: the attribute ``a``'s value is a mapping or a list (the text Optuna stored is JSON, no
+#: leading space): as :func:`_raw_json` tells them apart
+_NESTED_SQL = "substr(a.value_json, 1, 1) IN ('{', '[')"
+_ATTR_TABLES = (("trial_user_attributes", "user_attrs", "trial_user_attribute_id"),
+                ("trial_system_attributes", "system_attrs", "trial_system_attribute_id"))
+
+
 def export_table(reader: "StudyReader", data: StudyData):
     """The rows (dicts) and columns of Optuna's ``Study.trials_dataframe`` with attrs number,
     state, values, params, user_attrs, system_attrs, datetime_start, datetime_complete and
     duration (``multi_index=False``), read from the tables; nested user and system attributes
     (mappings, lists) are their stored JSON text instead of Python objects, as ``export``
     writes them."""
-    study_id = int(data.study_id)
-    times = {row[0]: (row[1], _local(row[2]), _local(row[3])) for row in reader._raw(
-        f"SELECT number, state, datetime_start, datetime_complete FROM trials WHERE study_id = {study_id}")}
-    nested = {}
-    for table, prefix in (("trial_user_attributes", "user_attrs"), ("trial_system_attributes", "system_attrs")):
-        out: Dict[int, Dict[str, Any]] = {}
-        id_column = "trial_user_attribute_id" if prefix == "user_attrs" else "trial_system_attribute_id"
-        for number, key, value in reader._raw(
-                f"SELECT t.number, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
-                f"WHERE t.study_id = {study_id} ORDER BY a.{id_column}"):
-            out.setdefault(number, {})[key] = _raw_json(value)
-        nested[prefix] = out
-    names = reader._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
-                         id=study_id, key=_METRIC_NAMES)
-    metric_names = json.loads(names[0][0]) if names else None
-    value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
-    found = {"params": set(), "user_attrs": set(), "system_attrs": set()}
-    rows = []
-    for record in data.records:
-        state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
-        row = {"number": record.number, "state": state}
-        values = record.values if record.values is not None else [None] * len(data.directions)
-        for key, value in zip(value_keys, values):
-            row[f"values_{key}"] = value
-        for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].get(record.number, {})),
-                              ("system_attrs", nested["system_attrs"].get(record.number, {}))):
-            for key, value in attrs.items():
-                row[f"{prefix}_{key}"] = value
-                found[prefix].add(key)
-        row["datetime_start"], row["datetime_complete"] = start, complete
-        row["duration"] = complete - start if start is not None and complete is not None else None
-        rows.append(row)
-    columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
-    for prefix in ("params", "user_attrs", "system_attrs"):
-        columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
-    columns += ["datetime_start", "datetime_complete", "duration"]
-    return rows, columns
+    table = ExportTable(reader, data, nested_apart=False)
+    return table.rows, table.columns
+
+
+class ExportTable:
+    """:func:`export_table`'s rows and columns; with ``nested_apart``, the rows hold none of the
+    columns in :attr:`nested` (the attributes that hold a mapping or a list for some trial: the
+    bulk of a study's text), which :meth:`nested_rows` reads for a chunk of trials at a time."""
+
+    def __init__(self, reader: "StudyReader", data: StudyData, *, nested_apart: bool = False) -> None:
+        self.reader, self.data = reader, data
+        study_id = int(data.study_id)
+        self.trial_ids: Dict[int, int] = {}
+        times = {}
+        for trial_id, number, state, start, complete in reader._raw(
+                f"SELECT trial_id, number, state, datetime_start, datetime_complete FROM trials "
+                f"WHERE study_id = {study_id}"):
+            self.trial_ids[number] = trial_id
+            times[number] = (state, _local(start), _local(complete))
+        #: the columns read apart (``nested_apart``), and their scalar values (a key that holds a
+        #: mapping for one trial and a number for another: number -> {column: value})
+        self.nested: List[str] = []
+        self._scalars: Dict[int, Dict[str, Any]] = {}
+        apart: Dict[str, set] = {}
+        if nested_apart:
+            for table, prefix, _ in _ATTR_TABLES:
+                apart[prefix] = {row[0] for row in reader._raw(
+                    f"SELECT DISTINCT a.key FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+                    f"WHERE t.study_id = {study_id} AND {_NESTED_SQL}")}
+        nested = {}
+        for table, prefix, id_column in _ATTR_TABLES:
+            out: Dict[int, Dict[str, Any]] = {}
+            kept = apart.get(prefix, set())
+            sql = (f"SELECT t.number, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+                   f"WHERE t.study_id = {study_id}")
+            if nested_apart:
+                sql += f" AND NOT {_NESTED_SQL}"
+            for number, key, value in reader._raw(sql + f" ORDER BY a.{id_column}"):
+                if key in kept:
+                    self._scalars.setdefault(number, {})[f"{prefix}_{key}"] = json.loads(value)
+                else:
+                    out.setdefault(number, {})[key] = _raw_json(value)
+            nested[prefix] = out
+        names = reader._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
+                             id=study_id, key=_METRIC_NAMES)
+        metric_names = json.loads(names[0][0]) if names else None
+        value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
+        found = {"params": set(), "user_attrs": set(), "system_attrs": set()}
+        for prefix, keys in apart.items():
+            found[prefix] |= keys
+            self.nested += [f"{prefix}_{key}" for key in keys]
+        rows = []
+        for record in data.records:
+            state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
+            row = {"number": record.number, "state": state}
+            values = record.values if record.values is not None else [None] * len(data.directions)
+            for key, value in zip(value_keys, values):
+                row[f"values_{key}"] = value
+            for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].get(record.number, {})),
+                                  ("system_attrs", nested["system_attrs"].get(record.number, {}))):
+                for key, value in attrs.items():
+                    row[f"{prefix}_{key}"] = value
+                    found[prefix].add(key)
+            row["datetime_start"], row["datetime_complete"] = start, complete
+            row["duration"] = complete - start if start is not None and complete is not None else None
+            rows.append(row)
+        columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
+        for prefix in ("params", "user_attrs", "system_attrs"):
+            columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
+        columns += ["datetime_start", "datetime_complete", "duration"]
+        self.rows, self.columns = rows, columns
+
+    def nested_rows(self, numbers: Sequence[int]) -> Dict[int, Dict[str, Any]]:
+        """number -> {column: value} of the :attr:`nested` columns of the trials ``numbers``: a
+        mapping or list as its stored JSON text, a scalar parsed (a column a trial lacks is
+        absent)."""
+        out: Dict[int, Dict[str, Any]] = {n: dict(self._scalars.get(n, {})) for n in numbers}
+        by_id = {self.trial_ids[n]: n for n in numbers}
+        ids = sorted(by_id)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ", ".join(str(i) for i in ids[start:start + _CHUNK])
+            for table, prefix, _ in _ATTR_TABLES:
+                for trial_id, key, value in self.reader._raw(
+                        f"SELECT a.trial_id, a.key, a.value_json FROM {table} a "
+                        f"WHERE a.trial_id IN ({chunk}) AND {_NESTED_SQL}"):
+                    out[by_id[trial_id]][f"{prefix}_{key}"] = value
+        return out
 
 
 def _literals(keys: Iterable[str]) -> str:
