@@ -72,6 +72,13 @@ class _Stored:
             self.value = json.loads(self.text)
         return self.value
 
+    def __eq__(self, other):
+        if type(other) is _Stored and self.text == other.text:
+            return True  # the same text: the same value, neither parsed
+        return self.parsed() == (other.parsed() if type(other) is _Stored else other)
+
+    __hash__ = None
+
 
 class LazyAttrs(dict):
     """A trial's user attributes, some of them held as their stored JSON text and parsed the first
@@ -130,20 +137,11 @@ class LazyAttrs(dict):
         return out
 
     def __eq__(self, other):
+        if isinstance(other, LazyAttrs):
+            return dict.__eq__(self, other)  # value by value: a stored one compares as :class:`_Stored`
         if not isinstance(other, dict):
             return NotImplemented
-        if len(self) != len(other):
-            return False
-        for key in dict.__iter__(self):
-            if key not in other:
-                return False
-            mine = dict.__getitem__(self, key)
-            theirs = dict.__getitem__(other, key) if isinstance(other, LazyAttrs) else None
-            if type(mine) is _Stored and type(theirs) is _Stored and mine.text == theirs.text:
-                continue
-            if self[key] != other[key]:
-                return False
-        return True
+        return len(self) == len(other) and all(key in other and self[key] == other[key] for key in self)
 
     def __ne__(self, other):
         equal = self.__eq__(other)
