@@ -180,12 +180,15 @@ EXPORT_RESULT_COLUMNS = ("relative_flops", "structured_relative_flops", "relativ
                          "train_seconds", "epochs_run")
 
 
-def _add_result_columns(frame, records, split: str) -> None:
+def _add_result_columns(frame, records, split: str, results=None) -> None:
     """``val_quality`` and ``test_quality`` (the objective's split and the other one's value
     recorded beside it), ``family``, ``feasible`` (a complete trial whose every constraint
     holds; empty for a trial that did not complete) and :data:`EXPORT_RESULT_COLUMNS` (empty
-    where a trial did not record the metric), from the trials' records keyed by number (each
-    one's recorded ``result`` is read once and dropped)."""
+    where a trial did not record the metric), from the trials' records keyed by number and
+    their recorded ``result``: ``results`` (number, result) of the complete trials, each used
+    once as it comes; None: the records' own."""
+    from types import SimpleNamespace
+
     import pandas as pd
 
     from ..search import split_qualities
@@ -193,13 +196,19 @@ def _add_result_columns(frame, records, split: str) -> None:
     def number_or_none(value):
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    qualities, results = {}, {}
-    for number, record in records.items():
-        complete = record.state == "COMPLETE"
-        qualities[number] = split_qualities(record, split) if complete else (None, None)
-        value = record.user_attrs.pop("result", None) if complete else None
+    if results is None:
+        results = ((n, r.user_attrs.get("result")) for n, r in records.items() if r.state == "COMPLETE")
+    qualities, metrics = {}, {}
+    for number, value in results:
+        record = records[number]
+        if record.state != "COMPLETE":
+            continue
+        qualities[number] = split_qualities(SimpleNamespace(user_attrs={"result": value}), split)
         value = value if isinstance(value, dict) else {}
-        results[number] = [number_or_none(value.get(metric)) for metric in EXPORT_RESULT_COLUMNS]
+        metrics[number] = [number_or_none(value.get(metric)) for metric in EXPORT_RESULT_COLUMNS]
+    qualities = {n: qualities.get(n, (None, None)) for n in records}
+    nothing = [None] * len(EXPORT_RESULT_COLUMNS)
+    results = {n: metrics.get(n, nothing) for n in records}
     frame["val_quality"] = frame["number"].map(lambda n: qualities[n][0])
     frame["test_quality"] = frame["number"].map(lambda n: qualities[n][1])
     frame["family"] = frame["number"].map(lambda n: records[n].family)
@@ -238,17 +247,17 @@ def run_export(args) -> int:
     from ..search import objective_split
     from ..search._records import ExportTable
 
-    reader, data = _read(name, url, ("family", "duplicate_of", "failure_reason", "result"), lazy_keys=("result",))
+    reader, data = _read(name, url, ("family", "duplicate_of", "failure_reason"))
     try:
         table = ExportTable(reader, data, nested_apart=True)
-        nested = set(table.nested)
-        frame = pd.DataFrame(table.rows, columns=[c for c in table.columns if c not in nested])
+        frame = pd.DataFrame(table.rows, columns=table.row_columns)
         table.rows = None
         # quality by split, the same columns whatever the study's age: the objective's split and
         # the other one's value recorded beside it (an older study's quality is on the test split)
         split = objective_split(data.user_attrs)
         frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
-        _add_result_columns(frame, {r.number: r for r in data.records}, split)
+        complete = [r.number for r in data.records if r.state == "COMPLETE"]
+        _add_result_columns(frame, {r.number: r for r in data.records}, split, table.user_attr("result", complete))
         # nested user attrs (layers, curves, config) are JSON strings in a flat file
         import json
 

@@ -381,11 +381,11 @@ _ATTR_TABLES = (("trial_user_attributes", "user_attrs", "trial_user_attribute_id
 
 
 def export_table(reader: "StudyReader", data: StudyData):
-    """The rows (dicts) and columns of Optuna's ``Study.trials_dataframe`` with attrs number,
-    state, values, params, user_attrs, system_attrs, datetime_start, datetime_complete and
-    duration (``multi_index=False``), read from the tables; nested user and system attributes
-    (mappings, lists) are their stored JSON text instead of Python objects, as ``export``
-    writes them."""
+    """The rows (lists, in the order of the columns) and columns of Optuna's
+    ``Study.trials_dataframe`` with attrs number, state, values, params, user_attrs,
+    system_attrs, datetime_start, datetime_complete and duration (``multi_index=False``), read
+    from the tables; nested user and system attributes (mappings, lists) are their stored JSON
+    text instead of Python objects, as ``export`` writes them."""
     table = ExportTable(reader, data, nested_apart=False)
     return table.rows, table.columns
 
@@ -433,30 +433,51 @@ class ExportTable:
                              id=study_id, key=_METRIC_NAMES)
         metric_names = json.loads(names[0][0]) if names else None
         value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
-        found = {"params": set(), "user_attrs": set(), "system_attrs": set()}
+        found = {"params": {key for record in data.records for key in record.params},
+                 "user_attrs": {key for attrs in nested["user_attrs"].values() for key in attrs},
+                 "system_attrs": {key for attrs in nested["system_attrs"].values() for key in attrs}}
         for prefix, keys in apart.items():
             found[prefix] |= keys
             self.nested += [f"{prefix}_{key}" for key in keys]
-        rows = []
-        for record in data.records:
-            state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
-            row = {"number": record.number, "state": state}
-            values = record.values if record.values is not None else [None] * len(data.directions)
-            for key, value in zip(value_keys, values):
-                row[f"values_{key}"] = value
-            for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].get(record.number, {})),
-                                  ("system_attrs", nested["system_attrs"].get(record.number, {}))):
-                for key, value in attrs.items():
-                    row[f"{prefix}_{key}"] = value
-                    found[prefix].add(key)
-            row["datetime_start"], row["datetime_complete"] = start, complete
-            row["duration"] = complete - start if start is not None and complete is not None else None
-            rows.append(row)
         columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
         for prefix in ("params", "user_attrs", "system_attrs"):
             columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
         columns += ["datetime_start", "datetime_complete", "duration"]
-        self.rows, self.columns = rows, columns
+        self.columns = columns
+        #: the columns of :attr:`rows` (every column but the nested ones read apart)
+        self.row_columns = [c for c in columns if c not in set(self.nested)]
+        where = {column: index for index, column in enumerate(self.row_columns)}
+        missing = float("nan")  # what pandas puts where a row of dicts lacks a column
+        # rows as lists (a third of the memory of dicts), each trial's row made and its
+        # attributes dropped as it goes
+        rows = []
+        for record in data.records:
+            row = [missing] * len(self.row_columns)
+            state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
+            row[0], row[1] = record.number, state
+            values = record.values if record.values is not None else [None] * len(data.directions)
+            for key, value in zip(value_keys, values):
+                row[where[f"values_{key}"]] = value
+            for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].pop(record.number, {})),
+                                  ("system_attrs", nested["system_attrs"].pop(record.number, {}))):
+                for key, value in attrs.items():
+                    row[where[f"{prefix}_{key}"]] = value
+            row[-3], row[-2] = start, complete
+            row[-1] = complete - start if start is not None and complete is not None else None
+            rows.append(row)
+        self.rows = rows
+
+    def user_attr(self, key: str, numbers: Sequence[int]):
+        """(number, parsed value) of the user attribute ``key`` of the trials ``numbers`` that
+        hold it, read a chunk of trials at a time (each value parsed as it is handed out)."""
+        by_id = {self.trial_ids[n]: n for n in numbers}
+        ids = sorted(by_id)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ", ".join(str(i) for i in ids[start:start + _CHUNK])
+            for trial_id, value in self.reader._raw(
+                    f"SELECT a.trial_id, a.value_json FROM trial_user_attributes a "
+                    f"WHERE a.trial_id IN ({chunk}) AND a.key = {_literals([key])}"):
+                yield by_id[trial_id], json.loads(value)
 
     def nested_rows(self, numbers: Sequence[int]) -> Dict[int, Dict[str, Any]]:
         """number -> {column: value} of the :attr:`nested` columns of the trials ``numbers``: a
