@@ -210,7 +210,7 @@ def _filled(storage: str, name: str) -> int:
 
     try:
         reader = StudyReader(storage)
-    except ValueError:
+    except (ValueError, OSError):  # no database yet, or no Optuna tables in it
         return 0
     try:
         return sum(reader.state_counts().get(name, {}).values())
