@@ -20,6 +20,12 @@ its wall time and peak RSS are recorded, with the report's file size.  The dashb
 (``gsmsearch dashboard``) and its first paint timed in Chromium: from the page request to the
 first Pareto figure drawn (``.js-plotly-plot .trace``); the server's start (reading the study)
 is timed separately, from the command to the port answering.
+
+``--folder DIR`` keeps the databases and outputs in DIR (else a temporary folder, removed after)
+and reuses a study pre-filled there by an earlier run (same storage and size); ``--repeats K``
+runs each command K times and records each run and their median.  PostgreSQL databases are
+reused the same way with ``--folder`` (the database ``gsm_read_N`` is not dropped when its study
+holds N trials).
 """
 from __future__ import annotations
 
@@ -198,25 +204,58 @@ def _timed_command(args, cwd) -> dict:
             "load_average_1min": os.getloadavg()[0]}
 
 
-def run_size(storage_kind: str, storage: str, size: int, folder: Path, dashboard: bool) -> dict:
+def _filled(storage: str, name: str) -> int:
+    """How many trials the study ``name`` holds in ``storage`` (0: no such study or database)."""
+    from gsmsearch.search._records import StudyReader
+
+    try:
+        reader = StudyReader(storage)
+    except (ValueError, OSError):  # no database yet, or no Optuna tables in it
+        return 0
+    try:
+        return sum(reader.state_counts().get(name, {}).values())
+    finally:
+        reader.close()
+
+
+def _median_of(runs: list) -> dict:
+    """The runs' median of each number, the runs beside it (one run: that run)."""
+    if len(runs) == 1:
+        return runs[0]
+    import statistics
+
+    out = {key: statistics.median(run[key] for run in runs) for key in runs[0]
+           if isinstance(runs[0][key], (int, float))}
+    out["runs"] = runs
+    return out
+
+
+def run_size(storage_kind: str, storage: str, size: int, folder: Path, dashboard: bool, repeats: int = 1) -> dict:
     name = f"read_{storage_kind}_{size}"
     spec_path = folder / f"{name}.yaml"
     spec_path.write_text(yaml.safe_dump(_spec(name, storage, size, str(folder / name))))
-    filled = _step("prefill", str(spec_path), str(size))
+    if _filled(storage, name) == size:  # pre-filled by an earlier run in this folder
+        filled = {"prefill_s": None, "trials": size, "reused": True}
+    else:
+        if storage.startswith("sqlite:///"):
+            Path(storage[len("sqlite:///"):]).unlink(missing_ok=True)  # a partial fill of an earlier run
+        filled = _step("prefill", str(spec_path), str(size))
     gsmsearch = [sys.executable, "-m", "gsmsearch"]
-    commands = {
-        "status": _timed_command(gsmsearch + ["status", str(spec_path)], folder),
-        "export_csv": _timed_command(gsmsearch + ["export", str(spec_path), "--format", "csv", "-o",
-                                                  str(folder / f"{name}.csv")], folder),
-        "export_parquet": _timed_command(gsmsearch + ["export", str(spec_path), "--format", "parquet", "-o",
-                                                      str(folder / f"{name}.parquet")], folder),
-        "report": _timed_command(gsmsearch + ["report", str(spec_path), "-o", str(folder / f"{name}.html")], folder),
+    runs = {
+        "status": lambda: _timed_command(gsmsearch + ["status", str(spec_path)], folder),
+        "export_csv": lambda: _timed_command(gsmsearch + ["export", str(spec_path), "--format", "csv", "-o",
+                                                          str(folder / f"{name}.csv")], folder),
+        "export_parquet": lambda: _timed_command(gsmsearch + ["export", str(spec_path), "--format", "parquet", "-o",
+                                                              str(folder / f"{name}.parquet")], folder),
+        "report": lambda: _timed_command(gsmsearch + ["report", str(spec_path), "-o", str(folder / f"{name}.html")],
+                                         folder),
     }
+    commands = {command: _median_of([run() for _ in range(repeats)]) for command, run in runs.items()}
     commands["report"]["size_mb"] = (folder / f"{name}.html").stat().st_size / 1e6
     commands["export_csv"]["size_mb"] = (folder / f"{name}.csv").stat().st_size / 1e6
     row = {"storage": storage_kind, "size": size, **filled, "commands": commands}
     if dashboard:
-        row["dashboard"] = dashboard_first_paint(spec_path, folder)
+        row["dashboard"] = _median_of([dashboard_first_paint(spec_path, folder) for _ in range(repeats)])
     return row
 
 
@@ -227,6 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--postgres", default=None, help="a PostgreSQL server URL (a database per size is created)")
     parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     parser.add_argument("--no-dashboard", action="store_true", help="skip the dashboard's first paint")
+    parser.add_argument("--folder", default=None,
+                        help="keep the studies and outputs here and reuse a study pre-filled here earlier")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each command (the median is recorded)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "driver-scale-read.json"))
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -247,16 +289,20 @@ def main(argv=None) -> int:
     if kept:
         report["earlier"] = kept
     with tempfile.TemporaryDirectory(prefix="gsm-read-scale-") as tmp:
-        folder = Path(tmp)
+        folder = Path(args.folder or tmp).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
             storages = [] if args.no_sqlite else [("sqlite", f"sqlite:///{folder / f'read-{size}.db'}")]
             if args.postgres:
-                storages.append(("postgresql", _fresh_database(args.postgres, f"gsm_read_{size}")))
+                storages.append(("postgresql", _fresh_database(args.postgres, f"gsm_read_{size}",
+                                                               keep=f"read_postgresql_{size}" if args.folder else None,
+                                                               size=size)))
             for kind, url in storages:
-                row = run_size(kind, url, size, folder, not args.no_dashboard)
+                row = run_size(kind, url, size, folder, not args.no_dashboard, args.repeats)
                 row["command"], row["started"] = report["command"], report["started"]
                 report["runs"].append(row)
-                print(f"{kind:10s} {size:7d} trials (pre-fill {row['prefill_s']:.0f} s): "
+                print(f"{kind:10s} {size:7d} trials (pre-fill "
+                      + ("reused" if row.get("reused") else f"{row['prefill_s']:.0f} s") + "): "
                       + ", ".join(f"{k} {v['wall_s']:.1f} s ({v['peak_rss_mib']:.0f} MiB)"
                                   for k, v in row["commands"].items())
                       + f"; report {row['commands']['report']['size_mb']:.1f} MB"
@@ -265,20 +311,28 @@ def main(argv=None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(report, indent=1))
             for path in folder.glob("read_*"):  # the workdirs and outputs of this size
-                if path.is_dir():
+                if path.is_dir() and not args.folder:
                     shutil.rmtree(path, ignore_errors=True)
     return 0
 
 
-def _fresh_database(server_url: str, name: str) -> str:
+def _fresh_database(server_url: str, name: str, keep: str = None, size: int = 0) -> str:
+    """The URL of the database ``name`` on the server, created empty; with ``keep``, a database
+    whose study ``keep`` holds ``size`` trials is kept as it is (to be reused)."""
     import sqlalchemy
 
+    url = str(sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False))
     engine = sqlalchemy.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
+        exists = connection.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                    {"name": name}).first()
+        if exists and keep and _filled(url, keep) == size:
+            engine.dispose()
+            return url
         connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
         connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
-    return str(sqlalchemy.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False))
+    return url
 
 
 if __name__ == "__main__":

@@ -53,14 +53,15 @@ def check_storage_variables(spec_path, storage: Optional[str]) -> None:
                         f"uses it)")
 
 
-def _read(name: str, url: str, user_keys):
+def _read(name: str, url: str, user_keys, lazy_keys=()):
     """(reader, the study's data) from :mod:`gsmsearch.search._records`: the trials' records
-    holding the user attributes ``user_keys``, read in a few queries."""
+    holding the user attributes ``user_keys`` (``lazy_keys``: parsed when read), read in a few
+    queries."""
     from ..search._records import StudyReader
 
     reader = StudyReader(url)
     try:
-        return reader, reader.read(name, user_keys=user_keys)
+        return reader, reader.read(name, user_keys=user_keys, lazy_keys=lazy_keys)
     except KeyError:
         names = reader.study_names()
         reader.close()
@@ -179,25 +180,53 @@ EXPORT_RESULT_COLUMNS = ("relative_flops", "structured_relative_flops", "relativ
                          "train_seconds", "epochs_run")
 
 
-def _add_result_columns(frame, records) -> None:
-    """``family``, ``feasible`` (a complete trial whose every constraint holds; empty for a
-    trial that did not complete) and :data:`EXPORT_RESULT_COLUMNS` (empty where a trial did not
-    record the metric), from the trials' records keyed by number."""
+def _add_result_columns(frame, records, split: str, results=None) -> None:
+    """``val_quality`` and ``test_quality`` (the objective's split and the other one's value
+    recorded beside it), ``family``, ``feasible`` (a complete trial whose every constraint
+    holds; empty for a trial that did not complete) and :data:`EXPORT_RESULT_COLUMNS` (empty
+    where a trial did not record the metric), from the trials' records keyed by number and
+    their recorded ``result``: ``results`` (number, result) of the complete trials, each used
+    once as it comes; None: the records' own."""
+    from types import SimpleNamespace
+
     import pandas as pd
 
-    def result(number):
-        record = records[number]
-        value = record.user_attrs.get("result") if record.state == "COMPLETE" else None
-        return value if isinstance(value, dict) else {}
+    from ..search import split_qualities
 
     def number_or_none(value):
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    if results is None:
+        results = ((n, r.user_attrs.get("result")) for n, r in records.items() if r.state == "COMPLETE")
+    qualities, metrics = {}, {}
+    for number, value in results:
+        record = records[number]
+        if record.state != "COMPLETE":
+            continue
+        qualities[number] = split_qualities(SimpleNamespace(user_attrs={"result": value}), split)
+        value = value if isinstance(value, dict) else {}
+        metrics[number] = [number_or_none(value.get(metric)) for metric in EXPORT_RESULT_COLUMNS]
+    qualities = {n: qualities.get(n, (None, None)) for n in records}
+    nothing = [None] * len(EXPORT_RESULT_COLUMNS)
+    results = {n: metrics.get(n, nothing) for n in records}
+    frame["val_quality"] = frame["number"].map(lambda n: qualities[n][0])
+    frame["test_quality"] = frame["number"].map(lambda n: qualities[n][1])
     frame["family"] = frame["number"].map(lambda n: records[n].family)
     frame["feasible"] = pd.array([records[n].feasible if records[n].state == "COMPLETE" else None
                                   for n in frame["number"]], dtype="boolean")
-    for metric in EXPORT_RESULT_COLUMNS:
-        frame[metric] = pd.array([number_or_none(result(n).get(metric)) for n in frame["number"]], dtype="Float64")
+    for index, metric in enumerate(EXPORT_RESULT_COLUMNS):
+        frame[metric] = pd.array([results[n][index] for n in frame["number"]], dtype="Float64")
+
+
+#: trials per chunk of the export's file: a multiple of the rows pandas formats at a time (its
+#: ``to_csv`` chunk), so that each value is written as writing the whole table at once writes it
+_EXPORT_CHUNKS = 6
+
+
+def _rows_per_slice(columns: int) -> int:
+    """The rows pandas' ``to_csv`` formats at a time in a table of ``columns`` columns (its
+    default chunk size): it writes a datetime column's slice with the digits that slice needs."""
+    return (100000 // columns) or 1
 
 
 def run_export(args) -> int:
@@ -209,41 +238,79 @@ def run_export(args) -> int:
         spec = args.study if is_file(args.study) else None
         check_output_path(output, databases=[url], specs=[spec])
     # Optuna's trials_dataframe columns, read from the tables (with the nested attributes as
-    # their stored JSON text) instead of building every trial
+    # their stored JSON text) instead of building every trial.  The table is written a chunk of
+    # trials at a time: every column but the nested attributes (the bulk of a study's text) is
+    # made for the whole study first, so each column has the type it has in the whole table;
+    # the nested ones (text) are read for each chunk as it is written
     import pandas as pd
 
-    from ..search import objective_split, split_qualities
-    from ..search._records import export_table
+    from ..search import objective_split
+    from ..search._records import ExportTable
 
-    reader, data = _read(name, url, ("family", "duplicate_of", "failure_reason", "result"))
+    reader, data = _read(name, url, ("family", "duplicate_of", "failure_reason"))
     try:
-        rows, columns = export_table(reader, data)
+        table = ExportTable(reader, data, nested_apart=True)
+        frame = pd.DataFrame(table.rows, columns=table.row_columns)
+        table.rows = None
+        # quality by split, the same columns whatever the study's age: the objective's split and
+        # the other one's value recorded beside it (an older study's quality is on the test split)
+        split = objective_split(data.user_attrs)
+        frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
+        complete = [r.number for r in data.records if r.state == "COMPLETE"]
+        _add_result_columns(frame, {r.number: r for r in data.records}, split, table.user_attr("result", complete))
+        # nested user attrs (layers, curves, config) are JSON strings in a flat file
+        import json
+
+        for column in frame.columns:
+            if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
+                frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+        columns = list(table.columns)
+        columns.insert(columns.index("state") + 1, "quality_split")
+        columns += [c for c in frame.columns if c not in columns]
+        rows_per_slice = _rows_per_slice(len(columns))
+        step = rows_per_slice * _EXPORT_CHUNKS
+
+        def chunks():
+            for start in range(0, max(len(frame), 1), step):
+                part = frame.iloc[start:start + step].copy()
+                texts = table.nested_rows(part["number"].tolist())
+                for column in table.nested:
+                    part[column] = pd.Series([texts[n].get(column, float("nan")) for n in part["number"]],
+                                             index=part.index, dtype=object)
+                yield part[columns]
+
+        if args.format == "csv":
+            def write_csv(handle):
+                for index, part in enumerate(chunks()):
+                    part.to_csv(handle, index=False, header=index == 0, chunksize=rows_per_slice)
+
+            if output == "-":
+                write_csv(sys.stdout)
+            else:
+                write_output(output, lambda tmp: _with_open(tmp, write_csv))
+        else:
+            write_output(output, lambda tmp: _write_parquet(tmp, frame, table.nested, columns, chunks()))
     finally:
         reader.close()
-    frame = pd.DataFrame(rows, columns=columns)
-    del rows
-    # quality by split, the same columns whatever the study's age: the objective's split and
-    # the other one's value recorded beside it (an older study's quality is on the test split)
-    split = objective_split(data.user_attrs)
-    records = {r.number: r for r in data.records}
-    qualities = {n: split_qualities(r, split) if r.state == "COMPLETE" else (None, None)
-                 for n, r in records.items()}
-    frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
-    frame["val_quality"] = frame["number"].map(lambda n: qualities[n][0])
-    frame["test_quality"] = frame["number"].map(lambda n: qualities[n][1])
-    _add_result_columns(frame, records)
-    # nested user attrs (layers, curves, config) are JSON strings in a flat file
-    import json
-
-    for column in frame.columns:
-        if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
-            frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
-    if output == "-":
-        frame.to_csv(sys.stdout, index=False)
-    elif args.format == "csv":
-        write_output(output, lambda tmp: frame.to_csv(tmp, index=False))
-    else:
-        write_output(output, lambda tmp: frame.to_parquet(tmp, index=False))
     if output != "-":
         print(f"wrote {len(frame)} trials to {output}")
     return 0
+
+
+def _with_open(path, write) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        write(handle)
+
+
+def _write_parquet(path, frame, nested, columns, chunks) -> None:
+    """The chunks as one Parquet file, a row group each, with the schema the whole table has
+    (``frame``: every column but the ``nested`` ones, which are text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    whole = frame.assign(**{column: "" for column in nested})[columns]
+    schema = pa.Schema.from_pandas(whole, preserve_index=False)
+    del whole
+    with pq.ParquetWriter(path, schema) as writer:
+        for part in chunks:
+            writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))

@@ -125,14 +125,25 @@ def _configurations(records) -> List[Configuration]:
 
 
 def _repeats(records) -> bool:
-    """``has_repeats(group_configurations(records))``: at once False when the trials that
-    belong to a configuration all ran with one seed (the usual study), as then no configuration
-    can have two."""
-    def seeds():
-        return {repr(trial_seed(r)) for r in records if r.state != "PRUNED"
-                and not (r.state == "FAIL" and _final(r) is False)}
+    """``has_repeats(group_configurations(records))``: at once False when no two of the trials
+    that belong to a configuration share their family and parameters other than the seed (then
+    no configuration has two trials; a study that samples its knobs), or when they all ran with
+    one seed (the usual study), as then no configuration can have two.  The first check reads no
+    trial's recorded config."""
+    def compute() -> bool:
+        members = [r for r in records if r.state != "PRUNED" and not (r.state == "FAIL" and _final(r) is False)]
+        seen = set()
+        for r in members:
+            # what configuration_key compares, less the recorded config: a coarser grouping
+            key = (str(r.family), tuple(sorted((str(k), repr(v)) for k, v in r.params.items() if k != "seed")))
+            if key in seen:
+                break
+            seen.add(key)
+        else:
+            return False
+        return len({repr(trial_seed(r)) for r in members}) > 1 and has_repeats(_configurations(records))
 
-    return _memo("repeats", records, (), lambda: len(seeds()) > 1 and has_repeats(_configurations(records)))
+    return _memo("repeats", records, (), compute)
 
 
 def _final(record):
@@ -201,14 +212,32 @@ def trial_families(records, families: Optional[Sequence[str]] = None) -> List[st
 
 
 def _complete_xy(records, x: str, y: str, metric_names) -> List[Tuple[Any, float, float]]:
+    """(record, x, y) of the COMPLETE records with finite values of both, in order (each value
+    :func:`metric_value`'s)."""
+    names = list(metric_names)
+    x_index = names.index(x) if x in names else None
+    y_index = names.index(y) if y in names else None
+
+    def value(record, index, metric):
+        values = record.values
+        if index is not None and values is not None and index < len(values):
+            return _finite(values[index])  # an objective: what metric_value gives, found once
+        return metric_value(record, metric, names)
+
     out = []
     for r in records:
         if r.state != "COMPLETE":
             continue
-        xv, yv = metric_value(r, x, metric_names), metric_value(r, y, metric_names)
+        xv, yv = value(r, x_index, x), value(r, y_index, y)
         if xv is not None and yv is not None:
             out.append((r, xv, yv))
     return out
+
+
+def _all_xy(records, x: str, y: str, metric_names) -> List[Tuple[Any, float, float]]:
+    """``_complete_xy(records, ...)``, once per records list (:func:`_memo`): every view filters
+    it (by family, feasibility) instead of reading each record's values again."""
+    return _memo("xy", records, (x, y, tuple(metric_names)), lambda: _complete_xy(records, x, y, metric_names))
 
 
 def family_points(records, x: str, y: str, metric_names, families=None) -> Dict[str, List[Point]]:
@@ -222,7 +251,7 @@ def family_points(records, x: str, y: str, metric_names, families=None) -> Dict[
 def _family_points(records, x: str, y: str, metric_names, families=None) -> Dict[str, List[Point]]:
     out: Dict[str, List[Point]] = {}
     for family in trial_families(records, families):
-        rows = _complete_xy([r for r in records if r.family == family], x, y, metric_names)
+        rows = [row for row in _all_xy(records, x, y, metric_names) if row[0].family == family]
         feasible = [row for row in rows if row[0].feasible]
         front = {id(feasible[i][0]) for i in pareto_front([(yv, xv) for _, xv, yv in feasible], _DIRECTIONS)}
         points = []
@@ -244,7 +273,7 @@ def family_hypervolumes(records, x: str, y: str, metric_names, reference: Tuple[
     (x, y)."""
     out = {}
     for family in trial_families(records, families):
-        rows = _complete_xy([r for r in records if r.family == family and r.feasible], x, y, metric_names)
+        rows = [row for row in _all_xy(records, x, y, metric_names) if row[0].family == family and row[0].feasible]
         out[family] = _hypervolume([(xv, yv) for _, xv, yv in rows], reference)
     return out
 
@@ -261,7 +290,7 @@ def hypervolume_history(records, x: str, y: str, metric_names, reference: Tuple[
     chosen = trial_families(records, families)
     if _repeats(records):
         return _seeded_history(records, x, y, metric_names, reference, chosen)
-    rows = sorted(_complete_xy([r for r in records if r.feasible and r.family in chosen], x, y, metric_names),
+    rows = sorted([row for row in _all_xy(records, x, y, metric_names) if row[0].feasible and row[0].family in chosen],
                   key=lambda row: row[0].number)
     for family in chosen + ["all"]:
         mine = [row for row in rows if family == "all" or row[0].family == family]
@@ -284,8 +313,8 @@ def budget_table(records, x: str, y: str, metric_names, budgets: Sequence[float]
     x <= budget (ties: the cheaper, then the lower trial number), or None}."""
     out: Dict[str, Dict[float, Optional[Point]]] = {}
     for family in trial_families(records, families):
-        rows = sorted(_complete_xy([r for r in records if r.family == family and r.feasible], x, y, metric_names),
-                      key=lambda row: row[0].number)
+        rows = sorted([row for row in _all_xy(records, x, y, metric_names)
+                       if row[0].family == family and row[0].feasible], key=lambda row: row[0].number)
         best = best_within_budget([yv for _, _, yv in rows], [xv for _, xv, _ in rows], list(budgets))
         out[family] = {
             budget: None if index is None else Point(rows[index][0].number, family, rows[index][1],

@@ -163,12 +163,12 @@ def load_view(source: StudySource, key: str, reader=None) -> StudyView:
     """Read one study (with ``reader``, a :class:`~gsmsearch.search._records.StudyReader` of its
     storage, else one of its own); a study that cannot be read gives a view with ``error`` set."""
     from ..search import redact
-    from ..search._records import VIEW_KEYS, StudyReader
+    from ..search._records import LAZY_KEYS, VIEW_KEYS, StudyReader
 
     view = StudyView(key=key, name=source.name, label=source.label, storage=redact(source.url))
     try:
         reader = reader or StudyReader(source.url)
-        data = reader.read(source.name, user_keys=VIEW_KEYS, number=_number)
+        data = reader.read(source.name, user_keys=VIEW_KEYS, number=_number, lazy_keys=LAZY_KEYS)
         view.directions, view.metric_names = data.directions, data.metric_names
         spec = data.user_attrs.get("spec")
         view.spec = spec if isinstance(spec, dict) else {}

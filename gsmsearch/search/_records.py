@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from ._study import TrialRecord, trial_constraints
 
-__all__ = ["StudyData", "StudyReader", "read_study", "STATUS_KEYS", "VIEW_KEYS"]
+__all__ = ["StudyData", "StudyReader", "read_study", "ExportTable", "export_table", "LazyAttrs", "STATUS_KEYS",
+           "VIEW_KEYS", "LAZY_KEYS"]
 
 #: the trial user attributes ``status`` reads for every trial: the family, a duplicate's original
 #: and the failure reason (the front trials' recorded ``result`` is read for them alone)
@@ -31,6 +32,11 @@ STATUS_KEYS = ("family", "duplicate_of", "failure_reason")
 #: those the report and the dashboard read for every trial (a trial's ``layers`` are read for the
 #: trials whose detail is shown, with :meth:`StudyReader.user_attrs`)
 VIEW_KEYS = STATUS_KEYS + ("result", "config", "final", "pruned", "prune_reason")
+
+#: the view attributes the report and the dashboard keep as their stored JSON text, parsed for a
+#: trial when something reads them (:class:`LazyAttrs`): the figures need a trial's values,
+#: family and constraints, and these (the larger part of the text read) only for the trials shown
+LAZY_KEYS = ("result", "config")
 
 #: Optuna's system attribute holding a study's metric names (``Study.set_metric_names``)
 _METRIC_NAMES = "study:metric_names"
@@ -48,6 +54,112 @@ class StudyData:
     metric_names: List[str]
     user_attrs: Dict[str, Any]
     records: List[TrialRecord] = field(default_factory=list)
+
+
+_UNPARSED = object()
+
+
+class _Stored:
+    """An attribute's stored JSON text, and its value once parsed."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str) -> None:
+        self.text, self.value = text, _UNPARSED
+
+    def parsed(self):
+        if self.value is _UNPARSED:
+            self.value = json.loads(self.text)
+        return self.value
+
+    def __eq__(self, other):
+        if type(other) is _Stored and self.text == other.text:
+            return True  # the same text: the same value, neither parsed
+        return self.parsed() == (other.parsed() if type(other) is _Stored else other)
+
+    __hash__ = None
+
+
+class LazyAttrs(dict):
+    """A trial's user attributes, some of them held as their stored JSON text and parsed the first
+    time they are read (the text kept beside the parsed value, which is not to be changed in
+    place).  It is a dict that reads like the dict of parsed values everywhere: item access,
+    ``get``, ``items``, ``values``, iteration, ``dict(...)``, ``{**...}``, equality, ``copy``,
+    ``json.dumps`` and pickling all give the parsed values.  Two attributes stored as the same
+    text are equal without parsing either (a study re-read unchanged compares at the cost of
+    its text)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key):
+        value = dict.__getitem__(self, key)
+        return value.parsed() if type(value) is _Stored else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __iter__(self):
+        # defined here (as dict's own) so that ``dict(...)``, ``{**...}`` and ``update(...)`` read
+        # the values through __getitem__, not the stored ones
+        return dict.__iter__(self)
+
+    def items(self):
+        from collections.abc import ItemsView
+
+        return ItemsView(self)
+
+    def values(self):
+        from collections.abc import ValuesView
+
+        return ValuesView(self)
+
+    def pop(self, key, *default):
+        if key in self:
+            value = self[key]
+            dict.__delitem__(self, key)
+            return value
+        return dict.pop(self, key, *default)
+
+    def popitem(self):
+        key = next(reversed(dict.keys(self)))
+        return key, self.pop(key)
+
+    def setdefault(self, key, default=None):
+        if key in self:
+            return self[key]
+        dict.__setitem__(self, key, default)
+        return default
+
+    def copy(self) -> "LazyAttrs":
+        out = LazyAttrs()
+        for key in dict.__iter__(self):
+            dict.__setitem__(out, key, dict.__getitem__(self, key))
+        return out
+
+    def __eq__(self, other):
+        if isinstance(other, LazyAttrs):
+            return dict.__eq__(self, other)  # value by value: a stored one compares as :class:`_Stored`
+        if not isinstance(other, dict):
+            return NotImplemented
+        return len(self) == len(other) and all(key in other and self[key] == other[key] for key in self)
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None
+
+    def __or__(self, other):
+        return dict(self) | other
+
+    def __ror__(self, other):
+        return other | dict(self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
 
 
 def _value(value: Optional[float], value_type: str) -> float:
@@ -115,10 +227,26 @@ class StudyReader:
         return out
 
     def read(self, name: str, *, user_keys: Optional[Sequence[str]] = STATUS_KEYS,
-             number: Callable[[Any], Any] = float) -> StudyData:
+             number: Callable[[Any], Any] = float, lazy_keys: Sequence[str] = ()) -> StudyData:
         """The study ``name`` (KeyError when the storage has none of that name), its trials'
         records holding the user attributes ``user_keys`` (None: every one).  ``number``
-        converts each constraint value (as :func:`gsmsearch.search._study.trial_constraints`)."""
+        converts each constraint value (as :func:`gsmsearch.search._study.trial_constraints`).
+        ``lazy_keys``: user attributes parsed only when read (a record holding one has a
+        :class:`LazyAttrs`; it reads the same as the parsed dict)."""
+        import gc
+
+        # the records are a few objects per trial and attribute, none of them in a reference
+        # cycle: the cyclic collector's passes over them while they are made (a third of the
+        # read at 100,000 trials) find nothing to free
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._read(name, user_keys, number, lazy_keys)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _read(self, name: str, user_keys, number, lazy_keys) -> StudyData:
         found = self._rows("SELECT study_id FROM studies WHERE study_name = :name", name=name)
         if not found:
             raise KeyError(name)
@@ -145,7 +273,7 @@ class StudyReader:
                            f"WHERE t.study_id = {study_id} ORDER BY t.trial_id")
         params = self._params(study_id)
         system = self._attrs("trial_system_attributes", study_id, None, constraints_only=True)
-        user = self._attrs("trial_user_attributes", study_id, user_keys)
+        user = self._attrs("trial_user_attributes", study_id, user_keys, lazy_keys=lazy_keys)
         empty: Dict[str, Any] = {}
         for row in trials:
             trial_id, trial_number, state = row[0], row[1], row[2]
@@ -175,9 +303,10 @@ class StudyReader:
         return out
 
     def _attrs(self, table: str, study_id: int, keys: Optional[Iterable[str]], *,
-               constraints_only: bool = False) -> Dict[int, Dict[str, Any]]:
+               constraints_only: bool = False, lazy_keys: Sequence[str] = ()) -> Dict[int, Dict[str, Any]]:
         """trial id -> {key: value} of the study's trials' attributes in ``table`` (``keys``:
-        only those; ``constraints_only``: ``constraints`` and ``constraints:<name>``)."""
+        only those; ``constraints_only``: ``constraints`` and ``constraints:<name>``; the values
+        of ``lazy_keys`` are parsed when read, in a :class:`LazyAttrs`)."""
         sql = (f"SELECT a.trial_id, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
                f"WHERE t.study_id = {int(study_id)}")
         if constraints_only:
@@ -186,6 +315,8 @@ class StudyReader:
             sql += f" AND a.key IN ({_literals(keys)})"
         out: Dict[int, Dict[str, Any]] = {}
         loads = json.loads
+        lazy = frozenset(lazy_keys)
+        mapping = LazyAttrs if lazy else dict
         # in the database's order (no ORDER BY: sorting 100,000 trials' attribute rows, values
         # and all, costs a third of the query); a trial's attributes are a mapping, as in Optuna
         for trial_id, key, value in self._raw(sql):
@@ -193,8 +324,11 @@ class StudyReader:
                 continue  # SQLite's LIKE ignores case
             attrs = out.get(trial_id)
             if attrs is None:
-                attrs = out[trial_id] = {}
-            attrs[key] = loads(value)
+                attrs = out[trial_id] = mapping()
+            if key in lazy:
+                dict.__setitem__(attrs, key, _Stored(value))
+            else:
+                attrs[key] = loads(value)
         return out
 
     def user_attrs(self, study_id: int, numbers: Iterable[int],
@@ -239,49 +373,127 @@ def _raw_json(value: str) -> Any:
     return value if value[:1] in ("{", "[") else json.loads(value)
 
 
+#: SQL: the attribute ``a``'s value is a mapping or a list (the text Optuna stored is JSON, no
+#: leading space): as :func:`_raw_json` tells them apart
+_NESTED_SQL = "substr(a.value_json, 1, 1) IN ('{', '[')"
+_ATTR_TABLES = (("trial_user_attributes", "user_attrs", "trial_user_attribute_id"),
+                ("trial_system_attributes", "system_attrs", "trial_system_attribute_id"))
+
+
 def export_table(reader: "StudyReader", data: StudyData):
-    """The rows (dicts) and columns of Optuna's ``Study.trials_dataframe`` with attrs number,
-    state, values, params, user_attrs, system_attrs, datetime_start, datetime_complete and
-    duration (``multi_index=False``), read from the tables; nested user and system attributes
-    (mappings, lists) are their stored JSON text instead of Python objects, as ``export``
-    writes them."""
-    study_id = int(data.study_id)
-    times = {row[0]: (row[1], _local(row[2]), _local(row[3])) for row in reader._raw(
-        f"SELECT number, state, datetime_start, datetime_complete FROM trials WHERE study_id = {study_id}")}
-    nested = {}
-    for table, prefix in (("trial_user_attributes", "user_attrs"), ("trial_system_attributes", "system_attrs")):
-        out: Dict[int, Dict[str, Any]] = {}
-        id_column = "trial_user_attribute_id" if prefix == "user_attrs" else "trial_system_attribute_id"
-        for number, key, value in reader._raw(
-                f"SELECT t.number, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
-                f"WHERE t.study_id = {study_id} ORDER BY a.{id_column}"):
-            out.setdefault(number, {})[key] = _raw_json(value)
-        nested[prefix] = out
-    names = reader._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
-                         id=study_id, key=_METRIC_NAMES)
-    metric_names = json.loads(names[0][0]) if names else None
-    value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
-    found = {"params": set(), "user_attrs": set(), "system_attrs": set()}
-    rows = []
-    for record in data.records:
-        state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
-        row = {"number": record.number, "state": state}
-        values = record.values if record.values is not None else [None] * len(data.directions)
-        for key, value in zip(value_keys, values):
-            row[f"values_{key}"] = value
-        for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].get(record.number, {})),
-                              ("system_attrs", nested["system_attrs"].get(record.number, {}))):
-            for key, value in attrs.items():
-                row[f"{prefix}_{key}"] = value
-                found[prefix].add(key)
-        row["datetime_start"], row["datetime_complete"] = start, complete
-        row["duration"] = complete - start if start is not None and complete is not None else None
-        rows.append(row)
-    columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
-    for prefix in ("params", "user_attrs", "system_attrs"):
-        columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
-    columns += ["datetime_start", "datetime_complete", "duration"]
-    return rows, columns
+    """The rows (lists, in the order of the columns) and columns of Optuna's
+    ``Study.trials_dataframe`` with attrs number, state, values, params, user_attrs,
+    system_attrs, datetime_start, datetime_complete and duration (``multi_index=False``), read
+    from the tables; nested user and system attributes (mappings, lists) are their stored JSON
+    text instead of Python objects, as ``export`` writes them."""
+    table = ExportTable(reader, data, nested_apart=False)
+    return table.rows, table.columns
+
+
+class ExportTable:
+    """:func:`export_table`'s rows and columns; with ``nested_apart``, the rows hold none of the
+    columns in :attr:`nested` (the attributes that hold a mapping or a list for some trial: the
+    bulk of a study's text), which :meth:`nested_rows` reads for a chunk of trials at a time."""
+
+    def __init__(self, reader: "StudyReader", data: StudyData, *, nested_apart: bool = False) -> None:
+        self.reader, self.data = reader, data
+        study_id = int(data.study_id)
+        self.trial_ids: Dict[int, int] = {}
+        times = {}
+        for trial_id, number, state, start, complete in reader._raw(
+                f"SELECT trial_id, number, state, datetime_start, datetime_complete FROM trials "
+                f"WHERE study_id = {study_id}"):
+            self.trial_ids[number] = trial_id
+            times[number] = (state, _local(start), _local(complete))
+        #: the columns read apart (``nested_apart``), and their scalar values (a key that holds a
+        #: mapping for one trial and a number for another: number -> {column: value})
+        self.nested: List[str] = []
+        self._scalars: Dict[int, Dict[str, Any]] = {}
+        apart: Dict[str, set] = {}
+        if nested_apart:
+            for table, prefix, _ in _ATTR_TABLES:
+                apart[prefix] = {row[0] for row in reader._raw(
+                    f"SELECT DISTINCT a.key FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+                    f"WHERE t.study_id = {study_id} AND {_NESTED_SQL}")}
+        nested = {}
+        for table, prefix, id_column in _ATTR_TABLES:
+            out: Dict[int, Dict[str, Any]] = {}
+            kept = apart.get(prefix, set())
+            sql = (f"SELECT t.number, a.key, a.value_json FROM {table} a JOIN trials t ON t.trial_id = a.trial_id "
+                   f"WHERE t.study_id = {study_id}")
+            if nested_apart:
+                sql += f" AND NOT {_NESTED_SQL}"
+            for number, key, value in reader._raw(sql + f" ORDER BY a.{id_column}"):
+                if key in kept:
+                    self._scalars.setdefault(number, {})[f"{prefix}_{key}"] = json.loads(value)
+                else:
+                    out.setdefault(number, {})[key] = _raw_json(value)
+            nested[prefix] = out
+        names = reader._rows("SELECT value_json FROM study_system_attributes WHERE study_id = :id AND key = :key",
+                             id=study_id, key=_METRIC_NAMES)
+        metric_names = json.loads(names[0][0]) if names else None
+        value_keys = metric_names if metric_names is not None else list(range(len(data.directions)))
+        found = {"params": {key for record in data.records for key in record.params},
+                 "user_attrs": {key for attrs in nested["user_attrs"].values() for key in attrs},
+                 "system_attrs": {key for attrs in nested["system_attrs"].values() for key in attrs}}
+        for prefix, keys in apart.items():
+            found[prefix] |= keys
+            self.nested += [f"{prefix}_{key}" for key in keys]
+        columns = ["number", "state"] + [f"values_{key}" for key in value_keys]
+        for prefix in ("params", "user_attrs", "system_attrs"):
+            columns += [f"{prefix}_{key}" for key in sorted(found[prefix])]
+        columns += ["datetime_start", "datetime_complete", "duration"]
+        self.columns = columns
+        #: the columns of :attr:`rows` (every column but the nested ones read apart)
+        self.row_columns = [c for c in columns if c not in set(self.nested)]
+        where = {column: index for index, column in enumerate(self.row_columns)}
+        missing = float("nan")  # what pandas puts where a row of dicts lacks a column
+        # rows as lists (a third of the memory of dicts), each trial's row made and its
+        # attributes dropped as it goes
+        rows = []
+        for record in data.records:
+            row = [missing] * len(self.row_columns)
+            state, start, complete = times[record.number]  # Optuna's state (a told duplicate's: COMPLETE)
+            row[0], row[1] = record.number, state
+            values = record.values if record.values is not None else [None] * len(data.directions)
+            for key, value in zip(value_keys, values):
+                row[where[f"values_{key}"]] = value
+            for prefix, attrs in (("params", record.params), ("user_attrs", nested["user_attrs"].pop(record.number, {})),
+                                  ("system_attrs", nested["system_attrs"].pop(record.number, {}))):
+                for key, value in attrs.items():
+                    row[where[f"{prefix}_{key}"]] = value
+            row[-3], row[-2] = start, complete
+            row[-1] = complete - start if start is not None and complete is not None else None
+            rows.append(row)
+        self.rows = rows
+
+    def user_attr(self, key: str, numbers: Sequence[int]):
+        """(number, parsed value) of the user attribute ``key`` of the trials ``numbers`` that
+        hold it, read a chunk of trials at a time (each value parsed as it is handed out)."""
+        by_id = {self.trial_ids[n]: n for n in numbers}
+        ids = sorted(by_id)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ", ".join(str(i) for i in ids[start:start + _CHUNK])
+            for trial_id, value in self.reader._raw(
+                    f"SELECT a.trial_id, a.value_json FROM trial_user_attributes a "
+                    f"WHERE a.trial_id IN ({chunk}) AND a.key = {_literals([key])}"):
+                yield by_id[trial_id], json.loads(value)
+
+    def nested_rows(self, numbers: Sequence[int]) -> Dict[int, Dict[str, Any]]:
+        """number -> {column: value} of the :attr:`nested` columns of the trials ``numbers``: a
+        mapping or list as its stored JSON text, a scalar parsed (a column a trial lacks is
+        absent)."""
+        out: Dict[int, Dict[str, Any]] = {n: dict(self._scalars.get(n, {})) for n in numbers}
+        by_id = {self.trial_ids[n]: n for n in numbers}
+        ids = sorted(by_id)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ", ".join(str(i) for i in ids[start:start + _CHUNK])
+            for table, prefix, _ in _ATTR_TABLES:
+                for trial_id, key, value in self.reader._raw(
+                        f"SELECT a.trial_id, a.key, a.value_json FROM {table} a "
+                        f"WHERE a.trial_id IN ({chunk}) AND {_NESTED_SQL}"):
+                    out[by_id[trial_id]][f"{prefix}_{key}"] = value
+        return out
 
 
 def _literals(keys: Iterable[str]) -> str:
@@ -295,10 +507,10 @@ def _literals(keys: Iterable[str]) -> str:
 
 
 def read_study(url: str, name: str, *, user_keys: Optional[Sequence[str]] = STATUS_KEYS,
-               number: Callable[[Any], Any] = float) -> StudyData:
+               number: Callable[[Any], Any] = float, lazy_keys: Sequence[str] = ()) -> StudyData:
     """:meth:`StudyReader.read` on a reader of its own (closed after)."""
     reader = StudyReader(url)
     try:
-        return reader.read(name, user_keys=user_keys, number=number)
+        return reader.read(name, user_keys=user_keys, number=number, lazy_keys=lazy_keys)
     finally:
         reader.close()

@@ -11,7 +11,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from gsmsearch.cli import main
-from gsmsearch.search._records import STATUS_KEYS, VIEW_KEYS, StudyReader, read_study
+from gsmsearch.search._records import LAZY_KEYS, STATUS_KEYS, VIEW_KEYS, StudyReader, read_study
 from gsmsearch.search._study import study_records
 from tests.fresh_process import fresh_python
 
@@ -44,11 +44,15 @@ def check_reader_matches_optuna(url, name):
             assert _same(getattr(got, field), getattr(want, field)), (got.number, field)
         assert list(got.params) == list(want.params)  # the parameters in Optuna's order
         assert got.feasible == want.feasible
-    for keys in (STATUS_KEYS, VIEW_KEYS):
-        narrow = read_study(url, name, user_keys=keys)
+    for keys, lazy in ((STATUS_KEYS, ()), (VIEW_KEYS, ()), (VIEW_KEYS, LAZY_KEYS), (None, LAZY_KEYS)):
+        narrow = read_study(url, name, user_keys=keys, lazy_keys=lazy)
         for got, want in zip(narrow.records, expected):
-            assert _same(got.user_attrs, {k: v for k, v in want.user_attrs.items() if k in keys})
-            assert (got.state, got.family) == (want.state, want.family)
+            # a lazily read attribute reads as the parsed one (as a whole, and key by key)
+            wanted = {k: v for k, v in want.user_attrs.items() if keys is None or k in keys}
+            assert _same(dict(got.user_attrs), wanted) and got.user_attrs == wanted
+            assert all(_same(got.user_attrs[k], v) for k, v in wanted.items())
+            assert (got.state, got.family, got.values, got.params) == (want.state, want.family, want.values,
+                                                                         want.params)
     reader = StudyReader(url)
     try:
         numbers = [r.number for r in expected][::2]
@@ -61,9 +65,10 @@ def check_reader_matches_optuna(url, name):
     return expected
 
 
-def _synthetic(url, name="synthetic", odd_constraint=False):
+def _synthetic(url, name="synthetic", odd_constraint=False, one_type_flag=False):
     """A study holding every state, told duplicates, both constraint forms (and a constraint that
-    is no number), infinite values, float/int/categorical parameters and a second study beside it."""
+    is no number), infinite values, float/int/categorical parameters and a second study beside it
+    (``one_type_flag``: the categorical parameter's choices are all strings, as Parquet needs)."""
     study = optuna.create_study(study_name=name, storage=url, directions=["maximize", "minimize"])
     study.set_metric_names(["quality", "relative_flops"])
     study.set_user_attr("objective_split", "val")
@@ -72,13 +77,13 @@ def _synthetic(url, name="synthetic", odd_constraint=False):
     distributions = {"family": CategoricalDistribution(["gblr", "lowrank", None]),
                      "gblr.budget": FloatDistribution(0.05, 0.9, log=True),
                      "lowrank.rank": IntDistribution(1, 64, step=1),
-                     "flag": CategoricalDistribution([True, False, 2.5, "x"])}
+                     "flag": CategoricalDistribution(["a", "b", "c", "x"] if one_type_flag else [True, False, 2.5, "x"])}
     states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE, TrialState.WAITING,
               TrialState.COMPLETE, TrialState.RUNNING]
     for i in range(40):
         state = states[i % len(states)]
         family = ["gblr", "lowrank", None][i % 3]
-        params = {"family": family, "flag": [True, False, 2.5, "x"][i % 4]}
+        params = {"family": family, "flag": (["a", "b", "c", "x"] if one_type_flag else [True, False, 2.5, "x"])[i % 4]}
         if family == "gblr":
             params["gblr.budget"] = 0.05 + 0.02 * i
         elif family == "lowrank":
@@ -223,3 +228,84 @@ def test_read_commands_import_neither_torch_nor_ray(synthetic_sqlite, tmp_path):
     result = fresh_python(script, timeout=240)
     assert result["codes"] == [0, 0, 0, 0]
     assert result["heavy"] == []
+
+
+def _whole_export(url, name, fmt, path, rows_per_slice=None):
+    """The export as one table written at once (``rows_per_slice``: pandas' to_csv chunk size)."""
+    import json
+
+    import pandas as pd
+
+    from gsmsearch.cli._studies import _add_result_columns
+    from gsmsearch.search import objective_split
+    from gsmsearch.search._records import export_table
+
+    reader = StudyReader(url)
+    try:
+        data = reader.read(name, user_keys=("family", "duplicate_of", "failure_reason", "result"))
+        rows, columns = export_table(reader, data)
+    finally:
+        reader.close()
+    frame = pd.DataFrame(rows, columns=columns)
+    split = objective_split(data.user_attrs)
+    frame.insert(frame.columns.get_loc("state") + 1, "quality_split", split)
+    _add_result_columns(frame, {r.number: r for r in data.records}, split)
+    for column in frame.columns:
+        if frame[column].map(lambda v: isinstance(v, (dict, list))).any():
+            frame[column] = frame[column].map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+    if fmt == "csv":
+        frame.to_csv(path, index=False, **({"chunksize": rows_per_slice} if rows_per_slice else {}))
+    else:
+        frame.to_parquet(path, index=False)
+    return frame
+
+
+@pytest.mark.parametrize("rows_per_slice", [None, 1, 2, 5])
+def test_export_writes_the_whole_table_chunk_by_chunk(tmp_path, monkeypatch, rows_per_slice):
+    """``export`` reads and writes a chunk of trials at a time; its CSV is byte for byte the one
+    the whole table written at once gives, with chunks of one trial up (each column keeps the
+    type it has in the whole table: an integer parameter some trials lack is written 3.0 in
+    every chunk), and its Parquet file reads back as that table."""
+    import pandas as pd
+
+    from gsmsearch.cli import _studies
+
+    url = f"sqlite:///{tmp_path / 'mixed.db'}"
+    study = _synthetic(url, one_type_flag=True)
+    for rank in range(8):  # trials 39-46: a chunk of them all hold the integer parameter (and a count)
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, values=[0.5, 0.2], params={"family": "lowrank", "lowrank.rank": 3 + rank},
+            distributions={"family": CategoricalDistribution(["gblr", "lowrank", None]),
+                           "lowrank.rank": IntDistribution(1, 64, step=1)},
+            user_attrs={"attempts": 1, "result": {"quality": 0.5, "test_quality": 0.4}}))
+    if rows_per_slice is not None:  # chunks of 6 x this many trials, formatted this many at a time
+        monkeypatch.setattr(_studies, "_rows_per_slice", lambda columns: rows_per_slice)
+    out = tmp_path / "out.csv"
+    assert main(["export", "synthetic", "--storage", url, "-o", str(out)]) == 0
+    whole = _whole_export(url, "synthetic", "csv", tmp_path / "whole.csv", rows_per_slice)
+    assert out.read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert len(whole) == 47 and whole["params_lowrank.rank"].dtype == float  # some trials lack it
+    # ... and a table of trials 42-47 alone would hold it as integers (written 3, not 3.0)
+    assert pd.DataFrame({"rank": [3 + rank for rank in range(3, 8)]})["rank"].dtype == "int64"
+    import csv
+
+    written = list(csv.DictReader(out.open(newline="")))
+    assert [row["params_lowrank.rank"] for row in written[-5:]] == [f"{3 + rank}.0" for rank in range(3, 8)]
+    assert {"user_attrs_layers", "system_attrs_other:key", "system_attrs_constraints"} <= set(whole.columns)
+    out = tmp_path / "out.parquet"
+    assert main(["export", "synthetic", "--storage", url, "--format", "parquet", "-o", str(out)]) == 0
+    _whole_export(url, "synthetic", "parquet", tmp_path / "whole.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(tmp_path / "whole.parquet"))
+
+
+def test_export_of_a_study_with_mixed_parameter_types_writes_every_chunk_alike(synthetic_sqlite, tmp_path,
+                                                                                monkeypatch):
+    """A categorical parameter holding booleans, a number and a string, a key holding a mapping
+    for some trials and nothing for others: chunks of two trials write what one table does."""
+    from gsmsearch.cli import _studies
+
+    monkeypatch.setattr(_studies, "_rows_per_slice", lambda columns: 2)
+    out = tmp_path / "out.csv"
+    assert main(["export", "synthetic", "--storage", synthetic_sqlite, "-o", str(out)]) == 0
+    _whole_export(synthetic_sqlite, "synthetic", "csv", tmp_path / "whole.csv", 2)
+    assert out.read_bytes() == (tmp_path / "whole.csv").read_bytes()
