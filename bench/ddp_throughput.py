@@ -14,7 +14,9 @@ candidate once (interleaved, so a shared machine's drift hits all alike); on CUD
 run one after the other (each holds the GPU).  The report gives the median over rounds of the trial's ``samples_per_second`` (training samples of all ranks over rank 0's
 training-step time, validation excluded), the ratio to the one-worker baseline, and the trained
 model's validation quality per candidate (they train the same steps: qualities agree to float32
-summation order).
+summation order), and the peak memory the trial records: on CPU the process peak resident set
+size of rank 0's worker (the rank that also validates and writes the checkpoints), the largest
+over rounds; on CUDA the most memory torch allocated on rank 0's device.
 
 CPU candidates: 1 worker x 1 CPU (the baseline), 1 worker x N CPUs (torch threads) and N workers
 x 1 CPU (gloo).  CUDA candidates: 1 worker x 1 GPU, N workers sharing that GPU (gloo; fractional
@@ -43,6 +45,12 @@ def _candidates(device: str, n: int, gpus: int):
     if gpus >= n:
         found.append((f"{n} workers x 1 GPU (nccl)", dict(cpus=n, gpus=n, workers=n)))
     return found
+
+
+def _mib(values):
+    """The largest of the recorded peaks in MiB (None when no round recorded one)."""
+    known = [v for v in values if v is not None]
+    return round(max(known) / 2**20, 1) if known else None
 
 
 def main(argv=None) -> int:
@@ -85,6 +93,7 @@ def main(argv=None) -> int:
     candidates = _candidates(args.device, n, gpus)
     rates = {label: [] for label, _ in candidates}
     quality = {}
+    memory = {label: [] for label, _ in candidates}
     workdir = tempfile.mkdtemp(prefix="ddp-bench-")
     started = time.time()
     warmup = {**config, "epochs": 1}
@@ -106,6 +115,7 @@ def main(argv=None) -> int:
         result = trial(label, options, config, f"r{round_}-c{index}")
         rates[label].append(result["samples_per_second"])
         quality[label] = result["quality"]
+        memory[label].append(result.get("peak_memory_bytes"))
         print(f"round {round_ + 1}/{args.rounds} {label}: {result['samples_per_second']:.0f} samples/s "
               f"(world size {result['world_size']}, quality {result['quality']:.4f})", flush=True)
 
@@ -130,7 +140,9 @@ def main(argv=None) -> int:
     base = statistics.median(rates[candidates[0][0]])
     rows = [{"candidate": label, "samples_per_second": statistics.median(rates[label]),
              "ratio_to_1_worker": statistics.median(rates[label]) / base,
-             "samples_per_second_all": [round(r, 1) for r in rates[label]], "val_quality": quality[label]}
+             "samples_per_second_all": [round(r, 1) for r in rates[label]], "val_quality": quality[label],
+             "peak_memory_mib": _mib(memory[label]), "peak_memory_kind": "cuda_max_allocated" if gpus
+             else "process_peak_rss of rank 0"}
             for label, _ in candidates]
     report = {
         "command": " ".join(["python -m bench.ddp_throughput"] + sys.argv[1:]),
@@ -147,7 +159,8 @@ def main(argv=None) -> int:
           f"median of {args.rounds} rounds:")
     for row in rows:
         print(f"  {row['candidate']:32s} {row['samples_per_second']:9.0f} samples/s  "
-              f"{row['ratio_to_1_worker']:.2f}x  quality {row['val_quality']:.4f}")
+              f"{row['ratio_to_1_worker']:.2f}x  quality {row['val_quality']:.4f}  "
+              f"peak {row['peak_memory_mib']} MiB")
     out = args.out or os.path.join("bench", "results", f"ddp-{args.device}{'-smoke' if args.smoke else ''}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
