@@ -305,6 +305,7 @@ class TrainingLoop:
         is written; returning True stops, and an exception it raises (a stop request of the
         driver, ``_trial.TrialStopped``) leaves the loop at that epoch boundary."""
         loader_batches = None
+        samples = len(self.splits["train"])  # data-parallel: the global batch sizes follow from it
         for epoch in range(self.start_epoch, self.epochs):
             started = time.perf_counter()
             # the order of each epoch depends only on (seed, epoch): resuming replays it exactly
@@ -313,7 +314,6 @@ class TrainingLoop:
             loader = self.splits.loader(
                 "train", self.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch, shard=shard
             )
-            samples = len(self.splits["train"])
             loader_batches = loader_batches or max(1, len(loader))
             self.model.train()
             total_loss, count = 0.0, 0

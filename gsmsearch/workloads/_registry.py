@@ -106,14 +106,15 @@ def make_loader(
     sampler, so the same batches in the same order, with the same values; a batch is a tuple.
     ``shard`` = (rank, world size): each batch is that rank's share of the batch the loader gives
     without it (:class:`ShardedBatchSampler`), only those samples read and collated."""
-    if collate_fn is None and isinstance(dataset, TensorDataset) or shard is not None:
+    whole_batches = collate_fn is None and isinstance(dataset, TensorDataset)
+    if whole_batches or shard is not None:
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batches = BatchSampler(sampler, int(batch_size), drop_last)
         if shard is not None:
             batches = ShardedBatchSampler(batches, *shard)
         # the loader keeps the generator too: each pass draws its base seed from it before the
         # sampler's permutation, as the default loader does
-        if collate_fn is None and isinstance(dataset, TensorDataset):
+        if whole_batches:
             return DataLoader(dataset, batch_size=None, sampler=batches, generator=generator,
                               num_workers=num_workers)
         return DataLoader(dataset, batch_sampler=batches, generator=generator, num_workers=num_workers,
